@@ -1,0 +1,102 @@
+// Run-time choice of the kernel build (AVX2/FMA when the CPU has it, else generic) and the public
+// entry points declared in tdqkr.h and pooled_lookup.h.
+#include <cstdlib>
+#include <cstring>
+
+#include "ultramem/kernels/isa.h"
+#include "ultramem/kernels/kernel_table.h"
+
+namespace ultramem::kernels {
+namespace {
+
+bool want_avx2() {
+#if defined(UM_HAVE_AVX2_BUILD)
+  const char* force = std::getenv("ULTRAMEM_ISA");
+  if (force && std::strcmp(force, "generic") == 0) return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+KernelTable<T> make_table() {
+  KernelTable<T> t{};
+#if defined(UM_HAVE_AVX2_BUILD)
+  if (want_avx2()) {
+    avx2::fill_tdqkr(t);
+    avx2::fill_pool(t);
+    return t;
+  }
+#endif
+  generic::fill_tdqkr(t);
+  generic::fill_pool(t);
+  return t;
+}
+
+template <typename T>
+const KernelTable<T>& table() {
+  static const KernelTable<T> t = make_table<T>();
+  return t;
+}
+
+}  // namespace
+
+const char* active_isa() { return want_avx2() ? "avx2" : "generic"; }
+
+template <typename T>
+void tdqkr_filter(const TdqkrShape& s, const T* s_row, const T* s_col, const T* u, const T* v,
+                  int32_t* idx_row, int32_t* idx_col) {
+  table<T>().tdqkr_filter(s, s_row, s_col, u, v, idx_row, idx_col);
+}
+template <typename T>
+void tdqkr_rescore(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores,
+                   const int32_t* idx_row, const int32_t* idx_col, T* scores, int64_t* index) {
+  table<T>().tdqkr_rescore(s, s_row, s_col, cores, idx_row, idx_col, scores, index);
+}
+template <typename T>
+void tdqkr_forward(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores, const T* u,
+                   const T* v, T* scores, int64_t* index) {
+  table<T>().tdqkr_forward(s, s_row, s_col, cores, u, v, scores, index);
+}
+template <typename T>
+void tdqkr_backward(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores,
+                    const int64_t* index, const T* dscores, T* ds_row, T* ds_col, T* dcores) {
+  table<T>().tdqkr_backward(s, s_row, s_col, cores, index, dscores, ds_row, ds_col, dcores);
+}
+template <typename T>
+void pooled_lookup_forward(const PoolShape& s, const T* values, const int64_t* index, const T* scores,
+                           const int64_t* perm, T* out) {
+  table<T>().pooled_lookup_forward(s, values, index, scores, perm, out);
+}
+template <typename T>
+void pooled_lookup_backward_scores(const PoolShape& s, const T* values, const int64_t* index,
+                                   const int64_t* perm, const T* dout, T* dscores) {
+  table<T>().pooled_lookup_backward_scores(s, values, index, perm, dout, dscores);
+}
+template <typename T>
+void pooled_lookup_backward_values(const PoolShape& s, const RowGroups& groups, const T* scores,
+                                   const T* dout, T* grad_rows) {
+  table<T>().pooled_lookup_backward_values(s, groups, scores, dout, grad_rows);
+}
+
+#define UM_INSTANTIATE_PUBLIC(T)                                                                     \
+  template void tdqkr_filter<T>(const TdqkrShape&, const T*, const T*, const T*, const T*, int32_t*, \
+                                int32_t*);                                                           \
+  template void tdqkr_rescore<T>(const TdqkrShape&, const T*, const T*, const T*, const int32_t*,    \
+                                 const int32_t*, T*, int64_t*);                                      \
+  template void tdqkr_forward<T>(const TdqkrShape&, const T*, const T*, const T*, const T*, const T*, \
+                                 T*, int64_t*);                                                      \
+  template void tdqkr_backward<T>(const TdqkrShape&, const T*, const T*, const T*, const int64_t*,   \
+                                  const T*, T*, T*, T*);                                             \
+  template void pooled_lookup_forward<T>(const PoolShape&, const T*, const int64_t*, const T*,       \
+                                         const int64_t*, T*);                                        \
+  template void pooled_lookup_backward_scores<T>(const PoolShape&, const T*, const int64_t*,         \
+                                                 const int64_t*, const T*, T*);                      \
+  template void pooled_lookup_backward_values<T>(const PoolShape&, const RowGroups&, const T*,       \
+                                                 const T*, T*);
+UM_INSTANTIATE_PUBLIC(float)
+UM_INSTANTIATE_PUBLIC(double)
+
+}  // namespace ultramem::kernels

@@ -1,0 +1,204 @@
+// Pooled value lookup kernels (IVE + MCS). Compiled once per ISA (UM_ISA = generic | avx2); shape
+// checks, hit grouping and scalar references are compiled in the generic build only.
+#include "ultramem/kernels/pooled_lookup.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "ultramem/kernels/kernel_table.h"
+#include "ultramem/kernels/simd.h"
+
+namespace ultramem::kernels {
+namespace UM_ISA {
+namespace {
+
+constexpr int64_t kPrefetchAhead = 4;  // hits ahead whose value rows are prefetched
+
+template <typename T>
+void forward(const PoolShape& s, const T* values, const int64_t* index, const T* scores,
+             const int64_t* perm, T* out) {
+  const int64_t K = s.K, N = s.N, Dv = s.Dv, C = s.C, Ds = Dv / C, width = s.E * Dv;
+  const int64_t row_bytes = Dv * static_cast<int64_t>(sizeof(T));
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < s.T; ++t) {
+    T* o = out + t * width;
+    std::memset(o, 0, sizeof(T) * width);
+    const int64_t* idx = index + t * K;
+    for (int64_t k = 0; k < std::min(K, kPrefetchAhead); ++k)
+      simd::prefetch_bytes(values + (perm[idx[k]] % N) * Dv, row_bytes);
+    for (int64_t k = 0; k < K; ++k) {
+      if (k + kPrefetchAhead < K)
+        simd::prefetch_bytes(values + (perm[idx[k + kPrefetchAhead]] % N) * Dv, row_bytes);
+      const int64_t v = perm[idx[k]];
+      const int64_t p = v / N, row = v - p * N;
+      const T* val = values + row * Dv;
+      const T* w = scores + (t * K + k) * C;
+      T* dst = o + p * Dv;
+      for (int64_t c = 0; c < C; ++c) simd::axpy(dst + c * Ds, w[c], val + c * Ds, Ds);
+    }
+  }
+}
+
+template <typename T>
+void backward_scores(const PoolShape& s, const T* values, const int64_t* index, const int64_t* perm,
+                     const T* dout, T* dscores) {
+  const int64_t K = s.K, N = s.N, Dv = s.Dv, C = s.C, Ds = Dv / C, width = s.E * Dv;
+  const int64_t row_bytes = Dv * static_cast<int64_t>(sizeof(T));
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t* idx = index + t * K;
+    for (int64_t k = 0; k < std::min(K, kPrefetchAhead); ++k)
+      simd::prefetch_bytes(values + (perm[idx[k]] % N) * Dv, row_bytes);
+    for (int64_t k = 0; k < K; ++k) {
+      if (k + kPrefetchAhead < K)
+        simd::prefetch_bytes(values + (perm[idx[k + kPrefetchAhead]] % N) * Dv, row_bytes);
+      const int64_t v = perm[idx[k]];
+      const int64_t p = v / N, row = v - p * N;
+      const T* val = values + row * Dv;
+      const T* g = dout + t * width + p * Dv;
+      T* ds = dscores + (t * K + k) * C;
+      for (int64_t c = 0; c < C; ++c) ds[c] = simd::dot(val + c * Ds, g + c * Ds, Ds);
+    }
+  }
+}
+
+template <typename T>
+void backward_values(const PoolShape& s, const RowGroups& groups, const T* scores, const T* dout,
+                     T* grad_rows) {
+  const int64_t K = s.K, Dv = s.Dv, C = s.C, Ds = Dv / C, width = s.E * Dv;
+  const int64_t U = static_cast<int64_t>(groups.rows.size());
+#pragma omp parallel for schedule(dynamic, 64)
+  for (int64_t u = 0; u < U; ++u) {
+    T* g = grad_rows + u * Dv;
+    std::memset(g, 0, sizeof(T) * Dv);
+    for (int64_t e = groups.offsets[u]; e < groups.offsets[u + 1]; ++e) {
+      const int64_t hit = groups.entries[e];
+      const int64_t t = hit / K;
+      const T* w = scores + hit * C;
+      const T* d = dout + t * width + int64_t(groups.groups[e]) * Dv;
+      for (int64_t c = 0; c < C; ++c) simd::axpy(g + c * Ds, w[c], d + c * Ds, Ds);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void fill_pool(KernelTable<T>& t) {
+  t.pooled_lookup_forward = &forward<T>;
+  t.pooled_lookup_backward_scores = &backward_scores<T>;
+  t.pooled_lookup_backward_values = &backward_values<T>;
+}
+template void fill_pool<float>(KernelTable<float>&);
+template void fill_pool<double>(KernelTable<double>&);
+
+}  // namespace UM_ISA
+
+#if UM_ISA_GENERIC
+// ---- shape check, hit grouping and scalar references (generic build only) ----------------------
+
+const char* pool_check_shape(const PoolShape& s) {
+  if (s.T < 0) return "T (tokens) must be >= 0";
+  if (s.K < 0) return "K (candidates per token) must be >= 0";
+  if (s.N < 1) return "N (value rows) must be >= 1";
+  if (s.Dv < 1) return "Dv (value width) must be >= 1";
+  if (s.E < 1) return "E (IVE groups) must be >= 1";
+  if (s.C < 1) return "C (MCS slices) must be >= 1";
+  if (s.Dv % s.C != 0) return "Dv (value width) must be divisible by C (cores)";
+  if (s.E > (int64_t(1) << 30)) return "E (IVE groups) is too large";
+  return nullptr;
+}
+
+void group_hits_by_row(const PoolShape& s, const int64_t* index, const int64_t* perm, RowGroups& out) {
+  const int64_t total = s.T * s.K, N = s.N;
+  std::vector<uint32_t> row(total), row_tmp(total);
+  std::vector<int64_t> ent(total), ent_tmp(total);
+  std::vector<int32_t> grp(total), grp_tmp(total);
+  for (int64_t e = 0; e < total; ++e) {
+    const int64_t v = perm[index[e]];
+    row[e] = static_cast<uint32_t>(v % N);
+    grp[e] = static_cast<int32_t>(v / N);
+    ent[e] = e;
+  }
+  // LSD radix sort on the row, 11 bits per pass; stable, so entries stay ascending within a row.
+  int bits = 0;
+  while (bits < 32 && (int64_t(1) << bits) < N) ++bits;
+  for (int shift = 0; shift < bits; shift += 11) {
+    int64_t count[2049] = {0};
+    for (int64_t e = 0; e < total; ++e) ++count[((row[e] >> shift) & 2047) + 1];
+    for (int d = 0; d < 2048; ++d) count[d + 1] += count[d];
+    for (int64_t e = 0; e < total; ++e) {
+      const int64_t dst = count[(row[e] >> shift) & 2047]++;
+      row_tmp[dst] = row[e];
+      ent_tmp[dst] = ent[e];
+      grp_tmp[dst] = grp[e];
+    }
+    row.swap(row_tmp);
+    ent.swap(ent_tmp);
+    grp.swap(grp_tmp);
+  }
+  out.rows.clear();
+  out.offsets.clear();
+  for (int64_t e = 0; e < total; ++e) {
+    if (e == 0 || row[e] != row[e - 1]) {
+      out.rows.push_back(row[e]);
+      out.offsets.push_back(e);
+    }
+  }
+  out.offsets.push_back(total);
+  out.entries = std::move(ent);
+  out.groups = std::move(grp);
+}
+
+template <typename T>
+void pooled_lookup_forward_ref(const PoolShape& s, const T* values, const int64_t* index,
+                               const T* scores, const int64_t* perm, T* out) {
+  const int64_t Ds = s.Dv / s.C;
+  std::fill(out, out + s.T * s.E * s.Dv, T(0));
+  for (int64_t t = 0; t < s.T; ++t)
+    for (int64_t k = 0; k < s.K; ++k) {
+      const int64_t v = perm[index[t * s.K + k]], p = v / s.N, row = v % s.N;
+      for (int64_t d = 0; d < s.Dv; ++d)
+        out[t * s.E * s.Dv + p * s.Dv + d] += scores[(t * s.K + k) * s.C + d / Ds] * values[row * s.Dv + d];
+    }
+}
+
+template <typename T>
+void pooled_lookup_backward_scores_ref(const PoolShape& s, const T* values, const int64_t* index,
+                                       const int64_t* perm, const T* dout, T* dscores) {
+  const int64_t Ds = s.Dv / s.C;
+  std::fill(dscores, dscores + s.T * s.K * s.C, T(0));
+  for (int64_t t = 0; t < s.T; ++t)
+    for (int64_t k = 0; k < s.K; ++k) {
+      const int64_t v = perm[index[t * s.K + k]], p = v / s.N, row = v % s.N;
+      for (int64_t d = 0; d < s.Dv; ++d)
+        dscores[(t * s.K + k) * s.C + d / Ds] += values[row * s.Dv + d] * dout[t * s.E * s.Dv + p * s.Dv + d];
+    }
+}
+
+template <typename T>
+void pooled_lookup_backward_values_dense_ref(const PoolShape& s, const int64_t* index,
+                                             const T* scores, const int64_t* perm, const T* dout,
+                                             T* dvalues) {
+  const int64_t Ds = s.Dv / s.C;
+  std::fill(dvalues, dvalues + s.N * s.Dv, T(0));
+  for (int64_t t = 0; t < s.T; ++t)
+    for (int64_t k = 0; k < s.K; ++k) {
+      const int64_t v = perm[index[t * s.K + k]], p = v / s.N, row = v % s.N;
+      for (int64_t d = 0; d < s.Dv; ++d)
+        dvalues[row * s.Dv + d] += scores[(t * s.K + k) * s.C + d / Ds] * dout[t * s.E * s.Dv + p * s.Dv + d];
+    }
+}
+
+#define UM_INSTANTIATE_POOL_REF(T)                                                                     \
+  template void pooled_lookup_forward_ref<T>(const PoolShape&, const T*, const int64_t*, const T*,    \
+                                             const int64_t*, T*);                                     \
+  template void pooled_lookup_backward_scores_ref<T>(const PoolShape&, const T*, const int64_t*,      \
+                                                     const int64_t*, const T*, T*);                   \
+  template void pooled_lookup_backward_values_dense_ref<T>(const PoolShape&, const int64_t*, const T*, \
+                                                           const int64_t*, const T*, T*);
+UM_INSTANTIATE_POOL_REF(float)
+UM_INSTANTIATE_POOL_REF(double)
+#endif  // UM_ISA_GENERIC
+
+}  // namespace ultramem::kernels

@@ -1,0 +1,38 @@
+// Private to the kernels folder: deterministic top-k selection under the ordering contract of
+// tdqkr.h (score descending, ties by smaller id, NaN last).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace ultramem::kernels {
+
+template <typename T>
+struct Ranked {
+  T score;     // ranking score; NaN is replaced by -inf before ranking
+  int64_t id;  // tie-break key (row/col index or grid address)
+  int32_t pos; // caller's payload (position in its candidate list)
+};
+
+template <typename T>
+inline bool ranks_before(const Ranked<T>& a, const Ranked<T>& b) {
+  return a.score > b.score || (a.score == b.score && a.id < b.id);
+}
+
+template <typename T>
+inline T rank_key(T x) {
+  return std::isnan(x) ? -std::numeric_limits<T>::infinity() : x;
+}
+
+// Reorders c so that its first k elements are the k best, sorted best first.
+template <typename T>
+inline void select_top(std::vector<Ranked<T>>& c, int64_t k) {
+  if (k < static_cast<int64_t>(c.size())) {
+    std::nth_element(c.begin(), c.begin() + k, c.end(), ranks_before<T>);
+  }
+  std::sort(c.begin(), c.begin() + std::min<int64_t>(k, c.size()), ranks_before<T>);
+}
+
+}  // namespace ultramem::kernels
