@@ -1,0 +1,83 @@
+#include "ultramem/nn/memory_config.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace ultramem::nn {
+namespace {
+
+[[noreturn]] void fail(const std::string& who, const std::string& field, const std::string& why) {
+  throw std::invalid_argument(who + "." + field + ": " + why);
+}
+
+void require_positive(const std::string& who, const std::string& field, int64_t v) {
+  if (v < 1) fail(who, field, "must be >= 1, got " + std::to_string(v));
+}
+
+}  // namespace
+
+NormKind parse_norm_kind(const std::string& s) {
+  if (s == "rms") return NormKind::RMS;
+  if (s == "layer") return NormKind::Layer;
+  throw std::invalid_argument("qk_norm: expected \"rms\" or \"layer\", got \"" + s + "\"");
+}
+
+ValueInit parse_value_init(const std::string& s) {
+  if (s == "paper") return ValueInit::Paper;
+  if (s == "fixed") return ValueInit::Fixed;
+  throw std::invalid_argument("value_init: expected \"paper\" or \"fixed\", got \"" + s + "\"");
+}
+
+const char* to_string(NormKind k) { return k == NormKind::RMS ? "rms" : "layer"; }
+const char* to_string(ValueInit v) { return v == ValueInit::Paper ? "paper" : "fixed"; }
+
+int64_t UltraMemConfig::sqrt_E() const {
+  int64_t s = 0;
+  while ((s + 1) * (s + 1) <= E) ++s;
+  return s;
+}
+
+void UltraMemConfig::validate() const {
+  const std::string who = "UltraMemConfig";
+  require_positive(who, "D", D);
+  require_positive(who, "n", n);
+  require_positive(who, "E", E);
+  require_positive(who, "Dk", Dk);
+  require_positive(who, "Dv", Dv);
+  require_positive(who, "r", r);
+  require_positive(who, "C", C);
+  require_positive(who, "H", H);
+  require_positive(who, "m", m);
+  require_positive(who, "num_layers", num_layers);
+  require_positive(who, "stats_window", stats_window);
+  if (n > 65536) fail(who, "n", "must be <= 65536, got " + std::to_string(n));
+  if (sqrt_E() * sqrt_E() != E) fail(who, "E", "must be a square number (1, 4, 9, ...), got " + std::to_string(E));
+  if (n % sqrt_E() != 0)
+    fail(who, "n", "must be a multiple of sqrt(E) = " + std::to_string(sqrt_E()) +
+                       " (n = sqrt(E) * n_phys), got " + std::to_string(n));
+  if (Dv % C != 0)
+    fail(who, "Dv", "must be divisible by C = " + std::to_string(C) + " (MCS slices), got " + std::to_string(Dv));
+  if (m > n * n) fail(who, "m", "must be <= n*n = " + std::to_string(n * n) + ", got " + std::to_string(m));
+  if (m_first < 0) fail(who, "m_first", "must be >= 0 (0 means m), got " + std::to_string(m_first));
+  const int64_t m1 = first_stage_m();
+  if (m1 > n) fail(who, "m_first", "must be <= n = " + std::to_string(n) + ", got " + std::to_string(m1));
+  if (m1 < m) fail(who, "m_first", "must be >= m = " + std::to_string(m) + ", got " + std::to_string(m1));
+  if (qk_scale_init < 0) fail(who, "qk_scale_init", "must be >= 0 (0 means Dk^-0.33)");
+  if (aux_alpha < 0) fail(who, "aux_alpha", "must be >= 0");
+  if (value_init == ValueInit::Fixed && !(value_std > 0)) fail(who, "value_std", "must be > 0");
+}
+
+void PKMConfig::validate() const {
+  const std::string who = "PKMConfig";
+  require_positive(who, "D", D);
+  require_positive(who, "n", n);
+  require_positive(who, "Dk", Dk);
+  require_positive(who, "Dv", Dv);
+  require_positive(who, "H", H);
+  require_positive(who, "m", m);
+  if (n > 65536) fail(who, "n", "must be <= 65536, got " + std::to_string(n));
+  if (m > n) fail(who, "m", "must be <= n = " + std::to_string(n) + " (top-m per side), got " + std::to_string(m));
+  if (value_std < 0) fail(who, "value_std", "must be >= 0 (0 means Dv^-0.5)");
+}
+
+}  // namespace ultramem::nn

@@ -1,0 +1,65 @@
+// Configuration of the memory layers (UltraMem and the PKM baseline). Plain structs; validate()
+// throws std::invalid_argument with a message naming the offending field.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace ultramem::nn {
+
+enum class NormKind { RMS, Layer };
+enum class ValueInit {
+  Paper,  // values ~ N(0, E / (2 m H L)): memory-output variance about 1/(2L) (spec section 6)
+  Fixed   // values ~ N(0, value_std^2), as the authors' public code (0.02)
+};
+
+NormKind parse_norm_kind(const std::string& s);  // "rms" | "layer"
+ValueInit parse_value_init(const std::string& s);  // "paper" | "fixed"
+const char* to_string(NormKind k);
+const char* to_string(ValueInit v);
+
+struct UltraMemConfig {
+  int64_t D = 256;       // model width (input and output of the layer)
+  int64_t n = 64;        // keys per side; the grid has n*n = E*N virtual slots
+  int64_t E = 4;         // implicit value expansion factor, a square (1, 4, 9, 16, ...)
+  int64_t Dk = 64;       // key dim per side
+  int64_t Dv = 128;      // value dim (paper: D/2); divisible by C
+  int64_t r = 2;         // Tucker rank
+  int64_t C = 2;         // Tucker cores (multi-core scoring)
+  int64_t H = 2;         // key sets ("heads"); all heads share one query
+  int64_t m = 16;        // values kept per head
+  int64_t m_first = 0;   // first-stage top-m per side; 0 means m. Valid: m <= m_first <= n
+  NormKind qk_norm = NormKind::RMS;  // normalisation of query halves and keys over Dk
+  double qk_scale_init = 0.0;        // initial norm scale for query and keys; 0 means Dk^-0.33
+  bool aux_loss = true;              // Tucker core aux loss (V1); needs r >= 2 to have any effect
+  double aux_alpha = 0.001;
+  double aux_tau = 0.15;
+  ValueInit value_init = ValueInit::Paper;
+  double value_std = 0.02;           // used with ValueInit::Fixed
+  int64_t num_layers = 4;            // L of the transformer, for the paper's value init
+  bool sparse_value_grad = false;    // value gradient as sparse COO (rows hit only) instead of dense
+  bool track_stats = true;           // memory telemetry (coverage, KL, scores, output std)
+  int64_t stats_window = 4096;       // tokens per telemetry window
+  uint64_t seed = 0;                 // seeds weights and the IVE permutation
+
+  int64_t sqrt_E() const;                                   // integer square root of E
+  int64_t physical_rows() const { return n * n / E; }       // N
+  int64_t first_stage_m() const { return m_first > 0 ? m_first : m; }
+  void validate() const;
+};
+
+struct PKMConfig {
+  int64_t D = 256;      // model width
+  int64_t n = 64;       // keys per side; N = n*n value rows
+  int64_t Dk = 64;      // key dim per side (half of the query of one head)
+  int64_t Dv = 256;     // value dim; an output projection Dv -> D is added when Dv != D
+  int64_t H = 4;        // heads, each with its own query
+  int64_t m = 32;       // values kept per head (softmax over them)
+  enum class QueryNorm { Batch, Layer, None } query_norm = QueryNorm::Batch;
+  double value_std = 0.0;            // 0 means Dv^-0.5 (as the PKM paper)
+  bool sparse_value_grad = false;
+  uint64_t seed = 0;
+
+  void validate() const;
+};
+
+}  // namespace ultramem::nn

@@ -1,0 +1,200 @@
+#include "ultramem/nn/ultramem.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "ultramem/nn/dtype_guard.h"
+#include "ultramem/ops/ops.h"
+
+namespace ultramem::nn {
+
+UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
+  cfg_.validate();
+  const auto& c = cfg_;
+  const int64_t N = c.physical_rows();
+  torch::Generator gen = at::detail::createCPUGenerator(c.seed);
+  auto normal = [&](std::vector<int64_t> shape, double std) {
+    return at::normal(0.0, std, shape, gen);
+  };
+  const double qk_scale = c.qk_scale_init > 0 ? c.qk_scale_init : std::pow(double(c.Dk), -0.33);
+  double value_std = c.value_std;
+  if (c.value_init == ValueInit::Paper)
+    value_std = std::sqrt(double(c.E) / (2.0 * c.m * c.H * c.num_layers));
+
+  wq = register_parameter("wq", normal({c.D, 2 * c.Dk}, 1.0 / std::sqrt(double(c.Dk))));
+  q_scale = register_parameter("q_scale", torch::full({2, c.Dk}, qk_scale));
+  keys = register_parameter("keys", normal({c.H, 2, c.n, c.Dk, c.r}, 1.0 / std::sqrt(double(c.Dk))));
+  k_scale = register_parameter("k_scale", torch::full({2, c.Dk}, qk_scale));
+  cores = register_parameter("cores", at::rand({c.C, c.H, c.r, c.r}, gen));
+  values = register_parameter("values", normal({N, c.Dv}, value_std));
+  wo = register_parameter("wo", normal({c.E * c.Dv, c.D}, 1.0 / std::sqrt(double(c.E * c.Dv))));
+
+  // Fixed random permutation of the E*N grid addresses (seeded; saved with the model).
+  std::vector<int64_t> p(c.n * c.n);
+  std::iota(p.begin(), p.end(), 0);
+  std::mt19937_64 rng(c.seed ^ 0x9e3779b97f4a7c15ULL);
+  for (int64_t i = static_cast<int64_t>(p.size()) - 1; i > 0; --i) {
+    std::uniform_int_distribution<int64_t> pick(0, i);
+    std::swap(p[i], p[pick(rng)]);
+  }
+  perm = register_buffer("perm", torch::tensor(p, torch::kLong));
+  u_vec = register_buffer("u", torch::zeros({c.H, c.r}));
+  v_vec = register_buffer("v", torch::zeros({c.H, c.r}));
+  if (c.track_stats) hits_.assign(c.n * c.n, 0);
+  refresh_tucker_approx();
+}
+
+torch::Tensor UltraMemImpl::norm(const torch::Tensor& x, const torch::Tensor& scale) const {
+  constexpr double eps = 1e-6;
+  if (cfg_.qk_norm == NormKind::RMS) return x * torch::rsqrt(x.pow(2).mean(-1, true) + eps) * scale;
+  const auto mean = x.mean(-1, true);
+  const auto var = (x - mean).pow(2).mean(-1, true);
+  return (x - mean) * torch::rsqrt(var + eps) * scale;
+}
+
+torch::Tensor UltraMemImpl::forward(const torch::Tensor& x) {
+  const auto& c = cfg_;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == c.D, "UltraMem: input must have shape [..., D=", c.D,
+              "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == wq.scalar_type(), "UltraMem: input dtype ", x.scalar_type(),
+              " differs from the layer's ", wq.scalar_type());
+  auto lead = x.sizes().vec();
+  lead.pop_back();
+  const auto u = x.reshape({-1, c.D});  // [T, D]
+  const int64_t T = u.size(0);
+
+  const auto q = u.matmul(wq);                                         // [T, 2*Dk]
+  const auto q_row = norm(q.narrow(1, 0, c.Dk), q_scale[0]);           // [T, Dk]
+  const auto q_col = norm(q.narrow(1, c.Dk, c.Dk), q_scale[1]);        // [T, Dk]
+  // Keys normalised over Dk in every forward: [H, 2, n, Dk, r] -> norm over dim 3.
+  const auto kt = keys.transpose(3, 4);                                // [H, 2, n, r, Dk]
+  const auto kn_row = norm(kt.select(1, 0), k_scale[0]);               // [H, n, r, Dk]
+  const auto kn_col = norm(kt.select(1, 1), k_scale[1]);               // [H, n, r, Dk]
+  // S[t, h, a, i] = <q, Kn[h, i, a, :]>
+  auto score_side = [&](const torch::Tensor& qs, const torch::Tensor& kn) {
+    const auto k2 = kn.permute({0, 2, 1, 3}).reshape({c.H * c.r * c.n, c.Dk});  // [(H r n), Dk]
+    return qs.matmul(k2.t()).view({T, c.H, c.r, c.n});
+  };
+  const auto s_row = score_side(q_row, kn_row);                        // [T, H, r, n]
+  const auto s_col = score_side(q_col, kn_col);                        // [T, H, r, n]
+
+  auto [scores, index] = ops::tdqkr(s_row, s_col, cores, u_vec.to(s_row.scalar_type()),
+                                    v_vec.to(s_row.scalar_type()), c.first_stage_m(), c.m);
+  // scores: [T, H*m, C], index: [T, H*m]
+  const auto pooled = ops::pooled_lookup(values, index, scores, perm, c.E, c.sparse_value_grad);
+  auto out = pooled.matmul(wo);                                        // [T, D]
+  if (c.track_stats) record_stats(scores, index, out);
+  lead.push_back(c.D);
+  return out.view(lead);
+}
+
+torch::Tensor UltraMemImpl::aux_loss() const {
+  const auto& c = cfg_;
+  if (!c.aux_loss || c.r < 2) return torch::zeros({}, cores.options());
+  const auto csum = cores.sum(0);                        // [H, r, r]
+  const auto sv = torch::linalg_svdvals(csum);           // [H, r], descending
+  const auto tail = torch::relu(sv.narrow(1, 1, c.r - 1) - c.aux_tau);
+  return tail.pow(2).sum() * (c.aux_alpha / double(c.r - 1));
+}
+
+void UltraMemImpl::refresh_tucker_approx() {
+  torch::NoGradGuard no_grad;
+  const auto& c = cfg_;
+  const auto csum = cores.detach().sum(0).to(torch::kDouble);  // [H, r, r]
+  auto [U, S, Vh] = torch::linalg_svd(csum, /*full_matrices=*/false);
+  auto u_new = U.select(2, 0);   // [H, r]
+  auto v_new = Vh.select(1, 0);  // [H, r]
+  const auto u_old = u_vec.to(torch::kDouble), v_old = v_vec.to(torch::kDouble);
+  for (int64_t h = 0; h < c.H; ++h) {
+    auto un = u_new[h], vn = v_new[h];
+    const bool first = u_old[h].abs().sum().item<double>() == 0 && v_old[h].abs().sum().item<double>() == 0;
+    bool flip;
+    if (first) {
+      flip = (un.sum() + vn.sum()).item<double>() < 0;  // no history: prefer the positive orientation
+    } else {
+      const double keep = (un - u_old[h]).abs().sum().item<double>() + (vn - v_old[h]).abs().sum().item<double>();
+      const double flipped = (-un - u_old[h]).abs().sum().item<double>() + (-vn - v_old[h]).abs().sum().item<double>();
+      flip = flipped < keep;
+    }
+    if (flip) {
+      un.neg_();
+      vn.neg_();
+    }
+  }
+  u_vec.copy_(u_new);
+  v_vec.copy_(v_new);
+  core_l1_ = S.select(1, 0).mean().item<double>();
+  core_l2_ = c.r >= 2 ? S.select(1, 1).mean().item<double>() : 0.0;
+}
+
+void UltraMemImpl::record_stats(const torch::Tensor& scores, const torch::Tensor& index,
+                                const torch::Tensor& out) {
+  torch::NoGradGuard no_grad;
+  const auto& c = cfg_;
+  const int64_t T = index.size(0);
+  if (T == 0) return;
+  const auto idx = index.contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t e = 0; e < idx.numel(); ++e) ++hits_[ip[e]];
+  const auto total = scores.detach().sum(-1).view({T, c.H, c.m}).to(torch::kDouble);  // [T, H, m]
+  window_.top1_score += total.select(2, 0).sum().item<double>();
+  window_.topm_score += total.sum().item<double>();
+  window_.tokens += T;
+  window_.output_std = out.detach().to(torch::kDouble).std().item<double>();
+  if (window_.tokens >= c.stats_window) {
+    last_ = stats();
+    reset_stats();
+  }
+}
+
+MemoryStats UltraMemImpl::stats() const {
+  const auto& c = cfg_;
+  MemoryStats s;
+  s.core_l1 = core_l1_;
+  s.core_l2 = core_l2_;
+  if (window_.tokens == 0) {
+    if (last_.tokens > 0) {
+      s = last_;
+      s.core_l1 = core_l1_;
+      s.core_l2 = core_l2_;
+    }
+    return s;
+  }
+  s.tokens = window_.tokens;
+  s.output_std = window_.output_std;
+  s.top1_score = window_.top1_score / double(window_.tokens * c.H);
+  s.topm_score = window_.topm_score / double(window_.tokens * c.H * c.m);
+  const double slots = double(hits_.size());
+  double total = 0, hit_slots = 0;
+  for (int32_t h : hits_) {
+    total += h;
+    hit_slots += h > 0;
+  }
+  double kl = 0;
+  for (int32_t h : hits_)
+    if (h > 0) {
+      const double p = h / total;
+      kl += p * std::log(p * slots);
+    }
+  s.coverage = hit_slots / slots;
+  s.kl_uniform = kl;
+  return s;
+}
+
+void UltraMemImpl::reset_stats() {
+  std::fill(hits_.begin(), hits_.end(), 0);
+  window_ = MemoryStats{};
+}
+
+void UltraMemImpl::to(torch::Dtype dtype, bool non_blocking) {
+  detail::keep_int64(perm, [&] { Module::to(dtype, non_blocking); });
+}
+void UltraMemImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  detail::keep_int64(perm, [&] { Module::to(device, dtype, non_blocking); });
+}
+void UltraMemImpl::to(torch::Device device, bool non_blocking) { Module::to(device, non_blocking); }
+
+}  // namespace ultramem::nn

@@ -1,0 +1,21 @@
+#include "ultramem/runtime.h"
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <thread>
+
+namespace ultramem {
+
+int default_threads() {
+  const unsigned n = std::thread::hardware_concurrency();
+  return n == 0 ? 1 : static_cast<int>(n);
+}
+
+void set_threads(int n) {
+  if (n <= 0) n = default_threads();
+  at::set_num_threads(n);
+  omp_set_num_threads(n);
+}
+
+}  // namespace ultramem
