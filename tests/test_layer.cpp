@@ -1,0 +1,324 @@
+// Tests of the memory layers: gradients of every parameter in double precision, determinism,
+// sparse value gradients, the rank-1 refresh, aux loss, telemetry and configuration errors.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "grad_check.h"
+#include "ultramem/nn/pkm.h"
+#include "ultramem/nn/ultramem.h"
+#include "ultramem/runtime.h"
+
+using ultramem::nn::NormKind;
+using ultramem::nn::PKM;
+using ultramem::nn::PKMConfig;
+using ultramem::nn::UltraMem;
+using ultramem::nn::UltraMemConfig;
+using ultramem::testing::expect_grad_matches;
+
+namespace {
+
+UltraMemConfig small_config() {
+  UltraMemConfig c;
+  c.D = 24;
+  c.n = 8;
+  c.E = 4;
+  c.Dk = 12;
+  c.Dv = 16;
+  c.r = 2;
+  c.C = 2;
+  c.H = 2;
+  c.m = 5;
+  c.m_first = 6;
+  c.seed = 3;
+  return c;
+}
+
+// Checks d/dθ of (out · g).sum() + aux for the input and every parameter of `module`.
+template <typename Module>
+void check_all_gradients(Module& layer, int64_t D, bool with_aux) {
+  layer->to(torch::kDouble);
+  torch::manual_seed(11);
+  auto x = torch::randn({3, 4, D}, torch::kDouble).requires_grad_(true);
+  const auto g = torch::randn({3, 4, D}, torch::kDouble);
+  auto loss_fn = [&]() {
+    torch::Tensor l = (layer->forward(x) * g).sum();
+    if constexpr (std::is_same_v<Module, UltraMem>) {
+      if (with_aux) l = l + layer->aux_loss();
+    }
+    return l;
+  };
+  layer->zero_grad();
+  loss_fn().backward();
+  expect_grad_matches(loss_fn, x.detach(), x.grad(), "x");
+  for (auto& p : layer->named_parameters()) {
+    expect_grad_matches(loss_fn, p.value().detach(), p.value().grad(), p.key());
+  }
+}
+
+}  // namespace
+
+TEST(UltraMemLayer, GradientsOfEveryParameterDouble) {
+  UltraMem layer(small_config());
+  check_all_gradients(layer, 24, /*with_aux=*/false);
+}
+
+TEST(UltraMemLayer, GradientsWithLayerNormAuxLossAndSingleHead) {
+  auto c = small_config();
+  c.qk_norm = NormKind::Layer;
+  c.H = 1;
+  c.C = 1;
+  c.r = 3;
+  c.E = 1;
+  c.m_first = 8;
+  UltraMem layer(c);
+  {  // make the second singular value exceed tau, so the aux loss has a gradient
+    torch::NoGradGuard ng;
+    layer->cores.copy_(torch::tensor({1.0, 0.3, 0.0, 0.2, 0.9, 0.1, 0.0, 0.4, 0.7}).view({1, 1, 3, 3}));
+  }
+  layer->refresh_tucker_approx();
+  EXPECT_GT(layer->aux_loss().item<double>(), 0.0);
+  check_all_gradients(layer, c.D, /*with_aux=*/true);
+}
+
+TEST(UltraMemLayer, SameSeedSameResultDifferentSeedDifferent) {
+  torch::manual_seed(0);
+  const auto x = torch::randn({7, 24});
+  UltraMem a(small_config()), b(small_config());
+  auto c2 = small_config();
+  c2.seed = 4;
+  UltraMem c(c2);
+  EXPECT_TRUE(torch::equal(a->forward(x), b->forward(x)));
+  EXPECT_TRUE(torch::equal(a->perm, b->perm));
+  EXPECT_FALSE(torch::equal(a->perm, c->perm));
+  EXPECT_FALSE(torch::allclose(a->forward(x), c->forward(x)));
+}
+
+TEST(UltraMemLayer, PermutationIsAPermutationAndStaysInt64) {
+  UltraMem layer(small_config());
+  layer->to(torch::kDouble);
+  ASSERT_EQ(layer->perm.scalar_type(), torch::kLong);
+  EXPECT_TRUE(torch::equal(std::get<0>(layer->perm.sort()), torch::arange(64, torch::kLong)));
+  EXPECT_EQ(layer->values.scalar_type(), torch::kDouble);
+}
+
+TEST(UltraMemLayer, ValueGradientIdenticalWithOneAndTwoThreads) {
+  auto c = small_config();
+  c.n = 32;
+  c.m = 8;
+  c.m_first = 8;
+  auto run = [&](int threads) {
+    ultramem::set_threads(threads);
+    UltraMem layer(c);
+    torch::manual_seed(5);
+    const auto x = torch::randn({300, c.D});
+    layer->forward(x).pow(2).sum().backward();
+    auto grads = std::make_pair(layer->values.grad().clone(), layer->cores.grad().clone());
+    ultramem::set_threads(0);
+    return grads;
+  };
+  const auto one = run(1), two = run(2);
+  EXPECT_TRUE(torch::equal(one.first, two.first)) << "value gradient depends on the thread count";
+  EXPECT_TRUE(torch::allclose(one.second, two.second, 1e-5, 1e-6));
+}
+
+TEST(UltraMemLayer, SparseValueGradientEqualsDense) {
+  auto c = small_config();
+  torch::manual_seed(9);
+  const auto x = torch::randn({6, c.D});
+  UltraMem dense(c);
+  c.sparse_value_grad = true;
+  UltraMem sparse(c);
+  dense->forward(x).sum().backward();
+  sparse->forward(x).sum().backward();
+  ASSERT_TRUE(sparse->values.grad().is_sparse());
+  EXPECT_FALSE(dense->values.grad().is_sparse());
+  const auto sg = sparse->values.grad();
+  EXPECT_LE(sg._nnz(), 6 * c.H * c.m);  // only rows hit are stored
+  EXPECT_TRUE(torch::allclose(sg.to_dense(), dense->values.grad()));
+  EXPECT_TRUE(torch::allclose(sparse->wq.grad(), dense->wq.grad()));
+}
+
+TEST(UltraMemLayer, RefreshFindsTopSingularVectorsWithSignContinuity) {
+  UltraMem layer(small_config());
+  const auto csum = layer->cores.detach().sum(0).to(torch::kDouble);  // [H, r, r]
+  auto [U, S, Vh] = torch::linalg_svd(csum, false);
+  for (int64_t h = 0; h < 2; ++h) {
+    const double cu = torch::dot(layer->u_vec[h].to(torch::kDouble), U[h].select(1, 0)).item<double>();
+    const double cv = torch::dot(layer->v_vec[h].to(torch::kDouble), Vh[h][0]).item<double>();
+    EXPECT_NEAR(std::abs(cu), 1.0, 1e-6);
+    EXPECT_NEAR(cu, cv, 1e-6);  // u and v flip together
+    // cores are positive, so the first orientation is the positive one
+    EXPECT_GT(layer->u_vec[h].sum().item<double>(), 0.0);
+  }
+  // With the previous (u, v) negated, the refresh keeps the negated orientation.
+  {
+    torch::NoGradGuard ng;
+    layer->u_vec.neg_();
+    layer->v_vec.neg_();
+  }
+  const auto before = layer->u_vec.clone();
+  layer->refresh_tucker_approx();
+  EXPECT_TRUE(torch::allclose(layer->u_vec, before, 1e-5, 1e-6));
+  EXPECT_LT(layer->u_vec.sum().item<double>(), 0.0);
+}
+
+TEST(UltraMemLayer, AuxLossMatchesFormulaAndSwitch) {
+  auto c = small_config();
+  c.H = 1;
+  c.C = 1;
+  UltraMem layer(c);
+  {
+    torch::NoGradGuard ng;
+    layer->cores.copy_(torch::tensor({2.0f, 0.0f, 0.0f, 0.65f}).view({1, 1, 2, 2}));
+  }
+  // singular values 2 and 0.65: alpha/(r-1) * (0.65 - 0.15)^2
+  EXPECT_NEAR(layer->aux_loss().item<double>(), 0.001 * 0.25, 1e-7);
+  c.aux_loss = false;
+  UltraMem off(c);
+  EXPECT_EQ(off->aux_loss().item<double>(), 0.0);
+}
+
+TEST(UltraMemLayer, TelemetryIsConsistent) {
+  auto c = small_config();
+  c.stats_window = 1000000;
+  UltraMem layer(c);
+  torch::manual_seed(1);
+  layer->forward(torch::randn({40, c.D}));
+  const auto s = layer->stats();
+  EXPECT_EQ(s.tokens, 40);
+  EXPECT_GT(s.coverage, 0.0);
+  EXPECT_LE(s.coverage, 1.0);
+  EXPECT_GE(s.kl_uniform, 0.0);
+  EXPECT_LE(s.kl_uniform, std::log(64.0) + 1e-9);
+  EXPECT_GE(s.top1_score, s.topm_score);  // the best of each head is at least the mean
+  EXPECT_GT(s.output_std, 0.0);
+  EXPECT_GE(s.core_l1, s.core_l2);
+  layer->reset_stats();
+  EXPECT_EQ(layer->stats().tokens, 0);
+  // A window closes after stats_window tokens and stays readable.
+  c.stats_window = 10;
+  UltraMem w(c);
+  w->forward(torch::randn({12, c.D}));
+  EXPECT_EQ(w->stats().tokens, 12);
+}
+
+TEST(UltraMemLayer, InvalidConfigNamesTheField) {
+  struct Case {
+    std::function<void(UltraMemConfig&)> edit;
+    std::string field;
+  };
+  const std::vector<Case> cases = {
+      {[](UltraMemConfig& c) { c.E = 3; }, "E"},
+      {[](UltraMemConfig& c) { c.E = 0; }, "E"},
+      {[](UltraMemConfig& c) { c.Dv = 15; }, "Dv"},
+      {[](UltraMemConfig& c) { c.m = 65; c.m_first = 8; }, "m"},
+      {[](UltraMemConfig& c) { c.m_first = 4; }, "m_first"},
+      {[](UltraMemConfig& c) { c.m_first = 9; }, "m_first"},
+      {[](UltraMemConfig& c) { c.D = 0; }, "D"},
+      {[](UltraMemConfig& c) { c.n = 0; }, "n"},
+      {[](UltraMemConfig& c) { c.n = 9; }, "n"},  // not a multiple of sqrt(E) = 2
+      {[](UltraMemConfig& c) { c.Dk = 0; }, "Dk"},
+      {[](UltraMemConfig& c) { c.Dv = 0; }, "Dv"},
+      {[](UltraMemConfig& c) { c.r = 0; }, "r"},
+      {[](UltraMemConfig& c) { c.C = 0; }, "C"},
+      {[](UltraMemConfig& c) { c.H = 0; }, "H"},
+      {[](UltraMemConfig& c) { c.m = 0; }, "m"},
+  };
+  for (const auto& cs : cases) {
+    auto c = small_config();
+    cs.edit(c);
+    try {
+      UltraMem layer(c);
+      ADD_FAILURE() << "no error for an invalid " << cs.field;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("UltraMemConfig." + cs.field + ":"), std::string::npos)
+          << e.what();
+    }
+  }
+}
+
+TEST(UltraMemLayer, BadInputTensorGivesClearError) {
+  UltraMem layer(small_config());
+  try {
+    layer->forward(torch::randn({3, 23}));
+    ADD_FAILURE() << "no error for a wrong width";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("D=24"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(layer->forward(torch::randn({3, 24}, torch::kDouble)), c10::Error);
+  EXPECT_THROW(layer->forward(torch::randint(0, 3, {3, 24})), c10::Error);
+  // An empty batch is fine.
+  EXPECT_EQ(layer->forward(torch::randn({0, 24})).size(0), 0);
+}
+
+TEST(PKMLayer, GradientsDoubleLayerNormQuery) {
+  PKMConfig c;
+  c.D = 16;
+  c.n = 6;
+  c.Dk = 8;
+  c.Dv = 12;
+  c.H = 2;
+  c.m = 4;
+  c.query_norm = PKMConfig::QueryNorm::Layer;
+  c.seed = 2;
+  PKM layer(c);
+  check_all_gradients(layer, c.D, false);
+}
+
+TEST(PKMLayer, GradientsDoubleBatchNormQueryAndNoProjection) {
+  PKMConfig c;
+  c.D = 16;
+  c.n = 6;
+  c.Dk = 8;
+  c.Dv = 16;
+  c.H = 2;
+  c.m = 3;
+  c.query_norm = PKMConfig::QueryNorm::Batch;
+  PKM layer(c);
+  EXPECT_FALSE(layer->wo.defined());
+  check_all_gradients(layer, c.D, false);
+}
+
+TEST(PKMLayer, MatchesDirectProductKeyFormula) {
+  PKMConfig c;
+  c.D = 16;
+  c.n = 5;
+  c.Dk = 8;
+  c.Dv = 16;
+  c.H = 2;
+  c.m = 3;
+  c.query_norm = PKMConfig::QueryNorm::None;
+  PKM layer(c);
+  torch::manual_seed(3);
+  const auto x = torch::randn({4, c.D});
+  const auto out = layer->forward(x);
+  // Direct: full grid of s_row[i] + s_col[j], top-m per head, softmax, weighted value rows.
+  const auto q = x.matmul(layer->wq).view({4, c.H, 2, c.Dk});
+  const auto s = torch::einsum("thsd,hsid->thsi", {q, layer->keys});
+  auto expect = torch::zeros({4, c.D});
+  for (int64_t h = 0; h < c.H; ++h) {
+    const auto grid = (s.select(1, h).select(1, 0).unsqueeze(2) + s.select(1, h).select(1, 1).unsqueeze(1))
+                          .reshape({4, c.n * c.n});
+    auto [top, idx] = grid.topk(c.m, 1);
+    const auto w = torch::softmax(top, 1);
+    expect += (layer->values.index_select(0, idx.reshape(-1)).view({4, c.m, c.Dv}) * w.unsqueeze(2)).sum(1);
+  }
+  EXPECT_TRUE(torch::allclose(out, expect, 1e-5, 1e-6));
+}
+
+TEST(PKMLayer, InvalidConfigNamesTheField) {
+  PKMConfig c;
+  c.m = 65;
+  EXPECT_THROW(PKM{c}, std::invalid_argument);
+  c = PKMConfig{};
+  c.Dk = 0;
+  try {
+    PKM layer(c);
+    ADD_FAILURE();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("PKMConfig.Dk"), std::string::npos);
+  }
+}
