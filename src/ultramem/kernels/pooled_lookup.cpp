@@ -19,7 +19,7 @@ void forward(const PoolShape& s, const T* values, const int64_t* index, const T*
              const int64_t* perm, T* out) {
   const int64_t K = s.K, N = s.N, Dv = s.Dv, C = s.C, Ds = Dv / C, width = s.E * Dv;
   const int64_t row_bytes = Dv * static_cast<int64_t>(sizeof(T));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (s.T > 1)
   for (int64_t t = 0; t < s.T; ++t) {
     T* o = out + t * width;
     std::memset(o, 0, sizeof(T) * width);
@@ -44,7 +44,7 @@ void backward_scores(const PoolShape& s, const T* values, const int64_t* index, 
                      const T* dout, T* dscores) {
   const int64_t K = s.K, N = s.N, Dv = s.Dv, C = s.C, Ds = Dv / C, width = s.E * Dv;
   const int64_t row_bytes = Dv * static_cast<int64_t>(sizeof(T));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (s.T > 1)
   for (int64_t t = 0; t < s.T; ++t) {
     const int64_t* idx = index + t * K;
     for (int64_t k = 0; k < std::min(K, kPrefetchAhead); ++k)
@@ -67,7 +67,7 @@ void backward_values(const PoolShape& s, const RowGroups& groups, const T* score
                      T* grad_rows) {
   const int64_t K = s.K, Dv = s.Dv, C = s.C, Ds = Dv / C, width = s.E * Dv;
   const int64_t U = static_cast<int64_t>(groups.rows.size());
-#pragma omp parallel for schedule(dynamic, 64)
+#pragma omp parallel for schedule(dynamic, 64) if (U > 64)
   for (int64_t u = 0; u < U; ++u) {
     T* g = grad_rows + u * Dv;
     std::memset(g, 0, sizeof(T) * Dv);

@@ -47,7 +47,7 @@ void filter_side(const TdqkrShape& s, const T* S, const T* w, Scratch<T>& sc, st
   std::fill(f.begin(), f.end(), T(0));
   for (int64_t a = 0; a < s.r; ++a) simd::axpy(f.data(), w[a], S + a * n, n);
   sc.cand.resize(n);
-  for (int64_t i = 0; i < n; ++i) sc.cand[i] = {rank_key(f[i]), i, static_cast<int32_t>(i)};
+  for (int64_t i = 0; i < n; ++i) sc.cand[i] = {f[i], i, i};
   select_top(sc.cand, s.m_first);
   for (int64_t x = 0; x < s.m_first; ++x) out[x] = static_cast<int32_t>(sc.cand[x].id);
 }
@@ -82,8 +82,7 @@ void rescore_one(const TdqkrShape& s, int64_t h, const T* Sr, const T* Scol, con
   sc.cand.resize(m1 * m1);
   for (int64_t x = 0; x < m1; ++x)
     for (int64_t y = 0; y < m1; ++y)
-      sc.cand[x * m1 + y] = {rank_key(sc.G[x * m1 + y]), int64_t(irow[x]) * n + icol[y],
-                             static_cast<int32_t>(x * m1 + y)};
+      sc.cand[x * m1 + y] = {sc.G[x * m1 + y], int64_t(irow[x]) * n + icol[y], x * m1 + y};
   select_top(sc.cand, s.m);
   for (int64_t k = 0; k < s.m; ++k) {
     const int64_t x = sc.cand[k].pos / m1, y = sc.cand[k].pos % m1;
@@ -105,7 +104,7 @@ template <typename T>
 void filter(const TdqkrShape& s, const T* s_row, const T* s_col, const T* u, const T* v,
             int32_t* idx_row, int32_t* idx_col) {
   const int64_t TH = s.T * s.H, rn = s.r * s.n;
-#pragma omp parallel
+#pragma omp parallel if (TH > 1)
   {
     Scratch<T> sc;
     sc.reserve(s);
@@ -122,7 +121,7 @@ template <typename T>
 void rescore(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores,
              const int32_t* idx_row, const int32_t* idx_col, T* scores, int64_t* index) {
   const int64_t TH = s.T * s.H, rn = s.r * s.n;
-#pragma omp parallel
+#pragma omp parallel if (TH > 1)
   {
     Scratch<T> sc;
     sc.reserve(s);
@@ -139,7 +138,7 @@ template <typename T>
 void forward(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores, const T* u,
              const T* v, T* scores, int64_t* index) {
   const int64_t TH = s.T * s.H, rn = s.r * s.n;
-#pragma omp parallel
+#pragma omp parallel if (TH > 1)
   {
     Scratch<T> sc;
     sc.reserve(s);
@@ -161,7 +160,7 @@ void backward(const TdqkrShape& s, const T* s_row, const T* s_col, const T* core
   const int64_t core_numel = C * H * rr;
   const int64_t nchunks = (s.T + kCoreChunk - 1) / kCoreChunk;
   std::vector<T> partial(std::max<int64_t>(nchunks, 1) * core_numel, T(0));
-#pragma omp parallel
+#pragma omp parallel if (nchunks > 1)
   {
     std::vector<T> W(rr);
 #pragma omp for schedule(static)
@@ -295,7 +294,7 @@ void tdqkr_filter_ref(const TdqkrShape& s, const T* s_row, const T* s_col, const
       for (int64_t i = 0; i < s.n; ++i) {
         T f = 0;
         for (int64_t a = 0; a < s.r; ++a) f += w[a] * S[a * s.n + i];
-        cand.push_back({rank_key(f), i, 0});
+        cand.push_back({f, i, 0});
       }
       std::sort(cand.begin(), cand.end(), ranks_before<T>);
       int32_t* out = (side == 0 ? idx_row : idx_col) + th * s.m_first;
@@ -317,7 +316,7 @@ void tdqkr_rescore_ref(const TdqkrShape& s, const T* s_row, const T* s_col, cons
     for (int64_t x = 0; x < s.m_first; ++x)
       for (int64_t y = 0; y < s.m_first; ++y) {
         const int64_t i = idx_row[th * s.m_first + x], j = idx_col[th * s.m_first + y];
-        cand.push_back({rank_key(summed_score(s, Sr, Sc, cs.data(), i, j)), i * s.n + j, 0});
+        cand.push_back({summed_score(s, Sr, Sc, cs.data(), i, j), i * s.n + j, 0});
       }
     emit_kept(s, Sr, Sc, cores, h, cand, scores + th * s.m * s.C, index + th * s.m);
   }
@@ -335,7 +334,7 @@ void tdqkr_bruteforce_ref(const TdqkrShape& s, const T* s_row, const T* s_col, c
     std::vector<Ranked<T>> cand;
     for (int64_t i = 0; i < s.n; ++i)
       for (int64_t j = 0; j < s.n; ++j)
-        cand.push_back({rank_key(summed_score(s, Sr, Sc, cs.data(), i, j)), i * s.n + j, 0});
+        cand.push_back({summed_score(s, Sr, Sc, cs.data(), i, j), i * s.n + j, 0});
     emit_kept(s, Sr, Sc, cores, h, cand, scores + th * s.m * s.C, index + th * s.m);
   }
 }

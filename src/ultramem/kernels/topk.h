@@ -4,26 +4,24 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 namespace ultramem::kernels {
 
 template <typename T>
 struct Ranked {
-  T score;     // ranking score; NaN is replaced by -inf before ranking
-  int64_t id;  // tie-break key (row/col index or grid address)
-  int32_t pos; // caller's payload (position in its candidate list)
+  T score;      // ranking score
+  int64_t id;   // tie-break key (row/col index or grid address)
+  int64_t pos;  // caller's payload (position in its candidate list)
 };
 
+// Strict weak order: non-NaN before NaN; then score descending; then smaller id.
 template <typename T>
 inline bool ranks_before(const Ranked<T>& a, const Ranked<T>& b) {
+  const bool a_nan = std::isnan(a.score), b_nan = std::isnan(b.score);
+  if (a_nan != b_nan) return b_nan;
+  if (a_nan) return a.id < b.id;
   return a.score > b.score || (a.score == b.score && a.id < b.id);
-}
-
-template <typename T>
-inline T rank_key(T x) {
-  return std::isnan(x) ? -std::numeric_limits<T>::infinity() : x;
 }
 
 // Reorders c so that its first k elements are the k best, sorted best first.
