@@ -9,7 +9,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libsentencepiece-dev sentencepiece
   libcli11-dev nlohmann-json3-dev
-  zlib1g-dev
+  zlib1g-dev libprotobuf-dev
   python3-torch python3-numpy
 )
 

@@ -1,0 +1,307 @@
+"""torch.ops.ultramem.{tdqkr, pooled_lookup} against the independent pure-PyTorch reference.
+
+usage: python3 test_ops.py [--ops-lib PATH/libultramem_ops.so] [unittest args]
+       (or set ULTRAMEM_OPS_LIB)
+"""
+import itertools
+import os
+import sys
+import unittest
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference as ref  # noqa: E402
+
+
+def _take_arg(flag, env):
+    if flag in sys.argv:
+        i = sys.argv.index(flag)
+        value = sys.argv[i + 1]
+        del sys.argv[i:i + 2]
+        return value
+    return os.environ.get(env)
+
+
+OPS_LIB = _take_arg("--ops-lib", "ULTRAMEM_OPS_LIB")
+
+
+def setUpModule():
+    if not OPS_LIB:
+        raise RuntimeError("pass --ops-lib PATH or set ULTRAMEM_OPS_LIB to libultramem_ops.so")
+    torch.ops.load_library(OPS_LIB)
+
+
+def tdqkr(*args):
+    return torch.ops.ultramem.tdqkr(*args)
+
+
+def pooled_lookup(*args):
+    return torch.ops.ultramem.pooled_lookup(*args)
+
+
+def rand_tdqkr(T, H, r, n, C, dtype, gen):
+    s_row = torch.randn(T, H, r, n, generator=gen, dtype=torch.float64).to(dtype)
+    s_col = torch.randn(T, H, r, n, generator=gen, dtype=torch.float64).to(dtype)
+    cores = torch.rand(C, H, r, r, generator=gen, dtype=torch.float64).to(dtype)
+    u, v, _ = ref.rank1_filter(cores.double())
+    return s_row, s_col, cores, u.to(dtype).contiguous(), v.to(dtype).contiguous()
+
+
+def tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+class TdqkrTest(unittest.TestCase):
+    def check_case(self, T, H, r, n, C, m_first, m, dtype, seed):
+        gen = torch.Generator().manual_seed(seed)
+        s_row, s_col, cores, u, v = rand_tdqkr(T, H, r, n, C, dtype, gen)
+        what = "T=%d H=%d r=%d n=%d C=%d m_first=%d m=%d %s" % (T, H, r, n, C, m_first, m, dtype)
+        scores, index = tdqkr(s_row, s_col, cores, u, v, m_first, m)
+        self.assertEqual(tuple(scores.shape), (T, H * m, C), what)
+        self.assertEqual(tuple(index.shape), (T, H * m), what)
+        self.assertEqual(scores.dtype, dtype, what)
+        self.assertEqual(index.dtype, torch.int64, what)
+        rs, ri = ref.tdqkr_two_stage(s_row, s_col, cores, u, v, m_first, m)
+        self.assertTrue(torch.equal(index, ri), "indices differ from the reference: " + what)
+        torch.testing.assert_close(scores, rs, msg=lambda s: what + ": " + s, **tol(dtype))
+        if m_first == n:  # the filter keeps every row and column: exact top-m of the whole grid
+            bs, bi = ref.tdqkr_bruteforce(s_row, s_col, cores, m)
+            self.assertTrue(torch.equal(index, bi), "indices differ from brute force: " + what)
+            torch.testing.assert_close(scores, bs, msg=lambda s: what + ": " + s, **tol(dtype))
+        # kept candidates are sorted by the summed score, descending
+        total = scores.double().sum(-1).view(T, H, m)
+        self.assertTrue(bool((total[..., :-1] >= total[..., 1:] - 1e-5).all()), what)
+
+    def test_against_reference(self):
+        seed = 0
+        for dtype in (torch.float64, torch.float32):
+            for H, C, r in itertools.product((1, 2), (1, 2, 3), (1, 2, 3)):
+                n = 7
+                for m_first, m in ((3, 1), (3, 9), (4, 5), (n, 6)):
+                    seed += 1
+                    self.check_case(4, H, r, n, C, m_first, m, dtype, seed)
+
+    def test_edge_shapes(self):
+        for dtype in (torch.float64, torch.float32):
+            self.check_case(3, 2, 2, 1, 2, 1, 1, dtype, 100)     # n = 1: a single slot
+            self.check_case(2, 1, 1, 5, 1, 5, 25, dtype, 101)    # m = n*n: the whole grid
+            self.check_case(0, 2, 2, 6, 2, 3, 4, dtype, 102)     # no tokens
+            self.check_case(5, 2, 3, 16, 2, 16, 256, dtype, 103)  # m = m_first^2 = n^2
+            self.check_case(5, 2, 2, 33, 3, 9, 40, dtype, 104)
+
+    def test_ties_break_by_smaller_index(self):
+        # All scores equal: stage 1 keeps rows/cols 0..m_first-1, stage 2 the smallest grid addresses.
+        T, H, r, n, C = 2, 2, 2, 5, 2
+        s_row = torch.ones(T, H, r, n, dtype=torch.float64)
+        s_col = torch.ones(T, H, r, n, dtype=torch.float64)
+        cores = torch.ones(C, H, r, r, dtype=torch.float64)
+        u = torch.full((H, r), 0.5 ** 0.5, dtype=torch.float64)
+        scores, index = tdqkr(s_row, s_col, cores, u, u.clone(), 3, 5)
+        expect = torch.tensor([0, 1, 2, 5, 6]).repeat(T, H)
+        self.assertTrue(torch.equal(index, expect), str(index))
+        rs, ri = ref.tdqkr_two_stage(s_row, s_col, cores, u, u.clone(), 3, 5)
+        self.assertTrue(torch.equal(ri, expect), str(ri))
+        # brute force over the whole grid: the 5 smallest grid addresses
+        bs, bi = ref.tdqkr_bruteforce(s_row, s_col, cores, 5)
+        self.assertTrue(torch.equal(bi, torch.arange(5).repeat(T, H)), str(bi))
+        scores, index = tdqkr(s_row, s_col, cores, u, u.clone(), n, 5)
+        self.assertTrue(torch.equal(index, bi), str(index))
+
+    def test_noncontiguous_inputs(self):
+        gen = torch.Generator().manual_seed(7)
+        s_row, s_col, cores, u, v = rand_tdqkr(4, 2, 2, 9, 2, torch.float64, gen)
+        s_row_nc = s_row.transpose(0, 1).contiguous().transpose(0, 1)
+        self.assertFalse(s_row_nc.is_contiguous())
+        a = tdqkr(s_row_nc, s_col, cores, u, v, 4, 6)
+        b = tdqkr(s_row, s_col, cores, u, v, 4, 6)
+        self.assertTrue(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]))
+
+    def test_gradcheck(self):
+        for H, C, r in ((1, 1, 1), (2, 2, 2), (2, 3, 3)):
+            gen = torch.Generator().manual_seed(10 * H + C + r)
+            s_row, s_col, cores, u, v = rand_tdqkr(3, H, r, 6, C, torch.float64, gen)
+            m_first, m = 4, 5
+            _, index0 = tdqkr(s_row, s_col, cores, u, v, m_first, m)
+
+            def f(sr, sc, co):
+                scores, index = tdqkr(sr, sc, co, u, v, m_first, m)
+                # the selection must not change under the finite-difference perturbation
+                if not torch.equal(index, index0):
+                    raise AssertionError("selection changed under perturbation; pick other inputs")
+                return scores
+
+            inputs = tuple(t.clone().requires_grad_(True) for t in (s_row, s_col, cores))
+            self.assertTrue(torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-6))
+            # and the gradients equal the reference's autograd gradients
+            g = torch.randn(3, H * m, C, generator=gen, dtype=torch.float64)
+            ours = torch.autograd.grad((f(*inputs) * g).sum(), inputs)
+            rs, _ = ref.tdqkr_two_stage(*inputs, u, v, m_first, m)
+            theirs = torch.autograd.grad((rs * g).sum(), inputs)
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    def test_no_grad_through_u_v(self):
+        gen = torch.Generator().manual_seed(3)
+        s_row, s_col, cores, u, v = rand_tdqkr(2, 2, 2, 6, 2, torch.float64, gen)
+        u.requires_grad_(True)
+        v.requires_grad_(True)
+        s_row.requires_grad_(True)
+        scores, index = tdqkr(s_row, s_col, cores, u, v, 4, 4)
+        self.assertFalse(index.requires_grad)
+        gu = torch.autograd.grad(scores.sum(), [s_row, u], allow_unused=True)
+        self.assertIsNotNone(gu[0])
+        self.assertTrue(gu[1] is None or bool((gu[1] == 0).all()))
+
+
+def rand_pool(T, K, N, Dv, E, C, dtype, gen, repeat_rows=False):
+    values = torch.randn(N, Dv, generator=gen, dtype=torch.float64).to(dtype)
+    perm = torch.randperm(E * N, generator=gen)
+    hi = 3 if repeat_rows else E * N  # repeated rows: only a few addresses are used
+    index = torch.randint(0, min(hi, E * N), (T, K), generator=gen)
+    scores = torch.randn(T, K, C, generator=gen, dtype=torch.float64).to(dtype)
+    return values, index, scores, perm
+
+
+class PooledLookupTest(unittest.TestCase):
+    def test_against_reference(self):
+        seed = 0
+        for dtype in (torch.float64, torch.float32):
+            for E, C, repeat in itertools.product((1, 4, 9), (1, 2, 4), (False, True)):
+                seed += 1
+                gen = torch.Generator().manual_seed(seed)
+                T, K, N, Dv = 5, 7, 6, 8
+                values, index, scores, perm = rand_pool(T, K, N, Dv, E, C, dtype, gen, repeat)
+                what = "E=%d C=%d repeat=%s %s" % (E, C, repeat, dtype)
+                out = pooled_lookup(values, index, scores, perm, E)
+                self.assertEqual(tuple(out.shape), (T, E * Dv), what)
+                expect = ref.pooled_lookup(values, index, scores, perm, E)
+                torch.testing.assert_close(out, expect, msg=lambda s: what + ": " + s, **tol(dtype))
+                loop = ref.pooled_lookup_loop(values, index, scores, perm, E)
+                torch.testing.assert_close(expect, loop, **tol(dtype))
+
+    def test_same_address_twice_is_summed(self):
+        # Two hits of one address in one token must add up (scatter-add, not overwrite).
+        values = torch.arange(8, dtype=torch.float64).view(4, 2)
+        perm = torch.arange(4)
+        index = torch.tensor([[2, 2, 1]])
+        scores = torch.tensor([[[1.0], [2.0], [10.0]]], dtype=torch.float64)
+        out = pooled_lookup(values, index, scores, perm, 1)
+        expect = 3 * values[2] + 10 * values[1]
+        torch.testing.assert_close(out[0], expect)
+
+    def test_empty(self):
+        values = torch.randn(4, 6, dtype=torch.float64)
+        perm = torch.randperm(16)
+        out = pooled_lookup(values, torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3, 2, dtype=torch.float64),
+                            perm, 4)
+        self.assertEqual(tuple(out.shape), (0, 24))
+        out = pooled_lookup(values, torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, 2, dtype=torch.float64),
+                            perm, 4)
+        self.assertTrue(torch.equal(out, torch.zeros(2, 24, dtype=torch.float64)))
+
+    def test_gradcheck(self):
+        for E, C, repeat in ((1, 1, False), (4, 2, True), (9, 4, False)):
+            gen = torch.Generator().manual_seed(E * 10 + C)
+            values, index, scores, perm = rand_pool(3, 5, 4, 8, E, C, torch.float64, gen, repeat)
+            values.requires_grad_(True)
+            scores.requires_grad_(True)
+            f = lambda vv, ss: pooled_lookup(vv, index, ss, perm, E)  # noqa: E731
+            self.assertTrue(torch.autograd.gradcheck(f, (values, scores), eps=1e-6, atol=1e-8))
+            g = torch.randn(3, E * 8, generator=gen, dtype=torch.float64)
+            ours = torch.autograd.grad((f(values, scores) * g).sum(), (values, scores))
+            theirs = torch.autograd.grad((ref.pooled_lookup(values, index, scores, perm, E) * g).sum(),
+                                         (values, scores))
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    def test_sparse_grad(self):
+        for dtype in (torch.float64, torch.float32):
+            gen = torch.Generator().manual_seed(5)
+            values, index, scores, perm = rand_pool(6, 4, 10, 8, 4, 2, dtype, gen, repeat_rows=True)
+            values.requires_grad_(True)
+            g = torch.randn(6, 32, generator=gen, dtype=torch.float64).to(dtype)
+            (dense,) = torch.autograd.grad((pooled_lookup(values, index, scores, perm, 4, False) * g).sum(), values)
+            (sparse,) = torch.autograd.grad((pooled_lookup(values, index, scores, perm, 4, True) * g).sum(), values)
+            self.assertFalse(dense.is_sparse)
+            self.assertTrue(sparse.is_sparse)
+            self.assertTrue(sparse.is_coalesced())
+            self.assertTrue(torch.equal(sparse.to_dense(), dense))
+            # only the rows hit are stored
+            hit = torch.unique(perm[index] % 10)
+            self.assertTrue(torch.equal(sparse._indices()[0], hit))
+            # and the value gradient equals the reference's
+            (r,) = torch.autograd.grad((ref.pooled_lookup(values, index, scores, perm, 4) * g).sum(), values)
+            torch.testing.assert_close(dense, r, **tol(dtype))
+
+
+class BadInputTest(unittest.TestCase):
+    def setUp(self):
+        gen = torch.Generator().manual_seed(1)
+        self.t = rand_tdqkr(2, 2, 2, 6, 2, torch.float64, gen)
+        self.p = rand_pool(2, 3, 4, 8, 4, 2, torch.float64, gen)
+
+    def raises(self, fn, *words):
+        with self.assertRaises(RuntimeError) as cm:
+            fn()
+        msg = str(cm.exception)
+        for w in words:
+            self.assertIn(w, msg)
+
+    def tdqkr_with(self, **kw):
+        args = dict(zip(("s_row", "s_col", "cores", "u", "v"), self.t))
+        args.update(m_first=4, m=5)
+        args.update(kw)
+        return lambda: tdqkr(args["s_row"], args["s_col"], args["cores"], args["u"], args["v"], args["m_first"],
+                             args["m"])
+
+    def pool_with(self, **kw):
+        args = dict(zip(("values", "index", "scores", "perm"), self.p))
+        args.update(E=4)
+        args.update(kw)
+        return lambda: pooled_lookup(args["values"], args["index"], args["scores"], args["perm"], args["E"])
+
+    def test_tdqkr(self):
+        s_row, s_col, cores, u, v = self.t
+        self.raises(self.tdqkr_with(s_row=s_row.int()), "s_row", "dtype")
+        self.raises(self.tdqkr_with(s_row=s_row.half()), "s_row", "dtype")
+        self.raises(self.tdqkr_with(s_col=s_col.float()), "dtype")
+        self.raises(self.tdqkr_with(cores=cores.half()), "cores", "dtype")
+        self.raises(self.tdqkr_with(s_row=s_row[0]), "s_row", "dimensions")
+        self.raises(self.tdqkr_with(s_col=s_col[:, :, :, :5]), "s_col", "shape")
+        self.raises(self.tdqkr_with(cores=cores[:, :1]), "cores", "shape")
+        self.raises(self.tdqkr_with(cores=cores[:0]), "cores")
+        self.raises(self.tdqkr_with(u=u[:, :1]), "u", "shape")
+        self.raises(self.tdqkr_with(v=v[0]), "v", "dimensions")
+        self.raises(self.tdqkr_with(m_first=7), "m_first")
+        self.raises(self.tdqkr_with(m_first=0), "m_first")
+        self.raises(self.tdqkr_with(m=17), "m must be")
+        self.raises(self.tdqkr_with(m=0), "m must be")
+
+    def test_pooled_lookup(self):
+        values, index, scores, perm = self.p
+        self.raises(self.pool_with(values=values.float()), "dtype")
+        self.raises(self.pool_with(values=values.half()), "values", "dtype")
+        self.raises(self.pool_with(scores=scores.int()), "scores", "dtype")
+        self.raises(self.pool_with(index=index.int()), "index", "dtype")
+        self.raises(self.pool_with(perm=perm.int()), "perm", "dtype")
+        self.raises(self.pool_with(values=values[0]), "values", "dimensions")
+        self.raises(self.pool_with(scores=scores[0]), "scores", "dimensions")
+        self.raises(self.pool_with(index=index[:, :2]), "index", "shape")
+        bad = index.clone()
+        bad[1, 2] = 16
+        self.raises(self.pool_with(index=bad), "index[1, 2]", "outside")
+        bad[1, 2] = -1
+        self.raises(self.pool_with(index=bad), "index[1, 2]", "outside")
+        self.raises(self.pool_with(perm=perm[:-1]), "perm", "shape")
+        self.raises(self.pool_with(E=0), "E")
+        self.raises(self.pool_with(E=0), "E must be")
+        bad_perm = perm.clone()
+        bad_perm[index[0, 0]] = 99
+        self.raises(self.pool_with(perm=bad_perm), "perm[")
+        self.raises(self.pool_with(values=values[:, :7]), "Dv", "divisible")
+        self.raises(self.pool_with(scores=torch.randn(2, 3, 3, dtype=torch.float64)), "Dv", "divisible")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=1)

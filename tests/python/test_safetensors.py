@@ -1,0 +1,219 @@
+"""ultramem::io safetensors reader/writer (through `dump_layer --load / --write-dtypes`) against the
+pure-Python safetensors_io.py, plus the reader's validation of corrupt files.
+
+usage: python3 test_safetensors.py [--dump-layer PATH/dump_layer] [unittest args]   (or ULTRAMEM_DUMP_LAYER)
+"""
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import safetensors_io  # noqa: E402
+
+
+def _take_arg(flag, env):
+    if flag in sys.argv:
+        i = sys.argv.index(flag)
+        value = sys.argv[i + 1]
+        del sys.argv[i:i + 2]
+        return value
+    return os.environ.get(env)
+
+
+DUMP_LAYER = _take_arg("--dump-layer", "ULTRAMEM_DUMP_LAYER")
+
+
+def raw_file(path, header, data=b"", hlen=None, pad=True):
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    if pad:
+        h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h) if hlen is None else hlen))
+        f.write(h)
+        f.write(data)
+
+
+class SafetensorsTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        if not DUMP_LAYER:
+            raise RuntimeError("pass --dump-layer PATH or set ULTRAMEM_DUMP_LAYER")
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory(prefix="ultramem_st_")
+        self.dir = self.tmp.name
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def cpp(self, *args):
+        return subprocess.run([DUMP_LAYER] + list(args), capture_output=True, text=True, timeout=60)
+
+    def cpp_load_many(self, paths):
+        """Runs `dump_layer --load` once on all paths. Returns (exit code, {path: result}) where result is
+        ({name: (dtype, shape, sum)} in file order, meta) or the error message string."""
+        res = self.cpp("--load", *paths)
+        results, cur = {}, None
+        for line in res.stdout.splitlines():
+            kind, rest = line.split(" ", 1)
+            if kind == "file":
+                cur = rest
+                results[cur] = ({}, {})
+            elif kind == "error":
+                results[cur] = rest
+            elif kind == "tensor":
+                name, dtype, shape, total = rest.split(" ")
+                shape = [int(x) for x in shape.strip("[]").split(",") if x]
+                results[cur][0][name] = (dtype, shape, float(total))
+            else:
+                k, v = rest.split(" ", 1)
+                results[cur][1][k] = v
+        self.assertEqual(list(results), list(paths), res.stderr)
+        return res.returncode, results
+
+    def cpp_load(self, path):
+        rc, results = self.cpp_load_many([path])
+        self.assertEqual(rc, 0, results[path])
+        return results[path]
+
+    def test_cpp_writes_python_reads(self):
+        path = os.path.join(self.dir, "dtypes.safetensors")
+        res = self.cpp("--write-dtypes", path)
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertEqual(os.listdir(self.dir), ["dtypes.safetensors"], "temporary file left behind")
+        with open(path, "rb") as f:
+            blob = f.read()
+        (hlen,) = struct.unpack("<Q", blob[:8])
+        self.assertEqual(hlen % 8, 0, "header must be padded to a multiple of 8")
+        t, meta = safetensors_io.load(path)
+        self.assertEqual(meta, {"purpose": "dtype round trip", "answer": "42"})
+        base = (torch.arange(6, dtype=torch.float64) % 7 - 3).view(2, 3)
+        expect = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
+                  "i64": torch.int64, "i32": torch.int32, "i16": torch.int16, "i8": torch.int8}
+        self.assertEqual(list(t)[:8], list(expect), "tensors come back in the order they were saved")
+        for name, dt in expect.items():
+            self.assertEqual(t[name].dtype, dt, name)
+            self.assertTrue(torch.equal(t[name], base.to(dt)), name)
+        self.assertTrue(torch.equal(t["u8"], (base + 3).to(torch.uint8)))
+        self.assertTrue(torch.equal(t["bool"], torch.tensor([[False, True, False], [True, False, True]])))
+        self.assertEqual(t["scalar"].shape, torch.Size([]))
+        self.assertEqual(float(t["scalar"]), 2.5)
+        self.assertEqual(tuple(t["empty"].shape), (0, 4))
+        self.assertTrue(torch.equal(t["transposed"], torch.arange(6, dtype=torch.float32).view(2, 3).t()))
+        # and the C++ reader reads back what the C++ writer wrote
+        ct, cmeta = self.cpp_load(path)
+        self.assertEqual(list(ct), list(t))
+        self.assertEqual(cmeta, meta)
+
+    def test_python_writes_cpp_reads(self):
+        path = os.path.join(self.dir, "py.safetensors")
+        g = torch.Generator().manual_seed(0)
+        tensors = [
+            ("weight", torch.randn(3, 5, generator=g, dtype=torch.float64)),
+            ("a.b.c", torch.randn(7, generator=g)),
+            ("idx", torch.randint(-100, 100, (4, 2, 3), generator=g)),
+            ("half", torch.randn(5, generator=g).half()),
+            ("mask", torch.tensor([True, False, True])),
+            ("nothing", torch.zeros(2, 0, dtype=torch.int32)),
+        ]
+        safetensors_io.save(path, tensors, {"step": "17", "note": "hello world"})
+        ct, meta = self.cpp_load(path)
+        self.assertEqual(meta, {"step": "17", "note": "hello world"})
+        self.assertEqual(list(ct), [n for n, _ in tensors])
+        names = {"Double": torch.float64, "Float": torch.float32, "Long": torch.int64, "Half": torch.float16,
+                 "Bool": torch.bool, "Int": torch.int32}
+        for name, t in tensors:
+            dtype, shape, total = ct[name]
+            self.assertEqual(names[dtype], t.dtype, name)
+            self.assertEqual(shape, list(t.shape), name)
+            self.assertAlmostEqual(total, float(t.double().sum()), places=9, msg=name)
+
+    def test_rewrite_in_place(self):
+        path = os.path.join(self.dir, "x.safetensors")
+        safetensors_io.save(path, [("a", torch.ones(3))])
+        res = self.cpp("--write-dtypes", path)  # atomically replaces the file
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertEqual(os.listdir(self.dir), ["x.safetensors"])
+        t, _ = safetensors_io.load(path)
+        self.assertIn("f64", t)
+        self.assertNotIn("a", t)
+
+    def test_write_into_missing_directory_fails(self):
+        path = os.path.join(self.dir, "no", "such", "dir.safetensors")
+        res = self.cpp("--write-dtypes", path)
+        self.assertNotEqual(res.returncode, 0)
+        self.assertIn(path, res.stderr)
+
+    def bad_file(self, name, words, header=None, data=b"", hlen=None, blob=None, pad=True):
+        path = os.path.join(self.dir, name + ".safetensors")
+        if blob is not None:
+            with open(path, "wb") as f:
+                f.write(blob)
+        else:
+            raw_file(path, header, data, hlen, pad)
+        self.bad.append((name, path, words))
+
+    def test_corrupt_files(self):
+        ok = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+              "b": {"dtype": "I64", "shape": [1], "data_offsets": [16, 24]}}
+        data = bytes(24)
+        self.bad = []
+        # sanity: the unmodified file is accepted by both readers
+        good = os.path.join(self.dir, "good.safetensors")
+        raw_file(good, ok, data)
+        self.assertEqual(list(safetensors_io.load(good)[0]), ["a", "b"])
+
+        def with_entry(name, **kw):
+            h = json.loads(json.dumps(ok))
+            h[name].update(kw)
+            return h
+
+        self.bad_file("empty", ["too short"], blob=b"")
+        self.bad_file("short", ["too short"], blob=b"\x10\x00\x00")
+        self.bad_file("hlen_huge", ["header length", "larger than"], ok, data, hlen=1 << 40)
+        self.bad_file("hlen_past_end", ["larger than"], ok, b"", hlen=4096)
+        self.bad_file("bad_json", ["invalid JSON"], b'{"a": {"dtype": "F32", ', data)
+        self.bad_file("not_object", ["not an object"], b"[1, 2, 3]", b"")
+        self.bad_file("unknown_dtype", ["\"a\"", "unknown", "F8"], with_entry("a", dtype="F8"), data)
+        self.bad_file("out_of_range", ["\"b\"", "out of range"],
+                      with_entry("b", data_offsets=[16, 24]), bytes(20))
+        self.bad_file("truncated", ["out of range"], ok, data[:-3])
+        self.bad_file("inconsistent", ["\"a\"", "needs 24"], with_entry("a", shape=[2, 3]), data)
+        self.bad_file("end_before_begin", ["end < begin"], with_entry("b", data_offsets=[24, 16]), data)
+        self.bad_file("overlap", ["overlap"],
+                      with_entry("b", data_offsets=[8, 16], shape=[1]), data[:16])
+        self.bad_file("gap", ["gap"],
+                      with_entry("b", data_offsets=[24, 32]), bytes(32))
+        self.bad_file("trailing", ["trailing"], ok, data + bytes(8))
+        self.bad_file("negative_shape", ["non-negative"], with_entry("a", shape=[-2, -2]), data)
+        self.bad_file("float_offsets", ["data_offsets"], with_entry("a", data_offsets=[0.0, 16]), data)
+        self.bad_file("no_shape", ["shape"],
+                      {"a": {"dtype": "F32", "data_offsets": [0, 16]}, "b": ok["b"]}, data)
+        dup = (b'{"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},'
+               b' "a": {"dtype": "I64", "shape": [1], "data_offsets": [16, 24]}}')
+        self.bad_file("duplicate", ["duplicate tensor name", "\"a\""], dup, data)
+        bad_meta = dict(ok, __metadata__={"step": 3})
+        self.bad_file("bad_meta", ["__metadata__"], bad_meta, data)
+
+        rc, results = self.cpp_load_many([good] + [path for _, path, _ in self.bad])
+        self.assertEqual(rc, 1)
+        self.assertIsInstance(results[good], tuple, "the good file must load")
+        self.assertEqual(list(results[good][0]), ["a", "b"])
+        for name, path, words in self.bad:
+            msg = results[path]
+            self.assertIsInstance(msg, str, "%s: C++ reader accepted a bad file: %s" % (name, msg))
+            self.assertIn(path, msg, name)
+            for w in words:
+                self.assertIn(w, msg, name)
+            with self.assertRaises(safetensors_io.SafetensorsError, msg=name):
+                safetensors_io.load(path)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=1)
