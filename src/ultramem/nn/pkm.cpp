@@ -58,20 +58,11 @@ torch::Tensor PKMImpl::forward(const torch::Tensor& x) {
   return out.view(lead);
 }
 
-// Module::to(dtype) also converts the BatchNorm's int64 num_batches_tracked; keep it int64 as well.
-template <typename Fn>
-static void keep_bn_counter(torch::nn::BatchNorm1d& bn, Fn&& convert) {
-  if (bn && bn->num_batches_tracked.defined())
-    detail::keep_int64(bn->num_batches_tracked, convert);
-  else
-    convert();
-}
-
 void PKMImpl::to(torch::Dtype dtype, bool non_blocking) {
-  detail::keep_int64(perm, [&] { keep_bn_counter(bn, [&] { Module::to(dtype, non_blocking); }); });
+  detail::keep_integer_buffers(*this, [&] { Module::to(dtype, non_blocking); });
 }
 void PKMImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
-  detail::keep_int64(perm, [&] { keep_bn_counter(bn, [&] { Module::to(device, dtype, non_blocking); }); });
+  detail::keep_integer_buffers(*this, [&] { Module::to(device, dtype, non_blocking); });
 }
 void PKMImpl::to(torch::Device device, bool non_blocking) { Module::to(device, non_blocking); }
 

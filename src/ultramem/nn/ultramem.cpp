@@ -190,10 +190,10 @@ void UltraMemImpl::reset_stats() {
 }
 
 void UltraMemImpl::to(torch::Dtype dtype, bool non_blocking) {
-  detail::keep_int64(perm, [&] { Module::to(dtype, non_blocking); });
+  detail::keep_integer_buffers(*this, [&] { Module::to(dtype, non_blocking); });
 }
 void UltraMemImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
-  detail::keep_int64(perm, [&] { Module::to(device, dtype, non_blocking); });
+  detail::keep_integer_buffers(*this, [&] { Module::to(device, dtype, non_blocking); });
 }
 void UltraMemImpl::to(torch::Device device, bool non_blocking) { Module::to(device, non_blocking); }
 
