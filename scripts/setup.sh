@@ -7,9 +7,9 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config
   libtorch-dev libopenblas-dev libgloo-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  libsentencepiece-dev sentencepiece
+  sentencepiece
   libcli11-dev nlohmann-json3-dev
-  zlib1g-dev libprotobuf-dev
+  zlib1g-dev
   python3-torch python3-numpy
 )
 

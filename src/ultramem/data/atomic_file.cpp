@@ -1,0 +1,67 @@
+#include "ultramem/data/atomic_file.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+
+namespace ultramem::data {
+namespace {
+
+std::string errno_str() { return std::strerror(errno); }
+
+std::string dir_of(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+}  // namespace
+
+void write_file_atomically(const std::string& path, const std::vector<std::string_view>& parts) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  auto fail = [&](const std::string& what) {
+    const std::string err = errno_str();
+    std::remove(tmp.c_str());
+    throw std::runtime_error(path + ": " + what + ": " + err);
+  };
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) throw std::runtime_error(path + ": cannot create temporary file " + tmp + ": " + errno_str());
+  for (const auto& p : parts) {
+    if (!p.empty() && std::fwrite(p.data(), 1, p.size(), f) != p.size()) {
+      std::fclose(f);
+      fail("write to " + tmp + " failed");
+    }
+  }
+  if (std::fflush(f) != 0 || ::fsync(::fileno(f)) != 0) {
+    std::fclose(f);
+    fail("flushing " + tmp + " failed");
+  }
+  if (std::fclose(f) != 0) fail("closing " + tmp + " failed");
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("renaming " + tmp + " failed");
+  const int dfd = ::open(dir_of(path).c_str(), O_RDONLY | O_DIRECTORY);
+  if (dfd >= 0) {  // best effort: the data itself is already durable
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+std::string read_file(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) throw std::runtime_error(path + ": cannot open: " + errno_str());
+  std::string out;
+  char buf[1 << 16];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+  const bool err = std::ferror(f) != 0;
+  std::fclose(f);
+  if (err) throw std::runtime_error(path + ": read error");
+  return out;
+}
+
+}  // namespace ultramem::data

@@ -1,0 +1,17 @@
+// Atomic file replacement for the data layer's outputs (token shards, tokenizer model, manifest).
+#pragma once
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace ultramem::data {
+
+// Writes the concatenation of `parts` to `path` atomically: writes `path + ".tmp.<pid>"`, flushes and
+// fsyncs it, renames it over `path`, then fsyncs the directory (best effort). A reader sees either the
+// old file or the complete new one. Throws std::runtime_error naming the file on any failure.
+void write_file_atomically(const std::string& path, const std::vector<std::string_view>& parts);
+
+// The whole content of `path` (binary). Throws std::runtime_error naming the file when it cannot be read.
+std::string read_file(const std::string& path);
+
+}  // namespace ultramem::data
