@@ -5,7 +5,7 @@
 #include <stdexcept>
 #include <system_error>
 
-#include "ultramem/data/atomic_file.h"
+#include "ultramem/io/atomic_file.h"
 #include "ultramem/data/hash.h"
 
 namespace ultramem::data {
@@ -20,7 +20,7 @@ namespace fs = std::filesystem;
 std::string load_checked(const fs::path& file, const std::string& display, CorpusFile* info) {
   std::string text;
   try {
-    text = read_file(file.string());
+    text = io::read_file(file.string());
   } catch (const std::runtime_error& e) {
     throw std::runtime_error(std::string("corpus: ") + e.what());
   }

@@ -9,7 +9,7 @@
 #include <thread>
 #include <vector>
 
-#include "ultramem/data/atomic_file.h"
+#include "ultramem/io/atomic_file.h"
 #include "ultramem/data/corpus.h"
 #include "ultramem/data/hash.h"
 #include "ultramem/data/shard.h"
@@ -193,7 +193,7 @@ PreparedData prepare(const PrepareOptions& options, std::ostream& log) {
   d.input_fingerprint = fingerprint;
   d.input_files = corpus.files.size();
   d.tokenizer_settings = settings;
-  d.tokenizer_hash = hex64(fnv1a64(read_file(d.tokenizer_path)));
+  d.tokenizer_hash = hex64(fnv1a64(io::read_file(d.tokenizer_path)));
   write_manifest(d);
 
   PreparedData out = load_prepared(out_dir);  // validates what was just written

@@ -5,7 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
-#include "ultramem/data/atomic_file.h"
+#include "ultramem/io/atomic_file.h"
 #include "ultramem/data/hash.h"
 #include "ultramem/data/shard.h"
 #include "ultramem/data/tokenizer.h"
@@ -88,7 +88,7 @@ PreparedData load_prepared(const std::string& dir) {
     throw std::runtime_error("prepared data: " + dir + ": no manifest.json (data not prepared): run `ultramem prepare` first");
   ordered_json m;
   try {
-    m = ordered_json::parse(read_file(mpath));
+    m = ordered_json::parse(io::read_file(mpath));
   } catch (const ordered_json::exception& e) {
     fail(mpath, std::string("not valid JSON: ") + e.what());
   }
@@ -127,7 +127,7 @@ PreparedData load_prepared(const std::string& dir) {
 
   // The files named by the manifest.
   if (::stat(d.tokenizer_path.c_str(), &st) != 0) fail(d.tokenizer_path, "missing: run `ultramem prepare` again");
-  const std::string model_bytes = read_file(d.tokenizer_path);
+  const std::string model_bytes = io::read_file(d.tokenizer_path);
   if (hex64(fnv1a64(model_bytes)) != d.tokenizer_hash)
     fail(d.tokenizer_path, "content does not match the manifest's hash (changed after prepare): run `ultramem prepare` again");
   const Tokenizer tokenizer = Tokenizer::load(d.tokenizer_path);
@@ -176,7 +176,7 @@ void write_manifest(const PreparedData& d) {
   splits["train"] = split_json(d.train, "train.bin");
   splits["val"] = split_json(d.val, "val.bin");
   m["splits"] = std::move(splits);
-  write_file_atomically(d.manifest_path, {m.dump(2) + "\n"});
+  io::write_file_atomically(d.manifest_path, {m.dump(2) + "\n"});
 }
 
 }  // namespace ultramem::data

@@ -12,7 +12,7 @@
 #include <stdexcept>
 #include <string_view>
 
-#include "ultramem/data/atomic_file.h"
+#include "ultramem/io/atomic_file.h"
 
 namespace ultramem::data {
 namespace {
@@ -95,7 +95,7 @@ void write_shard(const std::string& path, const std::vector<int32_t>& tokens, in
   put_u64(header + 16, tokens.size());
   put_u32(header + 24, static_cast<uint32_t>(vocab_size));
   put_u32(header + 28, crc32_of(out, payload.size()));
-  write_file_atomically(path, {std::string_view(reinterpret_cast<const char*>(header), sizeof header), payload});
+  io::write_file_atomically(path, {std::string_view(reinterpret_cast<const char*>(header), sizeof header), payload});
 }
 
 std::shared_ptr<const TokenShard> TokenShard::open(const std::string& path, const ShardReadOptions& options) {

@@ -12,7 +12,7 @@
 #include <stdexcept>
 #include <string_view>
 
-#include "ultramem/data/atomic_file.h"
+#include "ultramem/io/atomic_file.h"
 
 extern char** environ;
 
@@ -78,7 +78,7 @@ std::string run_spm_train(const std::vector<std::string>& sentences, const std::
     text += s;
     text += '\n';
   }
-  write_file_atomically((dir.path / "sentences.txt").string(), {text});
+  io::write_file_atomically((dir.path / "sentences.txt").string(), {text});
 
   std::vector<std::string> args = {exe, "--input=sentences.txt", "--model_prefix=model"};
   args.insert(args.end(), flags.begin(), flags.end());
@@ -105,7 +105,7 @@ std::string run_spm_train(const std::vector<std::string>& sentences, const std::
   if (!ok) {
     std::string log;
     try {
-      log = read_file(log_path);
+      log = io::read_file(log_path);
     } catch (const std::exception&) {
     }
     const std::string how = WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
@@ -113,7 +113,7 @@ std::string run_spm_train(const std::vector<std::string>& sentences, const std::
     throw std::runtime_error("tokenizer: sentencepiece training failed: " + exe + " " + how + "; its last output:" +
                              last_lines(log, 6));
   }
-  return read_file((dir.path / "model.model").string());
+  return io::read_file((dir.path / "model.model").string());
 }
 
 }  // namespace ultramem::data

@@ -7,7 +7,7 @@
 #include <stdexcept>
 #include <unordered_map>
 
-#include "ultramem/data/atomic_file.h"
+#include "ultramem/io/atomic_file.h"
 #include "ultramem/data/hash.h"
 #include "ultramem/data/spm_model.h"
 #include "ultramem/data/spm_trainer.h"
@@ -148,7 +148,7 @@ Tokenizer Tokenizer::train(const std::vector<std::string_view>& documents, const
   const auto t0 = std::chrono::steady_clock::now();
   const std::string proto = run_spm_train(sentences, flags);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  write_file_atomically(model_path, {proto});
+  io::write_file_atomically(model_path, {proto});
   Tokenizer tok = load(model_path);
   if (log) *log << "trained tokenizer in " << secs << " s: " << tok.vocab_size() << " pieces -> " << model_path << "\n";
   return tok;
@@ -160,7 +160,7 @@ Tokenizer Tokenizer::load(const std::string& model_path) {
   if (!S_ISREG(st.st_mode)) throw std::runtime_error("tokenizer: " + model_path + ": not a regular file");
   auto impl = std::make_unique<Impl>();
   impl->path = model_path;
-  impl->model = parse_spm_model(read_file(model_path), model_path);
+  impl->model = parse_spm_model(io::read_file(model_path), model_path);
   const SpmModel& m = impl->model;
   auto unsupported = [&](const std::string& what) {
     throw std::runtime_error("tokenizer: " + model_path + ": unsupported sentencepiece model (" + what +

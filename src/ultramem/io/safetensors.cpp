@@ -1,5 +1,7 @@
 #include "ultramem/io/safetensors.h"
 
+#include "ultramem/io/atomic_file.h"
+
 #include <ATen/ATen.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -68,13 +70,6 @@ struct FileCloser {
 };
 using File = std::unique_ptr<std::FILE, FileCloser>;
 
-std::string dir_of(const std::string& path) {
-  const auto slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
-}
-
 // a * b with an overflow check (both non-negative).
 bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
   if (a != 0 && b > std::numeric_limits<uint64_t>::max() / a) return true;
@@ -124,44 +119,11 @@ void save_safetensors(const std::string& path,
   unsigned char len_bytes[8];
   for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<unsigned char>(hlen >> (8 * i));
 
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  {
-    File f(std::fopen(tmp.c_str(), "wb"));
-    if (!f) fail(path, "cannot create temporary file " + tmp + ": " + errno_str());
-    auto write = [&](const void* p, size_t n) {
-      if (n > 0 && std::fwrite(p, 1, n, f.get()) != n) {
-        const std::string err = errno_str();
-        f.reset();
-        std::remove(tmp.c_str());
-        fail(path, "write to " + tmp + " failed: " + err);
-      }
-    };
-    write(len_bytes, 8);
-    write(h.data(), h.size());
-    for (const auto& c : data) write(c.data_ptr(), c.numel() * c.element_size());
-    if (std::fflush(f.get()) != 0 || ::fsync(::fileno(f.get())) != 0) {
-      const std::string err = errno_str();
-      f.reset();
-      std::remove(tmp.c_str());
-      fail(path, "flushing " + tmp + " failed: " + err);
-    }
-    std::FILE* raw = f.release();
-    if (std::fclose(raw) != 0) {
-      const std::string err = errno_str();
-      std::remove(tmp.c_str());
-      fail(path, "closing " + tmp + " failed: " + err);
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string err = errno_str();
-    std::remove(tmp.c_str());
-    fail(path, "renaming " + tmp + " failed: " + err);
-  }
-  const int dfd = ::open(dir_of(path).c_str(), O_RDONLY | O_DIRECTORY);
-  if (dfd >= 0) {  // best effort: the data itself is already durable
-    ::fsync(dfd);
-    ::close(dfd);
-  }
+  std::vector<std::string_view> parts = {
+      std::string_view(reinterpret_cast<const char*>(len_bytes), 8), std::string_view(h)};
+  for (const auto& c : data)
+    parts.emplace_back(static_cast<const char*>(c.data_ptr()), c.numel() * c.element_size());
+  write_file_atomically(path, parts);
 }
 
 std::vector<std::pair<std::string, at::Tensor>> load_safetensors(const std::string& path,

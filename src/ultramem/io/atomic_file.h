@@ -1,10 +1,10 @@
-// Atomic file replacement for the data layer's outputs (token shards, tokenizer model, manifest).
+// Atomic file replacement (temporary file, fsync, rename, fsync of the directory) and whole-file reads.
 #pragma once
 #include <string>
 #include <string_view>
 #include <vector>
 
-namespace ultramem::data {
+namespace ultramem::io {
 
 // Writes the concatenation of `parts` to `path` atomically: writes `path + ".tmp.<pid>"`, flushes and
 // fsyncs it, renames it over `path`, then fsyncs the directory (best effort). A reader sees either the
@@ -14,4 +14,4 @@ void write_file_atomically(const std::string& path, const std::vector<std::strin
 // The whole content of `path` (binary). Throws std::runtime_error naming the file when it cannot be read.
 std::string read_file(const std::string& path);
 
-}  // namespace ultramem::data
+}  // namespace ultramem::io

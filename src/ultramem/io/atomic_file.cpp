@@ -1,4 +1,4 @@
-#include "ultramem/data/atomic_file.h"
+#include "ultramem/io/atomic_file.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -9,7 +9,7 @@
 #include <cstring>
 #include <stdexcept>
 
-namespace ultramem::data {
+namespace ultramem::io {
 namespace {
 
 std::string errno_str() { return std::strerror(errno); }
@@ -64,4 +64,4 @@ std::string read_file(const std::string& path) {
   return out;
 }
 
-}  // namespace ultramem::data
+}  // namespace ultramem::io
