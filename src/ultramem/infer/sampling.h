@@ -1,0 +1,31 @@
+// Next-token sampling and KV-cache generation with a trained language model.
+#pragma once
+#include <torch/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "ultramem/nn/transformer.h"
+
+namespace ultramem::infer {
+
+struct SamplingOptions {
+  double temperature = 0.8;  // 0: greedy (argmax)
+  int64_t top_k = 0;         // keep the k most likely tokens; 0: all
+  double top_p = 1.0;        // keep the smallest set with cumulative probability >= top_p; 1: all
+  uint64_t seed = 0;
+  int64_t max_tokens = 200;  // tokens to generate at most
+  void validate() const;     // std::invalid_argument naming the field
+};
+
+// One token id drawn from logits [V] under `o` (temperature, then top-k, then top-p).
+int64_t sample_token(const torch::Tensor& logits, const SamplingOptions& o, torch::Generator& gen);
+
+// Continues `prompt` (token ids, non-empty) with KV-cache decoding until `eos_id` is produced (not
+// emitted), max_tokens are produced, or the model's context is full. A prompt longer than the context
+// keeps its last tokens. Calls on_token for each new id as it is produced; returns the new ids.
+std::vector<int64_t> generate(nn::Transformer& model, std::vector<int64_t> prompt, const SamplingOptions& o,
+                              int64_t eos_id, const std::function<void(int64_t)>& on_token = {});
+
+}  // namespace ultramem::infer

@@ -1,0 +1,69 @@
+#include "ultramem/nn/attention.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+
+namespace ultramem::nn {
+
+CausalSelfAttentionImpl::CausalSelfAttentionImpl(const AttentionOptions& o, at::Generator gen)
+    : o_(o), head_dim_(o.d_model / o.n_heads) {
+  TORCH_CHECK(o.n_heads >= 1 && o.d_model % o.n_heads == 0 && head_dim_ % 2 == 0,
+              "CausalSelfAttention: d_model ", o.d_model, " must split into n_heads ", o.n_heads,
+              " heads of even size");
+  wqkv = register_parameter("wqkv", at::normal(0.0, o.init_std, {o.d_model, 3 * o.d_model}, gen));
+  wo = register_parameter("wo", at::normal(0.0, o.out_std, {o.d_model, o.d_model}, gen));
+  // Rotary angles: position p, frequency i -> p * theta^(-2i / head_dim).
+  const int64_t half = head_dim_ / 2;
+  const auto inv_freq =
+      torch::pow(o.rope_theta, -torch::arange(0, half, torch::kDouble) * (2.0 / double(head_dim_)));  // [half]
+  const auto angles = torch::arange(0, o.max_seq_len, torch::kDouble).unsqueeze(1) * inv_freq.unsqueeze(0);
+  cos_ = angles.cos();
+  sin_ = angles.sin();
+}
+
+torch::Tensor CausalSelfAttentionImpl::rope(const torch::Tensor& x, int64_t pos0) const {
+  // Rotates the pairs (x[i], x[i + half]) ("half-split" layout).
+  const int64_t T = x.size(2);
+  const auto cos = cos_.narrow(0, pos0, T).to(x.scalar_type());  // [T, half]
+  const auto sin = sin_.narrow(0, pos0, T).to(x.scalar_type());
+  const auto halves = x.chunk(2, -1);  // chunk, not narrow: one split in the backward
+  const auto &x1 = halves[0], &x2 = halves[1];
+  return torch::cat({x1 * cos - x2 * sin, x1 * sin + x2 * cos}, -1);
+}
+
+torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, int64_t pos0, torch::Tensor* cache_k,
+                                               torch::Tensor* cache_v) {
+  const int64_t B = x.size(0), T = x.size(1), D = o_.d_model, nh = o_.n_heads, hd = head_dim_;
+  TORCH_CHECK(pos0 >= 0 && pos0 + T <= o_.max_seq_len, "CausalSelfAttention: positions [", pos0, ", ",
+              pos0 + T, ") exceed max_seq_len ", o_.max_seq_len);
+  TORCH_CHECK(cache_k != nullptr || pos0 == 0, "CausalSelfAttention: pos0 > 0 needs a cache");
+  // unbind rather than qkv[i]: its backward stacks once instead of zero-filling per select.
+  const auto qkv = x.matmul(wqkv).view({B, T, 3, nh, hd}).permute({2, 0, 3, 1, 4}).unbind(0);  // 3 x [B, nh, T, hd]
+  const auto q = rope(qkv[0], pos0) * (1.0 / std::sqrt(double(hd)));  // [B, nh, T, hd]
+  auto k = rope(qkv[1], pos0);                                         // [B, nh, T, hd]
+  auto v = qkv[2];                                                     // [B, nh, T, hd]
+  if (cache_k != nullptr) {
+    TORCH_CHECK(pos0 + T <= cache_k->size(2), "CausalSelfAttention: cache holds ", cache_k->size(2),
+                " positions, need ", pos0 + T);
+    cache_k->narrow(2, pos0, T).copy_(k);
+    cache_v->narrow(2, pos0, T).copy_(v);
+    k = cache_k->narrow(2, 0, pos0 + T);
+    v = cache_v->narrow(2, 0, pos0 + T);
+  }
+  const int64_t S = pos0 + T;
+  auto scores = q.matmul(k.transpose(2, 3));  // [B, nh, T, S]
+  if (T > 1) {
+    // Query i (position pos0 + i) sees keys j <= pos0 + i.
+    const auto opts = torch::TensorOptions().dtype(torch::kLong);
+    const auto future = torch::arange(S, opts).unsqueeze(0) > (torch::arange(T, opts) + pos0).unsqueeze(1);  // [T, S]
+    scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
+  }
+  auto probs = torch::softmax(scores, -1);
+  if (o_.dropout > 0) probs = torch::dropout(probs, o_.dropout, is_training());
+  const auto out = probs.matmul(v).transpose(1, 2).reshape({B, T, D});  // [B, T, D]
+  return out.matmul(wo);
+}
+
+}  // namespace ultramem::nn

@@ -1,0 +1,35 @@
+// SwiGLU feed-forward: y = (silu(x W_gate) * (x W_up)) W_down. The gate and up projections are
+// stored side by side in one [D, 2*hidden] matrix so a single matmul computes both.
+#pragma once
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+namespace ultramem::nn {
+
+// x: [T, D], w_in: [D, 2*hidden] (gate | up), w_out: [hidden, D] -> [T, D]. Shared by the dense FFN
+// and the MoE experts.
+inline torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& w_in, const torch::Tensor& w_out) {
+  // chunk (one split) rather than two narrows: its backward concatenates once instead of
+  // zero-filling a full-size gradient per slice.
+  const auto h = x.matmul(w_in).chunk(2, -1);  // gate, up: [..., hidden] each
+  return (torch::silu(h[0]) * h[1]).matmul(w_out);
+}
+
+class SwiGLUImpl : public torch::nn::Module {
+ public:
+  // w_in ~ N(0, in_std), w_out ~ N(0, out_std), drawn from `gen` in that order.
+  SwiGLUImpl(int64_t d_model, int64_t hidden, at::Generator gen, double in_std, double out_std) {
+    w_in = register_parameter("w_in", at::normal(0.0, in_std, {d_model, 2 * hidden}, gen));
+    w_out = register_parameter("w_out", at::normal(0.0, out_std, {hidden, d_model}, gen));
+  }
+
+  // x: [..., D] -> [..., D]
+  torch::Tensor forward(const torch::Tensor& x) { return swiglu(x, w_in, w_out); }
+
+  torch::Tensor w_in;   // [D, 2*hidden]  gate | up
+  torch::Tensor w_out;  // [hidden, D]
+};
+TORCH_MODULE(SwiGLU);
+
+}  // namespace ultramem::nn

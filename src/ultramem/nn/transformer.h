@@ -1,0 +1,77 @@
+// Decoder-only transformer language model: token embedding, pre-RMSNorm blocks with causal RoPE
+// attention and a dense / MoE / no FFN, memory layers placed across blocks (skip-layer), final norm
+// and LM head (optionally tied). The trainer talks to it only through this interface.
+#pragma once
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "ultramem/nn/model_config.h"
+
+namespace ultramem::nn {
+
+// Per-layer key/value cache for incremental decoding.
+struct KVCache {
+  std::vector<torch::Tensor> k;  // per block [B, n_heads, max_len, head_dim]
+  std::vector<torch::Tensor> v;  // per block [B, n_heads, max_len, head_dim]
+  int64_t length = 0;            // positions filled
+};
+
+// Parameters split by how the optimizer treats them.
+struct ParamGroups {
+  std::vector<torch::Tensor> decay;          // matrices: weight decay applies
+  std::vector<torch::Tensor> no_decay;       // norms' scales, biases, memory keys' norm scales, cores
+  std::vector<torch::Tensor> memory_values;  // memory value tables: own lr multiplier, row-sparse updates
+};
+
+class TransformerImpl : public torch::nn::Module {
+ public:
+  explicit TransformerImpl(ModelConfig cfg);
+
+  // tokens: [B, T] int64 in [0, vocab) -> logits [B, T, vocab]. Also computes this forward's
+  // auxiliary losses (see aux_losses()).
+  torch::Tensor forward(const torch::Tensor& tokens);
+
+  // Incremental decoding: tokens [B, t] continue the sequences in `cache`; returns logits of the
+  // new positions [B, t, vocab]. No autograd state is kept (call under NoGradGuard/InferenceMode).
+  torch::Tensor forward_cached(const torch::Tensor& tokens, KVCache& cache);
+  KVCache make_cache(int64_t batch, int64_t max_len) const;
+
+  // The residual stream of a forward pass: [n_layers + 1] tensors [B, T, D], the embeddings and the
+  // stream after each block (memory outputs written after a block included). For tests and analysis;
+  // does not touch aux_losses().
+  std::vector<torch::Tensor> residual_stream(const torch::Tensor& tokens);
+
+  // Named auxiliary losses of the last forward, coefficients applied (e.g. "moe_balance",
+  // "tucker"); their sum is added to the LM loss by the trainer.
+  std::map<std::string, torch::Tensor> aux_losses() const;  // scalars; empty before any forward
+
+  // Called by the trainer once after every optimizer step (refreshes the TDQKR rank-1 filters).
+  void after_optimizer_step();
+
+  // decay: embeddings, LM head, attention, FFN, expert and router matrices, memory wq / wo / keys;
+  // no_decay: RMSNorm scales, memory q/k norm scales and Tucker cores, PKM query-norm parameters;
+  // memory_values: every memory layer's `values`. Each parameter is in exactly one group.
+  ParamGroups param_groups();
+
+  // Telemetry of the memory layers and MoE routing since the last call, as JSON (flat keys such as
+  // "mem0.coverage", "moe.load_max"); resets the windows it reports.
+  nlohmann::json telemetry();
+
+  const ModelConfig& config() const { return cfg_; }
+
+ private:
+  ModelConfig cfg_;
+  // Implementation members are defined by transformer.cpp (blocks, embeddings, memories, ...).
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+TORCH_MODULE(Transformer);
+
+}  // namespace ultramem::nn

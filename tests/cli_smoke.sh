@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The `ultramem` command end to end on a tiny corpus: prepare, info, train with stop + resume, eval,
+# generate, and clear errors (non-zero exit, a message naming the problem) for bad input.
+# Usage: cli_smoke.sh PATH/TO/ultramem
+set -euo pipefail
+um="$1"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# expect_error "needle" cmd...: the command must fail and print the needle.
+expect_error() {
+  local needle="$1"; shift
+  if out=$("$@" 2>&1); then fail "expected an error from: $*"; fi
+  grep -qF -- "$needle" <<<"$out" || fail "error of '$*' lacks \"$needle\": $out"
+}
+
+mkdir -p "$work/corpus"
+for d in 1 2 3 4 5 6 7 8; do
+  for i in $(seq 1 120); do
+    echo "The people of district $d will vote on measure $((i % 7)) in the spring session."
+  done > "$work/corpus/doc$d.txt"
+done
+
+"$um" --help | grep -q "generate" || fail "--help does not list subcommands"
+"$um" prepare --input "$work/corpus" --out "$work/data" --vocab 300 --val-fraction 0.25 | grep -q "prepared" || fail "prepare"
+"$um" prepare --input "$work/corpus" --out "$work/data" --vocab 300 --val-fraction 0.25 | grep -q "reused" || fail "prepare rerun did not reuse"
+
+cat > "$work/model.json" <<'JSON'
+{"model": {"name": "cli-tiny", "vocab_size": 300, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32,
+           "ffn_hidden": 64, "ffn": ["dense", "moe"], "moe": {"num_experts": 4, "top_k": 2},
+           "memory": {"kind": "ultramem", "placement": "1:2",
+                      "ultramem": {"n": 8, "E": 4, "Dk": 8, "Dv": 16, "r": 2, "C": 2, "H": 2, "m": 4}}},
+ "train": {"steps": 12, "batch_size": 4, "seq_len": 32, "lr": 0.003, "eval_every": 6, "eval_batches": 2,
+           "log_every": 4, "checkpoint_every": 0}}
+JSON
+"$um" info "$work/model.json" | grep -q "memory_values" || fail "info lacks the memory part"
+"$um" info "$work/model.json" --json | grep -q "params_activated" || fail "info --json"
+
+"$um" train "$work/model.json" --data "$work/data" --out "$work/run" --stop-at 6 | grep -q "continue with --resume" || fail "stop-at"
+expect_error "exists: pass --resume" "$um" train "$work/model.json" --data "$work/data" --out "$work/run"
+"$um" train "$work/model.json" --data "$work/data" --out "$work/run" --resume | grep -q "final: step 12" || fail "resume"
+grep -q '"val_loss"' "$work/run/metrics.jsonl" || fail "metrics.jsonl has no val_loss"
+
+"$um" eval "$work/run/checkpoint.safetensors" --batch-size 2 --seq-len 32 | grep -q '"bits_per_byte"' || fail "eval"
+gen=$("$um" generate "$work/run/checkpoint.safetensors" --prompt "The people" --max-tokens 10 --seed 3)
+[ -n "$gen" ] || fail "generate printed nothing"
+
+# Bad input: each fails with a message naming the problem.
+echo '{"name": "x", "vocab_size": 300, "d_modle": 32}' > "$work/bad_key.json"
+expect_error "d_modle" "$um" info "$work/bad_key.json"
+expect_error "nonsense" "$um" train "$work/model.json" --data "$work/data" --out "$work/bad" --set nonsense=1
+expect_error "manifest" "$um" train "$work/model.json" --data "$work/nowhere" --out "$work/bad2"
+cp "$work/run/checkpoint.safetensors" "$work/trunc.safetensors"
+truncate -s -100 "$work/trunc.safetensors"
+expect_error "trunc.safetensors" "$um" eval "$work/trunc.safetensors" --data "$work/data"
+expect_error "top_p" "$um" generate "$work/run/checkpoint.safetensors" --prompt x --top-p 0
+expect_error "E: must be a square" "$um" layer-demo --E 3
+echo "cli_smoke: 1 passed, 0 failed"
