@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <omp.h>
 
+#include <dlfcn.h>
+
 #include <thread>
 
 namespace ultramem {
@@ -16,6 +18,9 @@ void set_threads(int n) {
   if (n <= 0) n = default_threads();
   at::set_num_threads(n);
   omp_set_num_threads(n);
+  // Debian's libtorch runs matmuls on OpenBLAS, whose own thread pool ignores the two calls above.
+  using SetThreads = void (*)(int);
+  if (auto f = reinterpret_cast<SetThreads>(::dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) f(n);
 }
 
 }  // namespace ultramem

@@ -6,7 +6,7 @@ namespace ultramem {
 // Number of cores of this machine (std::thread::hardware_concurrency, at least 1).
 int default_threads();
 
-// Sets libtorch's intra-op threads and the OpenMP threads of our kernels. n <= 0 means default_threads().
+// Sets libtorch's intra-op threads, the OpenMP threads of our kernels and OpenBLAS's threads. n <= 0 means default_threads().
 // Debian's libtorch starts with one thread whatever the core count, so every entry point calls this.
 void set_threads(int n);
 
