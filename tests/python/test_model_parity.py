@@ -17,20 +17,13 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from test_args import take_arg  # noqa: E402
 import model_reference as mref  # noqa: E402
 import safetensors_io  # noqa: E402
 
 
-def _take_arg(flag, env):
-    if flag in sys.argv:
-        i = sys.argv.index(flag)
-        value = sys.argv[i + 1]
-        del sys.argv[i:i + 2]
-        return value
-    return os.environ.get(env)
 
-
-DUMP_MODEL = _take_arg("--dump-model", "ULTRAMEM_DUMP_MODEL")
+DUMP_MODEL = take_arg("--dump-model", "ULTRAMEM_DUMP_MODEL")
 DATA_KEYS = {"tokens", "targets", "logits", "loss"}
 
 

@@ -11,19 +11,12 @@ import unittest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_args import take_arg  # noqa: E402
 import reference as ref  # noqa: E402
 
 
-def _take_arg(flag, env):
-    if flag in sys.argv:
-        i = sys.argv.index(flag)
-        value = sys.argv[i + 1]
-        del sys.argv[i:i + 2]
-        return value
-    return os.environ.get(env)
 
-
-OPS_LIB = _take_arg("--ops-lib", "ULTRAMEM_OPS_LIB")
+OPS_LIB = take_arg("--ops-lib", "ULTRAMEM_OPS_LIB")
 
 
 def setUpModule():

@@ -14,19 +14,12 @@ import unittest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_args import take_arg  # noqa: E402
 import safetensors_io  # noqa: E402
 
 
-def _take_arg(flag, env):
-    if flag in sys.argv:
-        i = sys.argv.index(flag)
-        value = sys.argv[i + 1]
-        del sys.argv[i:i + 2]
-        return value
-    return os.environ.get(env)
 
-
-DUMP_LAYER = _take_arg("--dump-layer", "ULTRAMEM_DUMP_LAYER")
+DUMP_LAYER = take_arg("--dump-layer", "ULTRAMEM_DUMP_LAYER")
 
 
 def raw_file(path, header, data=b"", hlen=None, pad=True):

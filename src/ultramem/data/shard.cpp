@@ -13,18 +13,12 @@
 #include <string_view>
 
 #include "ultramem/io/atomic_file.h"
+#include "ultramem/io/endian.h"
 
 namespace ultramem::data {
 namespace {
 
 static_assert(sizeof(uint16_t) == 2 && sizeof(uint32_t) == 4, "fixed-width integers");
-
-bool host_is_little_endian() {
-  const uint16_t one = 1;
-  unsigned char b;
-  std::memcpy(&b, &one, 1);
-  return b == 1;
-}
 
 [[noreturn]] void fail(const std::string& path, const std::string& what) {
   throw std::runtime_error("shard: " + path + ": " + what);
@@ -68,7 +62,7 @@ TokenDtype shard_dtype_for(int64_t vocab_size) {
 }
 
 void write_shard(const std::string& path, const std::vector<int32_t>& tokens, int64_t vocab_size) {
-  if (!host_is_little_endian()) fail(path, "writing needs a little-endian host");
+  if (!io::host_is_little_endian()) fail(path, "writing needs a little-endian host");
   if (vocab_size < 1 || vocab_size > int64_t(0xffffffffu))
     throw std::invalid_argument("write_shard: " + path + ": vocab_size must be in [1, 2^32), got " +
                                 std::to_string(vocab_size));
@@ -103,7 +97,7 @@ std::shared_ptr<const TokenShard> TokenShard::open(const std::string& path, cons
 }
 
 TokenShard::TokenShard(const std::string& path, const ShardReadOptions& options) : path_(path) {
-  if (!host_is_little_endian()) fail(path, "reading needs a little-endian host");
+  if (!io::host_is_little_endian()) fail(path, "reading needs a little-endian host");
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(path, errno == ENOENT ? "file not found" : std::string("cannot open: ") + std::strerror(errno));
   struct stat st;

@@ -1,6 +1,7 @@
 #include "ultramem/io/safetensors.h"
 
 #include "ultramem/io/atomic_file.h"
+#include "ultramem/io/endian.h"
 
 #include <ATen/ATen.h>
 #include <fcntl.h>
@@ -48,13 +49,6 @@ const DtypeInfo* by_name(const std::string& s) {
   for (const auto& d : kDtypes)
     if (s == d.name) return &d;
   return nullptr;
-}
-
-bool host_is_little_endian() {
-  const uint16_t one = 1;
-  unsigned char b;
-  std::memcpy(&b, &one, 1);
-  return b == 1;
 }
 
 [[noreturn]] void fail(const std::string& path, const std::string& what) {
