@@ -27,8 +27,11 @@ namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
 constexpr int64_t kRowPool = int64_t(1) << 20;      // random row ids per N (rotated through)
-constexpr int64_t kRowsPerIter = int64_t(1) << 16;  // 64 Ki rows = 64 MiB read per iteration
-constexpr int64_t kSeqBytes = int64_t(1) << 30;     // sequential read: 1 GiB per iteration
+// Iterations are kept short (about 1 ms) so that the median iteration time is one that no other
+// process on a shared machine interrupted (the scheduler tick here is 4 ms).
+constexpr int64_t kRowsPerIter = int64_t(1) << 13;  // 8 Ki rows = 8 MiB read per iteration
+constexpr int64_t kSeqBytes = int64_t(1) << 25;     // sequential read: 32 MiB per iteration, walking
+                                                    // through the whole 4 GiB buffer
 
 volatile float g_sink = 0;
 
@@ -113,9 +116,11 @@ __attribute__((target("avx2"))) float seq_sum(const float* p, int64_t n) {
 }
 
 double bm_seqread(benchmark::State& st, int thr) {
-  const float* p = buffer(true);
-  const int64_t n = kSeqBytes / int64_t(sizeof(float));
+  const float* base = buffer(true);
+  const int64_t n = kSeqBytes / int64_t(sizeof(float)), chunks = kMaxRows * kDv / n;
+  int64_t chunk = 0;
   return timed_loop(st, [&] {
+    const float* p = base + (chunk++ % chunks) * n;
     float total = 0;
 #pragma omp parallel num_threads(thr) reduction(+ : total)
     {

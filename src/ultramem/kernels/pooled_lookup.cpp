@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "ultramem/kernels/kernel_table.h"
 #include "ultramem/kernels/simd.h"
@@ -14,27 +15,47 @@ namespace {
 
 constexpr int64_t kPrefetchAhead = 4;  // hits ahead whose value rows are prefetched
 
+// One token's hits resolved through the permutation before any value row is touched: the K random
+// perm loads are independent and overlap, and the row prefetches below no longer wait on them.
+struct Hits {
+  std::vector<int64_t> row;    // [K] physical value row
+  std::vector<int64_t> group;  // [K] IVE group
+  void resolve(const int64_t* idx, const int64_t* perm, int64_t K, int64_t N) {
+    row.resize(K);
+    group.resize(K);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t v = perm[idx[k]];
+      group[k] = v / N;
+      row[k] = v - group[k] * N;
+    }
+  }
+  template <typename T>
+  void prefetch(const T* values, int64_t k, int64_t Dv) const {
+    if (k < static_cast<int64_t>(row.size()))
+      simd::prefetch_bytes(values + row[k] * Dv, Dv * static_cast<int64_t>(sizeof(T)));
+  }
+};
+
 template <typename T>
 void forward(const PoolShape& s, const T* values, const int64_t* index, const T* scores,
              const int64_t* perm, T* out) {
   const int64_t K = s.K, N = s.N, Dv = s.Dv, C = s.C, Ds = Dv / C, width = s.E * Dv;
-  const int64_t row_bytes = Dv * static_cast<int64_t>(sizeof(T));
-#pragma omp parallel for schedule(static) if (s.T > 1)
-  for (int64_t t = 0; t < s.T; ++t) {
-    T* o = out + t * width;
-    std::memset(o, 0, sizeof(T) * width);
-    const int64_t* idx = index + t * K;
-    for (int64_t k = 0; k < std::min(K, kPrefetchAhead); ++k)
-      simd::prefetch_bytes(values + (perm[idx[k]] % N) * Dv, row_bytes);
-    for (int64_t k = 0; k < K; ++k) {
-      if (k + kPrefetchAhead < K)
-        simd::prefetch_bytes(values + (perm[idx[k + kPrefetchAhead]] % N) * Dv, row_bytes);
-      const int64_t v = perm[idx[k]];
-      const int64_t p = v / N, row = v - p * N;
-      const T* val = values + row * Dv;
-      const T* w = scores + (t * K + k) * C;
-      T* dst = o + p * Dv;
-      for (int64_t c = 0; c < C; ++c) simd::axpy(dst + c * Ds, w[c], val + c * Ds, Ds);
+#pragma omp parallel if (s.T > 1)
+  {
+    Hits hits;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < s.T; ++t) {
+      T* o = out + t * width;
+      std::memset(o, 0, sizeof(T) * width);
+      hits.resolve(index + t * K, perm, K, N);
+      for (int64_t k = 0; k < kPrefetchAhead; ++k) hits.prefetch(values, k, Dv);
+      for (int64_t k = 0; k < K; ++k) {
+        hits.prefetch(values, k + kPrefetchAhead, Dv);
+        const T* val = values + hits.row[k] * Dv;
+        const T* w = scores + (t * K + k) * C;
+        T* dst = o + hits.group[k] * Dv;
+        for (int64_t c = 0; c < C; ++c) simd::axpy(dst + c * Ds, w[c], val + c * Ds, Ds);
+      }
     }
   }
 }
@@ -43,21 +64,20 @@ template <typename T>
 void backward_scores(const PoolShape& s, const T* values, const int64_t* index, const int64_t* perm,
                      const T* dout, T* dscores) {
   const int64_t K = s.K, N = s.N, Dv = s.Dv, C = s.C, Ds = Dv / C, width = s.E * Dv;
-  const int64_t row_bytes = Dv * static_cast<int64_t>(sizeof(T));
-#pragma omp parallel for schedule(static) if (s.T > 1)
-  for (int64_t t = 0; t < s.T; ++t) {
-    const int64_t* idx = index + t * K;
-    for (int64_t k = 0; k < std::min(K, kPrefetchAhead); ++k)
-      simd::prefetch_bytes(values + (perm[idx[k]] % N) * Dv, row_bytes);
-    for (int64_t k = 0; k < K; ++k) {
-      if (k + kPrefetchAhead < K)
-        simd::prefetch_bytes(values + (perm[idx[k + kPrefetchAhead]] % N) * Dv, row_bytes);
-      const int64_t v = perm[idx[k]];
-      const int64_t p = v / N, row = v - p * N;
-      const T* val = values + row * Dv;
-      const T* g = dout + t * width + p * Dv;
-      T* ds = dscores + (t * K + k) * C;
-      for (int64_t c = 0; c < C; ++c) ds[c] = simd::dot(val + c * Ds, g + c * Ds, Ds);
+#pragma omp parallel if (s.T > 1)
+  {
+    Hits hits;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < s.T; ++t) {
+      hits.resolve(index + t * K, perm, K, N);
+      for (int64_t k = 0; k < kPrefetchAhead; ++k) hits.prefetch(values, k, Dv);
+      for (int64_t k = 0; k < K; ++k) {
+        hits.prefetch(values, k + kPrefetchAhead, Dv);
+        const T* val = values + hits.row[k] * Dv;
+        const T* g = dout + t * width + hits.group[k] * Dv;
+        T* ds = dscores + (t * K + k) * C;
+        for (int64_t c = 0; c < C; ++c) ds[c] = simd::dot(val + c * Ds, g + c * Ds, Ds);
+      }
     }
   }
 }

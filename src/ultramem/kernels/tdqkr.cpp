@@ -104,7 +104,7 @@ template <typename T>
 void filter(const TdqkrShape& s, const T* s_row, const T* s_col, const T* u, const T* v,
             int32_t* idx_row, int32_t* idx_col) {
   const int64_t TH = s.T * s.H, rn = s.r * s.n;
-#pragma omp parallel if (TH > 1)
+#pragma omp parallel if (s.T > 1)
   {
     Scratch<T> sc;
     sc.reserve(s);
@@ -121,7 +121,7 @@ template <typename T>
 void rescore(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores,
              const int32_t* idx_row, const int32_t* idx_col, T* scores, int64_t* index) {
   const int64_t TH = s.T * s.H, rn = s.r * s.n;
-#pragma omp parallel if (TH > 1)
+#pragma omp parallel if (s.T > 1)
   {
     Scratch<T> sc;
     sc.reserve(s);
@@ -138,7 +138,7 @@ template <typename T>
 void forward(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores, const T* u,
              const T* v, T* scores, int64_t* index) {
   const int64_t TH = s.T * s.H, rn = s.r * s.n;
-#pragma omp parallel if (TH > 1)
+#pragma omp parallel if (s.T > 1)
   {
     Scratch<T> sc;
     sc.reserve(s);

@@ -27,10 +27,12 @@ inline bool ranks_before(const Ranked<T>& a, const Ranked<T>& b) {
 // Reorders c so that its first k elements are the k best, sorted best first.
 template <typename T>
 inline void select_top(std::vector<Ranked<T>>& c, int64_t k) {
+  // A lambda (not a function pointer) so the comparator is inlined into the selection.
+  const auto before = [](const Ranked<T>& a, const Ranked<T>& b) { return ranks_before(a, b); };
   if (k < static_cast<int64_t>(c.size())) {
-    std::nth_element(c.begin(), c.begin() + k, c.end(), ranks_before<T>);
+    std::nth_element(c.begin(), c.begin() + k, c.end(), before);
   }
-  std::sort(c.begin(), c.begin() + std::min<int64_t>(k, c.size()), ranks_before<T>);
+  std::sort(c.begin(), c.begin() + std::min<int64_t>(k, c.size()), before);
 }
 
 }  // namespace ultramem::kernels
