@@ -11,6 +11,7 @@ PACKAGES=(
   libcli11-dev nlohmann-json3-dev
   zlib1g-dev
   python3-torch python3-numpy
+  gnuplot-nox
 )
 
 SUDO=""
