@@ -13,5 +13,6 @@ void add_train_command(CLI::App& app);
 void add_eval_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_layer_demo_command(CLI::App& app);
+void add_experiment_command(CLI::App& app);
 
 }  // namespace ultramem::cli

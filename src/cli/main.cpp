@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   ultramem::cli::add_eval_command(app);
   ultramem::cli::add_generate_command(app);
   ultramem::cli::add_layer_demo_command(app);
+  ultramem::cli::add_experiment_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -153,19 +153,21 @@ def rank1_filter(cores):
 def pkm_forward(p, x, cfg):
     """PKM (Lample et al.): per-head query (row half, col half) after BatchNorm (training mode: batch
     statistics, biased variance, eps 1e-5) or LayerNorm over Dk (eps 1e-5) or nothing; additive scores
-    s_row[i] + s_col[j]; exact top-m over the full grid; softmax over the m; values; optional Dv -> D.
+    s_row[i] + s_col[j]; exact top-m over the full grid; softmax over the m (unless cfg["softmax"] is
+    false); values; optional Dv -> D. cfg["shared_query"]: one [D, 2*Dk] query for all heads.
     Returns (out, weights [T, H*m], index [T, H*m], batch mean, batch var (biased) or None)."""
     D, H, Dk, n, m = cfg["D"], cfg["H"], cfg["Dk"], cfg["n"], cfg["m"]
     u = x.reshape(-1, D)
     T = u.shape[0]
-    q = u @ p["wq"]                                                        # [T, H*2*Dk]
+    shared = cfg.get("shared_query", False)
+    q = u @ p["wq"]                                                        # [T, H*2*Dk] or [T, 2*Dk]
     stats = None
     if cfg["query_norm"] == "batch":
         mu = q.mean(0)
         var = (q - mu).pow(2).mean(0)
         stats = (mu, var)
         q = (q - mu) / torch.sqrt(var + 1e-5) * p["bn.weight"] + p["bn.bias"]
-    q = q.reshape(T, H, 2, Dk)
+    q = q.reshape(T, 1, 2, Dk).expand(T, H, 2, Dk) if shared else q.reshape(T, H, 2, Dk)
     if cfg["query_norm"] == "layer":
         mu = q.mean(-1, keepdim=True)
         var = (q - mu).pow(2).mean(-1, keepdim=True)
@@ -175,7 +177,7 @@ def pkm_forward(p, x, cfg):
     addr = torch.arange(n * n).expand(T, H, n * n)
     index = torch.gather(addr, -1, _rank_desc(full.detach(), addr)[..., :m])  # [T, H, m]
     top = torch.gather(full, -1, index)
-    w = torch.softmax(top, dim=-1).reshape(T, H * m)
+    w = (torch.softmax(top, dim=-1) if cfg.get("softmax", True) else top).reshape(T, H * m)
     out = (p["values"][index.reshape(T, H * m)] * w.unsqueeze(-1)).sum(1)  # [T, Dv]
     if "wo" in p:
         out = out @ p["wo"]

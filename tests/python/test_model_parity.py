@@ -156,6 +156,20 @@ class ModelParityTest(unittest.TestCase):
         t, _, _ = self.run_case(path, seed=77)
         self.assertIn("grad.memories.1.bn.weight", t)
 
+    def test_pkm_shared_query_no_softmax_double(self):
+        # The first steps of the ablation ladder: no softmax over the m scores, one query for all heads.
+        with open(os.path.join(HERE, "parity_pkm.json")) as f:
+            cfg = json.load(f)
+        cfg["memory"]["pkm"].update({"softmax": False, "shared_query": True, "query_norm": "batch"})
+        path = os.path.join(self.tmp.name, "parity_pkm_shared.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        t, out_cfg, _ = self.run_case(path, seed=13)
+        self.assertFalse(out_cfg["memory"]["pkm"]["softmax"])
+        self.assertTrue(out_cfg["memory"]["pkm"]["shared_query"])
+        D, Dk = out_cfg["d_model"], out_cfg["memory"]["pkm"]["Dk"]
+        self.assertEqual(list(t["grad.memories.0.wq"].shape), [D, 2 * Dk])
+
     def test_ultramem_float32(self):
         self.run_case(os.path.join(HERE, "parity_ultramem.json"), dtype="float", seed=5)
 

@@ -55,6 +55,8 @@ struct PKMConfig {
   int64_t H = 4;        // heads, each with its own query
   int64_t m = 32;       // values kept per head (softmax over them)
   enum class QueryNorm { Batch, Layer, None } query_norm = QueryNorm::Batch;
+  bool softmax = true;               // softmax over each head's m scores; false: the raw scores weight the values
+  bool shared_query = false;         // one query [D, 2*Dk] shared by all heads (UltraMem's choice)
   double value_std = 0.0;            // 0 means Dv^-0.5 (as the PKM paper)
   bool sparse_value_grad = false;
   uint64_t seed = 0;

@@ -195,6 +195,8 @@ void read_pkm(const json& j, const std::string& path, PKMConfig& c, std::optiona
   r.get("H", c.H);
   r.get("m", c.m);
   r.get_enum("query_norm", c.query_norm, parse_query_norm);
+  r.get("softmax", c.softmax);
+  r.get("shared_query", c.shared_query);
   r.get("value_std", c.value_std);
   r.get("sparse_value_grad", sparse);
   r.finish();
@@ -473,6 +475,8 @@ json model_config_to_json(const ModelConfig& c) {
              {"H", p.H},
              {"m", p.m},
              {"query_norm", query_norm_name(p.query_norm)},
+             {"softmax", p.softmax},
+             {"shared_query", p.shared_query},
              {"value_std", p.value_std}};
   if (c.pkm_sparse_value_grad) pj["sparse_value_grad"] = *c.pkm_sparse_value_grad;
   j["memory"] = {{"kind", to_string(c.memory_kind)},

@@ -100,11 +100,12 @@ ModelInfo model_info(const ModelConfig& cfg, int64_t context) {
       parts.add("memory_values", c.physical_rows() * c.Dv, c.H * c.m * c.Dv, 2.0 * c.H * c.m * c.Dv);
     } else {
       const auto c = cfg.pkm_layer_config(int64_t(k));
-      int64_t dense = D * c.H * 2 * c.Dk + c.H * 2 * c.n * c.Dk;
+      const int64_t q_heads = c.shared_query ? 1 : c.H;
+      int64_t dense = D * q_heads * 2 * c.Dk + c.H * 2 * c.n * c.Dk;
       if (c.Dv != D) dense += c.Dv * D;
-      if (c.query_norm == PKMConfig::QueryNorm::Batch) dense += 2 * c.H * 2 * c.Dk;
+      if (c.query_norm == PKMConfig::QueryNorm::Batch) dense += 2 * q_heads * 2 * c.Dk;
       if (c.query_norm == PKMConfig::QueryNorm::Layer) dense += 2 * c.Dk;
-      double flops = 2.0 * D * c.H * 2 * c.Dk;  // per-head queries
+      double flops = 2.0 * D * q_heads * 2 * c.Dk;  // queries (per head, or one shared)
       flops += 2.0 * c.H * 2 * c.n * c.Dk;       // row and column key scores
       flops += double(c.H) * c.m * c.m;          // additive scores of the m x m candidates
       if (c.Dv != D) flops += 2.0 * c.Dv * D;    // output projection

@@ -14,13 +14,14 @@ PKMImpl::PKMImpl(PKMConfig cfg) : cfg_(std::move(cfg)) {
   const auto& c = cfg_;
   torch::Generator gen = at::detail::createCPUGenerator(c.seed);
   const double value_std = c.value_std > 0 ? c.value_std : 1.0 / std::sqrt(double(c.Dv));
-  wq = register_parameter("wq", at::normal(0.0, 1.0 / std::sqrt(double(c.D)), {c.D, c.H * 2 * c.Dk}, gen));
+  const int64_t q_heads = c.shared_query ? 1 : c.H;
+  wq = register_parameter("wq", at::normal(0.0, 1.0 / std::sqrt(double(c.D)), {c.D, q_heads * 2 * c.Dk}, gen));
   keys = register_parameter("keys", at::normal(0.0, 1.0 / std::sqrt(double(c.Dk)), {c.H, 2, c.n, c.Dk}, gen));
   values = register_parameter("values", at::normal(0.0, value_std, {c.n * c.n, c.Dv}, gen));
   if (c.Dv != c.D)
     wo = register_parameter("wo", at::normal(0.0, 1.0 / std::sqrt(double(c.Dv)), {c.Dv, c.D}, gen));
   if (c.query_norm == PKMConfig::QueryNorm::Batch)
-    bn = register_module("bn", torch::nn::BatchNorm1d(c.H * 2 * c.Dk));
+    bn = register_module("bn", torch::nn::BatchNorm1d(q_heads * 2 * c.Dk));
   else if (c.query_norm == PKMConfig::QueryNorm::Layer)
     ln = register_module("ln", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.Dk})));
   perm = register_buffer("perm", torch::arange(c.n * c.n, torch::kLong));
@@ -39,9 +40,9 @@ torch::Tensor PKMImpl::forward(const torch::Tensor& x) {
   lead.pop_back();
   const auto u = x.reshape({-1, c.D});
   const int64_t T = u.size(0);
-  auto q = u.matmul(wq);  // [T, H*2*Dk]
+  auto q = u.matmul(wq);  // [T, H*2*Dk], or [T, 2*Dk] when shared
   if (bn) q = bn->forward(q);
-  q = q.view({T, c.H, 2, c.Dk});
+  q = c.shared_query ? q.view({T, 1, 2, c.Dk}).expand({T, c.H, 2, c.Dk}) : q.view({T, c.H, 2, c.Dk});
   if (ln) q = ln->forward(q);
   // s[t, h, side, i] = <q[t, h, side], keys[h, side, i]>
   const auto s = torch::einsum("thsd,hsid->thsi", {q, keys});  // [T, H, 2, n]
@@ -50,8 +51,8 @@ torch::Tensor PKMImpl::forward(const torch::Tensor& x) {
   const auto s_col = torch::cat({ones, s.narrow(2, 1, 1)}, 2);  // [T, H, 2, n] = [1; s_col]
   const auto dt = s.scalar_type();
   auto [scores, index] = ops::tdqkr(s_row, s_col, cores.to(dt), u_vec.to(dt), v_vec.to(dt), c.m, c.m);
-  // scores: [T, H*m, 1] = s_row[i] + s_col[j]; softmax over each head's m.
-  const auto w = torch::softmax(scores.view({T, c.H, c.m}), -1).view({T, c.H * c.m, 1});
+  // scores: [T, H*m, 1] = s_row[i] + s_col[j]; softmax over each head's m (unless disabled).
+  const auto w = c.softmax ? torch::softmax(scores.view({T, c.H, c.m}), -1).view({T, c.H * c.m, 1}) : scores;
   auto out = ops::pooled_lookup(values, index, w, perm, 1, c.sparse_value_grad);  // [T, Dv]
   if (wo.defined()) out = out.matmul(wo);
   lead.push_back(c.D);

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# `ultramem experiment --quick` end to end: every shipped suite's quick variant trains on a tiny corpus
+# (language-modelling suites) or the synthetic fact task, writes results.md / results.json / charts,
+# and a second invocation skips the finished runs.
+# Usage: experiment_smoke.sh PATH/TO/ultramem   (run from the repository root)
+set -euo pipefail
+um="$1"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+mkdir -p "$work/corpus"
+for d in 1 2 3 4 5 6 7 8; do
+  for i in $(seq 1 150); do
+    echo "Member $d of the council read item $((i % 9)) and the clerk filed report $((i % 5)) today."
+  done > "$work/corpus/doc$d.txt"
+done
+"$um" --threads 1 prepare --input "$work/corpus" --out "$work/data" --vocab 300 --val-fraction 0.25 >/dev/null
+
+for suite in compare ablation scaling capacity; do
+  out="$work/$suite"
+  log=$("$um" --threads 1 experiment "$suite" --quick --data "$work/data" --out "$out" 2>&1) || { echo "$log"; fail "$suite --quick"; }
+  [ -s "$out/results.md" ] || fail "$suite: no results.md"
+  [ -s "$out/results.json" ] || fail "$suite: no results.json"
+  grep -q "^| " "$out/results.md" || fail "$suite: results.md has no table"
+  ncases=$(/usr/bin/python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(len(d['cases']))" "$out/results.json")
+  [ "$ncases" -ge 2 ] || fail "$suite: expected at least 2 cases, got $ncases"
+  /usr/bin/python3 - "$out/results.json" <<'PY' || fail "$suite: results.json lacks finite losses"
+import json, math, sys
+d = json.load(open(sys.argv[1]))
+for c in d["cases"]:
+    assert math.isfinite(c["final"]["val_loss"]), c
+    if d["analysis"] == "capacity":
+        assert 0.0 <= c["final"]["recall"] <= 1.0, c
+PY
+  if command -v gnuplot >/dev/null; then [ -s "$out/curves.png" ] || fail "$suite: no curves.png"; fi
+done
+[ -s "$work/scaling/scaling.png" ] || ! command -v gnuplot >/dev/null || fail "scaling: no scaling.png"
+
+# A second run trains nothing: every case is read back.
+again=$("$um" --threads 1 experiment compare --quick --data "$work/data" --out "$work/compare" 2>&1)
+grep -q "done earlier" <<<"$again" || fail "rerun did not skip finished cases: $again"
+if grep -q "activated, .* MFLOP/token; " <<<"$again"; then fail "rerun trained again"; fi
+
+# Errors name the problem.
+if out=$("$um" experiment no_such_suite 2>&1); then fail "unknown suite accepted"; fi
+grep -q "known suites" <<<"$out" || fail "unknown suite error lacks the list: $out"
+echo "experiment_smoke: passed"
