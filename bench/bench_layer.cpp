@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "bench_common.h"
+#include "ultramem/infer/plain_ultramem.h"
 #include "ultramem/kernels/isa.h"
 #include "ultramem/kernels/pooled_lookup.h"
 #include "ultramem/kernels/tdqkr.h"
@@ -47,64 +48,13 @@ constexpr int64_t kLayerTokens = 2048;  // distinct input tokens rotated through
 constexpr int64_t kStageTokens = 1024;  // tokens with precomputed stage inputs (layer breakdown)
 constexpr int kProposedPrefetch = 4;    // rows ahead in the proposed kernel (the kernel's distance)
 
-// ---- plain-torch versions -------------------------------------------------------------------------
+// ---- plain-torch versions (the library's infer/plain_ultramem.h) ----------------------------------
 
-// Pooled lookup (IVE + MCS) with index_select (or a sparse-gradient embedding) + index_add.
-Tensor torch_pool(const Tensor& values, const Tensor& index, const Tensor& scores, const Tensor& perm,
-                  int64_t E, bool sparse_grad) {
-  const int64_t T = index.size(0), K = index.size(1), N = values.size(0), Dv = values.size(1),
-                C = scores.size(2);
-  const Tensor v = perm.index_select(0, index.reshape({-1}));  // [T*K] virtual ids
-  const Tensor row = v.remainder(N);
-  const Tensor grp = v.div(N, "floor");
-  const Tensor tok = torch::arange(T, index.options()).repeat_interleave(K);
-  const Tensor dst = tok * E + grp;  // [T*K] destination row of [T*E, Dv]
-  const Tensor gathered = sparse_grad ? at::embedding(values, row, -1, false, /*sparse=*/true)
-                                      : values.index_select(0, row);  // [T*K, Dv]
-  const Tensor w = (gathered.view({T * K, C, Dv / C}) * scores.reshape({T * K, C, 1})).view({T * K, Dv});
-  return torch::zeros({T * E, Dv}, values.options()).index_add(0, dst, w).view({T, E * Dv});
-}
-
-// TDQKR: rank-1 filter (einsum + topk), gather, m_first x m_first rescoring per core (einsum), topk.
-std::tuple<Tensor, Tensor> torch_tdqkr(const Tensor& s_row, const Tensor& s_col, const Tensor& cores,
-                                       const Tensor& u, const Tensor& v, int64_t m1, int64_t m) {
-  const int64_t T = s_row.size(0), H = s_row.size(1), r = s_row.size(2), n = s_row.size(3),
-                C = cores.size(0);
-  const Tensor f_row = torch::einsum("thrn,hr->thn", {s_row, u});
-  const Tensor f_col = torch::einsum("thrn,hr->thn", {s_col, v});
-  const Tensor ir = std::get<1>(f_row.topk(m1, -1));  // [T, H, m1]
-  const Tensor ic = std::get<1>(f_col.topk(m1, -1));
-  const Tensor R = s_row.gather(3, ir.unsqueeze(2).expand({T, H, r, m1}));   // [T, H, r, m1]
-  const Tensor Cc = s_col.gather(3, ic.unsqueeze(2).expand({T, H, r, m1}));  // [T, H, r, m1]
-  const Tensor Gc = torch::einsum("thax,chab,thby->thcxy", {R, cores, Cc});  // [T, H, C, m1, m1]
-  const Tensor pos = std::get<1>(Gc.sum(2).reshape({T, H, m1 * m1}).topk(m, -1));  // [T, H, m]
-  const Tensor x = pos.div(m1, "floor"), y = pos.remainder(m1);
-  const Tensor index = ir.gather(2, x) * n + ic.gather(2, y);  // [T, H, m]
-  const Tensor sc = Gc.reshape({T, H, C, m1 * m1}).gather(3, pos.unsqueeze(2).expand({T, H, C, m}));
-  return {sc.permute({0, 1, 3, 2}).reshape({T, H * m, C}), index.reshape({T, H * m})};
-}
-
-// ---- the layer, piece by piece (mirrors nn/ultramem.cpp; RMS norm, the config default) ------------
-
-Tensor rms(const Tensor& x, const Tensor& scale) {
-  return x * torch::rsqrt(x.pow(2).mean(-1, true) + 1e-6) * scale;
-}
+namespace plain = ultramem::infer::plain;
 
 std::pair<Tensor, Tensor> norm_keys(ultramem::nn::UltraMemImpl& L) {
-  const Tensor kt = L.keys.transpose(3, 4);  // [H, 2, n, r, Dk]
-  return {rms(kt.select(1, 0), L.k_scale[0]), rms(kt.select(1, 1), L.k_scale[1])};
-}
-
-std::pair<Tensor, Tensor> query(ultramem::nn::UltraMemImpl& L, const Tensor& x) {
-  const int64_t Dk = L.config().Dk;
-  const Tensor q = x.matmul(L.wq);
-  return {rms(q.narrow(1, 0, Dk), L.q_scale[0]), rms(q.narrow(1, Dk, Dk), L.q_scale[1])};
-}
-
-Tensor side_scores(ultramem::nn::UltraMemImpl& L, const Tensor& qs, const Tensor& kn) {
-  const auto& c = L.config();
-  const Tensor k2 = kn.permute({0, 2, 1, 3}).reshape({c.H * c.r * c.n, c.Dk});
-  return qs.matmul(k2.t()).view({qs.size(0), c.H, c.r, c.n});
+  const auto k = plain::normalise_keys(L);
+  return {k.row, k.col};
 }
 
 // Layer forward; torch_ops: TDQKR and pooling in plain torch ops, else our ops. kn: normalised keys
@@ -113,14 +63,14 @@ Tensor layer_forward(ultramem::nn::UltraMemImpl& L, const Tensor& x, bool torch_
                      std::pair<Tensor, Tensor> kn = {}) {
   const auto& c = L.config();
   if (!kn.first.defined()) kn = norm_keys(L);
-  const auto [q_row, q_col] = query(L, x);
-  const Tensor s_row = side_scores(L, q_row, kn.first), s_col = side_scores(L, q_col, kn.second);
+  const auto [q_row, q_col] = plain::query(L, x);
+  const Tensor s_row = plain::side_scores(q_row, kn.first), s_col = plain::side_scores(q_col, kn.second);
   Tensor scores, index;
   if (torch_ops)
-    std::tie(scores, index) = torch_tdqkr(s_row, s_col, L.cores, L.u_vec, L.v_vec, c.first_stage_m(), c.m);
+    std::tie(scores, index) = plain::tdqkr(s_row, s_col, L.cores, L.u_vec, L.v_vec, c.first_stage_m(), c.m);
   else
     std::tie(scores, index) = ultramem::ops::tdqkr(s_row, s_col, L.cores, L.u_vec, L.v_vec, c.first_stage_m(), c.m);
-  const Tensor pooled = torch_ops ? torch_pool(L.values, index, scores, L.perm, c.E, c.sparse_value_grad)
+  const Tensor pooled = torch_ops ? plain::pooled_lookup(L.values, index, scores, L.perm, c.E, c.sparse_value_grad)
                                   : ultramem::ops::pooled_lookup(L.values, index, scores, L.perm, c.E,
                                                                  c.sparse_value_grad);
   return pooled.matmul(L.wo);
@@ -267,7 +217,7 @@ double bm_pool_fwd(benchmark::State& st, Impl impl, int64_t T, int64_t N, bool t
         benchmark::ClobberMemory();
         break;
       default: {  // Impl::Torch
-        const Tensor o = torch_pool(P.values, idx, sc, P.perm, kE, false);
+        const Tensor o = plain::pooled_lookup(P.values, idx, sc, P.perm, kE, false);
         benchmark::DoNotOptimize(o.data_ptr());
         break;
       }
@@ -283,7 +233,7 @@ double bm_pool_fwdbwd(benchmark::State& st, Impl impl, int64_t T, int64_t N, boo
     const Tensor idx = P.index_pool.narrow(0, start, T);
     const Tensor sc = P.scores_pool.narrow(0, start, T).detach().requires_grad_(true);
     const Tensor g = P.grad_pool.narrow(0, start, T);
-    const Tensor o = impl == Impl::Torch ? torch_pool(P.values, idx, sc, P.perm, kE, sparse)
+    const Tensor o = impl == Impl::Torch ? plain::pooled_lookup(P.values, idx, sc, P.perm, kE, sparse)
                                          : ultramem::ops::pooled_lookup(P.values, idx, sc, P.perm, kE, sparse);
     o.backward(g);
     benchmark::DoNotOptimize(P.values.grad().unsafeGetTensorImpl());
@@ -328,7 +278,7 @@ double bm_tdqkr(benchmark::State& st, Impl impl, int64_t n, int64_t T, bool back
       benchmark::ClobberMemory();
       return;
     }
-    auto [scores, index] = impl == Impl::Torch ? torch_tdqkr(d.s_row, d.s_col, d.cores, d.u, d.v, kMFirst, kM)
+    auto [scores, index] = impl == Impl::Torch ? plain::tdqkr(d.s_row, d.s_col, d.cores, d.u, d.v, kMFirst, kM)
                                                : ultramem::ops::tdqkr(d.s_row, d.s_col, d.cores, d.u, d.v, kMFirst, kM);
     if (backward) {
       scores.backward(d.g);
@@ -372,9 +322,9 @@ double bm_layer_stage(benchmark::State& st, const std::string& stage, int64_t n,
   torch::NoGradGuard ng;
   if (!Lc.stages) {
     const Tensor x = Lc.x_pool.narrow(0, 0, kStageTokens);
-    std::tie(Lc.q_row, Lc.q_col) = query(L, x);
-    Lc.s_row = side_scores(L, Lc.q_row, Lc.kn.first);
-    Lc.s_col = side_scores(L, Lc.q_col, Lc.kn.second);
+    std::tie(Lc.q_row, Lc.q_col) = plain::query(L, x);
+    Lc.s_row = plain::side_scores(Lc.q_row, Lc.kn.first);
+    Lc.s_col = plain::side_scores(Lc.q_col, Lc.kn.second);
     std::tie(Lc.scores, Lc.index) = ultramem::ops::tdqkr(Lc.s_row, Lc.s_col, L.cores, L.u_vec, L.v_vec,
                                                          c.first_stage_m(), c.m);
     Lc.pooled = ultramem::ops::pooled_lookup(L.values, Lc.index, Lc.scores, L.perm, c.E);
@@ -387,12 +337,12 @@ double bm_layer_stage(benchmark::State& st, const std::string& stage, int64_t n,
     const int64_t start = (it++ * T) % kStageTokens;
     Tensor out;
     if (stage == "qproj") {
-      out = query(L, Lc.x_pool.narrow(0, start, T)).first;
+      out = std::get<0>(plain::query(L, Lc.x_pool.narrow(0, start, T)));
     } else if (stage == "keynorm") {
       out = norm_keys(L).first;
     } else if (stage == "score") {
-      out = side_scores(L, Lc.q_row.narrow(0, start, T), Lc.kn.first);
-      out = side_scores(L, Lc.q_col.narrow(0, start, T), Lc.kn.second);
+      out = plain::side_scores(Lc.q_row.narrow(0, start, T), Lc.kn.first);
+      out = plain::side_scores(Lc.q_col.narrow(0, start, T), Lc.kn.second);
     } else if (stage == "score_gemm") {
       out = Lc.q_row.narrow(0, start, T).matmul(Lc.k2_row.t());
       out = Lc.q_col.narrow(0, start, T).matmul(Lc.k2_col.t());
@@ -422,8 +372,8 @@ json verify() {
     const Tensor index = torch::randint(0, kE * N, {T, kK}, gen, torch::kLong);
     const Tensor scores = torch::randn({T, kK, kC}, gen);
     const Tensor ours = ultramem::ops::pooled_lookup(values, index, scores, perm, kE);
-    const Tensor plain = torch_pool(values, index, scores, perm, kE, false);
-    j["pool_torch_maxdiff"] = (ours - plain).abs().max().item<double>();
+    const Tensor reference = plain::pooled_lookup(values, index, scores, perm, kE, false);
+    j["pool_torch_maxdiff"] = (ours - reference).abs().max().item<double>();
     for (int64_t t : {T, int64_t(1)}) {
       Tensor prop = torch::empty({t, kE * kDv});
       const Tensor idx = index.narrow(0, 0, t).contiguous(), sc = scores.narrow(0, 0, t).contiguous();
@@ -438,7 +388,7 @@ json verify() {
   {  // tdqkr
     TdqkrData& d = tdqkr_data(256, 8);
     auto [s1, i1] = ultramem::ops::tdqkr(d.s_row, d.s_col, d.cores, d.u, d.v, kMFirst, kM);
-    auto [s2, i2] = torch_tdqkr(d.s_row, d.s_col, d.cores, d.u, d.v, kMFirst, kM);
+    auto [s2, i2] = plain::tdqkr(d.s_row, d.s_col, d.cores, d.u, d.v, kMFirst, kM);
     j["tdqkr_index_equal"] = torch::equal(i1, i2);
     j["tdqkr_scores_maxdiff"] = (s1 - s2).abs().max().item<double>();
   }

@@ -73,11 +73,20 @@ void run_experiment(const ExperimentArgs& a) {
   std::cout << "experiment " << suite.name << (a.quick ? " (quick)" : "") << ": " << suite.title << "; "
             << suite.runs.size() << " runs, " << total << " cases -> " << dir << std::endl;
 
+  // Seed-major order: every run's first seed before any run's second, so an interrupted suite already
+  // compares all runs.
+  std::vector<std::pair<const ExperimentRun*, uint64_t>> order;
+  size_t max_seeds = 0;
+  for (const auto& r : suite.runs) max_seeds = std::max(max_seeds, r.seeds.size());
+  for (size_t k = 0; k < max_seeds; ++k)
+    for (const auto& r : suite.runs)
+      if (k < r.seeds.size()) order.emplace_back(&r, r.seeds[k]);
+
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<CaseResult> cases;
   size_t done = 0;
-  for (const auto& run : suite.runs)
-    for (const auto seed : run.seeds) {
+  for (const auto& [run_ptr, seed] : order) {
+      const ExperimentRun& run = *run_ptr;
       ++done;
       if (a.report_only) {
         if (!fs::exists(case_dir(dir, run, seed) + "/run.json")) continue;
@@ -86,7 +95,7 @@ void run_experiment(const ExperimentArgs& a) {
       }
       auto res = run_case(suite, run, seed, dir, std::cout);
       if (!res.final.is_null()) cases.push_back(std::move(res));
-    }
+  }
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const auto md = write_report(suite, cases, dir, !a.no_plot, a.report_only ? 0.0 : wall, std::cout);
   std::cout << "\n" << md << "\nwrote " << dir << "/results.md and results.json" << std::endl;

@@ -2,6 +2,8 @@
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <iomanip>
@@ -9,10 +11,14 @@
 #include <memory>
 
 #include "commands.h"
+#include "dist_options.h"
 #include "run_files.h"
 #include "ultramem/data/prepared.h"
 #include "ultramem/data/sampler.h"
 #include "ultramem/data/shard.h"
+#include "ultramem/dist/data_parallel.h"
+#include "ultramem/dist/memory_sharding.h"
+#include "ultramem/dist/process_group.h"
 #include "ultramem/nn/model_config.h"
 #include "ultramem/nn/model_info.h"
 #include "ultramem/nn/transformer.h"
@@ -37,6 +43,7 @@ struct TrainArgs {
   int64_t steps = 0, batch_size = 0, seq_len = 0, grad_accum = 0, eval_every = -1, log_every = -1;
   double lr = 0;
   int64_t seed = -1;
+  DistArgs dist;
 };
 
 // "key=value": value parsed as JSON when it is JSON (numbers, true/false), else as a string.
@@ -78,7 +85,14 @@ void print_comparison(const std::string& own_dir, const nlohmann::json& own, con
   std::cout << std::flush;
 }
 
-void run_train(const TrainArgs& a) {
+// Trains in this process: alone, or as one rank of the run `rdv` describes (data parallel, memory values
+// sharded by columns; only rank 0 prints and writes run.json and metrics). The rank joins the others
+// once its configuration and data are checked.
+void train_process(const TrainArgs& a, const dist::RendezvousConfig& rdv) {
+  const int64_t rank = rdv.rank, world = rdv.world_size;
+  const bool lead = rank == 0;
+  std::ostream null_out(nullptr);
+  std::ostream& out = lead ? std::cout : null_out;
   auto file = read_config_file(a.config);
   const auto model_cfg = nn::model_config_from_json(file.model);
   nlohmann::json tj = file.train;
@@ -95,6 +109,9 @@ void run_train(const TrainArgs& a) {
   tj["out_dir"] = !a.out_dir.empty() ? a.out_dir : (tj.contains("out_dir") ? tj["out_dir"].get<std::string>()
                                                                            : "runs/" + model_cfg.name);
   const auto tcfg = train::train_config_from_json(tj);
+  if (tcfg.batch_size % world != 0)
+    throw std::invalid_argument("batch_size " + std::to_string(tcfg.batch_size) + " (the global batch) is not divisible by the " +
+                                std::to_string(world) + " ranks");
   if (tcfg.seq_len > model_cfg.max_seq_len)
     throw std::invalid_argument("seq_len " + std::to_string(tcfg.seq_len) + " exceeds the model's max_seq_len " +
                                 std::to_string(model_cfg.max_seq_len));
@@ -111,18 +128,29 @@ void run_train(const TrainArgs& a) {
     throw std::invalid_argument(ckpt + " exists: pass --resume to continue it, or --out another folder");
 
   const auto info = nn::model_info(model_cfg);
-  std::cout << "model " << model_cfg.name << ": " << info.params_total << " parameters, "
+  out << "model " << model_cfg.name << ": " << info.params_total << " parameters, "
             << info.params_activated << " activated, " << std::setprecision(4) << info.flops_per_token / 1e6
             << " MFLOP/token forward" << std::endl;
-  std::cout << "data " << prepared.dir << ": " << prepared.train.tokens << " train tokens, " << prepared.val.tokens
+  out << "data " << prepared.dir << ": " << prepared.train.tokens << " train tokens, " << prepared.val.tokens
             << " val tokens; " << tcfg.tokens_per_step() << " tokens/step x " << tcfg.steps << " steps"
             << std::endl;
 
   torch::manual_seed(tcfg.seed);  // model init is seeded by the config; this covers anything else
   auto model = train::as_trainable(nn::Transformer(model_cfg));
+  std::shared_ptr<dist::Group> group;
+  std::shared_ptr<dist::DataParallel> parallel;
+  if (rdv.distributed()) {
+    group = dist::Group::join(rdv);
+    auto sharded = dist::shard_memory_values(model->module(), group);
+    parallel = std::make_shared<dist::DataParallel>(group, sharded);
+    out << "distributed: " << world << " ranks, " << tcfg.batch_size / world << " sequences per rank and micro-batch, "
+        << sharded.size() << " memory value tables sharded by columns (" << group->timeout_seconds()
+        << " s timeout)" << std::endl;
+  }
   auto train_shard = data::TokenShard::open(prepared.train_path);
   auto val_shard = data::TokenShard::open(prepared.val_path);
-  auto sampler = std::make_shared<data::BatchSampler>(train_shard, tcfg.batch_size, tcfg.seq_len, tcfg.seed);
+  auto sampler = std::make_shared<data::BatchSampler>(train_shard, tcfg.batch_size / world, tcfg.seq_len, tcfg.seed,
+                                                      rank, world);
   train::BatchSource source;
   source.next = [sampler] { return to_train_batch(sampler->next()); };
   source.position = [sampler] { return sampler->position(); };
@@ -134,25 +162,52 @@ void run_train(const TrainArgs& a) {
   nlohmann::json record = {{"config", a.config}, {"data_dir", prepared.dir}, {"out_dir", tcfg.out_dir},
                            {"model", nn::model_config_to_json(model_cfg)},
                            {"train", train::train_config_to_json(tcfg)}};
-  train::Trainer trainer(model, tcfg, source, std::move(eval), &std::cout);
+  train::Trainer trainer(model, tcfg, source, std::move(eval), lead ? &std::cout : nullptr, parallel);
   if (a.resume) {
     if (!fs::exists(ckpt)) throw std::invalid_argument("--resume: no checkpoint at " + ckpt);
     trainer.resume(ckpt);
-    std::cout << "resumed " << ckpt << " at step " << trainer.state().step << std::endl;
+    out << "resumed " << ckpt << " at step " << trainer.state().step << std::endl;
   }
-  write_json_file(run_record_path(tcfg.out_dir), record);
+  if (lead) write_json_file(run_record_path(tcfg.out_dir), record);
   const auto& st = trainer.run(a.stop_at);
   if (st.step < tcfg.steps) {
-    std::cout << "stopped at step " << st.step << " of " << tcfg.steps << "; continue with --resume" << std::endl;
+    out << "stopped at step " << st.step << " of " << tcfg.steps << "; continue with --resume" << std::endl;
+    if (group) group->barrier("end of training");
     return;
   }
   const double val = st.has_val_loss ? st.last_val_loss : trainer.evaluate();
   record["final"] = {{"step", st.step}, {"val_loss", val}, {"best_val_loss", st.best_val_loss},
                      {"best_step", st.best_step}, {"tokens", st.tokens_seen}, {"train_seconds", st.train_seconds}};
+  if (group) group->barrier("end of training");
+  if (!lead) return;
   write_json_file(run_record_path(tcfg.out_dir), record);
   std::cout << "final: step " << st.step << ", val loss " << std::fixed << std::setprecision(4) << val
             << " (perplexity " << std::setprecision(1) << std::exp(val) << "), checkpoint " << ckpt << std::endl;
   if (!a.compare.empty()) print_comparison(tcfg.out_dir, record["final"], a.compare);
+}
+
+void run_train(const TrainArgs& a) {
+  if (const int code = launch_if_requested(a.dist); code >= 0) {
+    if (code == 0) return;
+    std::cout.flush();
+    std::exit(code);
+  }
+  const auto rdv = resolve_rank(a.dist);
+  if (!rdv.distributed()) {
+    train_process(a, rdv);
+    return;
+  }
+  // A rank: any error ends this process at once with a message naming the rank. _exit skips
+  // destructors, which could wait on peers that are gone.
+  try {
+    train_process(a, rdv);
+  } catch (const std::exception& e) {
+    const std::string who = "rank " + std::to_string(rdv.rank) + " of " + std::to_string(rdv.world_size);
+    const std::string msg = e.what();
+    std::cerr << "ultramem: error: " << (msg.find(who) == std::string::npos ? who + ": " : "") << msg << std::endl;
+    std::cout.flush();
+    ::_exit(1);
+  }
 }
 
 }  // namespace
@@ -169,7 +224,7 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--train-config", a->train_config, "JSON file of training settings (TrainConfig keys)");
   cmd->add_option("--set", a->sets, "Override a training setting: KEY=VALUE (repeatable)");
   cmd->add_option("--steps", a->steps, "Optimizer steps");
-  cmd->add_option("--batch-size", a->batch_size, "Sequences per micro-batch");
+  cmd->add_option("--batch-size", a->batch_size, "Sequences per micro-batch (with several ranks: the global batch, split between them)");
   cmd->add_option("--seq-len", a->seq_len, "Tokens per sequence");
   cmd->add_option("--grad-accum", a->grad_accum, "Micro-batches per optimizer step");
   cmd->add_option("--lr", a->lr, "Peak learning rate");
@@ -179,6 +234,7 @@ void add_train_command(CLI::App& app) {
   cmd->add_flag("--resume", a->resume, "Continue from the output folder's checkpoint");
   cmd->add_option("--stop-at", a->stop_at, "Stop (with a checkpoint) after this step; resume later");
   cmd->add_option("--compare", a->compare, "Run folders whose final validation loss to print next to this one");
+  add_dist_options(cmd, a->dist);
   cmd->callback([a] { run_train(*a); });
 }
 

@@ -173,7 +173,7 @@ void capacity_section(const std::vector<RunSummary>& runs, const std::string& di
     return r.facts_recalled / std::max(1e-9, r.info.value("flops_per_token", 0.0) / 1e6);
   };
   md << "| run | memory rows | params total | activated MFLOP/token | recall | facts recalled | facts per MFLOP | "
-        "vs " << base->label << " | object loss (val loss) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+        "vs " << base->label << " | val loss (LM, all tokens) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
   std::ostringstream dat;
   int i = 0;
   for (const auto& r : runs) {

@@ -21,8 +21,10 @@ int main(int argc, char** argv) {
   ultramem::cli::add_train_command(app);
   ultramem::cli::add_eval_command(app);
   ultramem::cli::add_generate_command(app);
+  ultramem::cli::add_quantize_command(app);
   ultramem::cli::add_layer_demo_command(app);
   ultramem::cli::add_experiment_command(app);
+  ultramem::cli::add_bench_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,19 +1,18 @@
 #include "model_loading.h"
 
-#include <torch/torch.h>
-
-#include "ultramem/nn/model_config.h"
-#include "ultramem/train/checkpoint.h"
+#include <iostream>
 
 namespace ultramem::cli {
 
+infer::LoadedModel load_for_inference(const std::string& checkpoint_path, bool mmap) {
+  infer::LoadOptions o;
+  o.mmap = mmap;
+  o.warn = [](const std::string& s) { std::cerr << "note: " << s << std::endl; };
+  return infer::load_model(checkpoint_path, o);
+}
+
 nn::Transformer load_transformer(const std::string& checkpoint_path) {
-  const auto ckpt = train::read_checkpoint(checkpoint_path);
-  const auto cfg = nn::model_config_from_json(ckpt.model_config);
-  nn::Transformer model(cfg);
-  train::load_model_state(ckpt, *model, nn::model_config_to_json(model->config()));
-  model->eval();
-  return model;
+  return load_for_inference(checkpoint_path, /*mmap=*/false).model;
 }
 
 }  // namespace ultramem::cli

@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <chrono>
 #include <stdexcept>
 #include <string>
 
@@ -36,7 +37,7 @@ int64_t sample_token(const torch::Tensor& logits, const SamplingOptions& o, torc
 }
 
 std::vector<int64_t> generate(nn::Transformer& model, std::vector<int64_t> prompt, const SamplingOptions& o,
-                              int64_t eos_id, const std::function<void(int64_t)>& on_token) {
+                              int64_t eos_id, const std::function<void(int64_t)>& on_token, GenerateTiming* timing) {
   o.validate();
   if (prompt.empty()) throw std::invalid_argument("generate: the prompt must hold at least one token");
   torch::InferenceMode guard;
@@ -45,15 +46,26 @@ std::vector<int64_t> generate(nn::Transformer& model, std::vector<int64_t> promp
   if (static_cast<int64_t>(prompt.size()) > ctx) prompt.erase(prompt.begin(), prompt.end() - ctx);
   torch::Generator gen = at::detail::createCPUGenerator(o.seed);
   auto cache = model->make_cache(1, ctx);
+  using Clock = std::chrono::steady_clock;
+  auto since = [](Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); };
+  auto t0 = Clock::now();
   auto logits = model->forward_cached(torch::tensor(prompt, torch::kLong).view({1, -1}), cache);
+  int64_t id = sample_token(logits[0][logits.size(1) - 1], o, gen);
+  if (timing) {
+    timing->prompt_tokens = static_cast<int64_t>(prompt.size());
+    timing->prompt_seconds = since(t0);
+    timing->step_seconds.clear();
+  }
   std::vector<int64_t> out;
   while (static_cast<int64_t>(out.size()) < o.max_tokens) {
-    const int64_t id = sample_token(logits[0][logits.size(1) - 1], o, gen);
     if (id == eos_id) break;
     out.push_back(id);
     if (on_token) on_token(id);
-    if (cache.length >= ctx) break;  // context full
+    if (static_cast<int64_t>(out.size()) >= o.max_tokens || cache.length >= ctx) break;  // done / context full
+    t0 = Clock::now();
     logits = model->forward_cached(torch::tensor({id}, torch::kLong).view({1, 1}), cache);
+    id = sample_token(logits[0][logits.size(1) - 1], o, gen);
+    if (timing) timing->step_seconds.push_back(since(t0));
   }
   return out;
 }

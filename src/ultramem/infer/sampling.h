@@ -22,10 +22,20 @@ struct SamplingOptions {
 // One token id drawn from logits [V] under `o` (temperature, then top-k, then top-p).
 int64_t sample_token(const torch::Tensor& logits, const SamplingOptions& o, torch::Generator& gen);
 
+// Wall-clock timing of one generate() call.
+struct GenerateTiming {
+  int64_t prompt_tokens = 0;          // tokens of the prompt actually used (context-truncated)
+  double prompt_seconds = 0;          // the forward over the whole prompt
+  std::vector<double> step_seconds;   // each single-token decode step (forward + sampling), in order
+};
+
 // Continues `prompt` (token ids, non-empty) with KV-cache decoding until `eos_id` is produced (not
 // emitted), max_tokens are produced, or the model's context is full. A prompt longer than the context
-// keeps its last tokens. Calls on_token for each new id as it is produced; returns the new ids.
+// keeps its last tokens. Calls on_token for each new id as it is produced; returns the new ids. Runs
+// under torch::InferenceMode (no autograd state; memory layers take their no-grad fast path). Fills
+// *timing when given.
 std::vector<int64_t> generate(nn::Transformer& model, std::vector<int64_t> prompt, const SamplingOptions& o,
-                              int64_t eos_id, const std::function<void(int64_t)>& on_token = {});
+                              int64_t eos_id, const std::function<void(int64_t)>& on_token = {},
+                              GenerateTiming* timing = nullptr);
 
 }  // namespace ultramem::infer

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -107,8 +108,9 @@ void save_safetensors(const std::string& path,
     offset += nbytes;
     data.push_back(std::move(c));
   }
+  // Pad with spaces so that the data buffer starts at a multiple of kSafetensorsAlignment in the file.
   std::string h = header.dump();
-  h.append((8 - h.size() % 8) % 8, ' ');
+  h.append((kSafetensorsAlignment - (8 + h.size()) % kSafetensorsAlignment) % kSafetensorsAlignment, ' ');
   const uint64_t hlen = h.size();
   unsigned char len_bytes[8];
   for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<unsigned char>(hlen >> (8 * i));
@@ -120,19 +122,33 @@ void save_safetensors(const std::string& path,
   write_file_atomically(path, parts);
 }
 
-std::vector<std::pair<std::string, at::Tensor>> load_safetensors(const std::string& path,
-                                                                 std::map<std::string, std::string>* metadata) {
-  if (!host_is_little_endian()) fail(path, "reading needs a little-endian host");
-  File f(std::fopen(path.c_str(), "rb"));
-  if (!f) fail(path, "cannot open: " + errno_str());
+namespace {
+
+struct Entry {
+  std::string name;
+  const DtypeInfo* dtype;
+  std::vector<int64_t> shape;
+  uint64_t begin, end;  // data_offsets
+};
+
+struct ParsedHeader {
+  std::vector<Entry> entries;  // sorted by data offset, validated
+  uint64_t file_size = 0;
+  uint64_t data_start = 0;     // file offset of the data buffer (8 + header length)
+};
+
+// Reads and validates the header of the open file `f` (see load_safetensors for the checks). Returns the
+// entries sorted by data offset.
+ParsedHeader parse_header(const std::string& path, std::FILE* f, std::map<std::string, std::string>* metadata) {
+  ParsedHeader out;
   struct stat st;
-  if (::fstat(::fileno(f.get()), &st) != 0) fail(path, "cannot stat: " + errno_str());
+  if (::fstat(::fileno(f), &st) != 0) fail(path, "cannot stat: " + errno_str());
   if (!S_ISREG(st.st_mode)) fail(path, "not a regular file");
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
   if (file_size < 8)
     fail(path, "file too short (" + std::to_string(file_size) + " bytes; a safetensors file has at least an 8-byte header length)");
   unsigned char len_bytes[8];
-  if (std::fread(len_bytes, 1, 8, f.get()) != 8) fail(path, "cannot read the header length");
+  if (std::fread(len_bytes, 1, 8, f) != 8) fail(path, "cannot read the header length");
   uint64_t hlen = 0;
   for (int i = 0; i < 8; ++i) hlen |= uint64_t(len_bytes[i]) << (8 * i);
   if (hlen > file_size - 8)
@@ -141,7 +157,7 @@ std::vector<std::pair<std::string, at::Tensor>> load_safetensors(const std::stri
   if (hlen > kMaxHeader) fail(path, "header length " + std::to_string(hlen) + " exceeds the 100 MB limit");
   if (hlen < 2) fail(path, "header of " + std::to_string(hlen) + " bytes cannot hold a JSON object");
   std::string h(hlen, '\0');
-  if (std::fread(h.data(), 1, hlen, f.get()) != hlen) fail(path, "cannot read the header");
+  if (std::fread(h.data(), 1, hlen, f) != hlen) fail(path, "cannot read the header");
   const uint64_t data_size = file_size - 8 - hlen;
 
   // Parse, rejecting duplicate keys in any object (nlohmann would silently keep one of them).
@@ -174,13 +190,7 @@ std::vector<std::pair<std::string, at::Tensor>> load_safetensors(const std::stri
   }
   if (!header.is_object()) fail(path, "the JSON header is not an object");
 
-  struct Entry {
-    std::string name;
-    const DtypeInfo* dtype;
-    std::vector<int64_t> shape;
-    uint64_t begin, end;
-  };
-  std::vector<Entry> entries;
+  std::vector<Entry>& entries = out.entries;
   for (auto it = header.begin(); it != header.end(); ++it) {
     const std::string& name = it.key();
     const ordered_json& v = it.value();
@@ -243,13 +253,27 @@ std::vector<std::pair<std::string, at::Tensor>> load_safetensors(const std::stri
     fail(path, "the tensors cover " + std::to_string(pos) + " bytes of the " + std::to_string(data_size) +
                    "-byte data buffer (trailing bytes)");
 
+  out.file_size = file_size;
+  out.data_start = 8 + hlen;
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, at::Tensor>> load_safetensors(const std::string& path,
+                                                                 std::map<std::string, std::string>* metadata) {
+  if (!host_is_little_endian()) fail(path, "reading needs a little-endian host");
+  File f(std::fopen(path.c_str(), "rb"));
+  if (!f) fail(path, "cannot open: " + errno_str());
+  const ParsedHeader ph = parse_header(path, f.get(), metadata);
+  const auto& entries = ph.entries;
   std::vector<std::pair<std::string, at::Tensor>> out;
   out.reserve(entries.size());
   for (const auto& e : entries) {
     at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(e.dtype->type));
     const uint64_t n = e.end - e.begin;
     if (n > 0) {
-      const uint64_t at_byte = 8 + hlen + e.begin;
+      const uint64_t at_byte = ph.data_start + e.begin;
       if (::fseeko(f.get(), static_cast<off_t>(at_byte), SEEK_SET) != 0)
         fail(path, "seek failed: " + errno_str());
       if (std::fread(t.data_ptr(), 1, n, f.get()) != n)
@@ -258,6 +282,59 @@ std::vector<std::pair<std::string, at::Tensor>> load_safetensors(const std::stri
     out.emplace_back(e.name, std::move(t));
   }
   return out;
+}
+
+namespace {
+
+// A read-only mapping of a whole file, unmapped when the last tensor viewing it is gone.
+struct Mapping {
+  void* addr = nullptr;
+  size_t bytes = 0;
+  ~Mapping() {
+    if (addr != nullptr) ::munmap(addr, bytes);
+  }
+};
+
+}  // namespace
+
+MappedSafetensors map_safetensors(const std::string& path) {
+  if (!host_is_little_endian()) fail(path, "reading needs a little-endian host");
+  File f(std::fopen(path.c_str(), "rb"));
+  if (!f) fail(path, "cannot open: " + errno_str());
+  MappedSafetensors m;
+  const ParsedHeader ph = parse_header(path, f.get(), &m.metadata);
+  auto mapping = std::make_shared<Mapping>();
+  mapping->bytes = ph.file_size;
+  void* addr = ::mmap(nullptr, ph.file_size, PROT_READ, MAP_SHARED, ::fileno(f.get()), 0);
+  if (addr == MAP_FAILED) fail(path, "mmap failed: " + errno_str());
+  mapping->addr = addr;
+  m.mapped_bytes = ph.file_size;
+  const auto* base = static_cast<const unsigned char*>(addr);
+  for (const auto& e : ph.entries) {
+    const uint64_t at_byte = ph.data_start + e.begin, n = e.end - e.begin;
+    const auto opts = at::TensorOptions().dtype(e.dtype->type);
+    at::Tensor t;
+    if (n > 0 && at_byte % kSafetensorsAlignment == 0) {
+      // The deleter holds the mapping: it stays mapped while any view of it lives.
+      t = at::from_blob(const_cast<unsigned char*>(base + at_byte), e.shape, [mapping](void*) {}, opts);
+    } else {
+      t = at::empty(e.shape, opts);
+      if (n > 0) {
+        std::memcpy(t.data_ptr(), base + at_byte, n);
+        m.copied.push_back(e.name);
+      }
+    }
+    m.tensors.emplace_back(e.name, std::move(t));
+  }
+  return m;
+}
+
+void advise_random_access(const at::Tensor& t) {
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + uintptr_t(t.numel()) * t.element_size();
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;  // whole pages inside
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_RANDOM);
 }
 
 }  // namespace ultramem::io

@@ -1,5 +1,5 @@
 // Run-time choice of the kernel build (AVX2/FMA when the CPU has it, else generic) and the public
-// entry points declared in tdqkr.h and pooled_lookup.h.
+// entry points declared in tdqkr.h, pooled_lookup.h and small_matmul.h.
 #include <cstdlib>
 #include <cstring>
 
@@ -27,11 +27,13 @@ KernelTable<T> make_table() {
   if (want_avx2()) {
     avx2::fill_tdqkr(t);
     avx2::fill_pool(t);
+    avx2::fill_small_matmul(t);
     return t;
   }
 #endif
   generic::fill_tdqkr(t);
   generic::fill_pool(t);
+  generic::fill_small_matmul(t);
   return t;
 }
 
@@ -71,6 +73,16 @@ void pooled_lookup_forward(const PoolShape& s, const T* values, const int64_t* i
   table<T>().pooled_lookup_forward(s, values, index, scores, perm, out);
 }
 template <typename T>
+void pooled_lookup_forward_bf16(const PoolShape& s, const uint16_t* values, const int64_t* index,
+                                const T* scores, const int64_t* perm, T* out) {
+  table<T>().pooled_lookup_forward_bf16(s, values, index, scores, perm, out);
+}
+template <typename T>
+void pooled_lookup_forward_int8(const PoolShape& s, const int8_t* values, const float* row_scale,
+                                const int64_t* index, const T* scores, const int64_t* perm, T* out) {
+  table<T>().pooled_lookup_forward_int8(s, values, row_scale, index, scores, perm, out);
+}
+template <typename T>
 void pooled_lookup_backward_scores(const PoolShape& s, const T* values, const int64_t* index,
                                    const int64_t* perm, const T* dout, T* dscores) {
   table<T>().pooled_lookup_backward_scores(s, values, index, perm, dout, dscores);
@@ -79,6 +91,18 @@ template <typename T>
 void pooled_lookup_backward_values(const PoolShape& s, const RowGroups& groups, const T* scores,
                                    const T* dout, T* grad_rows) {
   table<T>().pooled_lookup_backward_values(s, groups, scores, dout, grad_rows);
+}
+template <typename T>
+void matmul_rows(int64_t rows, int64_t K, int64_t N, const T* x, const T* w, T* out) {
+  table<T>().matmul_rows(rows, K, N, x, w, out);
+}
+template <typename T>
+void matmul_rows_nt(int64_t rows, int64_t K, int64_t M, const T* x, const T* b, T* out) {
+  table<T>().matmul_rows_nt(rows, K, M, x, b, out);
+}
+template <typename T>
+void gathered_dots(int64_t K, const T* x, const T* b, const int32_t* rows, int64_t count, T* out) {
+  table<T>().gathered_dots(K, x, b, rows, count, out);
 }
 
 #define UM_INSTANTIATE_PUBLIC(T)                                                                     \
@@ -92,10 +116,17 @@ void pooled_lookup_backward_values(const PoolShape& s, const RowGroups& groups, 
                                   const T*, T*, T*, T*);                                             \
   template void pooled_lookup_forward<T>(const PoolShape&, const T*, const int64_t*, const T*,       \
                                          const int64_t*, T*);                                        \
+  template void pooled_lookup_forward_bf16<T>(const PoolShape&, const uint16_t*, const int64_t*,      \
+                                              const T*, const int64_t*, T*);                          \
+  template void pooled_lookup_forward_int8<T>(const PoolShape&, const int8_t*, const float*,          \
+                                              const int64_t*, const T*, const int64_t*, T*);          \
   template void pooled_lookup_backward_scores<T>(const PoolShape&, const T*, const int64_t*,         \
                                                  const int64_t*, const T*, T*);                      \
   template void pooled_lookup_backward_values<T>(const PoolShape&, const RowGroups&, const T*,       \
-                                                 const T*, T*);
+                                                 const T*, T*);                                      \
+  template void matmul_rows<T>(int64_t, int64_t, int64_t, const T*, const T*, T*);                   \
+  template void matmul_rows_nt<T>(int64_t, int64_t, int64_t, const T*, const T*, T*);                \
+  template void gathered_dots<T>(int64_t, const T*, const T*, const int32_t*, int64_t, T*);
 UM_INSTANTIATE_PUBLIC(float)
 UM_INSTANTIATE_PUBLIC(double)
 

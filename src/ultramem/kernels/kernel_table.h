@@ -2,6 +2,7 @@
 // dispatcher that picks one at run time. The scalar references are compiled once (generic build).
 #pragma once
 #include "ultramem/kernels/pooled_lookup.h"
+#include "ultramem/kernels/small_matmul.h"
 #include "ultramem/kernels/tdqkr.h"
 
 namespace ultramem::kernels {
@@ -13,17 +14,24 @@ struct KernelTable {
   decltype(&tdqkr_forward<T>) tdqkr_forward;
   decltype(&tdqkr_backward<T>) tdqkr_backward;
   decltype(&pooled_lookup_forward<T>) pooled_lookup_forward;
+  decltype(&pooled_lookup_forward_bf16<T>) pooled_lookup_forward_bf16;
+  decltype(&pooled_lookup_forward_int8<T>) pooled_lookup_forward_int8;
   decltype(&pooled_lookup_backward_scores<T>) pooled_lookup_backward_scores;
   decltype(&pooled_lookup_backward_values<T>) pooled_lookup_backward_values;
+  decltype(&matmul_rows<T>) matmul_rows;
+  decltype(&matmul_rows_nt<T>) matmul_rows_nt;
+  decltype(&gathered_dots<T>) gathered_dots;
 };
 
 namespace generic {
 template <typename T> void fill_tdqkr(KernelTable<T>& t);
 template <typename T> void fill_pool(KernelTable<T>& t);
+template <typename T> void fill_small_matmul(KernelTable<T>& t);
 }  // namespace generic
 namespace avx2 {
 template <typename T> void fill_tdqkr(KernelTable<T>& t);
 template <typename T> void fill_pool(KernelTable<T>& t);
+template <typename T> void fill_small_matmul(KernelTable<T>& t);
 }  // namespace avx2
 
 }  // namespace ultramem::kernels

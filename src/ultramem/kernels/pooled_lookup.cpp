@@ -8,6 +8,9 @@
 
 #include "ultramem/kernels/kernel_table.h"
 #include "ultramem/kernels/simd.h"
+#include "ultramem/kernels/value_quant.h"
+
+#include <omp.h>
 
 namespace ultramem::kernels {
 namespace UM_ISA {
@@ -36,28 +39,99 @@ struct Hits {
   }
 };
 
+// How a stored value row is read. Each adds `w` times slice [off, off + n) of row `row` to dst.
 template <typename T>
-void forward(const PoolShape& s, const T* values, const int64_t* index, const T* scores,
-             const int64_t* perm, T* out) {
+struct PlainRows {  // float / double, as trained
+  const T* v;
+  int64_t Dv;
+  int64_t row_bytes() const { return Dv * int64_t(sizeof(T)); }
+  void prefetch(int64_t row) const { simd::prefetch_bytes(v + row * Dv, row_bytes()); }
+  T row_weight(int64_t /*row*/, T w) const { return w; }
+  void axpy(T* dst, T w, int64_t row, int64_t off, int64_t n) const { simd::axpy(dst, w, v + row * Dv + off, n); }
+};
+template <typename T>
+struct Bf16Rows {  // bf16 bits, widened exactly
+  const uint16_t* v;
+  int64_t Dv;
+  int64_t row_bytes() const { return Dv * 2; }
+  void prefetch(int64_t row) const { simd::prefetch_bytes(v + row * Dv, row_bytes()); }
+  T row_weight(int64_t /*row*/, T w) const { return w; }
+  void axpy(T* dst, T w, int64_t row, int64_t off, int64_t n) const {
+    simd::axpy_bf16(dst, w, v + row * Dv + off, n);
+  }
+};
+template <typename T>
+struct Int8Rows {  // int8 with a per-row scale, folded into the weight
+  const int8_t* v;
+  const float* scale;
+  int64_t Dv;
+  int64_t row_bytes() const { return Dv; }
+  void prefetch(int64_t row) const {
+    simd::prefetch_bytes(v + row * Dv, row_bytes());
+    __builtin_prefetch(scale + row, 0, 1);
+  }
+  T row_weight(int64_t row, T w) const { return w * T(scale[row]); }
+  void axpy(T* dst, T w, int64_t row, int64_t off, int64_t n) const { simd::axpy_i8(dst, w, v + row * Dv + off, n); }
+};
+
+constexpr int64_t kChunkTokens = 16;  // tokens whose hits are resolved together (bounded scratch)
+
+// Forward over any row format. Each thread takes a contiguous token range and works through it in
+// chunks: first every hit of the chunk is resolved through the permutation (independent loads that
+// overlap, and the row prefetches no longer wait on them), then one gather loop runs over all hits
+// of the chunk, across token boundaries, prefetching rows `ahead` hits ahead. Every output element
+// sums its terms in hit order, so the result does not depend on the thread count.
+template <typename T, typename Rows>
+void forward_rows(const PoolShape& s, const Rows& rows, const int64_t* index, const T* scores,
+                  const int64_t* perm, T* out) {
   const int64_t K = s.K, N = s.N, Dv = s.Dv, C = s.C, Ds = Dv / C, width = s.E * Dv;
+  // About 4 KiB of rows in flight: 4 fp32 rows of 1 KiB, 8 bf16 or 16 int8 rows of Dv = 256.
+  const int64_t ahead = std::clamp<int64_t>(4096 / std::max<int64_t>(1, rows.row_bytes()), 4, 16);
+  const bool pow2 = (N & (N - 1)) == 0;
+  int shift = 0;
+  while (pow2 && (int64_t(1) << shift) < N) ++shift;
 #pragma omp parallel if (s.T > 1)
   {
-    Hits hits;
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < s.T; ++t) {
-      T* o = out + t * width;
-      std::memset(o, 0, sizeof(T) * width);
-      hits.resolve(index + t * K, perm, K, N);
-      for (int64_t k = 0; k < kPrefetchAhead; ++k) hits.prefetch(values, k, Dv);
-      for (int64_t k = 0; k < K; ++k) {
-        hits.prefetch(values, k + kPrefetchAhead, Dv);
-        const T* val = values + hits.row[k] * Dv;
-        const T* w = scores + (t * K + k) * C;
-        T* dst = o + hits.group[k] * Dv;
-        for (int64_t c = 0; c < C; ++c) simd::axpy(dst + c * Ds, w[c], val + c * Ds, Ds);
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t t_begin = s.T * id / nt, t_end = s.T * (id + 1) / nt;
+    std::vector<int64_t> row(kChunkTokens * K), dst(kChunkTokens * K);
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kChunkTokens) {
+      const int64_t t1 = std::min(t_end, t0 + kChunkTokens), hits = (t1 - t0) * K;
+      const int64_t* idx = index + t0 * K;
+      for (int64_t t = t0, e = 0; t < t1; ++t)
+        for (int64_t k = 0; k < K; ++k, ++e) {
+          const int64_t v = perm[idx[e]];
+          const int64_t p = pow2 ? v >> shift : v / N;
+          row[e] = v - p * N;
+          dst[e] = t * width + p * Dv;
+        }
+      std::memset(out + t0 * width, 0, sizeof(T) * (t1 - t0) * width);
+      for (int64_t e = 0; e < std::min(ahead, hits); ++e) rows.prefetch(row[e]);
+      const T* w = scores + t0 * K * C;
+      for (int64_t e = 0; e < hits; ++e) {
+        if (e + ahead < hits) rows.prefetch(row[e + ahead]);
+        T* o = out + dst[e];
+        for (int64_t c = 0; c < C; ++c)
+          rows.axpy(o + c * Ds, rows.row_weight(row[e], w[e * C + c]), row[e], c * Ds, Ds);
       }
     }
   }
+}
+
+template <typename T>
+void forward(const PoolShape& s, const T* values, const int64_t* index, const T* scores,
+             const int64_t* perm, T* out) {
+  forward_rows(s, PlainRows<T>{values, s.Dv}, index, scores, perm, out);
+}
+template <typename T>
+void forward_bf16(const PoolShape& s, const uint16_t* values, const int64_t* index, const T* scores,
+                  const int64_t* perm, T* out) {
+  forward_rows(s, Bf16Rows<T>{values, s.Dv}, index, scores, perm, out);
+}
+template <typename T>
+void forward_int8(const PoolShape& s, const int8_t* values, const float* row_scale, const int64_t* index,
+                  const T* scores, const int64_t* perm, T* out) {
+  forward_rows(s, Int8Rows<T>{values, row_scale, s.Dv}, index, scores, perm, out);
 }
 
 template <typename T>
@@ -106,6 +180,8 @@ void backward_values(const PoolShape& s, const RowGroups& groups, const T* score
 template <typename T>
 void fill_pool(KernelTable<T>& t) {
   t.pooled_lookup_forward = &forward<T>;
+  t.pooled_lookup_forward_bf16 = &forward_bf16<T>;
+  t.pooled_lookup_forward_int8 = &forward_int8<T>;
   t.pooled_lookup_backward_scores = &backward_scores<T>;
   t.pooled_lookup_backward_values = &backward_values<T>;
 }
@@ -184,6 +260,35 @@ void pooled_lookup_forward_ref(const PoolShape& s, const T* values, const int64_
 }
 
 template <typename T>
+void pooled_lookup_forward_bf16_ref(const PoolShape& s, const uint16_t* values, const int64_t* index,
+                                    const T* scores, const int64_t* perm, T* out) {
+  const int64_t Ds = s.Dv / s.C;
+  std::fill(out, out + s.T * s.E * s.Dv, T(0));
+  for (int64_t t = 0; t < s.T; ++t)
+    for (int64_t k = 0; k < s.K; ++k) {
+      const int64_t v = perm[index[t * s.K + k]], p = v / s.N, row = v % s.N;
+      for (int64_t d = 0; d < s.Dv; ++d)
+        out[t * s.E * s.Dv + p * s.Dv + d] +=
+            scores[(t * s.K + k) * s.C + d / Ds] * T(bf16_to_float(values[row * s.Dv + d]));
+    }
+}
+
+template <typename T>
+void pooled_lookup_forward_int8_ref(const PoolShape& s, const int8_t* values, const float* row_scale,
+                                    const int64_t* index, const T* scores, const int64_t* perm, T* out) {
+  const int64_t Ds = s.Dv / s.C;
+  std::fill(out, out + s.T * s.E * s.Dv, T(0));
+  for (int64_t t = 0; t < s.T; ++t)
+    for (int64_t k = 0; k < s.K; ++k) {
+      const int64_t v = perm[index[t * s.K + k]], p = v / s.N, row = v % s.N;
+      for (int64_t d = 0; d < s.Dv; ++d) {
+        const T w = scores[(t * s.K + k) * s.C + d / Ds] * T(row_scale[row]);
+        out[t * s.E * s.Dv + p * s.Dv + d] += w * T(values[row * s.Dv + d]);
+      }
+    }
+}
+
+template <typename T>
 void pooled_lookup_backward_scores_ref(const PoolShape& s, const T* values, const int64_t* index,
                                        const int64_t* perm, const T* dout, T* dscores) {
   const int64_t Ds = s.Dv / s.C;
@@ -213,6 +318,10 @@ void pooled_lookup_backward_values_dense_ref(const PoolShape& s, const int64_t* 
 #define UM_INSTANTIATE_POOL_REF(T)                                                                     \
   template void pooled_lookup_forward_ref<T>(const PoolShape&, const T*, const int64_t*, const T*,    \
                                              const int64_t*, T*);                                     \
+  template void pooled_lookup_forward_bf16_ref<T>(const PoolShape&, const uint16_t*, const int64_t*,  \
+                                                  const T*, const int64_t*, T*);                      \
+  template void pooled_lookup_forward_int8_ref<T>(const PoolShape&, const int8_t*, const float*,      \
+                                                  const int64_t*, const T*, const int64_t*, T*);      \
   template void pooled_lookup_backward_scores_ref<T>(const PoolShape&, const T*, const int64_t*,      \
                                                      const int64_t*, const T*, T*);                   \
   template void pooled_lookup_backward_values_dense_ref<T>(const PoolShape&, const int64_t*, const T*, \

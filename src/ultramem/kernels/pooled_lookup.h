@@ -32,6 +32,26 @@ void pooled_lookup_forward(const PoolShape& s,
                            const int64_t* perm,    // [E*N] permutation of [0, E*N)
                            T* out);                // [T, E*Dv] out
 
+// The same forward over value tables stored for inference (value_quant.h): bf16 bits, or int8 with a
+// per-row scale (value = q * row_scale). The row scale is folded into the score first:
+//   out[t, p*Dv + c*Ds + d] += (scores[t,k,c] * row_scale[row]) * q[row, c*Ds + d]
+// Forward only (these tables are not trained). out is overwritten.
+template <typename T>
+void pooled_lookup_forward_bf16(const PoolShape& s,
+                                const uint16_t* values,  // [N, Dv] bf16 bits
+                                const int64_t* index,    // [T, K]
+                                const T* scores,         // [T, K, C]
+                                const int64_t* perm,     // [E*N]
+                                T* out);                 // [T, E*Dv] out
+template <typename T>
+void pooled_lookup_forward_int8(const PoolShape& s,
+                                const int8_t* values,     // [N, Dv]
+                                const float* row_scale,   // [N]
+                                const int64_t* index,     // [T, K]
+                                const T* scores,          // [T, K, C]
+                                const int64_t* perm,      // [E*N]
+                                T* out);                  // [T, E*Dv] out
+
 // Gradient w.r.t. scores: dscores[t,k,c] = <values[row, slice c], dout[t, p*Dv + slice c]>. Overwrites.
 template <typename T>
 void pooled_lookup_backward_scores(const PoolShape& s,
@@ -68,6 +88,12 @@ void pooled_lookup_backward_values(const PoolShape& s,
 template <typename T>
 void pooled_lookup_forward_ref(const PoolShape& s, const T* values, const int64_t* index,
                                const T* scores, const int64_t* perm, T* out);
+template <typename T>
+void pooled_lookup_forward_bf16_ref(const PoolShape& s, const uint16_t* values, const int64_t* index,
+                                    const T* scores, const int64_t* perm, T* out);
+template <typename T>
+void pooled_lookup_forward_int8_ref(const PoolShape& s, const int8_t* values, const float* row_scale,
+                                    const int64_t* index, const T* scores, const int64_t* perm, T* out);
 template <typename T>
 void pooled_lookup_backward_scores_ref(const PoolShape& s, const T* values, const int64_t* index,
                                        const int64_t* perm, const T* dout, T* dscores);

@@ -13,6 +13,20 @@ inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// y[0:n] += a * widen(x[0:n]) for values stored as bf16 bits (the upper half of a float32).
+template <typename T>
+inline void axpy_bf16(T* __restrict y, T a, const uint16_t* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * T(__builtin_bit_cast(float, uint32_t(x[i]) << 16));
+}
+
+// y[0:n] += a * x[0:n] for int8 values (the caller folds the row scale into a).
+template <typename T>
+inline void axpy_i8(T* __restrict y, T a, const int8_t* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * T(x[i]);
+}
+
 // <x, y> over n elements, with 8 partial sums in a fixed layout (deterministic across ISAs).
 template <typename T>
 inline T dot(const T* __restrict x, const T* __restrict y, int64_t n) {

@@ -46,6 +46,12 @@ void filter_side(const TdqkrShape& s, const T* S, const T* w, Scratch<T>& sc, st
   const int64_t n = s.n;
   std::fill(f.begin(), f.end(), T(0));
   for (int64_t a = 0; a < s.r; ++a) simd::axpy(f.data(), w[a], S + a * n, n);
+  if (s.m_first <= 64) {
+    TopBuffer<T> buf(s.m_first);
+    scan_top(f.data(), n, buf, [](int64_t i) { return i; });
+    for (int64_t x = 0; x < s.m_first; ++x) out[x] = static_cast<int32_t>(buf.best[x].id);
+    return;
+  }
   sc.cand.resize(n);
   for (int64_t i = 0; i < n; ++i) sc.cand[i] = {f[i], i, i};
   select_top(sc.cand, s.m_first);
@@ -79,11 +85,18 @@ void rescore_one(const TdqkrShape& s, int64_t h, const T* Sr, const T* Scol, con
   std::fill(sc.G.begin(), sc.G.end(), T(0));
   for (int64_t x = 0; x < m1; ++x)
     for (int64_t b = 0; b < r; ++b) simd::axpy(&sc.G[x * m1], sc.A[b * m1 + x], &sc.Cc[b * m1], m1);
-  sc.cand.resize(m1 * m1);
-  for (int64_t x = 0; x < m1; ++x)
-    for (int64_t y = 0; y < m1; ++y)
-      sc.cand[x * m1 + y] = {sc.G[x * m1 + y], int64_t(irow[x]) * n + icol[y], x * m1 + y};
-  select_top(sc.cand, s.m);
+  if (s.m <= 64) {
+    // Scan G directly (ids computed only for the candidates that pass the threshold).
+    TopBuffer<T> buf(s.m);
+    scan_top(sc.G.data(), m1 * m1, buf, [&](int64_t p) { return int64_t(irow[p / m1]) * n + icol[p % m1]; });
+    sc.cand.assign(buf.best, buf.best + s.m);
+  } else {
+    sc.cand.resize(m1 * m1);
+    for (int64_t x = 0; x < m1; ++x)
+      for (int64_t y = 0; y < m1; ++y)
+        sc.cand[x * m1 + y] = {sc.G[x * m1 + y], int64_t(irow[x]) * n + icol[y], x * m1 + y};
+    select_top(sc.cand, s.m);
+  }
   for (int64_t k = 0; k < s.m; ++k) {
     const int64_t x = sc.cand[k].pos / m1, y = sc.cand[k].pos % m1;
     index[k] = sc.cand[k].id;

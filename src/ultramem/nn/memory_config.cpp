@@ -31,6 +31,22 @@ ValueInit parse_value_init(const std::string& s) {
 const char* to_string(NormKind k) { return k == NormKind::RMS ? "rms" : "layer"; }
 const char* to_string(ValueInit v) { return v == ValueInit::Paper ? "paper" : "fixed"; }
 
+ValueFormat parse_value_format(const std::string& s) {
+  if (s == "fp32" || s == "float32") return ValueFormat::kFloat32;
+  if (s == "bf16" || s == "bfloat16") return ValueFormat::kBFloat16;
+  if (s == "int8") return ValueFormat::kInt8;
+  throw std::invalid_argument("value format: expected \"fp32\", \"bf16\" or \"int8\", got \"" + s + "\"");
+}
+
+const char* to_string(ValueFormat f) {
+  switch (f) {
+    case ValueFormat::kFloat32: return "fp32";
+    case ValueFormat::kBFloat16: return "bf16";
+    case ValueFormat::kInt8: return "int8";
+  }
+  return "?";
+}
+
 int64_t UltraMemConfig::sqrt_E() const {
   int64_t s = 0;
   while ((s + 1) * (s + 1) <= E) ++s;

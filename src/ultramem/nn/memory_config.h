@@ -12,10 +12,16 @@ enum class ValueInit {
   Fixed   // values ~ N(0, value_std^2), as the authors' public code (0.02)
 };
 
+// Storage of an UltraMem value table. kFloat32 is trainable; kBFloat16 and kInt8 (symmetric, one
+// float scale per row: value = q * scale, scale = max|row| / 127) are for inference only.
+enum class ValueFormat { kFloat32, kBFloat16, kInt8 };
+
 NormKind parse_norm_kind(const std::string& s);  // "rms" | "layer"
 ValueInit parse_value_init(const std::string& s);  // "paper" | "fixed"
 const char* to_string(NormKind k);
 const char* to_string(ValueInit v);
+ValueFormat parse_value_format(const std::string& s);  // "fp32" | "float32" | "bf16" | "bfloat16" | "int8"
+const char* to_string(ValueFormat f);                  // "fp32" | "bf16" | "int8"
 
 struct UltraMemConfig {
   int64_t D = 256;       // model width (input and output of the layer)
@@ -40,6 +46,9 @@ struct UltraMemConfig {
   bool track_stats = true;           // memory telemetry (coverage, KL, scores, output std)
   int64_t stats_window = 4096;       // tokens per telemetry window
   uint64_t seed = 0;                 // seeds weights and the IVE permutation
+  // Not part of the JSON config: false leaves the value table and the permutation allocated but
+  // unwritten (no memory is touched), for models whose weights are about to be loaded.
+  bool init_values = true;
 
   int64_t sqrt_E() const;                                   // integer square root of E
   int64_t physical_rows() const { return n * n / E; }       // N

@@ -7,6 +7,7 @@
 #include <random>
 
 #include "ultramem/nn/dtype_guard.h"
+#include "ultramem/nn/huge_page_tensor.h"
 #include "ultramem/ops/ops.h"
 
 namespace ultramem::nn {
@@ -29,21 +30,31 @@ UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
   keys = register_parameter("keys", normal({c.H, 2, c.n, c.Dk, c.r}, 1.0 / std::sqrt(double(c.Dk))));
   k_scale = register_parameter("k_scale", torch::full({2, c.Dk}, qk_scale));
   cores = register_parameter("cores", at::rand({c.C, c.H, c.r, c.r}, gen));
-  values = register_parameter("values", normal({N, c.Dv}, value_std));
+  // The value table and the permutation are read at random rows: they live on huge pages. Filled
+  // in place (normal_ draws the same numbers as at::normal with the same generator).
+  values = register_parameter("values", detail::empty_on_huge_pages({N, c.Dv}, torch::kFloat));
+  if (c.init_values) {
+    torch::NoGradGuard no_grad;
+    values.normal_(0.0, value_std, gen);
+  }
   wo = register_parameter("wo", normal({c.E * c.Dv, c.D}, 1.0 / std::sqrt(double(c.E * c.Dv))));
 
   // Fixed random permutation of the E*N grid addresses (seeded; saved with the model).
-  std::vector<int64_t> p(c.n * c.n);
-  std::iota(p.begin(), p.end(), 0);
-  std::mt19937_64 rng(c.seed ^ 0x9e3779b97f4a7c15ULL);
-  for (int64_t i = static_cast<int64_t>(p.size()) - 1; i > 0; --i) {
-    std::uniform_int_distribution<int64_t> pick(0, i);
-    std::swap(p[i], p[pick(rng)]);
+  perm = register_buffer("perm", detail::empty_on_huge_pages({c.n * c.n}, torch::kLong));
+  if (c.init_values) {
+    int64_t* p = perm.data_ptr<int64_t>();
+    const int64_t slots = c.n * c.n;
+    std::iota(p, p + slots, int64_t(0));
+    std::mt19937_64 rng(c.seed ^ 0x9e3779b97f4a7c15ULL);
+    for (int64_t i = slots - 1; i > 0; --i) {
+      std::uniform_int_distribution<int64_t> pick(0, i);
+      std::swap(p[i], p[pick(rng)]);
+    }
   }
-  perm = register_buffer("perm", torch::tensor(p, torch::kLong));
   u_vec = register_buffer("u", torch::zeros({c.H, c.r}));
   v_vec = register_buffer("v", torch::zeros({c.H, c.r}));
   if (c.track_stats) hits_.assign(c.n * c.n, 0);
+  infer_ = make_inference_cache();
   refresh_tucker_approx();
 }
 
@@ -63,6 +74,11 @@ torch::Tensor UltraMemImpl::forward(const torch::Tensor& x) {
               " differs from the layer's ", wq.scalar_type());
   auto lead = x.sizes().vec();
   lead.pop_back();
+  lead.push_back(c.D);
+  // No grad and the local table: the inference fast path (ultramem_inference.cpp).
+  if (!at::GradMode::is_enabled() && !value_lookup_)
+    return forward_inference(x.reshape({-1, c.D}).contiguous()).view(lead);
+  check_trainable();
   const auto u = x.reshape({-1, c.D});  // [T, D]
   const int64_t T = u.size(0);
 
@@ -84,10 +100,10 @@ torch::Tensor UltraMemImpl::forward(const torch::Tensor& x) {
   auto [scores, index] = ops::tdqkr(s_row, s_col, cores, u_vec.to(s_row.scalar_type()),
                                     v_vec.to(s_row.scalar_type()), c.first_stage_m(), c.m);
   // scores: [T, H*m, C], index: [T, H*m]
-  const auto pooled = ops::pooled_lookup(values, index, scores, perm, c.E, c.sparse_value_grad);
+  const auto pooled = value_lookup_ ? value_lookup_->lookup(values, index, scores, perm, c.E, c.sparse_value_grad)
+                                    : ops::pooled_lookup(values, index, scores, perm, c.E, c.sparse_value_grad);
   auto out = pooled.matmul(wo);                                        // [T, D]
   if (c.track_stats) record_stats(scores, index, out);
-  lead.push_back(c.D);
   return out.view(lead);
 }
 
@@ -128,6 +144,7 @@ void UltraMemImpl::refresh_tucker_approx() {
   v_vec.copy_(v_new);
   core_l1_ = S.select(1, 0).mean().item<double>();
   core_l2_ = c.r >= 2 ? S.select(1, 1).mean().item<double>() : 0.0;
+  invalidate_inference_cache();  // an optimizer step may have written the keys without a version bump
 }
 
 void UltraMemImpl::record_stats(const torch::Tensor& scores, const torch::Tensor& index,
@@ -189,11 +206,27 @@ void UltraMemImpl::reset_stats() {
   window_ = MemoryStats{};
 }
 
+// A bf16 / int8 value table (and its scales) keeps its storage format through dtype conversions. A
+// converted read-only (mapped) float table is an owned copy afterwards.
+template <typename Fn>
+void UltraMemImpl::keep_stored_values(Fn&& convert) {
+  const void* before = values.data_ptr();
+  if (format_ == ValueFormat::kFloat32) {
+    convert();
+    if (values.data_ptr() != before) values_read_only_ = false;
+    return;
+  }
+  const torch::Tensor v = values.detach(), scale = values_scale.defined() ? values_scale.detach() : torch::Tensor();
+  convert();
+  values.set_data(v);
+  if (scale.defined()) values_scale.set_data(scale);
+}
+
 void UltraMemImpl::to(torch::Dtype dtype, bool non_blocking) {
-  detail::keep_integer_buffers(*this, [&] { Module::to(dtype, non_blocking); });
+  keep_stored_values([&] { detail::keep_integer_buffers(*this, [&] { Module::to(dtype, non_blocking); }); });
 }
 void UltraMemImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
-  detail::keep_integer_buffers(*this, [&] { Module::to(device, dtype, non_blocking); });
+  keep_stored_values([&] { detail::keep_integer_buffers(*this, [&] { Module::to(device, dtype, non_blocking); }); });
 }
 void UltraMemImpl::to(torch::Device device, bool non_blocking) { Module::to(device, non_blocking); }
 

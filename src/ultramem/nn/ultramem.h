@@ -5,9 +5,11 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include <memory>
 #include <vector>
 
 #include "ultramem/nn/memory_config.h"
+#include "ultramem/nn/value_lookup.h"
 
 namespace ultramem::nn {
 
@@ -48,23 +50,81 @@ class UltraMemImpl : public torch::nn::Module {
 
   const UltraMemConfig& config() const { return cfg_; }
 
+  // Replaces the local pooled lookup (ops::pooled_lookup over `values`) by `lookup`, e.g.
+  // dist::ShardedValueLookup, for which `values` holds only this process's column slice [N, Dv/W].
+  // With a lookup installed every forward, no-grad ones included, goes through it. nullptr: local op.
+  void set_value_lookup(std::shared_ptr<ValueLookup> lookup) { value_lookup_ = std::move(lookup); }
+  const std::shared_ptr<ValueLookup>& value_lookup() const { return value_lookup_; }
+
+  // ---- Inference (ultramem_inference.cpp) -----------------------------------------------------
+  // With grad mode off (torch::NoGradGuard or torch::InferenceMode) forward() takes a fast path: no
+  // autograd graph, the normalised keys cached (recomputed when keys or k_scale change, see
+  // invalidate_inference_cache), the kernels called on raw buffers, telemetry only with
+  // config().track_stats. It gives the same result as the autograd path up to float rounding.
+
+  // Stores the value table as `f`: float32 (trainable), bf16 or int8 with a per-row scale (inference
+  // only: a grad-enabled forward then throws std::logic_error). Quantising starts from float32 values;
+  // bf16 -> float32 is exact and allowed; converting int8 back, or bf16 to int8, throws
+  // std::logic_error (reload the float32 weights instead). A converted table sits on transparent huge
+  // pages. Same format: no-op. Throws std::invalid_argument for non-finite values (int8).
+  void set_value_format(ValueFormat f);
+  ValueFormat value_format() const { return format_; }
+  // Bytes of the stored value table, per-row scales included.
+  int64_t value_bytes() const;
+
+  // Installs a value table as stored (checkpoint loading, memory mapping): values [N, Dv] float32,
+  // bfloat16 or int8; scale [N] float32 for int8, undefined otherwise. The tensors are used as they
+  // are (no copy). read_only: the memory must never be written (a read-only file mapping); such a
+  // layer refuses grad-enabled forwards. Throws std::invalid_argument for wrong shapes or dtypes and
+  // std::logic_error where set_value_format would (an int8 table cannot be replaced by another format).
+  void set_value_table(torch::Tensor values, torch::Tensor scale, bool read_only);
+  bool values_read_only() const { return values_read_only_; }
+
+  // Drops the cached normalised keys; the next no-grad forward recomputes them. The cache is also
+  // dropped by train()/eval() and by refresh_tucker_approx() (once per optimizer step), which covers
+  // optimizers that write parameters through raw pointers (no version bump); call this after any
+  // other such write to keys or k_scale.
+  void invalidate_inference_cache();
+  void train(bool on = true) override;
+
   // Parameters (registered under these names).
   torch::Tensor wq;       // [D, 2*Dk]           query projection (shared by all heads)
   torch::Tensor q_scale;  // [2, Dk]             query norm scales (row half, col half)
   torch::Tensor keys;     // [H, 2, n, Dk, r]    un-normalised keys
   torch::Tensor k_scale;  // [2, Dk]             key norm scales (row keys, col keys)
   torch::Tensor cores;    // [C, H, r, r]        Tucker cores
-  torch::Tensor values;   // [N, Dv]             physical value table
+  torch::Tensor values;   // [N, Dv]             physical value table (float32, or bf16 / int8, see value_format())
   torch::Tensor wo;       // [E*Dv, D]           output projection (one [Dv, D] block per IVE group)
   // Buffers.
   torch::Tensor perm;     // [E*N] int64         IVE permutation of the grid addresses
   torch::Tensor u_vec;    // [H, r]              rank-1 filter, row side
   torch::Tensor v_vec;    // [H, r]              rank-1 filter, col side
+  torch::Tensor values_scale;  // [N] float32      per-row scale of int8 values; registered (buffer
+                               //                  "values_scale") once the table is int8, else undefined
 
  private:
   torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& scale) const;  // over last dim
   void record_stats(const torch::Tensor& scores, const torch::Tensor& index, const torch::Tensor& out);
+  // The no-grad fast path; u: [T, D] contiguous -> [T, D].
+  torch::Tensor forward_inference(const torch::Tensor& u);
+  template <typename S>
+  void forward_inference_impl(const S* u, int64_t T, S* out);  // u: [T, D], out: [T, D]
+  // Throws std::logic_error when the value table cannot be trained (format, read-only memory).
+  void check_trainable() const;
+  // Runs `convert` (a Module::to) keeping a bf16 / int8 value table and its scales as they are.
+  template <typename Fn>
+  void keep_stored_values(Fn&& convert);
+  // Records hit counts and score/output statistics from raw buffers (the fast path's telemetry).
+  template <typename S>
+  void record_stats_raw(const S* scores, const int64_t* index, int64_t T, const S* out);
 
+  struct InferenceCache;                 // normalised keys (ultramem_inference.cpp)
+  static std::shared_ptr<InferenceCache> make_inference_cache();
+  std::shared_ptr<InferenceCache> infer_;
+  ValueFormat format_ = ValueFormat::kFloat32;
+  bool values_read_only_ = false;
+
+  std::shared_ptr<ValueLookup> value_lookup_;  // replaces ops::pooled_lookup when set
   UltraMemConfig cfg_;
   std::vector<int32_t> hits_;   // [n*n] hit counts of the current window
   MemoryStats window_;          // running sums of the current window

@@ -4,12 +4,20 @@
 // version, model config, train config and trainer state (JSON) and a CRC-32 checksum. Written
 // atomically (io::save_safetensors: temporary file, fsync, rename), so a crash mid-write leaves the
 // previous checkpoint intact. Format details: docs/training.md.
+//
+// Sharded checkpoints (written by several ranks, docs/distributed.md): the main file holds every tensor
+// that all ranks share plus a manifest (metadata "shards"); each rank's column slices of the split
+// tensors (memory values and their optimizer moments) are in shard files next to it, named in the
+// manifest together with their checksums. read_checkpoint assembles them transparently, or cuts any
+// tensor to the columns a caller asks for (loading N ranks' checkpoint into M ranks).
 #pragma once
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
 #include <map>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -20,6 +28,7 @@ class AdamW;
 
 inline constexpr const char* kCheckpointFormat = "ultramem-checkpoint";
 inline constexpr int kCheckpointVersion = 1;
+inline constexpr const char* kCheckpointShardFormat = "ultramem-checkpoint-shard";
 
 // Everything a checkpoint holds, as read back.
 struct Checkpoint {
@@ -30,6 +39,8 @@ struct Checkpoint {
   std::map<std::string, torch::Tensor> model;   // parameter/buffer name -> tensor ("model." stripped)
   std::map<std::string, torch::Tensor> optim;   // optimizer state ("optim." stripped; empty if none)
   torch::Tensor rng;                            // [S] uint8 CPU generator state; undefined if none
+  int64_t shard_world = 0;                      // > 0: a sharded checkpoint written by this many ranks
+  std::map<std::string, std::string> metadata;  // all string metadata of the main file (e.g. "value_format")
 };
 
 struct CheckpointWriteOptions {
@@ -37,6 +48,31 @@ struct CheckpointWriteOptions {
   nlohmann::json train_config;                  // stored when not null
   nlohmann::json trainer_state;                 // stored when not null
   bool rng = true;                              // include the CPU generator state
+  // Sharded checkpoints only: tensors left out of the main file ("model.<name>", "optim.<name>.exp_avg",
+  // ...) because they live in shard files, and the manifest stored as metadata "shards" (see
+  // docs/distributed.md). Both empty/null for a one-file checkpoint.
+  std::set<std::string> exclude;
+  nlohmann::json shards;
+  // Further string metadata to store (e.g. "value_format" of a quantised model); the keys written
+  // above (format, model_config, ...) are reserved.
+  std::map<std::string, std::string> metadata;
+};
+
+// Columns [begin, end) of dimension 1.
+struct ColumnRange {
+  int64_t begin = 0, end = 0;
+};
+
+struct CheckpointReadOptions {
+  // Tensors (file names: "model.<name>", "optim.<name>.exp_avg", ...) to return cut to these columns
+  // of dimension 1, whether the file holds them whole or in shards. Other tensors come whole.
+  std::map<std::string, ColumnRange> columns;
+  // With a sharded checkpoint written by exactly `world` ranks, Checkpoint::rng is the generator state
+  // rank `rank` saved (else rank 0's, from the main file).
+  int64_t rank = -1, world = 0;
+  // Entries of `columns` naming tensors the file does not have are skipped instead of an error (e.g.
+  // optimizer moments asked of a weights-only checkpoint).
+  bool skip_missing_columns = false;
 };
 
 // Writes `model`'s parameters and buffers with `model_config` and the optional parts. Throws
@@ -46,7 +82,20 @@ void save_checkpoint(const std::string& path, const torch::nn::Module& model,
 
 // Reads and verifies a checkpoint: file structure (truncation, bad header), format name and version,
 // required metadata and the checksum. Throws std::runtime_error naming the file and the problem.
+// A sharded checkpoint comes assembled (every split tensor whole), its shard files verified against
+// the manifest (name, rank, checksum); a missing, stale or corrupt shard is an error naming the file.
 Checkpoint read_checkpoint(const std::string& path);
+// The same with tensors cut to columns (see CheckpointReadOptions). Only the shard files that hold
+// wanted columns are read. std::runtime_error for a column range outside a tensor or a tensor that is
+// not at least two-dimensional.
+Checkpoint read_checkpoint(const std::string& path, const CheckpointReadOptions& options);
+
+// Writes one rank's shard file: `tensors` (file names, each a column slice) and `shard_info` (JSON
+// object: rank, world, step, ...) as metadata "shard", with format, version and checksum. Atomic like
+// save_checkpoint. Returns the checksum ("crc32:...") for the manifest.
+std::string save_checkpoint_shard(const std::string& path,
+                                  const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                                  const nlohmann::json& shard_info);
 
 // Differences between two flat-or-nested JSON configs as "key: <a> vs <b>" lines, keys as dotted paths
 // (nested objects are compared key by key). Empty when equal.

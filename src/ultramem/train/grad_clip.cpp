@@ -27,7 +27,10 @@ double grad_norm(const std::vector<torch::Tensor>& params) {
 }
 
 double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
-  const double norm = grad_norm(params);
+  return scale_grads_to_max_norm(params, grad_norm(params), max_norm);
+}
+
+double scale_grads_to_max_norm(const std::vector<torch::Tensor>& params, double norm, double max_norm) {
   if (max_norm <= 0 || !std::isfinite(norm) || norm <= max_norm) return norm;
   const double coef = max_norm / (norm + 1e-6);
   at::NoGradGuard no_grad;

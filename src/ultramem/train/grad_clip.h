@@ -16,4 +16,9 @@ double grad_norm(const std::vector<torch::Tensor>& params);
 // max_norm / (norm + 1e-6). Returns the norm before clipping (may be inf/nan; then nothing is scaled).
 double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
 
+// The scaling step of clip_grad_norm for a norm computed elsewhere (e.g. across processes): if
+// max_norm > 0 and the finite `norm` exceeds it, scales every gradient by max_norm / (norm + 1e-6).
+// Sparse gradients must be coalesced (grad_norm does that). Returns `norm`.
+double scale_grads_to_max_norm(const std::vector<torch::Tensor>& params, double norm, double max_norm);
+
 }  // namespace ultramem::train

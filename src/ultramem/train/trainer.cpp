@@ -109,8 +109,9 @@ TrainerState trainer_state_from_json(const nlohmann::json& j) {
 }
 
 Trainer::Trainer(std::shared_ptr<TrainableModel> model, TrainConfig cfg, BatchSource train,
-                 std::vector<Batch> eval, std::ostream* log)
+                 std::vector<Batch> eval, std::ostream* log, std::shared_ptr<ParallelContext> parallel)
     : model_(std::move(model)),
+      parallel_(std::move(parallel)),
       cfg_(validated(cfg)),
       source_(std::move(train)),
       eval_(std::move(eval)),
@@ -156,11 +157,12 @@ Trainer::Trainer(std::shared_ptr<TrainableModel> model, TrainConfig cfg, BatchSo
   opt_ = std::make_unique<AdamW>(std::move(groups), AdamWOptions{cfg_.beta1, cfg_.beta2, cfg_.eps});
 
   metrics_path_ = (std::filesystem::path(cfg_.out_dir) / "metrics.jsonl").string();
-  torch::manual_seed(cfg_.seed);
+  const uint64_t rank = parallel_ ? static_cast<uint64_t>(parallel_->rank()) : 0;
+  torch::manual_seed(cfg_.seed + rank * 0x9E3779B97F4A7C15ULL);
 }
 
 void Trainer::resume(const std::string& path) {
-  const Checkpoint ckpt = read_checkpoint(path);
+  const Checkpoint ckpt = parallel_ ? parallel_->read_checkpoint(path) : read_checkpoint(path);
   if (ckpt.optim.empty())
     throw std::runtime_error("checkpoint " + path +
                              ": no optimizer state (a weights-only checkpoint such as best.safetensors); "
@@ -197,7 +199,7 @@ void Trainer::resume(const std::string& path) {
   if (st.data_position >= 0) {
     if (source_.set_position) {
       source_.set_position(st.data_position);
-    } else if (log_) {
+    } else if (log_ && lead()) {
       *log_ << "warning: the batch source cannot restore its position; the resumed run sees other data\n";
     }
   }
@@ -212,6 +214,7 @@ StepStats Trainer::train_step() {
   module.train();
   opt_->zero_grad();
   const double scale = 1.0 / static_cast<double>(cfg_.grad_accum);
+  const int64_t world = parallel_ ? parallel_->world_size() : 1;
   for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
     const Batch b = source_.next();
     check_batch(b, "training");
@@ -224,7 +227,16 @@ StepStats Trainer::train_step() {
       loss = loss + a;
     }
     (loss * scale).backward();
-    state_.tokens_seen += b.inputs.numel();
+    state_.tokens_seen += b.inputs.numel() * world;
+  }
+  if (parallel_) {
+    // Global means over the ranks (the aux names are the same on every rank: same model).
+    std::vector<double> v = {s.ce};
+    for (const auto& [name, a] : s.aux) v.push_back(a);
+    parallel_->all_reduce_sum(v);
+    s.ce = v[0] / static_cast<double>(world);
+    size_t i = 1;
+    for (auto& [name, a] : s.aux) a = v[i++] / static_cast<double>(world);
   }
   s.loss = s.ce;
   for (const auto& [name, v] : s.aux) s.loss += v;
@@ -233,7 +245,12 @@ StepStats Trainer::train_step() {
     throw std::runtime_error("training diverged: loss is " + std::to_string(s.loss) + " at step " +
                              std::to_string(step + 1) + " (weights not updated)");
   const auto t_update = Clock::now();
-  s.grad_norm = clip_grad_norm(all_params_, cfg_.grad_clip);
+  if (parallel_) {
+    parallel_->synchronize_gradients(all_params_);
+    s.grad_norm = scale_grads_to_max_norm(all_params_, parallel_->grad_norm(all_params_), cfg_.grad_clip);
+  } else {
+    s.grad_norm = clip_grad_norm(all_params_, cfg_.grad_clip);
+  }
   s.lr = schedule_(step);
   s.value_lr_mult = value_mult_(step);
   opt_->group("memory_values").lr_mult = s.value_lr_mult;
@@ -261,7 +278,9 @@ double Trainer::evaluate() {
     sum += lm_loss(model_->forward(b.inputs), b.targets).item<double>();
   }
   module.train();
-  return sum / static_cast<double>(n);
+  std::vector<double> mean = {sum / static_cast<double>(n)};
+  if (parallel_) parallel_->broadcast_from_rank0(mean);  // every rank evaluated the same batches
+  return mean[0];
 }
 
 void Trainer::save_checkpoint(const std::string& path) {
@@ -271,17 +290,26 @@ void Trainer::save_checkpoint(const std::string& path) {
   o.train_config = train_config_to_json(cfg_);
   o.trainer_state = trainer_state_to_json(state_);
   o.rng = true;
-  train::save_checkpoint(path, model_->module(), model_->config_json(), o);
+  write_checkpoint(path, o);
+}
+
+void Trainer::write_checkpoint(const std::string& path, const CheckpointWriteOptions& options) {
+  if (parallel_) {
+    parallel_->save_checkpoint(path, model_->module(), model_->config_json(), options);
+  } else {
+    train::save_checkpoint(path, model_->module(), model_->config_json(), options);
+  }
 }
 
 void Trainer::write_metrics(const nlohmann::json& record) {
+  if (!lead()) return;
   std::ofstream out(metrics_path_, std::ios::app);
   if (!out) throw std::runtime_error("cannot append to " + metrics_path_);
   out << record.dump() << '\n';
 }
 
 void Trainer::log_progress(const StepStats& s, double window_loss, double tokens_per_s, double step_seconds) {
-  if (!log_) return;
+  if (!log_ || !lead()) return;
   const double eta = static_cast<double>(cfg_.steps - s.step) * step_seconds;
   char buf[256];
   std::snprintf(buf, sizeof buf,
@@ -300,7 +328,7 @@ const TrainerState& Trainer::run(int64_t stop_at_step) {
   const std::string ckpt_path = (fs::path(cfg_.out_dir) / "checkpoint.safetensors").string();
   const std::string best_path = (fs::path(cfg_.out_dir) / "best.safetensors").string();
 
-  if (!resumed_ && state_.step == 0) std::ofstream(metrics_path_, std::ios::trunc);
+  if (!resumed_ && state_.step == 0 && lead()) std::ofstream(metrics_path_, std::ios::trunc);
   write_metrics({{"event", resumed_ ? "resume" : "start"},
                  {"step", state_.step},
                  {"train_config", train_config_to_json(cfg_)},
@@ -371,7 +399,7 @@ const TrainerState& Trainer::run(int64_t stop_at_step) {
                      {"val_loss", val},
                      {"best_val_loss", state_.best_val_loss},
                      {"best_step", state_.best_step}});
-      if (log_) {
+      if (log_ && lead()) {
         char buf[160];
         std::snprintf(buf, sizeof buf, "eval step %lld: val loss %.4f (best %.4f at step %lld)",
                       static_cast<long long>(state_.step), val, state_.best_val_loss,
@@ -383,7 +411,7 @@ const TrainerState& Trainer::run(int64_t stop_at_step) {
         o.train_config = train_config_to_json(cfg_);
         o.trainer_state = trainer_state_to_json(state_);
         o.rng = false;
-        train::save_checkpoint(best_path, model_->module(), model_->config_json(), o);
+        write_checkpoint(best_path, o);
       }
     }
     if ((cfg_.checkpoint_every > 0 && state_.step % cfg_.checkpoint_every == 0) || last) {

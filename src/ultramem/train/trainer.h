@@ -18,6 +18,7 @@
 #include "ultramem/train/batch_source.h"
 #include "ultramem/train/model.h"
 #include "ultramem/train/optimizer.h"
+#include "ultramem/train/parallel.h"
 #include "ultramem/train/schedule.h"
 #include "ultramem/train/train_config.h"
 
@@ -58,8 +59,15 @@ class Trainer {
   // std::invalid_argument for a bad config, a batch source without next(), or parameter groups that
   // do not cover every trainable parameter exactly once. `eval`: fixed validation batches (the first
   // cfg.eval_batches are used). `log`: progress lines (nullptr: silent).
+  //
+  // `parallel` (optional) makes this trainer one rank of a data-parallel run (train/parallel.h): `train`
+  // then yields this rank's share of each global batch (cfg.batch_size / world rows), `eval` the same
+  // batches on every rank. Losses, token counts and the grad norm are global; gradients are
+  // synchronised before clipping; only rank 0 writes metrics.jsonl and progress lines; checkpoints go
+  // through the context. Rank r > 0 seeds torch with seed + r * 0x9E3779B97F4A7C15 (own dropout masks).
   Trainer(std::shared_ptr<TrainableModel> model, TrainConfig cfg, BatchSource train,
-          std::vector<Batch> eval = {}, std::ostream* log = nullptr);
+          std::vector<Batch> eval = {}, std::ostream* log = nullptr,
+          std::shared_ptr<ParallelContext> parallel = nullptr);
 
   // Restores a checkpoint written by this trainer: weights and buffers, optimizer state and step
   // count, CPU RNG state, trainer state, data position (through BatchSource::set_position). Throws
@@ -95,9 +103,12 @@ class Trainer {
 
  private:
   void write_metrics(const nlohmann::json& record);
+  void write_checkpoint(const std::string& path, const CheckpointWriteOptions& options);
+  bool lead() const { return !parallel_ || parallel_->rank() == 0; }  // logs and writes metrics
   void log_progress(const StepStats& s, double window_loss, double tokens_per_s, double step_seconds);
 
   std::shared_ptr<TrainableModel> model_;
+  std::shared_ptr<ParallelContext> parallel_;  // null: a single process
   TrainConfig cfg_;
   BatchSource source_;
   std::vector<Batch> eval_;

@@ -1,0 +1,40 @@
+// Loading a language model for inference from a checkpoint of any value format (float32, bf16 or int8
+// memory value tables), optionally with the value tables memory-mapped from the file instead of read.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "ultramem/nn/memory_config.h"
+#include "ultramem/nn/transformer.h"
+
+namespace ultramem::infer {
+
+struct LoadOptions {
+  // Map the checkpoint file (read-only) and serve the UltraMem value tables from the mapping: nothing
+  // of them is copied, pages are read from the file on first touch, so a table larger than RAM can be
+  // served (from the page cache). The other weights are copied into the model. The checksum is not
+  // verified (it would read the whole file); sharded checkpoints cannot be mapped.
+  bool mmap = false;
+  // Receives notes and warnings (e.g. a tensor that could not be mapped and was copied). Null: silent.
+  std::function<void(const std::string&)> warn;
+};
+
+struct LoadedModel {
+  nn::Transformer model{nullptr};     // in eval mode
+  nlohmann::json train_config;        // null when the checkpoint has none
+  nn::ValueFormat value_format = nn::ValueFormat::kFloat32;
+  int64_t value_bytes = 0;            // all UltraMem value tables, per-row scales included
+  int64_t mapped_tables = 0;          // value tables served from the mapping (mmap)
+  std::vector<std::string> copied;    // mmap: model tensors copied, not mapped (not 64-byte aligned in the
+                                      // file; small odd-sized ones always are, warn() names value tables)
+};
+
+// Builds the model from the checkpoint's stored config and loads its weights; the value tables keep
+// the checkpoint's format (UltraMemImpl::value_format). Throws std::runtime_error naming the file for
+// unreadable, corrupt or mismatching checkpoints.
+LoadedModel load_model(const std::string& path, const LoadOptions& options = {});
+
+}  // namespace ultramem::infer

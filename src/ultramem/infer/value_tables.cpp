@@ -1,0 +1,57 @@
+#include "ultramem/infer/value_tables.h"
+
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+#include "ultramem/train/checkpoint.h"
+
+namespace ultramem::infer {
+
+std::vector<std::pair<std::string, nn::UltraMemImpl*>> ultramem_layers(torch::nn::Module& model) {
+  std::vector<std::pair<std::string, nn::UltraMemImpl*>> out;
+  for (const auto& item : model.named_modules(/*name_prefix=*/"", /*include_self=*/true))
+    if (auto* layer = dynamic_cast<nn::UltraMemImpl*>(item.value().get())) out.emplace_back(item.key(), layer);
+  return out;
+}
+
+void set_value_format(torch::nn::Module& model, nn::ValueFormat f) {
+  for (auto& [name, layer] : ultramem_layers(model)) {
+    try {
+      layer->set_value_format(f);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(name + ": " + e.what());
+    } catch (const std::logic_error& e) {
+      throw std::logic_error(name + ": " + e.what());
+    }
+  }
+}
+
+nn::ValueFormat value_format(torch::nn::Module& model) {
+  const auto layers = ultramem_layers(model);
+  if (layers.empty()) return nn::ValueFormat::kFloat32;
+  const nn::ValueFormat f = layers.front().second->value_format();
+  for (const auto& [name, layer] : layers)
+    if (layer->value_format() != f)
+      throw std::logic_error("the memory layers store their values in different formats (" + layers.front().first +
+                             ": " + nn::to_string(f) + ", " + name + ": " + nn::to_string(layer->value_format()) + ")");
+  return f;
+}
+
+int64_t value_bytes(torch::nn::Module& model) {
+  int64_t b = 0;
+  for (const auto& [name, layer] : ultramem_layers(model)) b += layer->value_bytes();
+  return b;
+}
+
+void save_weights(const std::string& path, torch::nn::Module& model, const nlohmann::json& model_config,
+                  const nlohmann::json& train_config) {
+  train::CheckpointWriteOptions o;
+  o.rng = false;
+  o.train_config = train_config;
+  o.metadata[kValueFormatKey] = nn::to_string(value_format(model));
+  train::save_checkpoint(path, model, model_config, o);
+}
+
+}  // namespace ultramem::infer

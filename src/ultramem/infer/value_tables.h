@@ -1,0 +1,41 @@
+// A whole model's memory value tables for inference: finding the UltraMem layers, switching their
+// storage format (float32 / bf16 / int8, nn::UltraMemImpl::set_value_format) and writing the
+// result as a weights-only checkpoint that eval / generate load like any other.
+#pragma once
+#include <torch/nn/module.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "ultramem/nn/memory_config.h"
+#include "ultramem/nn/ultramem.h"
+
+namespace ultramem::infer {
+
+// Checkpoint metadata key recording the value format ("fp32" | "bf16" | "int8").
+inline constexpr const char* kValueFormatKey = "value_format";
+
+// The UltraMem layers of `model` with their module names (e.g. "memories.0"), in module order.
+std::vector<std::pair<std::string, nn::UltraMemImpl*>> ultramem_layers(torch::nn::Module& model);
+
+// Converts every UltraMem layer's value table (see UltraMemImpl::set_value_format; its errors
+// propagate). A model without UltraMem layers is left as it is.
+void set_value_format(torch::nn::Module& model, nn::ValueFormat f);
+
+// The common value format of the UltraMem layers (kFloat32 when there are none). Throws
+// std::logic_error when layers differ.
+nn::ValueFormat value_format(torch::nn::Module& model);
+
+// Bytes of all UltraMem value tables, per-row scales included.
+int64_t value_bytes(torch::nn::Module& model);
+
+// Writes `model`'s weights (no optimizer state, no generator state) with `model_config` and the value
+// format in the metadata (kValueFormatKey), plus `train_config` when not null. Atomic, like every
+// checkpoint; throws std::runtime_error naming the file on failure.
+void save_weights(const std::string& path, torch::nn::Module& model, const nlohmann::json& model_config,
+                  const nlohmann::json& train_config);
+
+}  // namespace ultramem::infer

@@ -1,0 +1,200 @@
+// Few-row matrix products (see small_matmul.h). Compiled once per ISA (UM_ISA = generic | avx2);
+// the references in the generic build only.
+#include "ultramem/kernels/small_matmul.h"
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "ultramem/kernels/kernel_table.h"
+#include "ultramem/kernels/simd.h"
+
+namespace ultramem::kernels {
+namespace {
+
+constexpr int kLanes = 16;
+
+// Sum of 16 partial sums in a fixed tree: h[l] = a[l] + a[l + 8], then ((h0+h1)+(h2+h3))+((h4+h5)+(h6+h7)).
+template <typename T>
+inline T reduce16(const T* a) {
+  T h[8];
+  for (int l = 0; l < 8; ++l) h[l] = a[l] + a[l + 8];
+  return ((h[0] + h[1]) + (h[2] + h[3])) + ((h[4] + h[5]) + (h[6] + h[7]));
+}
+
+#if defined(__AVX2__)
+// The same tree with AVX2 (bitwise equal: the same additions in the same pairing).
+inline float reduce16(__m256 a0, __m256 a1) {
+  __m256 h = _mm256_add_ps(a0, a1);     // h0..h7
+  h = _mm256_hadd_ps(h, h);             // (h0+h1, h2+h3, .., ..) | (h4+h5, h6+h7, .., ..)
+  h = _mm256_hadd_ps(h, h);             // ((h0+h1)+(h2+h3)) x4 | ((h4+h5)+(h6+h7)) x4
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+#endif
+
+// out[t * ldo] = <x[t * K : t * K + K], row> for t < TB, with lane l summing the products of
+// elements i = l mod 16. A partial last block of 16 is padded with zero products.
+template <typename T, int TB>
+inline void dots(const T* __restrict x, const T* __restrict row, int64_t K, T* out, int64_t ldo) {
+  T acc[TB][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= K; i += kLanes)
+    for (int t = 0; t < TB; ++t)
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) acc[t][l] += x[t * K + i + l] * row[i + l];
+  if (i < K) {
+    T xt[TB][kLanes] = {}, rt[kLanes] = {};
+    for (int64_t j = i; j < K; ++j) {
+      rt[j - i] = row[j];
+      for (int t = 0; t < TB; ++t) xt[t][j - i] = x[t * K + j];
+    }
+    for (int t = 0; t < TB; ++t)
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) acc[t][l] += xt[t][l] * rt[l];
+  }
+  for (int t = 0; t < TB; ++t) out[t * ldo] = reduce16(acc[t]);
+}
+
+#if defined(__AVX2__)
+// float specialisation with the accumulators pinned in registers (same arithmetic as above).
+template <int TB>
+inline void dots_avx2(const float* __restrict x, const float* __restrict row, int64_t K, float* out, int64_t ldo) {
+  __m256 a0[TB], a1[TB];
+  for (int t = 0; t < TB; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + kLanes <= K; i += kLanes) {
+    const __m256 r0 = _mm256_loadu_ps(row + i), r1 = _mm256_loadu_ps(row + i + 8);
+    for (int t = 0; t < TB; ++t) {
+      a0[t] = _mm256_add_ps(a0[t], _mm256_mul_ps(_mm256_loadu_ps(x + t * K + i), r0));
+      a1[t] = _mm256_add_ps(a1[t], _mm256_mul_ps(_mm256_loadu_ps(x + t * K + i + 8), r1));
+    }
+  }
+  if (i < K) {
+    alignas(32) float xt[TB][kLanes] = {}, rt[kLanes] = {};
+    for (int64_t j = i; j < K; ++j) {
+      rt[j - i] = row[j];
+      for (int t = 0; t < TB; ++t) xt[t][j - i] = x[t * K + j];
+    }
+    const __m256 r0 = _mm256_load_ps(rt), r1 = _mm256_load_ps(rt + 8);
+    for (int t = 0; t < TB; ++t) {
+      a0[t] = _mm256_add_ps(a0[t], _mm256_mul_ps(_mm256_load_ps(xt[t]), r0));
+      a1[t] = _mm256_add_ps(a1[t], _mm256_mul_ps(_mm256_load_ps(xt[t] + 8), r1));
+    }
+  }
+  for (int t = 0; t < TB; ++t) out[t * ldo] = reduce16(a0[t], a1[t]);
+}
+template <>
+inline void dots<float, 1>(const float* x, const float* row, int64_t K, float* out, int64_t ldo) {
+  dots_avx2<1>(x, row, K, out, ldo);
+}
+template <>
+inline void dots<float, 2>(const float* x, const float* row, int64_t K, float* out, int64_t ldo) {
+  dots_avx2<2>(x, row, K, out, ldo);
+}
+template <>
+inline void dots<float, 4>(const float* x, const float* row, int64_t K, float* out, int64_t ldo) {
+  dots_avx2<4>(x, row, K, out, ldo);
+}
+#endif
+
+}  // namespace
+
+namespace UM_ISA {
+namespace {
+
+constexpr int64_t kColBlock = 512;  // output columns per block (rows x 2 KiB of out stay in L1/L2)
+
+// Row k of w is streamed once per block and added to every output row: out[t, j] sums over k
+// ascending (the reference's order).
+template <typename T>
+void matmul_rows_impl(int64_t rows, int64_t K, int64_t N, const T* x, const T* w, T* out) {
+  const int64_t blocks = (N + kColBlock - 1) / kColBlock;
+#pragma omp parallel for schedule(static) if (blocks > 1 && rows * K * N >= (int64_t(1) << 22))
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t j0 = b * kColBlock, nb = std::min(kColBlock, N - j0);
+    for (int64_t t = 0; t < rows; ++t) std::memset(out + t * N + j0, 0, sizeof(T) * nb);
+    for (int64_t k = 0; k < K; ++k) {
+      const T* wr = w + k * N + j0;
+      for (int64_t t = 0; t < rows; ++t) simd::axpy(out + t * N + j0, x[t * K + k], wr, nb);
+    }
+  }
+}
+
+template <typename T>
+void matmul_rows_nt_impl(int64_t rows, int64_t K, int64_t M, const T* x, const T* b, T* out) {
+  constexpr int64_t kRowBlock = 256;  // b rows per parallel work item
+  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for schedule(static) if (blocks > 1 && rows * K * M >= (int64_t(1) << 22))
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t j1 = std::min(M, (blk + 1) * kRowBlock);
+    for (int64_t j = blk * kRowBlock; j < j1; ++j) {
+      const T* row = b + j * K;
+      int64_t t = 0;
+      for (; t + 4 <= rows; t += 4) dots<T, 4>(x + t * K, row, K, out + t * M + j, M);
+      for (; t + 2 <= rows; t += 2) dots<T, 2>(x + t * K, row, K, out + t * M + j, M);
+      for (; t < rows; ++t) dots<T, 1>(x + t * K, row, K, out + t * M + j, M);
+    }
+  }
+}
+
+template <typename T>
+void gathered_dots_impl(int64_t K, const T* x, const T* b, const int32_t* rows, int64_t count, T* out) {
+  for (int64_t j = 0; j < count; ++j) {
+    if (j + 2 < count) simd::prefetch_bytes(b + int64_t(rows[j + 2]) * K, K * int64_t(sizeof(T)));
+    dots<T, 1>(x, b + int64_t(rows[j]) * K, K, out + j, 1);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void fill_small_matmul(KernelTable<T>& t) {
+  t.matmul_rows = &matmul_rows_impl<T>;
+  t.matmul_rows_nt = &matmul_rows_nt_impl<T>;
+  t.gathered_dots = &gathered_dots_impl<T>;
+}
+template void fill_small_matmul<float>(KernelTable<float>&);
+template void fill_small_matmul<double>(KernelTable<double>&);
+
+}  // namespace UM_ISA
+
+#if UM_ISA_GENERIC
+template <typename T>
+void matmul_rows_ref(int64_t rows, int64_t K, int64_t N, const T* x, const T* w, T* out) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t j = 0; j < N; ++j) {
+      T s = 0;
+      for (int64_t k = 0; k < K; ++k) s += x[t * K + k] * w[k * N + j];
+      out[t * N + j] = s;
+    }
+}
+
+template <typename T>
+void matmul_rows_nt_ref(int64_t rows, int64_t K, int64_t M, const T* x, const T* b, T* out) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t j = 0; j < M; ++j) {
+      T acc[kLanes] = {};
+      const int64_t padded = (K + kLanes - 1) / kLanes * kLanes;  // zero products beyond K, as the kernel
+      for (int64_t i = 0; i < padded; ++i)
+        acc[i % kLanes] += (i < K ? x[t * K + i] : T(0)) * (i < K ? b[j * K + i] : T(0));
+      out[t * M + j] = reduce16(acc);
+    }
+}
+
+template <typename T>
+void gathered_dots_ref(int64_t K, const T* x, const T* b, const int32_t* rows, int64_t count, T* out) {
+  for (int64_t j = 0; j < count; ++j) matmul_rows_nt_ref<T>(1, K, 1, x, b + int64_t(rows[j]) * K, out + j);
+}
+
+template void gathered_dots_ref<float>(int64_t, const float*, const float*, const int32_t*, int64_t, float*);
+template void gathered_dots_ref<double>(int64_t, const double*, const double*, const int32_t*, int64_t, double*);
+template void matmul_rows_ref<float>(int64_t, int64_t, int64_t, const float*, const float*, float*);
+template void matmul_rows_ref<double>(int64_t, int64_t, int64_t, const double*, const double*, double*);
+template void matmul_rows_nt_ref<float>(int64_t, int64_t, int64_t, const float*, const float*, float*);
+template void matmul_rows_nt_ref<double>(int64_t, int64_t, int64_t, const double*, const double*, double*);
+#endif  // UM_ISA_GENERIC
+
+}  // namespace ultramem::kernels

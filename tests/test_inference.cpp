@@ -1,0 +1,535 @@
+// Tests of the inference path: the UltraMem layer's no-grad fast path against the autograd path, the
+// bf16 / int8 value formats (accuracy bounds, exact relation to the float kernels, errors), the
+// normalised-key cache, checkpoints of quantised models, memory-mapped loading (identical logits,
+// read-only tables, unaligned files), the 64-byte aligned safetensors layout, and decoding.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ultramem/infer/evaluate.h"
+#include "ultramem/infer/model_loading.h"
+#include "ultramem/infer/sampling.h"
+#include "ultramem/infer/value_tables.h"
+#include "ultramem/io/safetensors.h"
+#include "ultramem/kernels/value_quant.h"
+#include "ultramem/nn/model_config.h"
+#include "ultramem/nn/transformer.h"
+#include "ultramem/nn/ultramem.h"
+#include "ultramem/train/checkpoint.h"
+
+namespace fs = std::filesystem;
+using ultramem::nn::NormKind;
+using ultramem::nn::UltraMem;
+using ultramem::nn::UltraMemConfig;
+using ultramem::nn::ValueFormat;
+
+namespace {
+
+UltraMemConfig layer_config(uint64_t seed = 3) {
+  UltraMemConfig c;
+  c.D = 24;
+  c.n = 16;
+  c.E = 4;
+  c.Dk = 20;  // not a multiple of 16: the scoring kernel's padded tail runs
+  c.Dv = 32;
+  c.r = 2;
+  c.C = 2;
+  c.H = 2;
+  c.m = 5;
+  c.m_first = 7;
+  c.value_init = ultramem::nn::ValueInit::Fixed;
+  c.value_std = 0.5;
+  c.seed = seed;
+  return c;
+}
+
+// Output of the autograd path (grad mode on) and of the fast path (NoGradGuard).
+torch::Tensor autograd_forward(UltraMem& layer, const torch::Tensor& x) {
+  torch::AutoGradMode on(true);
+  return layer->forward(x).detach();
+}
+torch::Tensor fast_forward(UltraMem& layer, const torch::Tensor& x) {
+  torch::NoGradGuard no_grad;
+  return layer->forward(x);
+}
+
+double max_abs(const torch::Tensor& t) { return t.abs().max().item<double>(); }
+double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+template <typename E, typename F>
+void expect_throw_with(F&& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an exception mentioning \"" << needle << "\"";
+  } catch (const E& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/ultramem_infer_XXXXXX";
+    path_ = ::mkdtemp(tmpl);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// =================================================================================================
+// Layer fast path
+// =================================================================================================
+
+TEST(FastPath, MatchesAutogradPathFloat) {
+  std::vector<UltraMemConfig> configs;
+  configs.push_back(layer_config());
+  auto c = layer_config(4);
+  c.qk_norm = NormKind::Layer;
+  c.H = 1;
+  c.E = 1;
+  c.C = 1;
+  c.m_first = 5;
+  configs.push_back(c);
+  c = layer_config(5);
+  c.n = 18;
+  c.E = 9;
+  c.Dv = 24;
+  c.C = 3;
+  c.r = 3;
+  configs.push_back(c);
+  for (const auto& cfg : configs) {
+    UltraMem layer(cfg);
+    // T = 1 and 6 use the few-row kernels, T = 40 the BLAS products.
+    for (int64_t T : {1, 6, 40}) {
+      SCOPED_TRACE("T=" + std::to_string(T) + " E=" + std::to_string(cfg.E));
+      torch::manual_seed(T);
+      const auto x = torch::randn({T, cfg.D});
+      const auto want = autograd_forward(layer, x);
+      const auto got = fast_forward(layer, x);
+      ASSERT_EQ(got.sizes(), want.sizes());
+      EXPECT_FALSE(got.requires_grad());
+      EXPECT_LE(max_diff(got, want), 1e-6 * std::max(1.0, max_abs(want))) << "max |out| " << max_abs(want);
+    }
+  }
+}
+
+TEST(FastPath, MatchesAutogradPathDoubleAndKeepsLeadingShape) {
+  UltraMem layer(layer_config());
+  layer->to(torch::kDouble);
+  torch::manual_seed(1);
+  const auto x = torch::randn({2, 3, 24}, torch::kDouble);
+  const auto want = autograd_forward(layer, x);
+  const auto got = fast_forward(layer, x);
+  ASSERT_EQ(got.sizes(), x.sizes());
+  EXPECT_LE(max_diff(got, want), 1e-12 * std::max(1.0, max_abs(want)));
+}
+
+TEST(FastPath, InferenceModeTakesItToo) {
+  UltraMem layer(layer_config());
+  torch::manual_seed(2);
+  const auto x = torch::randn({4, 24});
+  const auto want = fast_forward(layer, x);
+  torch::Tensor got;
+  {
+    torch::InferenceMode guard;
+    got = layer->forward(x);
+  }
+  EXPECT_TRUE(torch::equal(got, want));
+}
+
+TEST(FastPath, EmptyBatch) {
+  UltraMem layer(layer_config());
+  const auto out = fast_forward(layer, torch::zeros({0, 24}));
+  EXPECT_EQ(out.sizes(), (std::vector<int64_t>{0, 24}));
+}
+
+TEST(FastPath, KeyCacheFollowsKeyAndScaleUpdates) {
+  UltraMem layer(layer_config());
+  torch::manual_seed(3);
+  const auto x = torch::randn({5, 24});
+  const auto before = fast_forward(layer, x);
+  {
+    torch::NoGradGuard no_grad;
+    layer->keys.mul_(-1.5).add_(0.1);  // in-place: bumps the version counter
+  }
+  const auto after_keys = fast_forward(layer, x);
+  EXPECT_GT(max_diff(after_keys, before), 1e-3) << "the keys changed, the output must too";
+  EXPECT_LE(max_diff(after_keys, autograd_forward(layer, x)), 1e-6 * std::max(1.0, max_abs(after_keys)));
+  {
+    torch::NoGradGuard no_grad;
+    layer->k_scale.mul_(torch::linspace(0.5, 2.0, 40).view({2, 20}));
+  }
+  const auto after_scale = fast_forward(layer, x);
+  EXPECT_GT(max_diff(after_scale, after_keys), 1e-3);
+  EXPECT_LE(max_diff(after_scale, autograd_forward(layer, x)), 1e-6 * std::max(1.0, max_abs(after_scale)));
+  // A write through the raw pointer bumps no version: invalidate_inference_cache makes it count.
+  float* k = layer->keys.data_ptr<float>();
+  for (int64_t i = 0; i < layer->keys.numel(); i += 3) k[i] = -k[i];
+  layer->invalidate_inference_cache();
+  EXPECT_LE(max_diff(fast_forward(layer, x), autograd_forward(layer, x)), 1e-6 * std::max(1.0, max_abs(after_scale)));
+}
+
+// The project's AdamW writes parameters through raw pointers (no version bump): switching modes and
+// the per-step refresh_tucker_approx() drop the cache too.
+TEST(FastPath, KeyCacheDroppedByModeSwitchAndOptimizerStepHook) {
+  UltraMem layer(layer_config());
+  torch::manual_seed(8);
+  const auto x = torch::randn({3, 24});
+  auto scramble_keys = [&] {
+    float* k = layer->keys.data_ptr<float>();
+    for (int64_t i = 0; i < layer->keys.numel(); i += 2) k[i] = 0.5f - k[i];
+  };
+  layer->eval();
+  fast_forward(layer, x);
+  scramble_keys();
+  layer->train();
+  layer->eval();
+  EXPECT_LE(max_diff(fast_forward(layer, x), autograd_forward(layer, x)), 1e-5);
+  scramble_keys();
+  layer->refresh_tucker_approx();
+  EXPECT_LE(max_diff(fast_forward(layer, x), autograd_forward(layer, x)), 1e-5);
+}
+
+TEST(FastPath, TelemetryMatchesAutogradPath) {
+  auto cfg = layer_config();
+  cfg.stats_window = 1 << 20;
+  UltraMem a(cfg), b(cfg);
+  torch::manual_seed(4);
+  const auto x = torch::randn({30, 24});
+  autograd_forward(a, x);
+  fast_forward(b, x);
+  const auto sa = a->stats(), sb = b->stats();
+  EXPECT_EQ(sa.tokens, sb.tokens);
+  EXPECT_DOUBLE_EQ(sa.coverage, sb.coverage);
+  EXPECT_NEAR(sa.kl_uniform, sb.kl_uniform, 1e-12);
+  EXPECT_NEAR(sa.top1_score, sb.top1_score, 1e-5 * std::abs(sa.top1_score) + 1e-6);
+  EXPECT_NEAR(sa.topm_score, sb.topm_score, 1e-5 * std::abs(sa.topm_score) + 1e-6);
+  EXPECT_NEAR(sa.output_std, sb.output_std, 1e-5 * sa.output_std);
+  // Without track_stats the fast path records nothing.
+  cfg.track_stats = false;
+  UltraMem c(cfg);
+  fast_forward(c, x);
+  EXPECT_EQ(c->stats().tokens, 0);
+}
+
+// =================================================================================================
+// Value formats
+// =================================================================================================
+
+TEST(ValueFormats, BytesAndFormatsReported) {
+  auto cfg = layer_config();
+  const int64_t N = cfg.physical_rows(), Dv = cfg.Dv;
+  UltraMem f(cfg), b(cfg), i(cfg);
+  EXPECT_EQ(f->value_format(), ValueFormat::kFloat32);
+  EXPECT_EQ(f->value_bytes(), N * Dv * 4);
+  b->set_value_format(ValueFormat::kBFloat16);
+  EXPECT_EQ(b->value_format(), ValueFormat::kBFloat16);
+  EXPECT_EQ(b->values.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(b->value_bytes(), N * Dv * 2);
+  i->set_value_format(ValueFormat::kInt8);
+  EXPECT_EQ(i->values.scalar_type(), torch::kChar);
+  EXPECT_EQ(i->values_scale.sizes(), (std::vector<int64_t>{N}));
+  EXPECT_EQ(i->value_bytes(), N * Dv + N * 4);
+  // The scale is a buffer and the table keeps its name: both are saved with the model.
+  bool has_scale = false;
+  for (const auto& item : i->named_buffers()) has_scale = has_scale || item.key() == "values_scale";
+  EXPECT_TRUE(has_scale);
+  EXPECT_FALSE(i->values.requires_grad());
+  i->set_value_format(ValueFormat::kInt8);  // same format: no-op
+  EXPECT_EQ(i->value_format(), ValueFormat::kInt8);
+}
+
+// The quantised layer computes exactly what the float32 layer computes on the dequantised table
+// (bf16: bitwise; int8: up to the rounding of the folded row scale), and stays close to the float32
+// layer on the original table.
+TEST(ValueFormats, QuantisedLayerEqualsFloatLayerOnDequantisedTable) {
+  const auto cfg = layer_config();
+  torch::manual_seed(5);
+  const auto x = torch::randn({7, cfg.D});
+  UltraMem ref(cfg);
+  const auto out_f = fast_forward(ref, x);
+  for (ValueFormat fmt : {ValueFormat::kBFloat16, ValueFormat::kInt8}) {
+    SCOPED_TRACE(ultramem::nn::to_string(fmt));
+    UltraMem q(cfg), deq(cfg);
+    q->set_value_format(fmt);
+    torch::Tensor table;
+    if (fmt == ValueFormat::kBFloat16) {
+      table = q->values.to(torch::kFloat);
+    } else {
+      table = q->values.to(torch::kFloat) * q->values_scale.unsqueeze(1);
+    }
+    {
+      torch::NoGradGuard no_grad;
+      deq->values.copy_(table);
+    }
+    const auto out_q = fast_forward(q, x), out_d = fast_forward(deq, x);
+    if (fmt == ValueFormat::kBFloat16)
+      EXPECT_TRUE(torch::equal(out_q, out_d)) << "max diff " << max_diff(out_q, out_d);
+    else
+      EXPECT_LE(max_diff(out_q, out_d), 1e-5 * max_abs(out_d));
+    // Accuracy against the unquantised table. The value error is at most 2^-8 |v| (bf16) or
+    // max|row| / 254 (int8) per element, passed through the same scores and Wo: the relative output
+    // error stays at the percent level (measured: well below 1%).
+    const double rel = max_diff(out_q, out_f) / max_abs(out_f);
+    EXPECT_GT(rel, 0.0) << "quantisation must change something";
+    EXPECT_LT(rel, fmt == ValueFormat::kBFloat16 ? 0.01 : 0.03);
+  }
+}
+
+TEST(ValueFormats, TrainingForwardWithQuantisedValuesThrows) {
+  for (ValueFormat fmt : {ValueFormat::kBFloat16, ValueFormat::kInt8}) {
+    UltraMem layer(layer_config());
+    layer->set_value_format(fmt);
+    torch::AutoGradMode on(true);
+    expect_throw_with<std::logic_error>([&] { layer->forward(torch::randn({2, 24})); }, "grad mode");
+  }
+}
+
+TEST(ValueFormats, ConversionRules) {
+  UltraMem b(layer_config());
+  const auto original = b->values.detach().clone();
+  b->set_value_format(ValueFormat::kBFloat16);
+  expect_throw_with<std::logic_error>([&] { b->set_value_format(ValueFormat::kInt8); }, "float32 weights");
+  b->set_value_format(ValueFormat::kFloat32);  // bf16 -> float32 is exact
+  EXPECT_EQ(b->value_format(), ValueFormat::kFloat32);
+  EXPECT_TRUE(b->values.requires_grad());
+  const auto widened = original.to(torch::kBFloat16).to(torch::kFloat);
+  EXPECT_TRUE(torch::equal(b->values.detach(), widened));
+  UltraMem i(layer_config());
+  i->set_value_format(ValueFormat::kInt8);
+  expect_throw_with<std::logic_error>([&] { i->set_value_format(ValueFormat::kFloat32); }, "int8");
+  UltraMem d(layer_config());
+  d->to(torch::kDouble);
+  expect_throw_with<std::logic_error>([&] { d->set_value_format(ValueFormat::kBFloat16); }, "float32 value table");
+  UltraMem nan(layer_config());
+  {
+    torch::NoGradGuard no_grad;
+    nan->values[3][1] = std::numeric_limits<float>::quiet_NaN();
+  }
+  expect_throw_with<std::invalid_argument>([&] { nan->set_value_format(ValueFormat::kInt8); }, "row 3");
+}
+
+TEST(ValueFormats, DtypeConversionKeepsTheStoredTable) {
+  UltraMem layer(layer_config());
+  layer->set_value_format(ValueFormat::kInt8);
+  const auto values = layer->values.clone(), scale = layer->values_scale.clone();
+  torch::manual_seed(6);
+  const auto x = torch::randn({3, 24});
+  const auto out_f = fast_forward(layer, x);
+  layer->to(torch::kDouble);
+  EXPECT_EQ(layer->wq.scalar_type(), torch::kDouble);
+  EXPECT_TRUE(torch::equal(layer->values, values));
+  EXPECT_TRUE(torch::equal(layer->values_scale, scale));
+  const auto out_d = fast_forward(layer, x.to(torch::kDouble));
+  EXPECT_LE(max_diff(out_d.to(torch::kFloat), out_f), 1e-5 * max_abs(out_f));
+}
+
+TEST(ValueFormats, SetValueTableValidates) {
+  const auto cfg = layer_config();
+  const int64_t N = cfg.physical_rows(), Dv = cfg.Dv;
+  UltraMem layer(cfg);
+  expect_throw_with<std::invalid_argument>([&] { layer->set_value_table(torch::zeros({N + 1, Dv}), {}, false); },
+                                           "[N, Dv]");
+  expect_throw_with<std::invalid_argument>(
+      [&] { layer->set_value_table(torch::zeros({N, Dv}, torch::kInt), {}, false); }, "bfloat16, int8");
+  expect_throw_with<std::invalid_argument>(
+      [&] { layer->set_value_table(torch::zeros({N, Dv}, torch::kChar), {}, false); }, "scale");
+  expect_throw_with<std::invalid_argument>(
+      [&] { layer->set_value_table(torch::zeros({N, Dv}), torch::ones({N}), false); }, "int8 values only");
+  // A read-only table serves no-grad forwards and refuses training.
+  layer->set_value_table(torch::zeros({N, Dv}), {}, /*read_only=*/true);
+  EXPECT_TRUE(layer->values_read_only());
+  EXPECT_EQ(max_abs(fast_forward(layer, torch::randn({2, 24}))), 0.0) << "a zero table gives a zero output";
+  torch::AutoGradMode on(true);
+  expect_throw_with<std::logic_error>([&] { layer->forward(torch::randn({2, 24})); }, "read-only");
+}
+
+// =================================================================================================
+// Models: decoding, checkpoints, memory mapping
+// =================================================================================================
+
+ultramem::nn::ModelConfig tiny_model() {
+  auto c = ultramem::nn::load_model_config(std::string(ULTRAMEM_CONFIG_DIR) + "/tiny-ultramem.json");
+  c.ultramem.value_init = ultramem::nn::ValueInit::Fixed;
+  c.ultramem.value_std = 0.3;  // values that matter for the logits
+  return c;
+}
+
+torch::Tensor logits_of(ultramem::nn::Transformer& model, const torch::Tensor& tokens) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  return model->forward(tokens);
+}
+
+torch::Tensor some_tokens() {
+  torch::manual_seed(7);
+  return torch::randint(0, 64, {2, 12}, torch::kLong);
+}
+
+TEST(Decode, CachedDecodingMatchesFullForwardOnQuantisedModel) {
+  for (ValueFormat fmt : {ValueFormat::kFloat32, ValueFormat::kBFloat16, ValueFormat::kInt8}) {
+    SCOPED_TRACE(ultramem::nn::to_string(fmt));
+    ultramem::nn::Transformer model(tiny_model());
+    ultramem::infer::set_value_format(*model, fmt);
+    EXPECT_EQ(ultramem::infer::value_format(*model), fmt);
+    const auto tokens = some_tokens();
+    const auto full = logits_of(model, tokens);
+    auto cache = model->make_cache(2, 32);
+    std::vector<torch::Tensor> parts;
+    parts.push_back(model->forward_cached(tokens.narrow(1, 0, 4), cache));
+    for (int64_t t = 4; t < 12; ++t) parts.push_back(model->forward_cached(tokens.narrow(1, t, 1), cache));
+    const auto stepped = torch::cat(parts, 1);
+    EXPECT_LE(max_diff(stepped, full), 1e-4 * max_abs(full));
+    // Greedy generation runs on the quantised model (InferenceMode, KV cache).
+    ultramem::infer::SamplingOptions o;
+    o.temperature = 0;
+    o.max_tokens = 5;
+    const auto out = ultramem::infer::generate(model, {1, 2, 3}, o, /*eos_id=*/-1);
+    EXPECT_EQ(out.size(), 5u);
+  }
+}
+
+TEST(Checkpoints, QuantisedRoundTripKeepsFormatTablesAndLogits) {
+  TempDir dir;
+  const auto tokens = some_tokens();
+  for (ValueFormat fmt : {ValueFormat::kBFloat16, ValueFormat::kInt8, ValueFormat::kFloat32}) {
+    SCOPED_TRACE(ultramem::nn::to_string(fmt));
+    ultramem::nn::Transformer model(tiny_model());
+    ultramem::infer::set_value_format(*model, fmt);
+    const auto want = logits_of(model, tokens);
+    const std::string path = dir / (std::string(ultramem::nn::to_string(fmt)) + ".safetensors");
+    ultramem::infer::save_weights(path, *model, ultramem::nn::model_config_to_json(model->config()), nullptr);
+    const auto ckpt = ultramem::train::read_checkpoint(path);  // verifies the checksum
+    EXPECT_EQ(ckpt.metadata.at(ultramem::infer::kValueFormatKey), ultramem::nn::to_string(fmt));
+    EXPECT_EQ(ckpt.model.count("memories.0.values_scale"), fmt == ValueFormat::kInt8 ? 1u : 0u);
+    for (bool mmap : {false, true}) {
+      SCOPED_TRACE(mmap ? "mmap" : "read");
+      ultramem::infer::LoadOptions lo;
+      lo.mmap = mmap;
+      auto loaded = ultramem::infer::load_model(path, lo);
+      EXPECT_EQ(loaded.value_format, fmt);
+      EXPECT_EQ(loaded.value_bytes, ultramem::infer::value_bytes(*model));
+      EXPECT_EQ(loaded.mapped_tables, mmap ? 2 : 0);
+      for (const auto& n : loaded.copied) EXPECT_EQ(n.find("values"), std::string::npos) << n << " was copied";
+      const auto layers = ultramem::infer::ultramem_layers(*loaded.model);
+      const auto mine = ultramem::infer::ultramem_layers(*model);
+      ASSERT_EQ(layers.size(), 2u);
+      for (size_t k = 0; k < layers.size(); ++k) {
+        EXPECT_TRUE(torch::equal(layers[k].second->values, mine[k].second->values));
+        EXPECT_EQ(layers[k].second->values_read_only(), mmap);
+        EXPECT_EQ(layers[k].second->perm.data_ptr<int64_t>()[5], mine[k].second->perm.data_ptr<int64_t>()[5]);
+      }
+      const auto got = logits_of(loaded.model, tokens);
+      EXPECT_TRUE(torch::equal(got, want)) << "max diff " << max_diff(got, want);
+    }
+  }
+}
+
+TEST(Checkpoints, MappedTablesAreViewsOfTheFileAndRefuseTraining) {
+  TempDir dir;
+  ultramem::nn::Transformer model(tiny_model());
+  const std::string path = dir / "f32.safetensors";
+  ultramem::infer::save_weights(path, *model, ultramem::nn::model_config_to_json(model->config()), nullptr);
+  ultramem::infer::LoadOptions lo;
+  lo.mmap = true;
+  std::vector<std::string> notes;
+  lo.warn = [&](const std::string& s) { notes.push_back(s); };
+  auto loaded = ultramem::infer::load_model(path, lo);
+  ASSERT_FALSE(notes.empty());
+  EXPECT_NE(notes[0].find("checksum not verified"), std::string::npos);
+  // The file's bytes at the table's offset are the table (the view points into the mapping).
+  auto mapped = ultramem::io::map_safetensors(path);
+  for (const auto& [name, t] : mapped.tensors)
+    if (name == "model.memories.0.values") {
+      EXPECT_TRUE(torch::equal(t, ultramem::infer::ultramem_layers(*loaded.model)[0].second->values));
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(t.data_ptr()) % 64, 0u);
+    }
+  loaded.model->train();
+  torch::AutoGradMode on(true);
+  expect_throw_with<std::logic_error>([&] { loaded.model->forward(some_tokens()); }, "read-only memory mapping");
+}
+
+// A checkpoint whose value table is not 64-byte aligned (an older writer, another tool) still loads
+// with --mmap: the table is copied and reported.
+TEST(Checkpoints, UnalignedTableIsCopiedWithAWarning) {
+  TempDir dir;
+  ultramem::nn::Transformer model(tiny_model());
+  const std::string good = dir / "good.safetensors", odd = dir / "odd.safetensors";
+  ultramem::infer::save_weights(good, *model, ultramem::nn::model_config_to_json(model->config()), nullptr);
+  std::map<std::string, std::string> meta;
+  auto tensors = ultramem::io::load_safetensors(good, &meta);
+  // A 3-byte tensor first shifts every offset off the 64-byte grid; the mmap path does not need the
+  // checksum, and the file is otherwise a valid checkpoint.
+  tensors.insert(tensors.begin(), {"model.padding_probe", torch::zeros({3}, torch::kByte)});
+  ultramem::io::save_safetensors(odd, tensors, meta);
+  ultramem::infer::LoadOptions lo;
+  lo.mmap = true;
+  std::vector<std::string> notes;
+  lo.warn = [&](const std::string& s) { notes.push_back(s); };
+  // The probe is an unexpected tensor for the model: loading names it.
+  expect_throw_with<std::runtime_error>([&] { ultramem::infer::load_model(odd, lo); }, "padding_probe");
+  bool warned = false;
+  for (const auto& n : notes) warned = warned || n.find("memories.0.values' is not 64-byte aligned") != std::string::npos;
+  EXPECT_TRUE(warned);
+  // Without the probe but with an odd-sized tensor placed first, the load succeeds from copies.
+  tensors.erase(tensors.begin());
+  std::stable_partition(tensors.begin(), tensors.end(), [](const auto& nt) { return nt.first == "model.memories.0.u"; });
+  ultramem::io::save_safetensors(odd, tensors, meta);
+  notes.clear();
+  auto loaded = ultramem::infer::load_model(odd, lo);
+  EXPECT_FALSE(loaded.copied.empty());
+  EXPECT_TRUE(torch::equal(logits_of(loaded.model, some_tokens()), logits_of(model, some_tokens())));
+}
+
+TEST(Safetensors, DataBufferStartsAlignedAndMappedTensorsAreViews) {
+  TempDir dir;
+  const std::string path = dir / "a.safetensors";
+  std::vector<std::pair<std::string, torch::Tensor>> tensors = {
+      {"big", torch::arange(64 * 16, torch::kFloat).view({64, 16})},  // 4096 bytes: offset 0
+      {"odd", torch::arange(3, torch::kByte)},                        // 3 bytes: offset 4096
+      {"after", torch::arange(5, torch::kLong)}};                     // offset 4099: unaligned
+  ultramem::io::save_safetensors(path, tensors, {{"k", "v"}});
+  std::ifstream f(path, std::ios::binary);
+  unsigned char len[8];
+  f.read(reinterpret_cast<char*>(len), 8);
+  uint64_t hlen = 0;
+  for (int i = 0; i < 8; ++i) hlen |= uint64_t(len[i]) << (8 * i);
+  EXPECT_EQ((8 + hlen) % 64, 0u) << "the data buffer must start 64-byte aligned";
+  auto m = ultramem::io::map_safetensors(path);
+  EXPECT_EQ(m.metadata.at("k"), "v");
+  ASSERT_EQ(m.tensors.size(), 3u);
+  EXPECT_EQ(m.copied, (std::vector<std::string>{"after"}));
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(m.tensors[i].first, tensors[i].first);
+    EXPECT_TRUE(torch::equal(m.tensors[i].second, tensors[i].second));
+  }
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(m.tensors[0].second.data_ptr()) % 64, 0u);
+  // A view outlives the MappedSafetensors that made it.
+  const torch::Tensor big = m.tensors[0].second;
+  m = ultramem::io::MappedSafetensors{};
+  EXPECT_EQ(big[63][15].item<float>(), 64 * 16 - 1);
+}
+
+TEST(Evaluate, MeanLossIsTheTokenAverage) {
+  ultramem::nn::Transformer model(tiny_model());
+  const auto tokens = some_tokens();
+  ultramem::data::Batch b{tokens.narrow(1, 0, 11), tokens.narrow(1, 1, 11)};
+  const auto r = ultramem::infer::mean_loss(model, {b, b});
+  torch::NoGradGuard no_grad;
+  const auto logits = model->forward(b.inputs);
+  const double want = torch::nn::functional::cross_entropy(logits.reshape({-1, 64}), b.targets.reshape(-1)).item<double>();
+  EXPECT_NEAR(r.loss, want, 1e-6);
+  EXPECT_EQ(r.tokens, 2 * 2 * 11);
+  EXPECT_THROW(ultramem::infer::mean_loss(model, {}), std::invalid_argument);
+}
+
+}  // namespace

@@ -1,0 +1,514 @@
+// Torch-free tests of the inference kernels: bf16 / int8 value quantisation (rounding, error bounds,
+// special values), the few-row matrix products and gathered dots of the decode path (bitwise equal to
+// their references in every ISA build), the one-pass top-k selection (equal to a full sort, ties and
+// NaNs included), and the pooled lookup over bf16 and int8 value tables:
+//   * every ISA build bit-identical to the scalar reference, and the public entry points too,
+//   * bf16 bit-identical to the float32 kernel on the widened table (widening is exact),
+//   * int8 equal to the float32 kernel on the dequantised table up to rounding,
+//   * independent of the OpenMP thread count, including token ranges that span several chunks.
+// Every check asserts. All randomness is seeded.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ultramem/kernels/huge_pages.h"
+#include "ultramem/kernels/kernel_table.h"
+#include "ultramem/kernels/pooled_lookup.h"
+#include "ultramem/kernels/small_matmul.h"
+#include "ultramem/kernels/topk.h"
+#include "ultramem/kernels/value_quant.h"
+
+namespace {
+
+namespace uk = ultramem::kernels;
+using uk::KernelTable;
+using uk::PoolShape;
+using Rng = std::mt19937;
+
+template <typename T>
+bool same_bits(T a, T b) {
+  return std::memcmp(&a, &b, sizeof(T)) == 0;
+}
+
+template <typename T>
+::testing::AssertionResult Identical(const std::vector<T>& got, const std::vector<T>& want) {
+  if (got.size() != want.size()) return ::testing::AssertionFailure() << "size " << got.size() << " vs " << want.size();
+  for (size_t i = 0; i < got.size(); ++i)
+    if (!same_bits(got[i], want[i]))
+      return ::testing::AssertionFailure() << "element " << i << ": got " << got[i] << ", expected " << want[i];
+  return ::testing::AssertionSuccess();
+}
+
+float bits_to_float(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+}
+
+class OmpThreads {
+ public:
+  explicit OmpThreads(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~OmpThreads() { omp_set_num_threads(saved_); }
+
+ private:
+  int saved_;
+};
+
+template <typename T>
+std::vector<std::pair<std::string, KernelTable<T>>> isa_tables() {
+  std::vector<std::pair<std::string, KernelTable<T>>> v;
+  KernelTable<T> g{};
+  uk::generic::fill_pool(g);
+  uk::generic::fill_small_matmul(g);
+  v.emplace_back("generic", g);
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    KernelTable<T> a{};
+    uk::avx2::fill_pool(a);
+    uk::avx2::fill_small_matmul(a);
+    v.emplace_back("avx2", a);
+  }
+#endif
+  return v;
+}
+
+// =================================================================================================
+// Quantisation
+// =================================================================================================
+
+TEST(Bf16, RoundsToNearestEven) {
+  // 1 + 2^-8 lies exactly between bf16 neighbours 1 and 1 + 2^-7: ties go to the even mantissa (1).
+  EXPECT_EQ(uk::float_to_bf16(bits_to_float(0x3f808000u)), 0x3f80u);
+  // 1 + 3*2^-8 lies between 1 + 2^-7 (odd) and 1 + 2^-6 (even): goes up to the even one.
+  EXPECT_EQ(uk::float_to_bf16(bits_to_float(0x3f818000u)), 0x3f82u);
+  // Just above / below the tie.
+  EXPECT_EQ(uk::float_to_bf16(bits_to_float(0x3f808001u)), 0x3f81u);
+  EXPECT_EQ(uk::float_to_bf16(bits_to_float(0x3f807fffu)), 0x3f80u);
+  EXPECT_EQ(uk::float_to_bf16(-2.0f), 0xc000u);
+  EXPECT_EQ(uk::float_to_bf16(0.0f), 0x0000u);
+  EXPECT_EQ(uk::float_to_bf16(-0.0f), 0x8000u);
+}
+
+TEST(Bf16, SpecialValues) {
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(uk::float_to_bf16(inf), 0x7f80u);
+  EXPECT_EQ(uk::float_to_bf16(-inf), 0xff80u);
+  EXPECT_TRUE(std::isnan(uk::bf16_to_float(uk::float_to_bf16(std::numeric_limits<float>::quiet_NaN()))));
+  // A NaN whose payload sits only in the low 16 bits must not turn into infinity.
+  EXPECT_TRUE(std::isnan(uk::bf16_to_float(uk::float_to_bf16(bits_to_float(0x7f800001u)))));
+  // The largest float rounds up to infinity (as IEEE rounding to nearest does).
+  EXPECT_EQ(uk::float_to_bf16(std::numeric_limits<float>::max()), 0x7f80u);
+}
+
+TEST(Bf16, RoundTripErrorBoundAndExactWidening) {
+  Rng rng(1);
+  std::vector<float> x(1 << 16);
+  std::normal_distribution<float> d(0.0f, 3.0f);
+  for (auto& v : x) v = d(rng) * std::pow(2.0f, float(int(rng() % 40) - 20));
+  std::vector<uint16_t> q(x.size());
+  uk::quantize_bf16(x.data(), int64_t(x.size()), q.data());
+  std::vector<float> back(x.size());
+  uk::dequantize_bf16(q.data(), int64_t(q.size()), back.data());
+  for (size_t i = 0; i < x.size(); ++i) {
+    ASSERT_EQ(q[i], uk::float_to_bf16(x[i])) << i;
+    ASSERT_TRUE(same_bits(back[i], uk::bf16_to_float(q[i]))) << i;
+    ASSERT_LE(std::abs(double(back[i]) - double(x[i])), std::ldexp(std::abs(double(x[i])), -8)) << x[i];
+    uint32_t b;
+    std::memcpy(&b, &back[i], 4);
+    ASSERT_EQ(b & 0xffffu, 0u) << "the widened value has low bits set";
+  }
+  // Values already representable in bf16 are unchanged.
+  for (uint32_t h : {0x3f80u, 0x4049u, 0xbf00u, 0x0001u, 0x7f7fu}) {
+    const float v = uk::bf16_to_float(uint16_t(h));
+    EXPECT_EQ(uk::float_to_bf16(v), h);
+  }
+}
+
+TEST(Int8, ScaleIsMaxAbsOver127AndErrorWithinHalfAStep) {
+  Rng rng(2);
+  const int64_t rows = 300, cols = 77;
+  std::vector<float> x(rows * cols);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float mag = std::pow(10.0f, float(int(r % 9) - 4));  // rows of very different magnitudes
+    for (int64_t c = 0; c < cols; ++c) x[r * cols + c] = d(rng) * mag;
+  }
+  std::vector<int8_t> q(x.size());
+  std::vector<float> scale(rows), back(x.size());
+  ASSERT_EQ(uk::quantize_int8_rows(x.data(), rows, cols, q.data(), scale.data()), -1);
+  uk::dequantize_int8_rows(q.data(), scale.data(), rows, cols, back.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    float amax = 0;
+    for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::abs(x[r * cols + c]));
+    ASSERT_EQ(scale[r], amax / 127.0f) << "row " << r;
+    bool has_extreme = false;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int8_t v = q[r * cols + c];
+      ASSERT_GE(v, -127);
+      ASSERT_LE(v, 127);
+      has_extreme = has_extreme || v == 127 || v == -127;
+      ASSERT_EQ(back[r * cols + c], float(v) * scale[r]);
+      // Half a quantisation step, plus float rounding of x / scale and of q * scale.
+      ASSERT_LE(std::abs(double(back[r * cols + c]) - double(x[r * cols + c])), 0.5 * scale[r] * (1 + 1e-5))
+          << "row " << r << " col " << c;
+    }
+    EXPECT_TRUE(has_extreme) << "the largest |value| of row " << r << " must map to +-127";
+  }
+}
+
+TEST(Int8, ZeroRowsAndNonFiniteRows) {
+  const int64_t cols = 5;
+  std::vector<float> x = {0, 0, 0, 0, 0,  1, -2, 0.5f, 0, 0,  0, 0, 0, 0, 0};
+  std::vector<int8_t> q(x.size(), 99);
+  std::vector<float> scale(3, -1);
+  ASSERT_EQ(uk::quantize_int8_rows(x.data(), 3, cols, q.data(), scale.data()), -1);
+  EXPECT_EQ(scale[0], 0.0f);
+  EXPECT_EQ(scale[2], 0.0f);
+  for (int64_t c = 0; c < cols; ++c) {
+    EXPECT_EQ(q[c], 0);
+    EXPECT_EQ(q[2 * cols + c], 0);
+  }
+  EXPECT_EQ(q[cols + 1], -127);
+  EXPECT_EQ(q[cols + 0], int8_t(std::round(1.0f / scale[1])));
+  x[2 * cols + 3] = std::numeric_limits<float>::infinity();
+  x[cols + 1] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(uk::quantize_int8_rows(x.data(), 3, cols, q.data(), scale.data()), 1) << "first bad row";
+}
+
+TEST(HugePages, AlignedWritableAndFreed) {
+  const size_t bytes = (size_t(5) << 20) + 123;
+  auto* p = static_cast<unsigned char*>(uk::alloc_huge_pages(bytes));
+  ASSERT_NE(p, nullptr);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % (uintptr_t(2) << 20), 0u);
+  p[0] = 1;
+  p[bytes - 1] = 2;
+  EXPECT_EQ(p[0] + p[bytes - 1], 3);
+  uk::free_huge_pages(p);
+  EXPECT_EQ(uk::alloc_huge_pages(0), nullptr);
+  uk::free_huge_pages(nullptr);
+}
+
+// =================================================================================================
+// Top-k selection and few-row products
+// =================================================================================================
+
+// select_top (a one-pass scan when n >= 8k, else nth_element + sort) keeps exactly the first k of a
+// full sort under the ranking order, with many ties and NaNs.
+TEST(SelectTop, EqualsFullSort) {
+  Rng rng(11);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (int64_t n : {1, 5, 31, 64, 256, 257, 1024, 4096})
+    for (int64_t k : {1, 3, 32, 64, 100}) {
+      std::vector<uk::Ranked<float>> c(n);
+      for (int64_t i = 0; i < n; ++i) {
+        float x = std::round(d(rng) * 4) / 4;  // many exact ties
+        if (rng() % 17 == 0) x = std::numeric_limits<float>::quiet_NaN();
+        c[i] = {x, (i * 7919) % n, i};         // ids unique, not in scan order
+      }
+      if (n % 7 != 1)
+        for (int64_t i = 0; i < n; ++i) std::swap(c[i], c[rng() % n]);
+      auto want = c;
+      std::sort(want.begin(), want.end(), uk::ranks_before<float>);
+      uk::select_top(c, k);
+      for (int64_t x = 0; x < std::min(k, n); ++x)
+        ASSERT_EQ(c[x].id, want[x].id) << "n=" << n << " k=" << k << " position " << x;
+    }
+}
+
+// scan_top (TDQKR's selection: threshold pre-filter, then the full comparison) over raw scores with
+// ids not in scan order equals the first k of a full sort. (This file builds the portable version;
+// the AVX2 one is compared with the references by test_kernels' TDQKR tests in the avx2 build.)
+TEST(SelectTop, ScanTopEqualsFullSort) {
+  Rng rng(14);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (int64_t n : {8, 33, 512, 1024, 4096})
+    for (int64_t k : {1, 8, 32, 64}) {
+      if (k > n) continue;
+      std::vector<float> score(n);
+      for (auto& x : score) {
+        x = std::round(d(rng) * 4) / 4;
+        if (rng() % 13 == 0) x = std::numeric_limits<float>::quiet_NaN();
+      }
+      auto id_of = [n](int64_t i) { return (i * 7919 + 3) % n; };
+      std::vector<uk::Ranked<float>> want(n);
+      for (int64_t i = 0; i < n; ++i) want[i] = {score[i], id_of(i), i};
+      std::sort(want.begin(), want.end(), uk::ranks_before<float>);
+      uk::TopBuffer<float> buf(k);
+      uk::scan_top(score.data(), n, buf, id_of);
+      for (int64_t x = 0; x < k; ++x) {
+        ASSERT_EQ(buf.best[x].id, want[x].id) << "n=" << n << " k=" << k << " position " << x;
+        ASSERT_EQ(buf.best[x].pos, want[x].pos);
+      }
+    }
+}
+
+template <typename T>
+std::vector<T> normal_vec(int64_t n, Rng& rng) {
+  std::normal_distribution<double> d(0.0, 1.0);
+  std::vector<T> v(n);
+  for (auto& e : v) e = T(d(rng));
+  return v;
+}
+
+template <typename T>
+class SmallMatmul : public ::testing::Test {};
+using MatmulTypes = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(SmallMatmul, MatmulTypes);
+
+TYPED_TEST(SmallMatmul, EveryIsaMatchesReferenceBitwise) {
+  using T = TypeParam;
+  OmpThreads one(1);
+  Rng rng(12);
+  for (int64_t rows : {1, 2, 3, 4, 5, 8, 9})
+    for (int64_t K : {1, 16, 20, 128, 131})
+      for (int64_t N : {1, 7, 600}) {
+        SCOPED_TRACE("rows=" + std::to_string(rows) + " K=" + std::to_string(K) + " N=" + std::to_string(N));
+        const auto x = normal_vec<T>(rows * K, rng), w = normal_vec<T>(K * N, rng), b = normal_vec<T>(N * K, rng);
+        std::vector<T> want(rows * N), want_nt(rows * N);
+        uk::matmul_rows_ref<T>(rows, K, N, x.data(), w.data(), want.data());
+        uk::matmul_rows_nt_ref<T>(rows, K, N, x.data(), b.data(), want_nt.data());
+        std::vector<int32_t> pick = {int32_t(N - 1), 0, int32_t(N / 2), int32_t(N - 1)};
+        std::vector<T> want_g(pick.size());
+        uk::gathered_dots_ref<T>(K, x.data(), b.data(), pick.data(), int64_t(pick.size()), want_g.data());
+        for (const auto& [name, tab] : isa_tables<T>()) {
+          SCOPED_TRACE(name);
+          std::vector<T> got(rows * N, T(-7)), got_nt(rows * N, T(-7)), got_g(pick.size(), T(-7));
+          tab.matmul_rows(rows, K, N, x.data(), w.data(), got.data());
+          tab.matmul_rows_nt(rows, K, N, x.data(), b.data(), got_nt.data());
+          tab.gathered_dots(K, x.data(), b.data(), pick.data(), int64_t(pick.size()), got_g.data());
+          EXPECT_TRUE(Identical(got, want));
+          EXPECT_TRUE(Identical(got_nt, want_nt));
+          EXPECT_TRUE(Identical(got_g, want_g));
+        }
+        // And the references are dot products (independent formula in double).
+        for (int64_t t = 0; t < rows; ++t)
+          for (int64_t j = 0; j < N; j += 97) {
+            double e = 0, mag = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              e += double(x[t * K + k]) * double(b[j * K + k]);
+              mag += std::abs(double(x[t * K + k]) * double(b[j * K + k]));
+            }
+            ASSERT_NEAR(double(want_nt[t * N + j]), e, 1e-5 * mag + 1e-12);
+          }
+      }
+}
+
+TEST(SmallMatmulDeterminism, IndependentOfThreadCount) {
+  Rng rng(13);
+  const int64_t rows = 6, K = 64, N = 5000;  // large enough for the parallel branch
+  const auto x = normal_vec<float>(rows * K, rng), w = normal_vec<float>(K * N, rng), b = normal_vec<float>(N * K, rng);
+  std::vector<float> a1(rows * N), n1(rows * N);
+  {
+    OmpThreads one(1);
+    uk::matmul_rows<float>(rows, K, N, x.data(), w.data(), a1.data());
+    uk::matmul_rows_nt<float>(rows, K, N, x.data(), b.data(), n1.data());
+  }
+  for (int threads : {2, 3}) {
+    OmpThreads many(threads);
+    std::vector<float> a(rows * N), nt(rows * N);
+    uk::matmul_rows<float>(rows, K, N, x.data(), w.data(), a.data());
+    uk::matmul_rows_nt<float>(rows, K, N, x.data(), b.data(), nt.data());
+    EXPECT_TRUE(Identical(a, a1)) << threads;
+    EXPECT_TRUE(Identical(nt, n1)) << threads;
+  }
+}
+
+// =================================================================================================
+// Pooled lookup over stored formats
+// =================================================================================================
+
+template <typename T>
+struct Problem {
+  PoolShape s;
+  std::vector<float> values;      // [N, Dv] float source
+  std::vector<uint16_t> bf16;     // [N, Dv]
+  std::vector<int8_t> i8;         // [N, Dv]
+  std::vector<float> scale;       // [N]
+  std::vector<int64_t> index;     // [T, K]
+  std::vector<T> scores;          // [T, K, C]
+  std::vector<int64_t> perm;      // [E*N]
+};
+
+template <typename T>
+Problem<T> make_problem(const PoolShape& s, uint32_t seed) {
+  Problem<T> p;
+  p.s = s;
+  Rng rng(seed);
+  std::normal_distribution<double> d(0.0, 1.0);
+  p.values.resize(s.N * s.Dv);
+  for (int64_t r = 0; r < s.N; ++r)
+    for (int64_t c = 0; c < s.Dv; ++c) p.values[r * s.Dv + c] = float(d(rng) * (1 + r % 5));
+  p.bf16.resize(p.values.size());
+  uk::quantize_bf16(p.values.data(), int64_t(p.values.size()), p.bf16.data());
+  p.i8.resize(p.values.size());
+  p.scale.resize(s.N);
+  EXPECT_EQ(uk::quantize_int8_rows(p.values.data(), s.N, s.Dv, p.i8.data(), p.scale.data()), -1);
+  p.perm.resize(s.E * s.N);
+  std::iota(p.perm.begin(), p.perm.end(), 0);
+  std::shuffle(p.perm.begin(), p.perm.end(), rng);
+  std::uniform_int_distribution<int64_t> gi(0, s.E * s.N - 1);
+  p.index.resize(s.T * s.K);
+  for (auto& e : p.index) e = gi(rng);
+  if (s.T * s.K > 3) p.index[1] = p.index[2];  // a repeated hit
+  p.scores.resize(s.T * s.K * s.C);
+  for (auto& e : p.scores) e = T(d(rng));
+  return p;
+}
+
+std::vector<PoolShape> shapes() {
+  // {T, K, N, Dv, E, C}
+  return {{1, 64, 1000, 32, 4, 2},  {3, 7, 13, 10, 9, 2},  {20, 16, 64, 24, 4, 3},   // 20 tokens: 2 chunks
+          {5, 5, 7, 9, 1, 1},       {40, 12, 128, 16, 4, 4}, {0, 8, 10, 8, 4, 2},   {4, 0, 10, 8, 4, 2},
+          {2, 33, 31, 37, 1, 1},    {17, 9, 256, 64, 16, 2}};
+}
+
+template <typename T>
+using Bf16Fn = decltype(&uk::pooled_lookup_forward_bf16<T>);
+template <typename T>
+using Int8Fn = decltype(&uk::pooled_lookup_forward_int8<T>);
+
+template <typename T>
+std::vector<T> run_bf16(Bf16Fn<T> fn, const Problem<T>& p) {
+  std::vector<T> out(p.s.T * p.s.E * p.s.Dv, std::numeric_limits<T>::quiet_NaN());
+  fn(p.s, p.bf16.data(), p.index.data(), p.scores.data(), p.perm.data(), out.data());
+  return out;
+}
+template <typename T>
+std::vector<T> run_int8(Int8Fn<T> fn, const Problem<T>& p) {
+  std::vector<T> out(p.s.T * p.s.E * p.s.Dv, std::numeric_limits<T>::quiet_NaN());
+  fn(p.s, p.i8.data(), p.scale.data(), p.index.data(), p.scores.data(), p.perm.data(), out.data());
+  return out;
+}
+// The float32 (or double) kernel on a given dense table.
+template <typename T>
+std::vector<T> run_dense(const Problem<T>& p, const std::vector<T>& table) {
+  std::vector<T> out(p.s.T * p.s.E * p.s.Dv, std::numeric_limits<T>::quiet_NaN());
+  uk::pooled_lookup_forward<T>(p.s, table.data(), p.index.data(), p.scores.data(), p.perm.data(), out.data());
+  return out;
+}
+
+template <typename T>
+class StoredPool : public ::testing::Test {};
+using FloatTypes = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(StoredPool, FloatTypes);
+
+TYPED_TEST(StoredPool, EveryIsaMatchesReferenceBitwise) {
+  using T = TypeParam;
+  OmpThreads one(1);
+  uint32_t seed = 10;
+  for (const auto& s : shapes()) {
+    SCOPED_TRACE("T=" + std::to_string(s.T) + " K=" + std::to_string(s.K) + " N=" + std::to_string(s.N));
+    const auto p = make_problem<T>(s, seed++);
+    const auto want_b = run_bf16<T>(&uk::pooled_lookup_forward_bf16_ref<T>, p);
+    const auto want_i = run_int8<T>(&uk::pooled_lookup_forward_int8_ref<T>, p);
+    for (const auto& [name, tab] : isa_tables<T>()) {
+      SCOPED_TRACE(name);
+      EXPECT_TRUE(Identical(run_bf16<T>(tab.pooled_lookup_forward_bf16, p), want_b));
+      EXPECT_TRUE(Identical(run_int8<T>(tab.pooled_lookup_forward_int8, p), want_i));
+    }
+    EXPECT_TRUE(Identical(run_bf16<T>(&uk::pooled_lookup_forward_bf16<T>, p), want_b)) << "public bf16";
+    EXPECT_TRUE(Identical(run_int8<T>(&uk::pooled_lookup_forward_int8<T>, p), want_i)) << "public int8";
+  }
+}
+
+// Widening bf16 is exact and the kernels apply the same operations in the same order, so the bf16
+// lookup equals the dense kernel on the widened table bit for bit.
+TYPED_TEST(StoredPool, Bf16EqualsDenseKernelOnWidenedTable) {
+  using T = TypeParam;
+  uint32_t seed = 30;
+  for (const auto& s : shapes()) {
+    const auto p = make_problem<T>(s, seed++);
+    std::vector<T> widened(p.bf16.size());
+    for (size_t i = 0; i < widened.size(); ++i) widened[i] = T(uk::bf16_to_float(p.bf16[i]));
+    EXPECT_TRUE(Identical(run_bf16<T>(&uk::pooled_lookup_forward_bf16<T>, p), run_dense<T>(p, widened)));
+  }
+}
+
+// int8 folds the row scale into the weight ((w * s) * q) where the dense kernel on the dequantised
+// table computes w * (q * s): equal up to two roundings per term.
+TYPED_TEST(StoredPool, Int8MatchesDenseKernelOnDequantisedTable) {
+  using T = TypeParam;
+  uint32_t seed = 50;
+  const double eps = std::numeric_limits<T>::epsilon();
+  for (const auto& s : shapes()) {
+    const auto p = make_problem<T>(s, seed++);
+    std::vector<float> deq(p.i8.size());
+    uk::dequantize_int8_rows(p.i8.data(), p.scale.data(), s.N, s.Dv, deq.data());
+    const std::vector<T> deq_t(deq.begin(), deq.end());
+    // Magnitude of every output element: the dense kernel on |scores| and |table|.
+    Problem<T> pa = p;
+    for (auto& v : pa.scores) v = std::abs(v);
+    std::vector<T> abs_table(deq_t.size());
+    for (size_t i = 0; i < abs_table.size(); ++i) abs_table[i] = std::abs(deq_t[i]);
+    const auto mag = run_dense<T>(pa, abs_table);
+    const auto got = run_int8<T>(&uk::pooled_lookup_forward_int8<T>, p);
+    const auto want = run_dense<T>(p, deq_t);
+    // float dequantisation rounds q * s once in float: relative 2^-24 even for T = double.
+    const double rel = 4 * std::max(eps, double(std::numeric_limits<float>::epsilon()));
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_LE(std::abs(double(got[i]) - double(want[i])), rel * double(mag[i]) + 1e-300) << "element " << i;
+  }
+}
+
+// And the stored formats stay close to the unquantised float table: the per-element error bounds of
+// value_quant.h carried through the weighted sums.
+TEST(StoredPoolAccuracy, CloseToFloatTableWithinQuantisationBounds) {
+  const PoolShape s{12, 32, 500, 64, 4, 2};
+  const auto p = make_problem<float>(s, 70);
+  std::vector<double> exact(s.T * s.E * s.Dv, 0.0), bound_b(exact.size(), 0.0), bound_i(exact.size(), 0.0);
+  const int64_t Ds = s.Dv / s.C, W = s.E * s.Dv;
+  for (int64_t t = 0; t < s.T; ++t)
+    for (int64_t k = 0; k < s.K; ++k) {
+      const int64_t v = p.perm[p.index[t * s.K + k]], g = v / s.N, row = v % s.N;
+      for (int64_t d = 0; d < s.Dv; ++d) {
+        const double w = p.scores[(t * s.K + k) * s.C + d / Ds], x = p.values[row * s.Dv + d];
+        exact[t * W + g * s.Dv + d] += w * x;
+        bound_b[t * W + g * s.Dv + d] += std::abs(w) * (std::ldexp(std::abs(x), -8) + 1e-6 * std::abs(x));
+        bound_i[t * W + g * s.Dv + d] += std::abs(w) * (0.5 * p.scale[row] * (1 + 1e-5) + 1e-6 * std::abs(x));
+      }
+    }
+  const auto b = run_bf16<float>(&uk::pooled_lookup_forward_bf16<float>, p);
+  const auto i8 = run_int8<float>(&uk::pooled_lookup_forward_int8<float>, p);
+  double max_b = 0, max_i = 0;
+  for (size_t e = 0; e < exact.size(); ++e) {
+    ASSERT_LE(std::abs(b[e] - exact[e]), bound_b[e] + 1e-5) << "bf16 element " << e;
+    ASSERT_LE(std::abs(i8[e] - exact[e]), bound_i[e] + 1e-5) << "int8 element " << e;
+    max_b = std::max(max_b, std::abs(b[e] - exact[e]));
+    max_i = std::max(max_i, std::abs(i8[e] - exact[e]));
+  }
+  EXPECT_GT(max_i, 0.0) << "int8 must actually quantise";
+  EXPECT_GT(max_b, 0.0) << "bf16 must actually round";
+}
+
+TEST(StoredPoolDeterminism, IndependentOfThreadCount) {
+  const std::vector<PoolShape> many = {{70, 16, 300, 32, 4, 2}, {33, 9, 17, 12, 9, 4}, {2, 64, 100, 16, 4, 2}};
+  uint32_t seed = 90;
+  for (const auto& s : many) {
+    const auto p = make_problem<float>(s, seed++);
+    std::vector<float> b1, i1, f1;
+    {
+      OmpThreads one(1);
+      b1 = run_bf16<float>(&uk::pooled_lookup_forward_bf16<float>, p);
+      i1 = run_int8<float>(&uk::pooled_lookup_forward_int8<float>, p);
+      f1 = run_dense<float>(p, p.values);
+    }
+    EXPECT_TRUE(Identical(b1, run_bf16<float>(&uk::pooled_lookup_forward_bf16_ref<float>, p)));
+    for (int threads : {2, 3}) {
+      OmpThreads many_threads(threads);
+      EXPECT_TRUE(Identical(run_bf16<float>(&uk::pooled_lookup_forward_bf16<float>, p), b1)) << threads;
+      EXPECT_TRUE(Identical(run_int8<float>(&uk::pooled_lookup_forward_int8<float>, p), i1)) << threads;
+      EXPECT_TRUE(Identical(run_dense<float>(p, p.values), f1)) << threads;
+    }
+  }
+}
+
+}  // namespace
