@@ -26,13 +26,13 @@
 #include <vector>
 
 #include "bench_common.h"
-#include "ultramem/infer/plain_ultramem.h"
+#include "ultramem/perf/plain_ultramem.h"
 #include "ultramem/kernels/isa.h"
 #include "ultramem/kernels/pooled_lookup.h"
 #include "ultramem/kernels/tdqkr.h"
 #include "ultramem/nn/ultramem.h"
 #include "ultramem/ops/ops.h"
-#include "ultramem/runtime.h"
+#include "ultramem/ops/runtime.h"
 
 namespace ubench {
 namespace {
@@ -50,7 +50,7 @@ constexpr int kProposedPrefetch = 4;    // rows ahead in the proposed kernel (th
 
 // ---- plain-torch versions (the library's infer/plain_ultramem.h) ----------------------------------
 
-namespace plain = ultramem::infer::plain;
+namespace plain = ultramem::perf::plain;
 
 std::pair<Tensor, Tensor> norm_keys(ultramem::nn::UltraMemImpl& L) {
   const auto k = plain::normalise_keys(L);

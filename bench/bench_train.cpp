@@ -29,7 +29,7 @@
 #include "ultramem/nn/model_config.h"
 #include "ultramem/nn/transformer.h"
 #include "ultramem/nn/ultramem.h"
-#include "ultramem/runtime.h"
+#include "ultramem/ops/runtime.h"
 #include "ultramem/train/trainer.h"
 #include "ultramem/train/transformer_model.h"
 

@@ -57,3 +57,26 @@ expect_error "trunc.safetensors" "$um" eval "$work/trunc.safetensors" --data "$w
 expect_error "top_p" "$um" generate "$work/run/checkpoint.safetensors" --prompt x --top-p 0
 expect_error "E: must be a square" "$um" layer-demo --E 3
 echo "cli_smoke: 1 passed, 0 failed"
+
+# The command's own rough edges (issue: one room per job).
+# --threads after the subcommand is the global option, not the config path.
+"$um" info --threads 1 "$work/model.json" | grep -q "memory_values" || fail "--threads after the subcommand"
+"$um" --version | grep -q "kernels .*libtorch" || fail "--version lacks the kernel ISA and libtorch version"
+expect_error "unknown command 'trian'" "$um" trian "$work/model.json"
+expect_error "train, eval" "$um" trian "$work/model.json"
+# A run folder is self-contained: eval and generate work from another working directory.
+(cd / && "$um" eval "$work/run/checkpoint.safetensors" --batch-size 2 --seq-len 32 --max-batches 1 | grep -q '"val_loss"') \
+  || fail "eval from another working directory"
+[ -f "$work/run/tokenizer.model" ] || fail "the run folder lacks its tokenizer"
+(cd / && "$um" generate "$work/run/checkpoint.safetensors" --prompt "The" --max-tokens 4 --seed 1 >/dev/null 2>&1) \
+  || fail "generate from another working directory"
+# Generation that fills the context says so (stderr and the JSON line).
+gerr=$("$um" generate "$work/run/checkpoint.safetensors" --prompt "The people" --max-tokens 100 --temperature 0 2>&1 >/dev/null)
+grep -q "context" <<<"$gerr" || fail "generate past the context does not say so: $gerr"
+# --plan needs no prepared data.
+src_dir=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$work/plan"
+plan=$(cd "$work/plan" && "$um" experiment "$src_dir/experiments/compare.json" --plan 2>&1) || fail "--plan without data: $plan"
+grep -q "ultramem prepare --vocab 2048" <<<"$plan" || fail "--plan without data names no prepare command: $plan"
+grep -q "MFLOP/token" <<<"$plan" || fail "--plan without data printed no plan: $plan"
+echo "cli smoke: ok"

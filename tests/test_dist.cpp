@@ -33,8 +33,8 @@
 #include "ultramem/io/safetensors.h"
 #include "ultramem/nn/transformer.h"
 #include "ultramem/nn/ultramem.h"
-#include "ultramem/runtime.h"
-#include "ultramem/train/checkpoint.h"
+#include "ultramem/ops/runtime.h"
+#include "ultramem/checkpoint/checkpoint.h"
 #include "ultramem/train/trainer.h"
 #include "ultramem/train/transformer_model.h"
 
@@ -415,7 +415,7 @@ TEST(ShardedCheckpoint, SavedByTwoRanksLoadsIntoOneAndTwoWithTheSameEvalLoss) {
     if (n.rfind("checkpoint.step", 0) == 0 && n.find(".rank") != std::string::npos) ++shards;
   }
   EXPECT_EQ(shards, 2);
-  const auto full = train::read_checkpoint(ckpt);
+  const auto full = checkpoint::read_checkpoint(ckpt);
   EXPECT_EQ(full.shard_world, 2);
   ASSERT_TRUE(full.model.count("memories.0.values"));
   EXPECT_EQ(full.model.at("memories.0.values").sizes(), (std::vector<int64_t>{64, 16}));
@@ -447,7 +447,7 @@ TEST(ShardedCheckpoint, SavedByTwoRanksLoadsIntoOneAndTwoWithTheSameEvalLoss) {
     f.put('\x7f');
   }
   try {
-    train::read_checkpoint(ckpt);
+    checkpoint::read_checkpoint(ckpt);
     ADD_FAILURE() << "a corrupt shard was accepted";
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find(fs::path(shard0).filename().string()), std::string::npos) << e.what();
@@ -504,7 +504,7 @@ TEST(Failure, KilledRankMakesTheOtherExitWithAClearErrorAndKeepsTheCheckpoint) {
   EXPECT_NE(text.find("[rank 0] worker error: distributed: rank 0 of 2"), std::string::npos) << text;
   EXPECT_NE(text.find("another rank died, hung or left"), std::string::npos) << text;
   // What was checkpointed before is intact.
-  const auto ckpt = train::read_checkpoint(dir.file("checkpoint.safetensors"));
+  const auto ckpt = checkpoint::read_checkpoint(dir.file("checkpoint.safetensors"));
   EXPECT_GE(train::trainer_state_from_json(ckpt.trainer_state).step, 2);
 }
 

@@ -9,8 +9,8 @@
 #include <set>
 #include <sstream>
 
-#include "experiment_report.h"
-#include "experiment_suite.h"
+#include "ultramem/experiment/report.h"
+#include "ultramem/experiment/suite.h"
 #include "ultramem/data/facts.h"
 #include "ultramem/nn/model_config.h"
 
@@ -46,7 +46,7 @@ json ladder_suite() {
 }  // namespace
 
 TEST(ExperimentSuite, CumulativePatchesAndSeeds) {
-  const auto s = cli::load_suite(write_suite(ladder_suite(), "ladder"), false);
+  const auto s = experiment::load_suite(write_suite(ladder_suite(), "ladder"), false);
   ASSERT_EQ(s.runs.size(), 3u);
   EXPECT_EQ(s.analysis, "ablation");
   EXPECT_EQ(s.runs[0].model["ffn_hidden"], 64);
@@ -63,7 +63,7 @@ TEST(ExperimentSuite, CumulativePatchesAndSeeds) {
 }
 
 TEST(ExperimentSuite, QuickVariantSelectsRunsStepsAndSeeds) {
-  const auto s = cli::load_suite(write_suite(ladder_suite(), "ladder_q"), true);
+  const auto s = experiment::load_suite(write_suite(ladder_suite(), "ladder_q"), true);
   ASSERT_EQ(s.runs.size(), 2u);
   EXPECT_TRUE(s.quick);
   EXPECT_EQ(s.runs[0].name, "a");
@@ -77,7 +77,7 @@ TEST(ExperimentSuite, QuickVariantSelectsRunsStepsAndSeeds) {
 TEST(ExperimentSuite, ErrorsNameTheProblem) {
   auto expect_error = [](json j, const std::string& fragment) {
     try {
-      cli::load_suite(write_suite(j, "bad"), false);
+      experiment::load_suite(write_suite(j, "bad"), false);
       FAIL() << "expected an error mentioning " << fragment;
     } catch (const std::invalid_argument& e) {
       EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
@@ -98,22 +98,22 @@ TEST(ExperimentSuite, ErrorsNameTheProblem) {
   j = ladder_suite();
   j.erase("quick");
   try {
-    cli::load_suite(write_suite(j, "noquick"), true);
+    experiment::load_suite(write_suite(j, "noquick"), true);
     FAIL();
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("no quick variant"), std::string::npos);
   }
-  EXPECT_THROW(cli::load_suite("no_such_suite_name", false), std::invalid_argument);
+  EXPECT_THROW(experiment::load_suite("no_such_suite_name", false), std::invalid_argument);
 }
 
 TEST(ExperimentSuite, ShippedSuitesResolveToValidConfigs) {
   const fs::path dir = fs::path(ULTRAMEM_SOURCE_DIR) / "experiments";
   const std::set<std::string> expected = {"ablation", "capacity", "compare", "scaling"};
   std::set<std::string> found;
-  for (const auto& name : cli::list_suites(dir.string())) {
+  for (const auto& name : experiment::list_suites(dir.string())) {
     found.insert(name);
     for (bool quick : {false, true}) {
-      const auto s = cli::load_suite((dir / (name + ".json")).string(), quick);
+      const auto s = experiment::load_suite((dir / (name + ".json")).string(), quick);
       for (const auto& r : s.runs) {
         auto m = r.model;
         if (s.task == "facts") m["vocab_size"] = 86;  // set from the task at run time
@@ -127,22 +127,22 @@ TEST(ExperimentSuite, ShippedSuitesResolveToValidConfigs) {
 TEST(ExperimentReport, LogFitRecoversLine) {
   std::vector<double> x = {1024, 4096, 16384, 65536}, y;
   for (double v : x) y.push_back(3.0 - 0.05 * std::log(v));
-  const auto f = cli::fit_log(x, y);
+  const auto f = experiment::fit_log(x, y);
   EXPECT_NEAR(f.a, 3.0, 1e-9);
   EXPECT_NEAR(f.b, -0.05, 1e-12);
   EXPECT_NEAR(f.r2, 1.0, 1e-12);
   y[1] += 0.1;
-  EXPECT_LT(cli::fit_log(x, y).r2, 0.99);
+  EXPECT_LT(experiment::fit_log(x, y).r2, 0.99);
 }
 
 TEST(ExperimentReport, SeedRangeOverlap) {
-  cli::RunSummary a, b;
+  experiment::RunSummary a, b;
   a.min = 1.0, a.max = 1.2;
   b.min = 1.1, b.max = 1.3;
-  EXPECT_TRUE(cli::seed_ranges_overlap(a, b));
+  EXPECT_TRUE(experiment::seed_ranges_overlap(a, b));
   b.min = 1.21;
-  EXPECT_FALSE(cli::seed_ranges_overlap(a, b));
-  EXPECT_FALSE(cli::seed_ranges_overlap(b, a));
+  EXPECT_FALSE(experiment::seed_ranges_overlap(a, b));
+  EXPECT_FALSE(experiment::seed_ranges_overlap(b, a));
 }
 
 TEST(FactTask, DeterministicDistinctNamesAndConsistentObjects) {

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "ultramem/kernels/cpu_features.h"
 #include "ultramem/kernels/huge_pages.h"
 #include "ultramem/kernels/kernel_table.h"
 #include "ultramem/kernels/pooled_lookup.h"
@@ -70,8 +71,7 @@ std::vector<std::pair<std::string, KernelTable<T>>> isa_tables() {
   uk::generic::fill_small_matmul(g);
   v.emplace_back("generic", g);
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (ultramem::kernels::cpu_has_avx2_fma()) {
     KernelTable<T> a{};
     uk::avx2::fill_pool(a);
     uk::avx2::fill_small_matmul(a);

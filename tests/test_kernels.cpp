@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ultramem/kernels/cpu_features.h"
 #include "ultramem/kernels/isa.h"
 #include "ultramem/kernels/kernel_table.h"
 #include "ultramem/kernels/pooled_lookup.h"
@@ -131,14 +132,6 @@ template <typename T>
 }
 
 // The ISA builds of the hot kernels: always "generic", plus "avx2" when the CPU can run it.
-bool cpu_has_avx2_fma() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
 
 template <typename T>
 struct NamedTable {
@@ -159,7 +152,7 @@ std::vector<NamedTable<T>> isa_tables() {
   std::vector<NamedTable<T>> v;
   v.push_back({"generic", generic_table<T>()});
 #if defined(__x86_64__)
-  if (cpu_has_avx2_fma()) {
+  if (ultramem::kernels::cpu_has_avx2_fma()) {
     KernelTable<T> t{};
     uk::avx2::fill_tdqkr(t);
     uk::avx2::fill_pool(t);
@@ -1491,7 +1484,7 @@ TEST(IsaDispatch, ActiveIsaMatchesCpu) {
   const bool forced_generic = force && std::string(force) == "generic";
   const std::string isa = uk::active_isa();
 #if defined(__x86_64__)
-  EXPECT_EQ(isa, (cpu_has_avx2_fma() && !forced_generic) ? "avx2" : "generic");
+  EXPECT_EQ(isa, (ultramem::kernels::cpu_has_avx2_fma() && !forced_generic) ? "avx2" : "generic");
 #else
   EXPECT_EQ(isa, "generic");
 #endif

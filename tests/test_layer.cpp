@@ -9,7 +9,7 @@
 #include "grad_check.h"
 #include "ultramem/nn/pkm.h"
 #include "ultramem/nn/ultramem.h"
-#include "ultramem/runtime.h"
+#include "ultramem/ops/runtime.h"
 
 using ultramem::nn::NormKind;
 using ultramem::nn::PKM;
@@ -215,7 +215,7 @@ TEST(UltraMemLayer, InvalidConfigNamesTheField) {
       {[](UltraMemConfig& c) { c.E = 0; }, "E"},
       {[](UltraMemConfig& c) { c.Dv = 15; }, "Dv"},
       {[](UltraMemConfig& c) { c.m = 65; c.m_first = 8; }, "m"},
-      {[](UltraMemConfig& c) { c.m_first = 4; }, "m_first"},
+      {[](UltraMemConfig& c) { c.m_first = 2; }, "m_first"},  // m_first^2 < m
       {[](UltraMemConfig& c) { c.m_first = 9; }, "m_first"},
       {[](UltraMemConfig& c) { c.D = 0; }, "D"},
       {[](UltraMemConfig& c) { c.n = 0; }, "n"},

@@ -1,6 +1,7 @@
 // Tests of the language model: shapes, causality, KV-cache decoding, memory placement, parameter
 // groups, config JSON, MoE routing and balance loss, double-precision gradients of every parameter,
-// model_info hand counts, telemetry, input validation, and short training runs of every kind.
+// model_info hand counts, telemetry, input validation, and short training runs of every kind; the
+// shipped configs/tiny-*.json as they are on disk; the UltraMem first-stage rule (m_first vs m).
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -20,6 +21,7 @@
 #include "ultramem/nn/moe.h"
 #include "ultramem/nn/swiglu.h"
 #include "ultramem/nn/transformer.h"
+#include "ultramem/nn/ultramem.h"
 
 using nlohmann::json;
 using namespace ultramem::nn;
@@ -29,8 +31,20 @@ namespace {
 
 const std::vector<std::string> kTiny = {"tiny-dense", "tiny-moe", "tiny-pkm", "tiny-ultramem"};
 
-ModelConfig tiny(const std::string& name) {
+// configs/<name>.json as shipped: vocab 8192 and max_seq_len 128, so that `ultramem train` runs it on the
+// default prepared data (`ultramem prepare`, --vocab 8192) at its default seq_len 128.
+ModelConfig shipped(const std::string& name) {
   return load_model_config(std::string(ULTRAMEM_CONFIG_DIR) + "/" + name + ".json");
+}
+
+// The shipped config at test size: vocab 64 and max_seq_len 32. With d_model 32 an 8192-way output head
+// would dominate the forward, backward and training tests below; these also write token ids, logit
+// shapes and cache limits for this size. Everything else is the shipped config.
+ModelConfig tiny(const std::string& name) {
+  ModelConfig c = shipped(name);
+  c.vocab_size = 64;
+  c.max_seq_len = 32;
+  return c;
 }
 
 // Random tokens [B, T] in [0, vocab).
@@ -252,7 +266,7 @@ TEST(Model, ParamGroupsPartitionTheParameters) {
 // Config JSON
 
 TEST(ModelConfigJson, UnknownKeysNameTheirPath) {
-  const json base = model_config_to_json(tiny("tiny-ultramem"));
+  const json base = model_config_to_json(shipped("tiny-ultramem"));
   auto with = [&](const std::function<void(json&)>& edit) {
     json j = base;
     edit(j);
@@ -277,7 +291,7 @@ TEST(ModelConfigJson, UnknownKeysNameTheirPath) {
 }
 
 TEST(ModelConfigJson, WrongTypesNameTheirPath) {
-  const json base = model_config_to_json(tiny("tiny-moe"));
+  const json base = model_config_to_json(shipped("tiny-moe"));
   auto with = [&](const std::function<void(json&)>& edit) {
     json j = base;
     edit(j);
@@ -309,7 +323,7 @@ TEST(ModelConfigJson, WrongTypesNameTheirPath) {
 }
 
 TEST(ModelConfigJson, InvalidValuesNameTheField) {
-  const json base = model_config_to_json(tiny("tiny-ultramem"));
+  const json base = model_config_to_json(shipped("tiny-ultramem"));
   auto with = [&](const std::function<void(json&)>& edit) {
     json j = base;
     edit(j);
@@ -353,8 +367,8 @@ TEST(ModelConfigJson, InvalidValuesNameTheField) {
 
 TEST(ModelConfigJson, RoundTrips) {
   std::vector<ModelConfig> configs;
-  for (const auto& name : kTiny) configs.push_back(tiny(name));
-  ModelConfig c = tiny("tiny-ultramem");
+  for (const auto& name : kTiny) configs.push_back(shipped(name));
+  ModelConfig c = shipped("tiny-ultramem");
   c.ffn = {FfnKind::None, FfnKind::MoE, FfnKind::Dense};
   c.tie_embeddings = false;
   c.ultramem_sparse_value_grad = true;
@@ -391,6 +405,138 @@ TEST(ModelConfigJson, SparseValueGradRuleAndPerLayerSeeds) {
   EXPECT_NE(c.ultramem_layer_config(0).seed, c.ultramem_layer_config(1).seed);
   EXPECT_EQ(c.ultramem_layer_config(1).D, c.d_model);
   EXPECT_EQ(c.ultramem_layer_config(1).num_layers, c.n_layers);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shipped tiny configs train on the default prepared data.
+
+TEST(TinyConfigs, ShippedFilesFitTheDefaultPreparedDataAndRun) {
+  // `ultramem prepare` defaults to --vocab 8192 and `ultramem train` to seq_len 128. The parameter
+  // counts (total, activated) are the ones docs/model.md gives.
+  const std::map<std::string, std::pair<int64_t, int64_t>> counts = {{"tiny-dense", {293088, 293088}},
+                                                                     {"tiny-moe", {305632, 293344}},
+                                                                     {"tiny-pkm", {290288, 288496}},
+                                                                     {"tiny-ultramem", {299840, 299584}}};
+  for (const auto& name : kTiny) {
+    const ModelConfig c = shipped(name);
+    EXPECT_EQ(c.name, name);
+    EXPECT_EQ(c.vocab_size, 8192) << name;
+    EXPECT_GE(c.max_seq_len, 128) << name;
+    EXPECT_EQ(c.d_model, 32) << name;
+    EXPECT_EQ(c.n_layers, 3) << name;
+    const ModelInfo info = model_info(c);
+    EXPECT_EQ(info.params_total, counts.at(name).first) << name;
+    EXPECT_EQ(info.params_activated, counts.at(name).second) << name;
+    Transformer model(c);
+    model->eval();
+    torch::NoGradGuard ng;
+    const auto logits = model->forward(random_tokens(1, 128, 8192, 22));
+    EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{1, 128, 8192})) << name;
+    EXPECT_TRUE(torch::isfinite(logits).all().item<bool>()) << name;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// UltraMem first stage. TDQKR keeps m_first rows and m_first columns and takes the final top-m among
+// the m_first x m_first rescored candidates (spec section 4), so the rule is m_first <= n and
+// m <= m_first^2 (m_first = 0 means m); m_first may be smaller than m.
+
+namespace {
+
+UltraMemConfig first_stage_config(int64_t m, int64_t m_first) {
+  UltraMemConfig c;
+  c.D = 32;
+  c.n = 8;
+  c.E = 4;
+  c.Dk = 8;
+  c.Dv = 16;
+  c.r = 2;
+  c.C = 2;
+  c.H = 2;
+  c.m = m;
+  c.m_first = m_first;
+  c.num_layers = 3;
+  c.seed = 5;
+  return c;
+}
+
+}  // namespace
+
+TEST(UltraMemFirstStage, SmallerThanMConstructsRunsAndHasExactGradients) {
+  // (m, m_first): fewer candidates than the grid, and m = m_first^2 (every candidate kept).
+  for (const auto& [m, m1] : std::vector<std::pair<int64_t, int64_t>>{{12, 4}, {16, 4}, {5, 3}, {9, 3}}) {
+    SCOPED_TRACE("m=" + std::to_string(m) + " m_first=" + std::to_string(m1));
+    const UltraMemConfig c = first_stage_config(m, m1);
+    EXPECT_NO_THROW(c.validate());
+    EXPECT_EQ(c.first_stage_m(), m1);
+    UltraMem layer(c);
+    layer->to(torch::kDouble);
+    torch::manual_seed(23);
+    const auto x = torch::randn({2, 5, 32}, torch::kDouble);
+    const auto g = torch::randn({2, 5, 32}, torch::kDouble);
+    const auto y = layer->forward(x);  // autograd path
+    ASSERT_EQ(y.sizes(), x.sizes());
+    EXPECT_TRUE(torch::isfinite(y).all().item<bool>());
+    EXPECT_GT(y.abs().max().item<double>(), 0.0);
+    EXPECT_EQ(layer->stats().tokens, 10);
+    torch::Tensor fast;  // the no-grad fast path (kernels on raw buffers) gives the same output
+    {
+      torch::NoGradGuard ng;
+      fast = layer->forward(x);
+    }
+    ASSERT_EQ(fast.sizes(), x.sizes());
+    EXPECT_LE(max_abs_diff(fast, y.detach()), 1e-12 * std::max(1.0, y.abs().max().item<double>()));
+    auto loss_fn = [&]() { return (layer->forward(x) * g).sum(); };
+    layer->zero_grad();
+    loss_fn().backward();
+    for (const auto& p : layer->named_parameters()) {
+      ASSERT_TRUE(p.value().grad().defined()) << p.key() << " got no gradient";
+      expect_grad_matches(loss_fn, p.value().detach(), p.value().grad(), p.key(), /*samples=*/6);
+    }
+  }
+  // In a model, from JSON: builds, runs and round-trips.
+  json j = model_config_to_json(shipped("tiny-ultramem"));
+  j["vocab_size"] = 64;
+  j["max_seq_len"] = 32;
+  j["memory"]["ultramem"]["m"] = 12;
+  j["memory"]["ultramem"]["m_first"] = 4;
+  const ModelConfig c = model_config_from_json(j);
+  EXPECT_EQ(c.ultramem_layer_config(1).first_stage_m(), 4);
+  EXPECT_EQ(model_config_to_json(model_config_from_json(model_config_to_json(c))), model_config_to_json(c));
+  Transformer model(c);
+  const auto logits = model->forward(random_tokens(2, 10, 64, 24));
+  EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{2, 10, 64}));
+  EXPECT_TRUE(torch::isfinite(logits).all().item<bool>());
+}
+
+TEST(UltraMemFirstStage, InvalidCombinationsNameTheField) {
+  struct Case {
+    int64_t m, m_first;
+    std::string field;
+  };
+  const std::vector<Case> cases = {
+      {12, 3, "m_first"},  // 3 x 3 = 9 candidates cannot hold m = 12
+      {17, 4, "m_first"},  // 16 < 17
+      {4, 9, "m_first"},   // more than n = 8 per side
+      {12, 0, "m_first"},  // 0 means m = 12, more than n = 8 per side
+      {4, -1, "m_first"},
+      {65, 8, "m"},        // more than the n*n = 64 grid
+      {0, 4, "m"},
+  };
+  for (const auto& cs : cases) {
+    SCOPED_TRACE("m=" + std::to_string(cs.m) + " m_first=" + std::to_string(cs.m_first));
+    const UltraMemConfig c = first_stage_config(cs.m, cs.m_first);
+    expect_throw_with<std::invalid_argument>([&] { UltraMem layer(c); }, "UltraMemConfig." + cs.field + ":");
+  }
+  expect_throw_with<std::invalid_argument>([] { first_stage_config(12, 3).validate(); },
+                                           "must be >= ceil(sqrt(m))");
+  expect_throw_with<std::invalid_argument>([] { first_stage_config(12, 0).validate(); }, "is 0, which means m = 12");
+  // Through a model config the error names the memory template and the field.
+  json j = model_config_to_json(shipped("tiny-ultramem"));
+  j["memory"]["ultramem"]["m"] = 12;
+  j["memory"]["ultramem"]["m_first"] = 3;
+  expect_throw_with<std::invalid_argument>([&] { model_config_from_json(j); },
+                                           "ModelConfig.ultramem: UltraMemConfig.m_first:");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -587,6 +733,7 @@ TEST(ModelInfo, HandCountsForATinyConfig) {
 
 TEST(ModelInfo, TotalParametersEqualTheBuiltModel) {
   std::vector<ModelConfig> configs;
+  for (const auto& name : kTiny) configs.push_back(shipped(name));
   for (const auto& name : kTiny) configs.push_back(tiny(name));
   ModelConfig pkm_batch = tiny("tiny-pkm");
   pkm_batch.pkm.query_norm = PKMConfig::QueryNorm::Batch;

@@ -7,7 +7,7 @@
 
 #include "grad_check.h"
 #include "ultramem/ops/ops.h"
-#include "ultramem/runtime.h"
+#include "ultramem/ops/runtime.h"
 
 using ultramem::testing::expect_grad_matches;
 

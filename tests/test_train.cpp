@@ -19,7 +19,7 @@
 #include "ultramem/nn/model_config.h"
 #include "ultramem/nn/transformer.h"
 #include "ultramem/train/batch_source.h"
-#include "ultramem/train/checkpoint.h"
+#include "ultramem/checkpoint/checkpoint.h"
 #include "ultramem/train/grad_clip.h"
 #include "ultramem/train/optimizer.h"
 #include "ultramem/train/schedule.h"
@@ -451,7 +451,7 @@ TEST(Checkpoint, RoundTripWeightsOptimizerAndTrainerState) {
   const std::string path = dir.file("ckpt.safetensors");
   tr.save_checkpoint(path);
 
-  const auto ck = train::read_checkpoint(path);
+  const auto ck = checkpoint::read_checkpoint(path);
   EXPECT_EQ(ck.model_config, model->config_json());
   EXPECT_EQ(ck.train_config, train::train_config_to_json(tr.config()));
   EXPECT_EQ(ck.trainer_state.at("step").get<int64_t>(), 2);
@@ -478,7 +478,7 @@ TEST(Checkpoint, RoundTripWeightsOptimizerAndTrainerState) {
     torch::NoGradGuard ng;
     for (auto& p : other->module().parameters()) p.add_(1.0);
   }
-  train::load_model_weights(path, other->module(), other->config_json());
+  checkpoint::load_model_weights(path, other->module(), other->config_json());
   for (const auto& p : other->module().named_parameters())
     EXPECT_TRUE(torch::equal(p.value(), ck.model.at(p.key()))) << p.key();
 }
@@ -487,8 +487,8 @@ TEST(Checkpoint, CorruptTruncatedAndWrongConfigAreClearErrors) {
   TempDir dir("corrupt");
   auto model = train::as_trainable(nn::Transformer(tiny_model_config()));
   const std::string path = dir.file("c.safetensors");
-  train::save_checkpoint(path, model->module(), model->config_json());
-  ASSERT_NO_THROW(train::read_checkpoint(path));
+  checkpoint::save_checkpoint(path, model->module(), model->config_json());
+  ASSERT_NO_THROW(checkpoint::read_checkpoint(path));
   const auto size = fs::file_size(path);
 
   // One flipped byte near the end (inside the tensor data).
@@ -503,16 +503,16 @@ TEST(Checkpoint, CorruptTruncatedAndWrongConfigAreClearErrors) {
     f.seekp(static_cast<std::streamoff>(size - 10));
     f.write(&ch, 1);
   }
-  expect_throw_with<std::runtime_error>([&] { train::read_checkpoint(bad); }, {bad, "checksum"});
+  expect_throw_with<std::runtime_error>([&] { checkpoint::read_checkpoint(bad); }, {bad, "checksum"});
 
   // Truncated.
   const std::string cut = dir.file("cut.safetensors");
   fs::copy_file(path, cut);
   fs::resize_file(cut, size / 2);
-  expect_throw_with<std::runtime_error>([&] { train::read_checkpoint(cut); }, {cut});
+  expect_throw_with<std::runtime_error>([&] { checkpoint::read_checkpoint(cut); }, {cut});
   fs::resize_file(cut, 5);
-  expect_throw_with<std::runtime_error>([&] { train::read_checkpoint(cut); }, {cut});
-  expect_throw_with<std::runtime_error>([&] { train::read_checkpoint(dir.file("absent.safetensors")); },
+  expect_throw_with<std::runtime_error>([&] { checkpoint::read_checkpoint(cut); }, {cut});
+  expect_throw_with<std::runtime_error>([&] { checkpoint::read_checkpoint(dir.file("absent.safetensors")); },
                                         {"absent.safetensors"});
 
   // Another model config: the differing keys are listed.
@@ -521,7 +521,7 @@ TEST(Checkpoint, CorruptTruncatedAndWrongConfigAreClearErrors) {
   cfg.ffn_hidden = 40;
   auto other = train::as_trainable(nn::Transformer(cfg));
   expect_throw_with<std::runtime_error>(
-      [&] { train::load_model_weights(path, other->module(), other->config_json()); },
+      [&] { checkpoint::load_model_weights(path, other->module(), other->config_json()); },
       {path, "model config differs", "d_model", "ffn_hidden"});
 }
 
@@ -529,8 +529,8 @@ TEST(Checkpoint, InterruptedWriteLeavesPreviousCheckpointIntact) {
   TempDir dir("atomic");
   auto model = train::as_trainable(nn::Transformer(tiny_model_config()));
   const std::string path = dir.file("checkpoint.safetensors");
-  train::save_checkpoint(path, model->module(), model->config_json());
-  const auto first = train::read_checkpoint(path);
+  checkpoint::save_checkpoint(path, model->module(), model->config_json());
+  const auto first = checkpoint::read_checkpoint(path);
 
   // A crash mid-write leaves a partial temporary file next to the checkpoint.
   {
@@ -543,13 +543,13 @@ TEST(Checkpoint, InterruptedWriteLeavesPreviousCheckpointIntact) {
     for (auto& p : model->module().parameters()) p.mul_(2.0);
   }
   fs::create_directories(path + ".tmp." + std::to_string(::getpid()));
-  EXPECT_THROW(train::save_checkpoint(path, model->module(), model->config_json()), std::runtime_error);
-  const auto again = train::read_checkpoint(path);
+  EXPECT_THROW(checkpoint::save_checkpoint(path, model->module(), model->config_json()), std::runtime_error);
+  const auto again = checkpoint::read_checkpoint(path);
   for (const auto& [k, t] : first.model) EXPECT_TRUE(torch::equal(again.model.at(k), t)) << k;
   // And once the obstacle is gone, the next write replaces it.
   fs::remove_all(path + ".tmp." + std::to_string(::getpid()));
-  train::save_checkpoint(path, model->module(), model->config_json());
-  const auto third = train::read_checkpoint(path);
+  checkpoint::save_checkpoint(path, model->module(), model->config_json());
+  const auto third = checkpoint::read_checkpoint(path);
   const auto name = model->module().named_parameters().begin()->key();
   EXPECT_TRUE(torch::equal(third.model.at(name), first.model.at(name) * 2.0));
 }

@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
-#include "ultramem/kernels/isa.h"
+#include "ultramem/ops/runtime.h"
 #include "ultramem/nn/ultramem.h"
 
 namespace ultramem::cli {
@@ -35,7 +35,7 @@ void run_layer_demo(const DemoArgs& a) {
   UltraMem layer(a.cfg);
   const auto& c = layer->config();
   std::cout << nlohmann::json{{"event", "config"},
-                              {"isa", ultramem::kernels::active_isa()},
+                              {"isa", ultramem::kernel_isa()},
                               {"threads", at::get_num_threads()},
                               {"D", c.D}, {"n", c.n}, {"E", c.E}, {"N", c.physical_rows()},
                               {"Dk", c.Dk}, {"Dv", c.Dv}, {"r", c.r}, {"C", c.C}, {"H", c.H},

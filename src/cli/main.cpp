@@ -1,17 +1,45 @@
 // The `ultramem` command line tool: one subcommand per job (see `ultramem --help`).
 #include <CLI/CLI.hpp>
+#include <torch/version.h>
 
+#include <cstring>
 #include <iostream>
 #include <stdexcept>
+#include <string>
 
 #include "commands.h"
-#include "ultramem/runtime.h"
+#include "ultramem/ops/runtime.h"
+
+namespace {
+
+std::string version_line() {
+  return std::string("ultramem ") + ULTRAMEM_VERSION + " (git " + ULTRAMEM_GIT_REVISION + "), kernels " +
+         ultramem::kernel_isa() + ", libtorch " + TORCH_VERSION;
+}
+
+// The first word that is not an option (or the value of --threads): the subcommand's name, or "".
+std::string first_command_word(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string s = argv[i];
+    if (s == "--threads") {
+      ++i;
+      continue;
+    }
+    if (!s.empty() && s[0] == '-') continue;
+    return s;
+  }
+  return "";
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{
       "ultramem: UltraMem ultra-sparse memory layers for transformers (CPU, libtorch).\n"
       "Typical flow: prepare -> info -> train -> eval / generate."};
   app.require_subcommand(1);
+  app.fallthrough();  // global options (--threads) also after the subcommand
+  app.set_version_flag("--version", version_line(), "Print version, git revision, kernel ISA and libtorch version");
   int threads = ultramem::default_threads();
   app.add_option("--threads", threads, "Threads for libtorch and the kernels (default: all cores)")
       ->capture_default_str();
@@ -25,6 +53,21 @@ int main(int argc, char** argv) {
   ultramem::cli::add_layer_demo_command(app);
   ultramem::cli::add_experiment_command(app);
   ultramem::cli::add_bench_command(app);
+
+  const std::string word = first_command_word(argc, argv);
+  if (!word.empty()) {
+    bool known = false;
+    std::string names;
+    for (const auto* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+      known = known || sub->get_name() == word;
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    }
+    if (!known) {
+      std::cerr << "ultramem: error: unknown command '" << word << "'; the commands are: " << names
+                << " (ultramem --help explains each)" << std::endl;
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

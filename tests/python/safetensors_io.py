@@ -3,13 +3,18 @@
 Format: 8-byte little-endian header length L, L bytes of JSON header
 {"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the data
 buffer; offsets are relative to the buffer and the tensors tile it exactly.
+
+read_checkpoint / save_checkpoint add the checksum of ultramem checkpoints (docs/training.md, whose
+Python reader is the same code in a few lines).
 """
 import json
 import struct
+import zlib
 from collections import OrderedDict
 
 import torch
 
+# Every dtype ultramem::io::save_safetensors writes (src/ultramem/io/safetensors.cpp, kDtypes).
 DTYPES = OrderedDict([
     ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
     ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8),
@@ -33,6 +38,11 @@ def _no_duplicates(pairs):
 
 def _elem_size(dtype):
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _raw(t):
+    """The little-endian bytes of a contiguous CPU tensor."""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def read_header(path):
@@ -104,7 +114,7 @@ def save(path, tensors, metadata=None):
     chunks, pos = [], 0
     for name, t in items:
         t = t.detach().contiguous().cpu()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = _raw(t)
         header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + len(raw)]}
         chunks.append(raw)
         pos += len(raw)
@@ -115,3 +125,43 @@ def save(path, tensors, metadata=None):
         f.write(h)
         for c in chunks:
             f.write(c)
+
+
+def checkpoint_checksum(tensors, metadata):
+    """The checksum of an ultramem checkpoint (docs/training.md): zlib CRC-32 over, for every tensor in
+    file order, its name, dtype name and shape ("2,3", "" for a scalar), each followed by a NUL byte,
+    then its raw bytes; then every metadata entry except "checksum", in key order, as key NUL value NUL.
+    tensors: iterable of (name, tensor) or a dict, in file order. Returns "crc32:<8 hex digits>"."""
+    items = list(tensors.items()) if isinstance(tensors, dict) else list(tensors)
+    crc = 0
+    for name, t in items:
+        t = t.detach().contiguous().cpu()
+        for s in (name, _NAMES[t.dtype], ",".join(str(d) for d in t.shape)):
+            crc = zlib.crc32(s.encode("utf-8") + b"\0", crc)
+        crc = zlib.crc32(_raw(t), crc)
+    for k in sorted(metadata):
+        if k != "checksum":
+            crc = zlib.crc32(k.encode("utf-8") + b"\0" + metadata[k].encode("utf-8") + b"\0", crc)
+    return "crc32:%08x" % crc
+
+
+def read_checkpoint(path):
+    """load() plus the checkpoint checksum check when the file has one (weights-only and quantised
+    checkpoints included: value tables in F32, BF16 or I8 with an F32 values_scale).
+    Returns (OrderedDict name -> tensor in file order, metadata dict)."""
+    tensors, meta = load(path)
+    if "checksum" in meta:
+        actual = checkpoint_checksum(tensors, meta)
+        if meta["checksum"] != actual:
+            raise SafetensorsError("%s: checksum mismatch (stored %s, computed %s): the file is corrupt"
+                                   % (path, meta["checksum"], actual))
+    return tensors, meta
+
+
+def save_checkpoint(path, tensors, metadata):
+    """save() with metadata["checksum"] set to checkpoint_checksum of what is written."""
+    items = list(tensors.items()) if isinstance(tensors, dict) else list(tensors)
+    meta = {str(k): str(v) for k, v in metadata.items() if k != "checksum"}
+    meta["checksum"] = checkpoint_checksum(items, meta)
+    save(path, items, meta)
+    return meta["checksum"]

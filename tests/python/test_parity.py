@@ -146,6 +146,13 @@ class UltraMemParityTest(ParityBase):
         t, cfg, _ = self.run_case("minimal", H=1, C=1, E=1, r=1, n=6, m=3, m_first=5, Dv=8, seed=4)
         self.assertEqual(float(t["aux_loss"]), 0.0)  # r == 1: no aux loss
 
+    def test_m_first_below_m(self):
+        # The final top-m comes from the m_first x m_first rescored candidates (spec section 4), so
+        # m_first < m is valid while m <= m_first^2; the second case keeps every candidate.
+        _, cfg, _ = self.run_case("mfirst_below", n=8, m=12, m_first=4, seed=8)
+        self.assertLess(cfg["m_first"], cfg["m"])
+        self.run_case("mfirst_all", n=8, m=9, m_first=3, seed=9)
+
     def test_float32(self):
         self.run_case("f32", dtype="float", seed=5)
 

@@ -1,5 +1,7 @@
 #include "ultramem/data/facts.h"
 
+#include <nlohmann/json.hpp>
+
 #include <torch/torch.h>
 
 #include <cmath>
@@ -30,6 +32,27 @@ void require(bool ok, const std::string& msg) {
 }
 
 }  // namespace
+
+FactTaskConfig fact_task_config_from_json(const nlohmann::json& j) {
+  FactTaskConfig c;
+  if (!j.is_object()) throw std::invalid_argument("facts: expected an object of FactTaskConfig keys");
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const auto& k = it.key();
+    if (!it->is_number_integer()) throw std::invalid_argument("facts." + k + ": expected an integer");
+    const auto v = it->get<int64_t>();
+    if (k == "subjects") c.subjects = v;
+    else if (k == "subject_len") c.subject_len = v;
+    else if (k == "alphabet") c.alphabet = v;
+    else if (k == "relations") c.relations = v;
+    else if (k == "objects") c.objects = v;
+    else if (k == "context_facts") c.context_facts = v;
+    else if (k == "max_queries") c.max_queries = v;
+    else if (k == "seed") c.seed = uint64_t(v);
+    else throw std::invalid_argument("facts." + k + ": unknown key");
+  }
+  c.validate();
+  return c;
+}
 
 void FactTaskConfig::validate() const {
   require(subjects >= 1, "subjects: must be >= 1");

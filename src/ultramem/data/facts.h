@@ -17,12 +17,18 @@
 // sample) once, after a few other random facts as context, and scores the prediction made at the
 // relation token: recall = fraction whose arg-max over the whole vocabulary is the object.
 #pragma once
+#include <nlohmann/json_fwd.hpp>
 #include <torch/types.h>
 
 #include <cstdint>
 #include <vector>
 
 namespace ultramem::data {
+
+struct FactTaskConfig;
+// From JSON keys of the same names (integers); std::invalid_argument naming "facts.<key>" for an unknown
+// key, a non-integer or an invalid value.
+FactTaskConfig fact_task_config_from_json(const nlohmann::json& j);
 
 struct FactTaskConfig {
   int64_t subjects = 4096;     // distinct subject names

@@ -20,14 +20,10 @@
 #include <memory>
 #include <vector>
 
+#include "ultramem/data/batch.h"
 #include "ultramem/data/shard.h"
 
 namespace ultramem::data {
-
-struct Batch {
-  torch::Tensor inputs;   // [B, T] int64 token ids
-  torch::Tensor targets;  // [B, T] int64, targets[b][t] = inputs[b][t + 1] within the window
-};
 
 class BatchSampler {
  public:

@@ -68,11 +68,11 @@ double DataParallel::grad_norm(const std::vector<torch::Tensor>& params) {
 }
 
 void DataParallel::save_checkpoint(const std::string& path, const torch::nn::Module& model,
-                                   const nlohmann::json& model_config, const train::CheckpointWriteOptions& options) {
+                                   const nlohmann::json& model_config, const checkpoint::CheckpointWriteOptions& options) {
   save_sharded_checkpoint(*group_, sharded_, path, model, model_config, options);
 }
 
-train::Checkpoint DataParallel::read_checkpoint(const std::string& path) {
+checkpoint::Checkpoint DataParallel::read_checkpoint(const std::string& path) {
   return read_sharded_checkpoint(*group_, sharded_, path);
 }
 

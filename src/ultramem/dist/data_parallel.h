@@ -31,8 +31,8 @@ class DataParallel final : public train::ParallelContext {
   // sum of the squared norms of the sharded slices).
   double grad_norm(const std::vector<torch::Tensor>& params) override;
   void save_checkpoint(const std::string& path, const torch::nn::Module& model, const nlohmann::json& model_config,
-                       const train::CheckpointWriteOptions& options) override;
-  train::Checkpoint read_checkpoint(const std::string& path) override;
+                       const checkpoint::CheckpointWriteOptions& options) override;
+  checkpoint::Checkpoint read_checkpoint(const std::string& path) override;
 
   Group& group() { return *group_; }
   const std::vector<ShardedParameter>& sharded() const { return sharded_; }

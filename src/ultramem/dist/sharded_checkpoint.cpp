@@ -67,7 +67,7 @@ void remove_stale_shards(const fs::path& dir, const std::string& stem, const std
 
 void save_sharded_checkpoint(Group& group, const std::vector<ShardedParameter>& sharded, const std::string& path,
                              const torch::nn::Module& model, const nlohmann::json& model_config,
-                             const train::CheckpointWriteOptions& options) {
+                             const checkpoint::CheckpointWriteOptions& options) {
   const int64_t rank = group.rank(), world = group.size();
   const fs::path dir = fs::path(path).parent_path();
   const std::string stem = stem_of(path);
@@ -87,13 +87,13 @@ void save_sharded_checkpoint(Group& group, const std::vector<ShardedParameter>& 
 
   // 2. This rank's shard.
   std::map<std::string, torch::Tensor> optim_state;
-  if (options.optimizer)
-    for (auto& [n, t] : options.optimizer->state_tensors()) optim_state.emplace(n, t);
+  if (options.optim)
+    for (auto& [n, t] : *options.optim) optim_state.emplace(n, t);
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   json columns_of = json::object();
   for (const auto& sp : sharded) {
     tensors.emplace_back("model." + sp.name, sp.param.detach());
-    if (options.optimizer) {
+    if (options.optim) {
       for (const char* moment : {".exp_avg", ".exp_avg_sq"}) {
         auto it = optim_state.find(sp.name + moment);
         if (it == optim_state.end())
@@ -102,11 +102,11 @@ void save_sharded_checkpoint(Group& group, const std::vector<ShardedParameter>& 
       }
     }
   }
-  if (options.rng) tensors.emplace_back("rng.cpu", train::get_rng_state());
+  if (options.rng) tensors.emplace_back("rng.cpu", checkpoint::get_rng_state());
   int64_t crc = -1;
   std::string error;
   try {
-    const std::string sum = train::save_checkpoint_shard(
+    const std::string sum = checkpoint::save_checkpoint_shard(
         (dir / mine).string(), tensors, json{{"rank", rank}, {"world", world}, {"step", step}, {"main", stem + kSuffix}});
     crc = static_cast<int64_t>(std::stoul(sum.substr(sum.find(':') + 1), nullptr, 16));
   } catch (const std::exception& e) {
@@ -131,20 +131,20 @@ void save_sharded_checkpoint(Group& group, const std::vector<ShardedParameter>& 
       files.push_back({{"file", shard_name(stem, step, token, j, world)}, {"checksum", sum}});
     }
     json manifest_tensors = json::object();
-    train::CheckpointWriteOptions o = options;
+    checkpoint::CheckpointWriteOptions o = options;
     for (const auto& sp : sharded) {
       const int64_t rows = sp.param.size(0);
       const int64_t w = sp.full_cols / world;
       json cols = json::array();
       for (int64_t j = 0; j < world; ++j) cols.push_back({j * w, (j + 1) * w});
-      for (const auto& n : split_names(sp.name, options.optimizer != nullptr)) {
+      for (const auto& n : split_names(sp.name, options.optim.has_value())) {
         manifest_tensors[n] = {{"shape", {rows, sp.full_cols}}, {"columns", cols}};
         o.exclude.insert(n);
       }
     }
     o.shards = {{"world", world}, {"step", step}, {"files", files}, {"tensors", manifest_tensors}};
     try {
-      train::save_checkpoint(path, model, model_config, o);
+      checkpoint::save_checkpoint(path, model, model_config, o);
     } catch (const std::exception& e) {
       commit_error = e.what();
     }
@@ -162,15 +162,15 @@ void save_sharded_checkpoint(Group& group, const std::vector<ShardedParameter>& 
   remove_stale_shards(dir.empty() ? fs::path(".") : dir, stem, mine, rank, world);
 }
 
-train::Checkpoint read_sharded_checkpoint(const Group& group, const std::vector<ShardedParameter>& sharded,
+checkpoint::Checkpoint read_sharded_checkpoint(const Group& group, const std::vector<ShardedParameter>& sharded,
                                           const std::string& path) {
-  train::CheckpointReadOptions o;
+  checkpoint::CheckpointReadOptions o;
   o.rank = group.rank();
   o.world = group.size();
   o.skip_missing_columns = true;  // a weights-only checkpoint has no optimizer moments
   for (const auto& sp : sharded)
     for (const auto& n : split_names(sp.name, true)) o.columns[n] = {sp.cols.begin, sp.cols.end};
-  return train::read_checkpoint(path, o);
+  return checkpoint::read_checkpoint(path, o);
 }
 
 }  // namespace ultramem::dist

@@ -21,7 +21,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "ultramem/dist/memory_sharding.h"
-#include "ultramem/train/checkpoint.h"
+#include "ultramem/checkpoint/checkpoint.h"
 
 namespace ultramem::dist {
 
@@ -29,12 +29,12 @@ class Group;
 
 void save_sharded_checkpoint(Group& group, const std::vector<ShardedParameter>& sharded, const std::string& path,
                              const torch::nn::Module& model, const nlohmann::json& model_config,
-                             const train::CheckpointWriteOptions& options);
+                             const checkpoint::CheckpointWriteOptions& options);
 
 // `path` (sharded by any number of ranks, or a one-file checkpoint) as this rank holds it: the split
 // parameters and their optimizer moments cut to this rank's columns, everything else whole; the RNG
 // state this rank saved when the checkpoint has as many ranks as the group.
-train::Checkpoint read_sharded_checkpoint(const Group& group, const std::vector<ShardedParameter>& sharded,
+checkpoint::Checkpoint read_sharded_checkpoint(const Group& group, const std::vector<ShardedParameter>& sharded,
                                           const std::string& path);
 
 }  // namespace ultramem::dist

@@ -2,7 +2,19 @@
 
 #include <torch/torch.h>
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <iostream>
 #include <stdexcept>
+
+#include "ultramem/checkpoint/run_folder.h"
+#include "ultramem/data/prepared.h"
+#include "ultramem/data/shard.h"
+#include "ultramem/infer/model_loading.h"
+#include "ultramem/io/process_memory.h"
 
 namespace ultramem::infer {
 
@@ -26,5 +38,93 @@ LossResult mean_loss(nn::Transformer& model, const std::vector<data::Batch>& bat
   r.loss = nll / double(r.tokens);
   return r;
 }
+
+nlohmann::json fact_recall(nn::Transformer& model, const data::FactTask& task) {
+  torch::NoGradGuard no_grad;
+  const bool was_training = model->is_training();
+  model->eval();
+  const auto q = task.queries();
+  const int64_t Q = q.inputs.size(0), chunk = 256;
+  int64_t correct = 0;
+  double loss = 0;
+  for (int64_t i = 0; i < Q; i += chunk) {
+    const int64_t n = std::min(chunk, Q - i);
+    const auto logits = model->forward(q.inputs.narrow(0, i, n));  // [n, L, V]
+    const auto pos = q.positions.narrow(0, i, n);                  // [n]
+    const auto at = logits.index({torch::arange(n), pos});          // [n, V]
+    const auto obj = q.objects.narrow(0, i, n);                     // [n]
+    correct += at.argmax(-1).eq(obj).sum().item<int64_t>();
+    loss += torch::nn::functional::cross_entropy(at.to(torch::kDouble), obj,
+                                                 torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+                .item<double>();
+  }
+  model->train(was_training);
+  const double recall = double(correct) / double(Q);
+  return {{"recall", recall}, {"object_loss", loss / double(Q)}, {"queries", Q},
+          {"facts", task.config().num_facts()}, {"facts_recalled", recall * double(task.config().num_facts())}};
+}
+
+nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
+  const auto t0 = std::chrono::steady_clock::now();
+  LoadOptions lo;
+  lo.mmap = a.mmap;
+  lo.warn = [](const std::string& s) { std::cerr << "note: " << s << std::endl; };
+  auto loaded = load_model(a.checkpoint, lo);
+  auto& model = loaded.model;
+  const auto& cfg = model->config();
+  const auto data_dir = checkpoint::data_dir_for_checkpoint(a.checkpoint, a.data_dir);
+  const auto prepared = data::load_prepared(data_dir);
+  if (prepared.vocab_size != cfg.vocab_size)
+    throw std::invalid_argument("the checkpoint's vocab_size " + std::to_string(cfg.vocab_size) +
+                                " differs from the tokenizer's in " + data_dir);
+  const int64_t seq_len = a.seq_len > 0 ? a.seq_len : cfg.max_seq_len;
+  if (seq_len > cfg.max_seq_len)
+    throw std::invalid_argument("--seq-len " + std::to_string(seq_len) + " exceeds max_seq_len " +
+                                std::to_string(cfg.max_seq_len));
+  auto val = data::TokenShard::open(prepared.val_path);
+  const auto batches = data::eval_batches(*val, a.batch_size, seq_len, a.max_batches);
+  if (batches.empty())
+    throw std::runtime_error(prepared.val_path + ": too short for one batch of " + std::to_string(a.batch_size) +
+                             " x " + std::to_string(seq_len) + " tokens; lower --batch-size or --seq-len");
+  torch::NoGradGuard no_grad;
+  const bool progress = ::isatty(2);  // a live counter on a terminal only
+  double nll = 0;
+  int64_t tokens = 0;
+  std::vector<double> batch_ms;  // per batch: the first one pays the first touch of the value tables
+  for (size_t i = 0; i < batches.size(); ++i) {
+    const auto& b = batches[i];
+    const auto tb = std::chrono::steady_clock::now();
+    const auto logits = model->forward(b.inputs);
+    batch_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - tb).count());
+    nll += torch::nn::functional::cross_entropy(
+               logits.reshape({-1, logits.size(-1)}), b.targets.reshape(-1),
+               torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+               .item<double>();
+    tokens += b.targets.numel();
+    if (progress) std::cerr << "\reval batch " << (i + 1) << "/" << batches.size() << std::flush;
+  }
+  if (progress) std::cerr << "\n";
+  const double loss = nll / tokens;
+  std::vector<double> later(batch_ms.begin() + 1, batch_ms.end());
+  std::sort(later.begin(), later.end());
+  // Bits per byte: nats/token -> bits/token, times the split's tokens per UTF-8 byte.
+  const double bpb = loss / std::log(2.0) * double(prepared.val.tokens) / double(prepared.val.bytes);
+  nlohmann::json out = {{"checkpoint", a.checkpoint},
+                        {"data_dir", prepared.dir},
+                        {"tokens", tokens},
+                        {"val_loss", loss},
+                        {"perplexity", std::exp(loss)},
+                        {"bits_per_byte", bpb},
+                        {"value_format", nn::to_string(loaded.value_format)},
+                        {"value_mib", double(loaded.value_bytes) / double(1 << 20)},
+                        {"mmap", a.mmap},
+                        {"first_batch_ms", batch_ms.front()},
+                        {"median_later_batch_ms", later.empty() ? nlohmann::json(nullptr) : nlohmann::json(later[later.size() / 2])},
+                        {"peak_rss_mib", double(io::peak_resident_bytes()) / double(1 << 20)},
+                        {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()},
+                        {"memory_layers", model->telemetry()}};
+  return out;
+}
+
 
 }  // namespace ultramem::infer

@@ -3,8 +3,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "ultramem/data/facts.h"
 #include "ultramem/data/sampler.h"
 #include "ultramem/nn/transformer.h"
 
@@ -19,5 +23,24 @@ struct LossResult {
 // each batch when given. std::invalid_argument for an empty batch list.
 LossResult mean_loss(nn::Transformer& model, const std::vector<data::Batch>& batches,
                      const std::function<void(size_t, size_t)>& progress = {});
+
+// Recall of the fact task's queries (data/facts.h): the share answered with the right object token
+// (argmax at the query position), and the mean object cross-entropy. Eval mode, no grad; the model's
+// train/eval mode is restored. {"recall", "object_loss", "queries", "facts", "facts_recalled"}.
+nlohmann::json fact_recall(nn::Transformer& model, const data::FactTask& task);
+
+struct EvalOptions {
+  std::string checkpoint;   // checkpoint file
+  std::string data_dir;     // prepared data ("" : the run's, see checkpoint::data_dir_for_checkpoint)
+  int64_t batch_size = 8;   // sequences per batch
+  int64_t seq_len = 0;      // tokens per sequence (0: the model's max_seq_len)
+  int64_t max_batches = 0;  // at most this many batches (0: the whole split)
+  bool mmap = false;        // value tables from a read-only mapping of the file
+};
+
+// `ultramem eval`: validation loss, perplexity, bits per byte, value format and size, first-batch and
+// later-batch latency, peak memory and the memory layers' telemetry, as one JSON object. A live batch
+// counter goes to stderr when it is a terminal. std::invalid_argument for inconsistent options.
+nlohmann::json evaluate_checkpoint(const EvalOptions& options);
 
 }  // namespace ultramem::infer

@@ -7,9 +7,9 @@
 
 #include "ultramem/infer/value_tables.h"
 #include "ultramem/io/safetensors.h"
-#include "ultramem/nn/huge_page_tensor.h"
+#include "ultramem/ops/huge_page_tensor.h"
 #include "ultramem/nn/model_config.h"
-#include "ultramem/train/checkpoint.h"
+#include "ultramem/checkpoint/checkpoint.h"
 
 namespace ultramem::infer {
 namespace {
@@ -18,56 +18,11 @@ namespace {
   throw std::runtime_error("checkpoint " + path + ": " + what);
 }
 
-nlohmann::json parse_json(const std::string& path, const std::map<std::string, std::string>& meta, const char* key) {
-  auto it = meta.find(key);
-  if (it == meta.end()) return nlohmann::json();
-  try {
-    return nlohmann::json::parse(it->second);
-  } catch (const nlohmann::json::parse_error& e) {
-    fail(path, std::string("metadata '") + key + "' is not valid JSON: " + e.what());
-  }
-}
-
-// The checkpoint's model tensors as views of a read-only mapping of the file (format and version
-// checked; the checksum is not: it would read every page).
-train::Checkpoint map_checkpoint(const std::string& path, std::vector<std::string>& copied) {
-  io::MappedSafetensors m;
-  try {
-    m = io::map_safetensors(path);
-  } catch (const std::exception& e) {
-    fail(path, std::string("cannot map (missing, truncated or corrupt file): ") + e.what());
-  }
-  auto meta = [&](const char* key) -> std::string {
-    auto it = m.metadata.find(key);
-    if (it == m.metadata.end()) fail(path, std::string("metadata '") + key + "' is missing (not an ultramem checkpoint?)");
-    return it->second;
-  };
-  if (meta("format") != train::kCheckpointFormat)
-    fail(path, "format is '" + meta("format") + "', expected '" + train::kCheckpointFormat + "'");
-  if (meta("format_version") != std::to_string(train::kCheckpointVersion))
-    fail(path, "format version " + meta("format_version") + " is not supported (this build reads " +
-                   std::to_string(train::kCheckpointVersion) + ")");
-  if (m.metadata.count("shards"))
-    fail(path, "a sharded checkpoint cannot be memory-mapped; load it without --mmap");
-  train::Checkpoint c;
-  c.path = path;
-  c.metadata = m.metadata;
-  c.model_config = parse_json(path, m.metadata, "model_config");
-  if (c.model_config.is_null()) fail(path, "metadata 'model_config' is missing (not an ultramem checkpoint?)");
-  c.train_config = parse_json(path, m.metadata, "train_config");
-  const std::string mp = "model.";
-  for (auto& [name, t] : m.tensors)
-    if (name.compare(0, mp.size(), mp) == 0) c.model[name.substr(mp.size())] = t;  // optimizer state: untouched
-  for (const auto& name : m.copied)
-    if (name.compare(0, mp.size(), mp) == 0) copied.push_back(name.substr(mp.size()));
-  return c;
-}
-
 }  // namespace
 
 LoadedModel load_model(const std::string& path, const LoadOptions& options) {
   LoadedModel out;
-  train::Checkpoint ckpt = options.mmap ? map_checkpoint(path, out.copied) : train::read_checkpoint(path);
+  checkpoint::Checkpoint ckpt = options.mmap ? checkpoint::map_checkpoint(path, &out.copied) : checkpoint::read_checkpoint(path);
   auto cfg = nn::model_config_from_json(ckpt.model_config);
   // The model is built from the stored config itself; comparing against its normalised form (defaults
   // filled in) lets checkpoints written before a config key existed load with that key's default.
@@ -98,8 +53,8 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
         io::advise_random_access(values);
         ++out.mapped_tables;
       } else if (values.scalar_type() != torch::kFloat) {
-        layer->set_value_table(nn::detail::copy_to_huge_pages(values),
-                               int8 ? nn::detail::copy_to_huge_pages(scale) : torch::Tensor(), /*read_only=*/false);
+        layer->set_value_table(ops::detail::copy_to_huge_pages(values),
+                               int8 ? ops::detail::copy_to_huge_pages(scale) : torch::Tensor(), /*read_only=*/false);
       }
     } catch (const std::exception& e) {
       fail(path, name + ": " + e.what());
@@ -114,7 +69,7 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
         if (is_copied(n))
           options.warn("tensor '" + n + "' is not 64-byte aligned in " + path + "; copied instead of mapped");
   }
-  train::load_model_state(ckpt, *model, nn::model_config_to_json(model->config()));
+  checkpoint::load_model_state(ckpt, *model, nn::model_config_to_json(model->config()));
   model->eval();
   out.value_format = value_format(*model);
   const auto stored = ckpt.metadata.find(kValueFormatKey);

@@ -57,16 +57,25 @@ std::vector<int64_t> generate(nn::Transformer& model, std::vector<int64_t> promp
     timing->step_seconds.clear();
   }
   std::vector<int64_t> out;
+  std::string stop = "max_tokens";
   while (static_cast<int64_t>(out.size()) < o.max_tokens) {
-    if (id == eos_id) break;
+    if (id == eos_id) {
+      stop = "eos";
+      break;
+    }
     out.push_back(id);
     if (on_token) on_token(id);
-    if (static_cast<int64_t>(out.size()) >= o.max_tokens || cache.length >= ctx) break;  // done / context full
+    if (static_cast<int64_t>(out.size()) >= o.max_tokens) break;
+    if (cache.length >= ctx) {
+      stop = "context_full";
+      break;
+    }
     t0 = Clock::now();
     logits = model->forward_cached(torch::tensor({id}, torch::kLong).view({1, 1}), cache);
     id = sample_token(logits[0][logits.size(1) - 1], o, gen);
     if (timing) timing->step_seconds.push_back(since(t0));
   }
+  if (timing) timing->stop_reason = stop;
   return out;
 }
 

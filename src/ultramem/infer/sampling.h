@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "ultramem/nn/transformer.h"
@@ -27,6 +28,7 @@ struct GenerateTiming {
   int64_t prompt_tokens = 0;          // tokens of the prompt actually used (context-truncated)
   double prompt_seconds = 0;          // the forward over the whole prompt
   std::vector<double> step_seconds;   // each single-token decode step (forward + sampling), in order
+  std::string stop_reason;            // "eos", "max_tokens" or "context_full"
 };
 
 // Continues `prompt` (token ids, non-empty) with KV-cache decoding until `eos_id` is produced (not

@@ -5,7 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
-#include "ultramem/train/checkpoint.h"
+#include "ultramem/checkpoint/checkpoint.h"
 
 namespace ultramem::infer {
 
@@ -47,11 +47,11 @@ int64_t value_bytes(torch::nn::Module& model) {
 
 void save_weights(const std::string& path, torch::nn::Module& model, const nlohmann::json& model_config,
                   const nlohmann::json& train_config) {
-  train::CheckpointWriteOptions o;
+  checkpoint::CheckpointWriteOptions o;
   o.rng = false;
   o.train_config = train_config;
   o.metadata[kValueFormatKey] = nn::to_string(value_format(model));
-  train::save_checkpoint(path, model, model_config, o);
+  checkpoint::save_checkpoint(path, model, model_config, o);
 }
 
 }  // namespace ultramem::infer

@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "ultramem/kernels/cpu_features.h"
 #include "ultramem/kernels/isa.h"
 #include "ultramem/kernels/kernel_table.h"
 
@@ -13,8 +14,7 @@ bool want_avx2() {
 #if defined(UM_HAVE_AVX2_BUILD)
   const char* force = std::getenv("ULTRAMEM_ISA");
   if (force && std::strcmp(force, "generic") == 0) return false;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return cpu_has_avx2_fma();
 #else
   return false;
 #endif

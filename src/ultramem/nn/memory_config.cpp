@@ -74,10 +74,21 @@ void UltraMemConfig::validate() const {
   if (Dv % C != 0)
     fail(who, "Dv", "must be divisible by C = " + std::to_string(C) + " (MCS slices), got " + std::to_string(Dv));
   if (m > n * n) fail(who, "m", "must be <= n*n = " + std::to_string(n * n) + ", got " + std::to_string(m));
+  // TDQKR (spec section 4): the rank-1 filter keeps m1 = first_stage_m() rows and columns out of n, and
+  // the final top-m is taken among the m1 x m1 rescored candidates, so 1 <= m1 <= n and m <= m1^2.
+  // m1 may be smaller than m (the spec keeps the two separate).
   if (m_first < 0) fail(who, "m_first", "must be >= 0 (0 means m), got " + std::to_string(m_first));
   const int64_t m1 = first_stage_m();
-  if (m1 > n) fail(who, "m_first", "must be <= n = " + std::to_string(n) + ", got " + std::to_string(m1));
-  if (m1 < m) fail(who, "m_first", "must be >= m = " + std::to_string(m) + ", got " + std::to_string(m1));
+  if (m1 > n) {
+    if (m_first == 0)
+      fail(who, "m_first", "is 0, which means m = " + std::to_string(m) + ", but the first stage keeps at most n = " +
+                               std::to_string(n) + " per side; set m_first to a value in [ceil(sqrt(m)), n]");
+    fail(who, "m_first", "must be <= n = " + std::to_string(n) + ", got " + std::to_string(m_first));
+  }
+  if (m1 * m1 < m)
+    fail(who, "m_first", "must be >= ceil(sqrt(m)) so that its m_first x m_first candidates hold the m = " +
+                             std::to_string(m) + " kept ones, got " + std::to_string(m1) + " (" +
+                             std::to_string(m1 * m1) + " candidates)");
   if (qk_scale_init < 0) fail(who, "qk_scale_init", "must be >= 0 (0 means Dk^-0.33)");
   if (aux_alpha < 0) fail(who, "aux_alpha", "must be >= 0");
   if (value_init == ValueInit::Fixed && !(value_std > 0)) fail(who, "value_std", "must be > 0");

@@ -33,7 +33,8 @@ struct UltraMemConfig {
   int64_t C = 2;         // Tucker cores (multi-core scoring)
   int64_t H = 2;         // key sets ("heads"); all heads share one query
   int64_t m = 16;        // values kept per head
-  int64_t m_first = 0;   // first-stage top-m per side; 0 means m. Valid: m <= m_first <= n
+  int64_t m_first = 0;   // first-stage top-m per side; 0 means m. Valid: m_first <= n and m <= m_first^2
+                         // (the final top-m is taken among m_first x m_first candidates; m_first < m is allowed)
   NormKind qk_norm = NormKind::RMS;  // normalisation of query halves and keys over Dk
   double qk_scale_init = 0.0;        // initial norm scale for query and keys; 0 means Dk^-0.33
   bool aux_loss = true;              // Tucker core aux loss (V1); needs r >= 2 to have any effect

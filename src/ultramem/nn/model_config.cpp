@@ -1,5 +1,7 @@
 #include "ultramem/nn/model_config.h"
 
+#include "ultramem/io/json_file.h"
+
 #include <algorithm>
 #include <climits>
 #include <fstream>
@@ -487,14 +489,9 @@ json model_config_to_json(const ModelConfig& c) {
 }
 
 ModelConfig load_model_config(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error(path + ": cannot open model config");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::parse_error& e) {
-    throw std::runtime_error(path + ": invalid JSON: " + e.what());
-  }
+  json j = io::read_json_file(path);
+  // A run config {"model": {...}, "train": {...}} holds the model config under "model".
+  if (j.is_object() && j.contains("model") && j["model"].is_object()) j = j["model"];
   try {
     return model_config_from_json(j);
   } catch (const std::invalid_argument& e) {

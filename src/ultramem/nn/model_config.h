@@ -79,6 +79,8 @@ MemoryKind parse_memory_kind(const std::string& s);
 // JSON with the same field names; unknown keys and wrong types are errors that name the key path.
 ModelConfig model_config_from_json(const nlohmann::json& j);
 nlohmann::json model_config_to_json(const ModelConfig& c);
+// The one model-config reader: a model config file, or a run config {"model": ..., "train": ...}.
+// std::runtime_error naming the file for unreadable JSON; std::invalid_argument naming file and field.
 ModelConfig load_model_config(const std::string& path);
 
 }  // namespace ultramem::nn

@@ -7,7 +7,7 @@
 #include <random>
 
 #include "ultramem/nn/dtype_guard.h"
-#include "ultramem/nn/huge_page_tensor.h"
+#include "ultramem/ops/huge_page_tensor.h"
 #include "ultramem/ops/ops.h"
 
 namespace ultramem::nn {
@@ -32,7 +32,7 @@ UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
   cores = register_parameter("cores", at::rand({c.C, c.H, c.r, c.r}, gen));
   // The value table and the permutation are read at random rows: they live on huge pages. Filled
   // in place (normal_ draws the same numbers as at::normal with the same generator).
-  values = register_parameter("values", detail::empty_on_huge_pages({N, c.Dv}, torch::kFloat));
+  values = register_parameter("values", ops::detail::empty_on_huge_pages({N, c.Dv}, torch::kFloat));
   if (c.init_values) {
     torch::NoGradGuard no_grad;
     values.normal_(0.0, value_std, gen);
@@ -40,7 +40,7 @@ UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
   wo = register_parameter("wo", normal({c.E * c.Dv, c.D}, 1.0 / std::sqrt(double(c.E * c.Dv))));
 
   // Fixed random permutation of the E*N grid addresses (seeded; saved with the model).
-  perm = register_buffer("perm", detail::empty_on_huge_pages({c.n * c.n}, torch::kLong));
+  perm = register_buffer("perm", ops::detail::empty_on_huge_pages({c.n * c.n}, torch::kLong));
   if (c.init_values) {
     int64_t* p = perm.data_ptr<int64_t>();
     const int64_t slots = c.n * c.n;

@@ -56,7 +56,7 @@ class UltraMemImpl : public torch::nn::Module {
   void set_value_lookup(std::shared_ptr<ValueLookup> lookup) { value_lookup_ = std::move(lookup); }
   const std::shared_ptr<ValueLookup>& value_lookup() const { return value_lookup_; }
 
-  // ---- Inference (ultramem_inference.cpp) -----------------------------------------------------
+  // ---- Inference (ultramem_values.cpp) -----------------------------------------------------
   // With grad mode off (torch::NoGradGuard or torch::InferenceMode) forward() takes a fast path: no
   // autograd graph, the normalised keys cached (recomputed when keys or k_scale change, see
   // invalidate_inference_cache), the kernels called on raw buffers, telemetry only with
@@ -105,20 +105,15 @@ class UltraMemImpl : public torch::nn::Module {
  private:
   torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& scale) const;  // over last dim
   void record_stats(const torch::Tensor& scores, const torch::Tensor& index, const torch::Tensor& out);
-  // The no-grad fast path; u: [T, D] contiguous -> [T, D].
+  // The no-grad fast path (ops::ultramem_decode); u: [T, D] contiguous -> [T, D].
   torch::Tensor forward_inference(const torch::Tensor& u);
-  template <typename S>
-  void forward_inference_impl(const S* u, int64_t T, S* out);  // u: [T, D], out: [T, D]
   // Throws std::logic_error when the value table cannot be trained (format, read-only memory).
   void check_trainable() const;
   // Runs `convert` (a Module::to) keeping a bf16 / int8 value table and its scales as they are.
   template <typename Fn>
   void keep_stored_values(Fn&& convert);
-  // Records hit counts and score/output statistics from raw buffers (the fast path's telemetry).
-  template <typename S>
-  void record_stats_raw(const S* scores, const int64_t* index, int64_t T, const S* out);
 
-  struct InferenceCache;                 // normalised keys (ultramem_inference.cpp)
+  struct InferenceCache;                 // normalised keys (ultramem_values.cpp)
   static std::shared_ptr<InferenceCache> make_inference_cache();
   std::shared_ptr<InferenceCache> infer_;
   ValueFormat format_ = ValueFormat::kFloat32;

@@ -1,18 +1,14 @@
-// Where the trainer gets its batches from, as callbacks, so train/ does not depend on data/: the
-// command line glues a data::BatchSampler to it (next -> sampler.next(), position/set_position ->
-// the sampler's position()/set_position()).
+// Where the trainer gets its batches from, as callbacks: a data::BatchSampler or the fact task behind
+// them (run.h glues them), so that the trainer knows nothing about corpora or tasks.
 #pragma once
-#include <torch/types.h>
-
 #include <cstdint>
 #include <functional>
 
+#include "ultramem/data/batch.h"
+
 namespace ultramem::train {
 
-struct Batch {
-  torch::Tensor inputs;   // [B, T] int64 token ids
-  torch::Tensor targets;  // [B, T] int64 next-token ids
-};
+using data::Batch;
 
 struct BatchSource {
   std::function<Batch()> next;                   // required: the next training micro-batch

@@ -14,7 +14,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
-#include "ultramem/train/checkpoint.h"
+#include "ultramem/checkpoint/checkpoint.h"
 
 namespace ultramem::train {
 
@@ -40,14 +40,14 @@ class ParallelContext {
   virtual double grad_norm(const std::vector<torch::Tensor>& params) = 0;
 
   // Checkpoint I/O of a model whose parameters may be split across ranks. `options` as for
-  // train::save_checkpoint (its optimizer's state is split like its parameters). The file at `path`
+  // checkpoint::save_checkpoint (its optimizer's state is split like its parameters). The file at `path`
   // appears (atomically) only once every rank's part is written, so a failure leaves the previous
   // checkpoint readable.
   virtual void save_checkpoint(const std::string& path, const torch::nn::Module& model,
-                               const nlohmann::json& model_config, const CheckpointWriteOptions& options) = 0;
+                               const nlohmann::json& model_config, const checkpoint::CheckpointWriteOptions& options) = 0;
   // A checkpoint as this rank holds it: split tensors cut to this rank's part, whatever number of ranks
   // wrote it; the RNG state this rank saved when the world size is unchanged.
-  virtual Checkpoint read_checkpoint(const std::string& path) = 0;
+  virtual checkpoint::Checkpoint read_checkpoint(const std::string& path) = 0;
 };
 
 }  // namespace ultramem::train

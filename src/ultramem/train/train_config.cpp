@@ -1,5 +1,7 @@
 #include "ultramem/train/train_config.h"
 
+#include "ultramem/io/json_file.h"
+
 #include <cmath>
 #include <fstream>
 #include <functional>
@@ -127,14 +129,7 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
 }
 
 TrainConfig load_train_config(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot open train config " + path);
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::parse_error& e) {
-    throw std::runtime_error("train config " + path + ": invalid JSON: " + e.what());
-  }
+  const json j = io::read_json_file(path);
   try {
     return train_config_from_json(j);
   } catch (const std::invalid_argument& e) {

@@ -14,7 +14,7 @@
 #include <stdexcept>
 #include <unordered_map>
 
-#include "ultramem/train/checkpoint.h"
+#include "ultramem/checkpoint/checkpoint.h"
 #include "ultramem/train/grad_clip.h"
 
 namespace ultramem::train {
@@ -162,7 +162,7 @@ Trainer::Trainer(std::shared_ptr<TrainableModel> model, TrainConfig cfg, BatchSo
 }
 
 void Trainer::resume(const std::string& path) {
-  const Checkpoint ckpt = parallel_ ? parallel_->read_checkpoint(path) : read_checkpoint(path);
+  const checkpoint::Checkpoint ckpt = parallel_ ? parallel_->read_checkpoint(path) : checkpoint::read_checkpoint(path);
   if (ckpt.optim.empty())
     throw std::runtime_error("checkpoint " + path +
                              ": no optimizer state (a weights-only checkpoint such as best.safetensors); "
@@ -186,7 +186,7 @@ void Trainer::resume(const std::string& path) {
   } catch (const std::exception& e) {
     throw std::runtime_error("checkpoint " + path + ": " + e.what());
   }
-  load_model_state(ckpt, model_->module(), model_->config_json());
+  checkpoint::load_model_state(ckpt, model_->module(), model_->config_json());
   try {
     opt_->load_state_tensors(ckpt.optim);
   } catch (const std::exception& e) {
@@ -195,7 +195,7 @@ void Trainer::resume(const std::string& path) {
   if (opt_->step_count() != st.step)
     throw std::runtime_error("checkpoint " + path + ": optimizer step " + std::to_string(opt_->step_count()) +
                              " differs from trainer step " + std::to_string(st.step));
-  if (ckpt.rng.defined()) set_rng_state(ckpt.rng);
+  if (ckpt.rng.defined()) checkpoint::set_rng_state(ckpt.rng);
   if (st.data_position >= 0) {
     if (source_.set_position) {
       source_.set_position(st.data_position);
@@ -285,19 +285,19 @@ double Trainer::evaluate() {
 
 void Trainer::save_checkpoint(const std::string& path) {
   if (source_.position) state_.data_position = source_.position();
-  CheckpointWriteOptions o;
-  o.optimizer = opt_.get();
+  checkpoint::CheckpointWriteOptions o;
+  o.optim = opt_->state_tensors();
   o.train_config = train_config_to_json(cfg_);
   o.trainer_state = trainer_state_to_json(state_);
   o.rng = true;
   write_checkpoint(path, o);
 }
 
-void Trainer::write_checkpoint(const std::string& path, const CheckpointWriteOptions& options) {
+void Trainer::write_checkpoint(const std::string& path, const checkpoint::CheckpointWriteOptions& options) {
   if (parallel_) {
     parallel_->save_checkpoint(path, model_->module(), model_->config_json(), options);
   } else {
-    train::save_checkpoint(path, model_->module(), model_->config_json(), options);
+    checkpoint::save_checkpoint(path, model_->module(), model_->config_json(), options);
   }
 }
 
@@ -407,7 +407,7 @@ const TrainerState& Trainer::run(int64_t stop_at_step) {
         *log_ << buf << std::endl;
       }
       if (improved && cfg_.keep_best) {
-        CheckpointWriteOptions o;
+        checkpoint::CheckpointWriteOptions o;
         o.train_config = train_config_to_json(cfg_);
         o.trainer_state = trainer_state_to_json(state_);
         o.rng = false;

@@ -103,7 +103,7 @@ class Trainer {
 
  private:
   void write_metrics(const nlohmann::json& record);
-  void write_checkpoint(const std::string& path, const CheckpointWriteOptions& options);
+  void write_checkpoint(const std::string& path, const checkpoint::CheckpointWriteOptions& options);
   bool lead() const { return !parallel_ || parallel_->rank() == 0; }  // logs and writes metrics
   void log_progress(const StepStats& s, double window_loss, double tokens_per_s, double step_seconds);
 

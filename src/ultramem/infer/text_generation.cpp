@@ -1,0 +1,97 @@
+#include "ultramem/infer/text_generation.h"
+
+#include <algorithm>
+#include <chrono>
+#include <iostream>
+#include <numeric>
+#include <vector>
+
+#include "ultramem/checkpoint/run_folder.h"
+#include "ultramem/data/prepared.h"
+#include "ultramem/data/tokenizer.h"
+#include "ultramem/infer/model_loading.h"
+#include "ultramem/nn/memory_config.h"
+
+namespace ultramem::infer {
+namespace {
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+nlohmann::json generate_from_checkpoint(const GenerateOptions& a, std::ostream& text_out, std::ostream& log) {
+  a.sampling.validate();
+  LoadOptions lo;
+  lo.mmap = a.mmap;
+  lo.warn = [&log](const std::string& s) { log << "note: " << s << std::endl; };
+  auto loaded = load_model(a.checkpoint, lo);
+  auto& model = loaded.model;
+  // The run folder's own tokenizer, else the prepared data's.
+  std::string tok_path = a.data_dir.empty() ? checkpoint::run_tokenizer_path(a.checkpoint) : std::string();
+  if (tok_path.empty())
+    tok_path = data::load_prepared(checkpoint::data_dir_for_checkpoint(a.checkpoint, a.data_dir)).tokenizer_path;
+  const auto tok = data::Tokenizer::load(tok_path);
+  const int64_t ctx = model->config().max_seq_len;
+  if (a.sampling.max_tokens >= ctx)
+    log << "note: --max-tokens " << a.sampling.max_tokens << " reaches the model's context of " << ctx
+        << " tokens (prompt included); generation stops when the context is full" << std::endl;
+  if (tok.vocab_size() != model->config().vocab_size)
+    throw std::invalid_argument("the tokenizer's vocabulary (" + std::to_string(tok.vocab_size()) +
+                                ") differs from the checkpoint's vocab_size");
+  // Documents are separated by EOS in the training data, so EOS first marks a document start.
+  std::vector<int64_t> prompt = {tok.eos_id()};
+  for (int32_t id : tok.encode(a.prompt)) prompt.push_back(id);
+
+  std::vector<int32_t> produced;
+  std::string shown;
+  text_out << a.prompt << std::flush;
+  infer::GenerateTiming timing;
+  const auto t0 = std::chrono::steady_clock::now();
+  infer::generate(model, prompt, a.sampling, tok.eos_id(), [&](int64_t id) {
+    produced.push_back(static_cast<int32_t>(id));
+    const std::string text = tok.decode(produced);
+    // Print what is new; a byte-fallback piece may complete a character only with the next token.
+    if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
+      text_out << text.substr(shown.size()) << std::flush;
+      shown = text;
+    }
+  }, &timing);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::string text = tok.decode(produced);
+  if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) text_out << text.substr(shown.size());
+  text_out << std::endl;
+  // Speed on stderr (the text stays clean on stdout). The first decode step is the first to touch the
+  // value rows of a new token; with --mmap and a cold page cache it pays the page faults.
+  const auto& steps = timing.step_seconds;
+  const double decode_s = std::accumulate(steps.begin(), steps.end(), 0.0);
+  std::vector<double> later(steps.begin() + (steps.empty() ? 0 : 1), steps.end());
+  const nlohmann::json stats = {
+      {"tokens", produced.size()},
+      {"seconds", seconds},
+      {"tokens_per_second", seconds > 0 ? double(produced.size()) / seconds : 0.0},
+      {"decode_tokens_per_second", decode_s > 0 ? double(steps.size()) / decode_s : 0.0},
+      {"prompt_tokens", timing.prompt_tokens},
+      {"prompt_ms", 1e3 * timing.prompt_seconds},
+      {"first_step_ms", steps.empty() ? 0.0 : 1e3 * steps.front()},
+      {"median_later_step_ms", 1e3 * median(later)},
+      {"value_format", nn::to_string(loaded.value_format)},
+      {"value_mib", double(loaded.value_bytes) / double(1 << 20)},
+      {"mmap", a.mmap},
+      {"stop_reason", timing.stop_reason},
+      {"context", ctx}};
+  if (timing.stop_reason == "context_full")
+    log << "generate: stopped after " << produced.size() << " tokens: the model's context of " << ctx
+        << " tokens is full (prompt " << timing.prompt_tokens << " + generated)" << std::endl;
+  log << "generate: " << produced.size() << " tokens in " << seconds << " s ("
+            << stats["tokens_per_second"].get<double>() << " tokens/s; decode steps: first "
+            << stats["first_step_ms"].get<double>() << " ms, median of later " << stats["median_later_step_ms"].get<double>()
+            << " ms)\n"
+            << stats.dump() << std::endl;
+  return stats;
+}
+
+}  // namespace ultramem::infer

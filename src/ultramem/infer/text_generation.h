@@ -1,0 +1,26 @@
+// `ultramem generate` as a library call: a checkpoint, its run's tokenizer and a text prompt in,
+// streamed text out.
+#pragma once
+#include <iosfwd>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "ultramem/infer/sampling.h"
+
+namespace ultramem::infer {
+
+struct GenerateOptions {
+  std::string checkpoint;  // checkpoint file
+  std::string data_dir;    // prepared data holding the tokenizer ("" : the run folder's tokenizer, else the run's data)
+  std::string prompt;      // text to continue
+  SamplingOptions sampling;
+  bool mmap = false;       // value tables from a read-only mapping of the file
+};
+
+// Streams the prompt and its continuation to `text_out` as it is produced; notes and the speed line
+// (with the JSON statistics, including stop_reason: eos, max_tokens or context_full) go to `log`.
+// Returns the statistics.
+nlohmann::json generate_from_checkpoint(const GenerateOptions& options, std::ostream& text_out, std::ostream& log);
+
+}  // namespace ultramem::infer

@@ -1,0 +1,233 @@
+// UltraMemImpl, inference side: the value-table storage formats (float32 / bf16 / int8 with per-row
+// scales, memory-mapped tables) and the no-grad forward, which calls the fused op
+// ops::ultramem_decode (ops/ultramem_decode.h) with the layer's cached normalised keys.
+#include <torch/torch.h>
+
+#include <cmath>
+#include <mutex>
+#include <tuple>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ultramem/ops/huge_page_tensor.h"
+#include "ultramem/ops/ultramem_decode.h"
+#include "ultramem/ops/value_quant.h"
+#include "ultramem/nn/ultramem.h"
+
+namespace ultramem::nn {
+
+// Normalised keys, computed once per change of keys / k_scale (by tensor version and data pointer),
+// and the check that the permutation holds valid addresses, once per permutation.
+struct UltraMemImpl::InferenceCache {
+  std::mutex mu;
+  ops::UltraMemDecodeKeys keys;  // normalised and folded keys (ops/ultramem_decode.h)
+  const void* keys_ptr = nullptr;
+  const void* k_scale_ptr = nullptr;
+  const void* u_ptr = nullptr;
+  const void* v_ptr = nullptr;
+  int64_t keys_version = -1, k_scale_version = -1, u_version = -1, v_version = -1;
+  const void* perm_ptr = nullptr;  // permutation that passed the range check
+  int64_t perm_version = -1;
+  bool valid = false;
+};
+
+std::shared_ptr<UltraMemImpl::InferenceCache> UltraMemImpl::make_inference_cache() {
+  return std::make_shared<InferenceCache>();
+}
+
+namespace {
+
+// Version counter of a tensor; inference tensors have none (then only the data pointer is compared).
+int64_t version_of(const torch::Tensor& t) { return t.is_inference() ? -1 : int64_t(t._version()); }
+
+std::string shape_str(const torch::Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + "]";
+}
+
+}  // namespace
+
+// ---- value formats ------------------------------------------------------------------------------
+
+int64_t UltraMemImpl::value_bytes() const {
+  int64_t b = values.numel() * int64_t(values.element_size());
+  if (format_ == ValueFormat::kInt8 && values_scale.defined()) b += values_scale.numel() * int64_t(values_scale.element_size());
+  return b;
+}
+
+void UltraMemImpl::check_trainable() const {
+  if (format_ != ValueFormat::kFloat32)
+    throw std::logic_error(std::string("UltraMem: the value table is stored as ") + to_string(format_) +
+                           " for inference; a forward with grad mode on (training) needs float32 values. Run "
+                           "inference under torch::NoGradGuard or torch::InferenceMode, or train from the "
+                           "float32 checkpoint");
+  if (values_read_only_)
+    throw std::logic_error(
+        "UltraMem: the value table is a read-only memory mapping (inference only); a forward with grad mode on "
+        "(training) needs the table loaded into memory (load the checkpoint without mmap)");
+}
+
+void UltraMemImpl::invalidate_inference_cache() {
+  if (!infer_) return;
+  std::lock_guard<std::mutex> lock(infer_->mu);
+  infer_->valid = false;
+  infer_->perm_ptr = nullptr;
+}
+
+void UltraMemImpl::train(bool on) {
+  Module::train(on);
+  invalidate_inference_cache();
+}
+
+void UltraMemImpl::set_value_format(ValueFormat f) {
+  if (f == format_) return;
+  if (value_lookup_)
+    throw std::logic_error("UltraMem::set_value_format: a value lookup is installed (sharded table); only float32 "
+                           "tables can be sharded");
+  if (format_ == ValueFormat::kInt8 || (format_ == ValueFormat::kBFloat16 && f == ValueFormat::kInt8))
+    throw std::logic_error(std::string("UltraMem::set_value_format: cannot convert a ") + to_string(format_) +
+                           " value table to " + to_string(f) + "; quantise from the float32 weights instead");
+  if (format_ == ValueFormat::kFloat32 && values.scalar_type() != torch::kFloat)
+    throw std::logic_error(std::string("UltraMem::set_value_format: quantising needs a float32 value table, the "
+                                       "layer's is ") +
+                           c10::toString(values.scalar_type()));
+  torch::NoGradGuard no_grad;
+  const torch::Tensor src = values.detach();
+  torch::Tensor dst, scale;
+  if (f == ValueFormat::kBFloat16) {
+    dst = ops::quantize_values_bf16(src);
+  } else if (f == ValueFormat::kInt8) {
+    try {
+      std::tie(dst, scale) = ops::quantize_values_int8(src);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(std::string("UltraMem::set_value_format: ") + e.what());
+    }
+  } else {  // bf16 -> float32, exact
+    dst = ops::dequantize_values_bf16(src);
+  }
+  set_value_table(dst, scale, /*read_only=*/false);
+}
+
+void UltraMemImpl::set_value_table(torch::Tensor v, torch::Tensor scale, bool read_only) {
+  const int64_t N = cfg_.physical_rows(), Dv = cfg_.Dv;
+  const std::string who = "UltraMem::set_value_table: ";
+  if (!v.defined() || v.dim() != 2 || v.size(0) != N || v.size(1) != Dv || !v.is_contiguous() || !v.device().is_cpu())
+    throw std::invalid_argument(who + "values must be a contiguous CPU tensor [N, Dv] = [" + std::to_string(N) + ", " +
+                                std::to_string(Dv) + "], got " + (v.defined() ? shape_str(v) : "undefined"));
+  ValueFormat f;
+  if (v.scalar_type() == torch::kBFloat16) {
+    f = ValueFormat::kBFloat16;
+  } else if (v.scalar_type() == torch::kChar) {
+    f = ValueFormat::kInt8;
+  } else if (v.scalar_type() == wq.scalar_type()) {
+    f = ValueFormat::kFloat32;
+  } else {
+    throw std::invalid_argument(who + "values must be bfloat16, int8 or the layer's " +
+                                c10::toString(wq.scalar_type()) + ", got " + c10::toString(v.scalar_type()));
+  }
+  if (f == ValueFormat::kInt8) {
+    if (!scale.defined() || scale.dim() != 1 || scale.size(0) != N || scale.scalar_type() != torch::kFloat ||
+        !scale.is_contiguous() || !scale.device().is_cpu())
+      throw std::invalid_argument(who + "int8 values need a contiguous float32 CPU scale [N] = [" +
+                                  std::to_string(N) + "], got " +
+                                  (scale.defined() ? shape_str(scale) + " " + c10::toString(scale.scalar_type())
+                                                   : std::string("none")));
+  } else if (scale.defined()) {
+    throw std::invalid_argument(who + "a row scale belongs to int8 values only");
+  }
+  if (format_ == ValueFormat::kInt8 && f != ValueFormat::kInt8)
+    throw std::logic_error(who + "an int8 value table cannot be replaced by a " + to_string(f) +
+                           " one (its scale buffer is part of the module); build a new layer");
+  if (value_lookup_ && f != ValueFormat::kFloat32)
+    throw std::logic_error(who + "a value lookup is installed (sharded table); only float32 tables can be sharded");
+  torch::NoGradGuard no_grad;
+  values.mutable_grad() = torch::Tensor();
+  values.set_requires_grad(false);
+  values.set_data(v);
+  values.set_requires_grad(f == ValueFormat::kFloat32 && !read_only);
+  if (f == ValueFormat::kInt8) {
+    if (values_scale.defined())
+      values_scale.set_data(scale);
+    else
+      values_scale = register_buffer("values_scale", scale);
+  }
+  format_ = f;
+  values_read_only_ = read_only;
+}
+
+// ---- the fast path: the fused op (ops/ultramem_decode.h) ----------------------------------------
+
+torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
+  const auto& c = cfg_;
+  const auto st = u.scalar_type();
+  if (st != torch::kFloat && st != torch::kDouble)
+    throw std::invalid_argument(std::string("UltraMem: input dtype must be float32 or float64, got ") +
+                                c10::toString(st));
+  if (format_ == ValueFormat::kFloat32 && values.scalar_type() != st)
+    throw std::invalid_argument(std::string("UltraMem: the value table is ") + c10::toString(values.scalar_type()) +
+                                ", the layer computes in " + c10::toString(st));
+  ops::UltraMemDecodeWeights w;
+  {
+    // Normalised and folded keys, cached; the permutation's range checked once.
+    auto& ic = *infer_;
+    std::lock_guard<std::mutex> lock(ic.mu);
+    if (!ic.valid || ic.keys.kn.scalar_type() != st || ic.keys_ptr != keys.data_ptr() ||
+        ic.k_scale_ptr != k_scale.data_ptr() || ic.keys_version != version_of(keys) ||
+        ic.k_scale_version != version_of(k_scale) || ic.u_ptr != u_vec.data_ptr() ||
+        ic.v_ptr != v_vec.data_ptr() || ic.u_version != version_of(u_vec) || ic.v_version != version_of(v_vec)) {
+      const auto kt = keys.detach().transpose(3, 4);  // [H, 2, n, r, Dk]
+      const auto ks = k_scale.detach();
+      ic.keys = ops::fold_filter_keys(norm(kt.select(1, 0), ks[0]), norm(kt.select(1, 1), ks[1]), u_vec.detach(),
+                                      v_vec.detach());
+      ic.keys_ptr = keys.data_ptr();
+      ic.k_scale_ptr = k_scale.data_ptr();
+      ic.u_ptr = u_vec.data_ptr();
+      ic.v_ptr = v_vec.data_ptr();
+      ic.keys_version = version_of(keys);
+      ic.k_scale_version = version_of(k_scale);
+      ic.u_version = version_of(u_vec);
+      ic.v_version = version_of(v_vec);
+      ic.valid = true;
+    }
+    if (ic.perm_ptr != perm.data_ptr() || ic.perm_version != version_of(perm)) {
+      if (perm.scalar_type() != torch::kLong || !perm.is_contiguous() || perm.numel() != c.n * c.n)
+        throw std::runtime_error("UltraMem: the permutation must be a contiguous int64 tensor [n*n]");
+      const int64_t* p = perm.data_ptr<int64_t>();
+      for (int64_t g = 0; g < c.n * c.n; ++g)
+        if (p[g] < 0 || p[g] >= c.n * c.n)
+          throw std::runtime_error("UltraMem: perm[" + std::to_string(g) + "] = " + std::to_string(p[g]) +
+                                   " is outside [0, n*n); corrupt weights?");
+      ic.perm_ptr = perm.data_ptr();
+      ic.perm_version = version_of(perm);
+    }
+    w.keys = ic.keys;
+  }
+  w.wq = wq.detach();
+  w.q_scale = q_scale.detach();
+  w.cores = cores.detach();
+  w.values = values.detach();
+  if (format_ == ValueFormat::kInt8) w.values_scale = values_scale;
+  w.perm = perm;
+  w.wo = wo.detach();
+  ops::UltraMemDims d;
+  d.D = c.D;
+  d.Dk = c.Dk;
+  d.Dv = c.Dv;
+  d.H = c.H;
+  d.r = c.r;
+  d.n = c.n;
+  d.C = c.C;
+  d.E = c.E;
+  d.m = c.m;
+  d.m_first = c.first_stage_m();
+  d.rms_norm = c.qk_norm == NormKind::RMS;
+  if (!c.track_stats) return ops::ultramem_decode(u, w, d);
+  torch::Tensor scores, index;
+  auto out = ops::ultramem_decode(u, w, d, &scores, &index);
+  record_stats(scores, index, out);
+  return out;
+}
+
+}  // namespace ultramem::nn

@@ -1,0 +1,261 @@
+#include "ultramem/ops/ultramem_decode.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ultramem/kernels/pooled_lookup.h"
+#include "ultramem/kernels/small_matmul.h"
+#include "ultramem/kernels/tdqkr.h"
+
+namespace ultramem::ops {
+namespace {
+
+// Below these batch sizes the few-row kernels beat BLAS on this project's shapes (measured with
+// Dk = 128, n = 512..4096, D = 512, E*Dv = 1024; docs/performance.md, "Inference path").
+constexpr int64_t kSmallRowsProjection = 8;  // q = u @ Wq and out = pooled @ Wo
+constexpr int64_t kSmallRowsScores = 16;     // key scoring
+
+// Version counter of a tensor; inference tensors have none (then only the data pointer is compared).
+int64_t version_of(const torch::Tensor& t) { return t.is_inference() ? -1 : int64_t(t._version()); }
+
+// Per-thread scratch buffers, reused across calls (no allocation once grown).
+template <typename S>
+struct Scratch {
+  std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, scores, pooled, dots, ones;
+  std::vector<int32_t> irow, icol, rows;
+  std::vector<int64_t> index;
+};
+template <typename S>
+Scratch<S>& scratch() {
+  thread_local Scratch<S> s;
+  return s;
+}
+template <typename V>
+V* sized(std::vector<V>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+template <typename S>
+constexpr torch::Dtype dtype_of() {
+  return std::is_same_v<S, float> ? torch::kFloat : torch::kDouble;
+}
+
+// out[rows, N] = x[rows, K] @ w[K, N] (w contiguous): the few-row kernel or BLAS.
+template <typename S>
+void project(const S* x, int64_t rows, int64_t K, const torch::Tensor& w, S* out) {
+  const int64_t N = w.size(1);
+  if (rows <= kSmallRowsProjection) {
+    kernels::matmul_rows<S>(rows, K, N, x, w.data_ptr<S>(), out);
+    return;
+  }
+  const auto o = torch::TensorOptions().dtype(dtype_of<S>());
+  torch::Tensor dst = torch::from_blob(out, {rows, N}, o);
+  at::mm_out(dst, torch::from_blob(const_cast<S*>(x), {rows, K}, o), w);
+}
+
+// Normalises x[0:Dk] in place (RMS or Layer, eps 1e-6 as the autograd path) and scales it.
+template <typename S>
+void normalise(S* x, int64_t Dk, const S* scale, bool rms) {
+  constexpr double eps = 1e-6;
+  if (rms) {
+    double ss = 0;
+    for (int64_t i = 0; i < Dk; ++i) ss += double(x[i]) * double(x[i]);
+    const S r = S(1.0 / std::sqrt(ss / double(Dk) + eps));
+    for (int64_t i = 0; i < Dk; ++i) x[i] = x[i] * r * scale[i];
+    return;
+  }
+  double mean = 0;
+  for (int64_t i = 0; i < Dk; ++i) mean += double(x[i]);
+  mean /= double(Dk);
+  double var = 0;
+  for (int64_t i = 0; i < Dk; ++i) var += (double(x[i]) - mean) * (double(x[i]) - mean);
+  const S r = S(1.0 / std::sqrt(var / double(Dk) + eps));
+  for (int64_t i = 0; i < Dk; ++i) x[i] = (x[i] - S(mean)) * r * scale[i];
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + "]";
+}
+
+void expect_shape(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape) {
+  bool ok = t.defined() && t.dim() == int64_t(shape.size()) && t.device().is_cpu();
+  int64_t i = 0;
+  for (int64_t s : shape) ok = ok && t.size(i++) == s;
+  if (!ok) {
+    std::string want = "[";
+    i = 0;
+    for (int64_t s : shape) want += (i++ ? ", " : "") + std::to_string(s);
+    throw std::invalid_argument(std::string("ultramem_decode: ") + name + " must be a CPU tensor " + want + "], got " +
+                                (t.defined() ? shape_str(t) : std::string("undefined")));
+  }
+}
+
+template <typename S>
+void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, const UltraMemDims& c,
+                 at::Tensor* scores_out, at::Tensor* index_out) {
+  const int64_t Dk = c.Dk, HRn = c.H * c.r * c.n, K = c.H * c.m, N = c.N();
+  const auto st = dtype_of<S>();
+
+  const torch::Tensor kn = w.keys.kn, kf = w.keys.kf;
+  const torch::Tensor wq_c = w.wq.contiguous();
+  const torch::Tensor wo_c = w.wo.contiguous();
+  const torch::Tensor qs = w.q_scale.contiguous(), cores_c = w.cores.contiguous();
+
+  auto& sc = scratch<S>();
+  S* q = sized(sc.q, T * 2 * Dk);
+  S* qr = sized(sc.qr, T * Dk);
+  S* qc = sized(sc.qc, T * Dk);
+  S* s_row = sized(sc.s_row, T * HRn);
+  S* s_col = sized(sc.s_col, T * HRn);
+  S* scores = sized(sc.scores, T * K * c.C);
+  int64_t* index = sized(sc.index, T * K);
+  S* pooled = sized(sc.pooled, T * c.E * c.Dv);
+
+  // Query and its two normalised halves.
+  project<S>(u, T, c.D, wq_c, q);
+  const S* qscale = qs.data_ptr<S>();
+  for (int64_t t = 0; t < T; ++t) {
+    std::copy(q + t * 2 * Dk, q + t * 2 * Dk + Dk, qr + t * Dk);
+    std::copy(q + t * 2 * Dk + Dk, q + (t + 1) * 2 * Dk, qc + t * Dk);
+    normalise(qr + t * Dk, Dk, qscale, c.rms_norm);
+    normalise(qc + t * Dk, Dk, qscale + Dk, c.rms_norm);
+  }
+  // TDQKR, stage 1: filter scores against the folded keys, f_side[t, h, i], and the top m_first.
+  const int64_t Hn = c.H * c.n, m1 = (c.m_first > 0 ? c.m_first : c.m);
+  S* f_row = sized(sc.f_row, T * Hn);
+  S* f_col = sized(sc.f_col, T * Hn);
+  const S* kf_row = kf.data_ptr<S>();
+  const S* kf_col = kf_row + Hn * Dk;
+  if (T <= kSmallRowsScores) {
+    kernels::matmul_rows_nt<S>(T, Dk, Hn, qr, kf_row, f_row);
+    kernels::matmul_rows_nt<S>(T, Dk, Hn, qc, kf_col, f_col);
+  } else {
+    const auto o = torch::TensorOptions().dtype(st);
+    torch::Tensor d_row = torch::from_blob(f_row, {T, Hn}, o), d_col = torch::from_blob(f_col, {T, Hn}, o);
+    at::mm_out(d_row, torch::from_blob(qr, {T, Dk}, o), kf[0].t());
+    at::mm_out(d_col, torch::from_blob(qc, {T, Dk}, o), kf[1].t());
+  }
+  kernels::TdqkrShape ts;
+  ts.T = T;
+  ts.H = c.H;
+  ts.r = c.r;
+  ts.n = c.n;
+  ts.C = c.C;
+  ts.m_first = m1;
+  ts.m = c.m;
+  kernels::TdqkrShape fs = ts;  // the filter on f as a rank-1 problem with weights 1 (f = 0 + 1 * f exactly)
+  fs.r = 1;
+  S* ones = sized(sc.ones, c.H);
+  std::fill(ones, ones + c.H, S(1));
+  int32_t* irow = sized(sc.irow, T * c.H * m1);
+  int32_t* icol = sized(sc.icol, T * c.H * m1);
+  kernels::tdqkr_filter<S>(fs, f_row, f_col, ones, ones, irow, icol);
+  // Stage 2: exact S_side[t, h, a, i] at the kept rows only (the rescoring reads nothing else), then
+  // the exact rescoring with every core.
+  const S* kn_row = kn.data_ptr<S>();
+  const S* kn_col = kn_row + HRn * Dk;
+  S* dots = sized(sc.dots, m1);
+  int32_t* rows = sized(sc.rows, m1);
+  auto exact = [&](const S* qs, const S* table, const int32_t* kept, S* S_side) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < c.H; ++h) {
+        const int32_t* k = kept + (t * c.H + h) * m1;
+        for (int64_t a = 0; a < c.r; ++a) {
+          const int32_t base = int32_t((h * c.r + a) * c.n);
+          for (int64_t x = 0; x < m1; ++x) rows[x] = base + k[x];
+          kernels::gathered_dots<S>(Dk, qs + t * Dk, table, rows, m1, dots);
+          S* dst = S_side + ((t * c.H + h) * c.r + a) * c.n;
+          for (int64_t x = 0; x < m1; ++x) dst[k[x]] = dots[x];
+        }
+      }
+  };
+  exact(qr, kn_row, irow, s_row);
+  exact(qc, kn_col, icol, s_col);
+  kernels::tdqkr_rescore<S>(ts, s_row, s_col, cores_c.data_ptr<S>(), irow, icol, scores, index);
+  // Pooled lookup over the stored table.
+  kernels::PoolShape ps;
+  ps.T = T;
+  ps.K = K;
+  ps.N = N;
+  ps.Dv = c.Dv;
+  ps.E = c.E;
+  ps.C = c.C;
+  const int64_t* pp = w.perm.data_ptr<int64_t>();
+  if (w.values.scalar_type() == st) {
+    kernels::pooled_lookup_forward<S>(ps, w.values.data_ptr<S>(), index, scores, pp, pooled);
+  } else if (w.values.scalar_type() == at::kBFloat16) {
+    kernels::pooled_lookup_forward_bf16<S>(ps, reinterpret_cast<const uint16_t*>(w.values.data_ptr()), index, scores,
+                                           pp, pooled);
+  } else {  // int8, checked by ultramem_decode
+    kernels::pooled_lookup_forward_int8<S>(ps, w.values.data_ptr<int8_t>(), w.values_scale.data_ptr<float>(), index,
+                                           scores, pp, pooled);
+  }
+  // Output projection.
+  project<S>(pooled, T, c.E * c.Dv, wo_c, out);
+  if (scores_out) *scores_out = torch::from_blob(scores, {T, K, c.C}, torch::TensorOptions().dtype(st)).clone();
+  if (index_out) *index_out = torch::from_blob(index, {T, K}, torch::TensorOptions().dtype(torch::kLong)).clone();
+}
+
+}  // namespace
+
+UltraMemDecodeKeys fold_filter_keys(const at::Tensor& kn_row, const at::Tensor& kn_col, const at::Tensor& u,
+                                    const at::Tensor& v) {
+  const int64_t H = kn_row.size(0), n = kn_row.size(1), r = kn_row.size(2), Dk = kn_row.size(3);
+  UltraMemDecodeKeys k;
+  const auto row = kn_row.permute({0, 2, 1, 3});  // [H, r, n, Dk]
+  const auto col = kn_col.permute({0, 2, 1, 3});
+  k.kn = torch::stack({row, col}).reshape({2, H * r * n, Dk}).contiguous();
+  const auto w = torch::stack({u, v}).to(kn_row.scalar_type()).view({2, H, r, 1, 1});
+  k.kf = (k.kn.view({2, H, r, n, Dk}) * w).sum(2).reshape({2, H * n, Dk}).contiguous();
+  return k;
+}
+
+at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d,
+                           at::Tensor* scores_out, at::Tensor* index_out) {
+  const auto st = x.scalar_type();
+  if (st != at::kFloat && st != at::kDouble)
+    throw std::invalid_argument(std::string("ultramem_decode: input dtype must be float32 or float64, got ") +
+                                c10::toString(st));
+  if (!x.is_contiguous() || x.dim() != 2 || x.size(1) != d.D)
+    throw std::invalid_argument("ultramem_decode: x must be a contiguous [T, D=" + std::to_string(d.D) + "] tensor, got " +
+                                shape_str(x));
+  const int64_t N = d.N();
+  expect_shape("wq", w.wq, {d.D, 2 * d.Dk});
+  expect_shape("q_scale", w.q_scale, {2, d.Dk});
+  expect_shape("cores", w.cores, {d.C, d.H, d.r, d.r});
+  expect_shape("keys.kn", w.keys.kn, {2, d.H * d.r * d.n, d.Dk});
+  expect_shape("keys.kf", w.keys.kf, {2, d.H * d.n, d.Dk});
+  expect_shape("values", w.values, {N, d.Dv});
+  expect_shape("perm", w.perm, {d.E * N});
+  expect_shape("wo", w.wo, {d.E * d.Dv, d.D});
+  for (const auto* t : {&w.wq, &w.q_scale, &w.cores, &w.keys.kn, &w.keys.kf, &w.wo})
+    if (t->scalar_type() != st)
+      throw std::invalid_argument(std::string("ultramem_decode: every weight must be ") + c10::toString(st) +
+                                  " like the input, got " + c10::toString(t->scalar_type()));
+  const auto vt = w.values.scalar_type();
+  if (vt != st && vt != at::kBFloat16 && vt != at::kChar)
+    throw std::invalid_argument(std::string("ultramem_decode: the value table is ") + c10::toString(vt) +
+                                "; expected " + c10::toString(st) + " (the compute dtype), bfloat16 or int8");
+  if (!w.values.is_contiguous() || w.perm.scalar_type() != at::kLong || !w.perm.is_contiguous())
+    throw std::invalid_argument("ultramem_decode: values and perm must be contiguous, perm int64");
+  if (vt == at::kChar) expect_shape("values_scale", w.values_scale, {N});
+  if (vt == at::kChar && (w.values_scale.scalar_type() != at::kFloat || !w.values_scale.is_contiguous()))
+    throw std::invalid_argument("ultramem_decode: int8 values need a contiguous float32 values_scale [N]");
+  const int64_t T = x.size(0);
+  at::Tensor out = torch::empty({T, d.D}, x.options());
+  if (T == 0) return out;
+  if (st == at::kFloat)
+    decode_impl<float>(x.data_ptr<float>(), T, out.data_ptr<float>(), w, d, scores_out, index_out);
+  else
+    decode_impl<double>(x.data_ptr<double>(), T, out.data_ptr<double>(), w, d, scores_out, index_out);
+  return out;
+}
+
+}  // namespace ultramem::ops

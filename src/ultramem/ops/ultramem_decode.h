@@ -1,0 +1,56 @@
+// The UltraMem layer's no-grad forward as one fused op (inference and decode): what nn::UltraMem
+// computes with autograd, on raw buffers and with the layer's kernels, for any number of tokens.
+//
+//   q = x @ Wq, its row and col halves normalised with q_scale     (few rows: kernels::matmul_rows)
+//   TDQKR's rank-1 filter against folded keys: f_row = q_row @ Kf_row^T, Kf_row[h, i] = sum_a u[h, a]
+//     Kn_row[h, a, i] (prepared once by fold_filter_keys), so the key scan reads H*n, not H*r*n rows;
+//   the exact S_side[t, h, a, i] only at the m_first kept rows, the exact rescoring with every core,
+//   the pooled lookup over the stored value table (fp32, bf16 or int8), out = pooled @ Wo.
+// Larger batches use BLAS (libtorch's mm) for the three products. The result equals the autograd
+// path's up to float rounding; where two filter scores tie to within rounding the kept candidate may
+// differ.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace ultramem::ops {
+
+// Sizes and settings of the layer (nn::UltraMemConfig's fields of the same names).
+struct UltraMemDims {
+  int64_t D = 0, Dk = 0, Dv = 0;  // model width, key width, value width
+  int64_t H = 0, r = 0, n = 0;    // heads, Tucker rank, keys per side
+  int64_t C = 0, E = 0;           // cores, IVE expansion
+  int64_t m = 0, m_first = 0;     // kept candidates per head, first-stage candidates per side
+  bool rms_norm = true;           // query normalisation: RMS (else LayerNorm), eps 1e-6
+  int64_t N() const { return n * n / E; }
+};
+
+// Keys prepared for the fused forward, once per change of the keys, their scales or the filter.
+struct UltraMemDecodeKeys {
+  at::Tensor kn;  // [2, H*r*n, Dk] normalised keys (row side, col side), rows ordered (h, a, i)
+  at::Tensor kf;  // [2, H*n, Dk]   filter keys: sum_a u[h, a] kn_row[h, a, i]; v for the col side
+};
+
+// kn_row, kn_col: [H, n, r, Dk] normalised keys; u, v: [H, r] rank-1 filter vectors.
+UltraMemDecodeKeys fold_filter_keys(const at::Tensor& kn_row, const at::Tensor& kn_col, const at::Tensor& u,
+                                    const at::Tensor& v);
+
+struct UltraMemDecodeWeights {
+  at::Tensor wq;            // [D, 2*Dk]        query projection
+  at::Tensor q_scale;       // [2, Dk]          query norm scales
+  at::Tensor cores;         // [C, H, r, r]     Tucker cores
+  UltraMemDecodeKeys keys;  // prepared keys (fold_filter_keys)
+  at::Tensor values;        // [N, Dv]          float32/float64 (the compute dtype), bfloat16 or int8
+  at::Tensor values_scale;  // [N] float32      per-row scale of int8 values; undefined otherwise
+  at::Tensor perm;          // [E*N] int64      IVE permutation, entries in [0, E*N) (checked by the caller)
+  at::Tensor wo;            // [E*Dv, D]        output projection
+};
+
+// x: [T, D] contiguous float32 or float64 -> [T, D]. When given, *scores_out receives the kept
+// candidates' per-core scores [T, H*m, C] and *index_out their grid addresses [T, H*m] (int64), as
+// ops::tdqkr returns them (for telemetry). std::invalid_argument for a dtype or shape mismatch.
+at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d,
+                           at::Tensor* scores_out = nullptr, at::Tensor* index_out = nullptr);
+
+}  // namespace ultramem::ops

@@ -1,0 +1,120 @@
+// Charts of `ultramem bench decode`: for each scope (layer, model, pooled lookup) one PNG of latency
+// vs batch (a panel per N) and one of latency vs N (a panel per batch), a line per kind and value
+// format with min/max error bars. Written as one gnuplot script with inline data blocks and run.
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "ultramem/perf/decode_bench.h"
+
+namespace ultramem::perf {
+namespace {
+
+std::string series_name(const DecodeRecord& r) { return r.dtype == "fp32" ? r.kind : r.kind + " " + r.dtype; }
+
+std::string block_name(size_t i) { return "$d" + std::to_string(i); }
+
+std::string log2_label(int64_t N) {
+  const int l = int(std::lround(std::log2(double(N))));
+  return (int64_t(1) << l) == N ? "2^" + std::to_string(l) : std::to_string(N);
+}
+
+void make_dir(const std::string& dir) {
+  std::string path;
+  std::stringstream ss(dir);
+  std::string part;
+  if (!dir.empty() && dir[0] == '/') path = "/";
+  while (std::getline(ss, part, '/')) {
+    if (part.empty()) continue;
+    path += part + "/";
+    if (mkdir(path.c_str(), 0755) != 0 && errno != EEXIST)
+      throw std::runtime_error("bench decode --plot: cannot create directory " + path);
+  }
+}
+
+// One multiplot PNG: a panel per value of `panel_of`, x = `x_of`, one line per series.
+struct Figure {
+  std::string file, title, xlabel, xformat;  // xformat: gnuplot tic format of the (log2) x axis
+  std::function<int64_t(const DecodeRecord&)> panel_of, x_of;
+  std::function<std::string(int64_t)> panel_label;
+};
+
+}  // namespace
+
+std::vector<std::string> plot_decode_records(const std::vector<DecodeRecord>& records, const std::string& dir) {
+  make_dir(dir);
+  std::ostringstream gp, data;
+  std::vector<std::string> pngs;
+  size_t blocks = 0;
+  gp << "set terminal pngcairo noenhanced size 1600,1000 font ',10'\n"
+     << "set logscale x 2\nset logscale y 10\nset grid\nset key top left font ',8'\n"
+     << "set offsets graph 0.03, graph 0.03, 0, 0\n"
+     << "set ylabel 'latency per step (us, median; bars: min..max)'\n";
+  std::set<std::string> scopes;
+  for (const auto& r : records) scopes.insert(r.scope);
+  for (const auto& scope : scopes) {
+    const std::vector<Figure> figures = {
+        {scope + "_latency_vs_batch.png", scope + ": latency vs batch", "batch (tokens per step)", "%g",
+         [](const DecodeRecord& r) { return r.N; }, [](const DecodeRecord& r) { return r.batch; },
+         [](int64_t N) { return "N = " + log2_label(N); }},
+        {scope + "_latency_vs_N.png", scope + ": latency vs value rows N", "N (value rows)", "2^%L",
+         [](const DecodeRecord& r) { return r.batch; }, [](const DecodeRecord& r) { return r.N; },
+         [](int64_t B) { return "batch " + std::to_string(B); }}};
+    for (const auto& f : figures) {
+      std::map<int64_t, std::map<std::string, std::vector<const DecodeRecord*>>> panels;
+      for (const auto& r : records)
+        if (r.scope == scope) panels[f.panel_of(r)][series_name(r)].push_back(&r);
+      if (panels.empty()) continue;
+      const int n = int(panels.size()), cols = n <= 1 ? 1 : n <= 4 ? 2 : 3, rows = (n + cols - 1) / cols;
+      gp << "set output '" << f.file << "'\n"
+         << "set multiplot layout " << rows << "," << cols << " title '" << f.title << "'\n"
+         << "set xlabel '" << f.xlabel << "'\n"
+         << "set xtics 4\nset format x '" << f.xformat << "'\n";
+      for (auto& [panel, series] : panels) {
+        gp << "set title '" << f.panel_label(panel) << "'\nplot ";
+        bool first = true;
+        for (auto& [name, pts] : series) {
+          std::sort(pts.begin(), pts.end(),
+                    [&](const DecodeRecord* a, const DecodeRecord* b) { return f.x_of(*a) < f.x_of(*b); });
+          const std::string b = block_name(blocks++);
+          data << b << " << EOD\n";
+          for (const auto* p : pts)
+            data << f.x_of(*p) << " " << p->median_s * 1e6 << " " << p->min_s * 1e6 << " " << p->max_s * 1e6 << "\n";
+          data << "EOD\n";
+          gp << (first ? "" : ", ") << b << " using 1:2:3:4 with yerrorlines title '" << name << "'";
+          first = false;
+        }
+        gp << "\n";
+      }
+      gp << "unset multiplot\n";
+      pngs.push_back(dir + "/" + f.file);
+    }
+  }
+  const std::string script = dir + "/decode.gp";
+  {
+    std::ofstream out(script);
+    if (!out) throw std::runtime_error("bench decode --plot: cannot write " + script);
+    out << "# gnuplot script written by `ultramem bench decode --plot`; run: cd " << dir << " && gnuplot decode.gp\n"
+        << data.str() << gp.str();
+  }
+  if (std::system("command -v gnuplot >/dev/null 2>&1") != 0)
+    throw std::runtime_error(
+        "bench decode --plot: gnuplot not found (Debian: apt-get install gnuplot-nox); the script is " + script);
+  const std::string cmd = "cd '" + dir + "' && gnuplot decode.gp";
+  if (std::system(cmd.c_str()) != 0) throw std::runtime_error("bench decode --plot: gnuplot failed on " + script);
+  return pngs;
+}
+
+}  // namespace ultramem::perf

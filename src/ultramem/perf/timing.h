@@ -1,0 +1,19 @@
+// Timing of repeated calls for the benchmarks: robust medians on a shared, noisy machine.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace ultramem::perf {
+
+struct Timing {
+  double median = 0, min = 0, max = 0;  // seconds per call
+  int repeats = 0;                      // timed calls
+};
+
+// One warm-up call (two when calls are cheap), then at least `repeats` timed calls and at least
+// min_seconds of them (short calls: many samples, so that a burst of interruptions on a shared
+// machine cannot take the median), stopping early once 3 ran and `budget` seconds passed.
+// call(i) must use input i (callers rotate their inputs).
+Timing time_calls(const std::function<void(int64_t)>& call, int repeats, double budget, double min_seconds);
+
+}  // namespace ultramem::perf
