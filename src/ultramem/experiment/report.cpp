@@ -254,7 +254,7 @@ void scaling_section(const std::vector<RunSummary>& runs, const std::string& dir
                 io::chart_preamble() + "set output 'scaling.png'\nset title 'validation loss vs memory size'\n"
                                      "set logscale x 2\nset xlabel 'value rows N per memory layer'\n"
                                      "set ylabel 'validation loss'\nf(x) = " +
-                    fmt(f.a, 6) + " + (" + fmt(f.b, 6) + ") * log(x)\nplot 'scaling.dat' using 1:2 with points pt 7 ps 1.5 "
+                    fmt(f.a, 6) + " + (" + fmt(f.b, 6) + ") * log(x)\nplot 'scaling.dat' using 1:2 with points "
                                                          "linestyle 1 title " + quoted(seeds_label) + ", f(x) with lines linestyle 2 title 'fit a + b ln N'\n",
                 log);
   }
