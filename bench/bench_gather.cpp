@@ -20,7 +20,9 @@
 #include <vector>
 
 #include "bench_common.h"
+#include "ultramem/kernels/cpu_features.h"
 #include "ultramem/kernels/topk.h"
+#include "ultramem/perf/bandwidth.h"
 
 namespace ubench {
 namespace {
@@ -190,10 +192,7 @@ __attribute__((target("avx2"))) void run_hits(const PoolArgs& a, const Hit* hits
 
 }  // namespace
 
-bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
+bool cpu_has_avx2() { return ultramem::kernels::cpu_has_avx2_fma(); }
 
 void* alloc_table(size_t bytes, bool huge) {
   const size_t sz = (bytes + kHuge - 1) / kHuge * kHuge;
@@ -208,24 +207,7 @@ void fill_pattern(float* p, int64_t n) {
     p[i] = float((uint64_t(i) * 2654435761ULL >> 12) & 1023) * 1e-4f - 0.05f;
 }
 
-int64_t thp_bytes(const void* p, size_t bytes) {
-  std::ifstream f("/proc/self/smaps");
-  if (!f) return -1;
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(p), hi = lo + bytes;
-  std::string line;
-  bool in = false;
-  int64_t total = 0;
-  while (std::getline(f, line)) {
-    unsigned long a = 0, b = 0;
-    if (std::sscanf(line.c_str(), "%lx-%lx ", &a, &b) == 2 && line.find('-') < line.find(' ')) {
-      in = a < hi && b > lo;
-      continue;
-    }
-    long kb = 0;
-    if (in && std::sscanf(line.c_str(), "AnonHugePages: %ld kB", &kb) == 1) total += int64_t(kb) * 1024;
-  }
-  return total;
-}
+int64_t thp_bytes(const void* p, size_t bytes) { return ultramem::perf::huge_page_bytes(p, bytes); }
 
 void release_raw_buffers() {
   g_buf[0].reset();

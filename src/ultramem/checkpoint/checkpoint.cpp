@@ -179,6 +179,23 @@ struct VerifiedFile {
   NamedTensors tensors;
 };
 
+// The metadata entry `key`; its absence is an error naming the file.
+const std::string& need_meta(const std::string& path, const std::map<std::string, std::string>& meta, const char* key) {
+  auto it = meta.find(key);
+  if (it == meta.end()) fail(path, std::string("metadata '") + key + "' is missing (not an ultramem checkpoint?)");
+  return it->second;
+}
+
+// Format name and version of a file's metadata.
+void check_format(const std::string& path, const std::map<std::string, std::string>& meta, const char* format) {
+  const std::string& name = need_meta(path, meta, "format");
+  if (name != format) fail(path, "format is '" + name + "', expected '" + format + "'");
+  const std::string& version = need_meta(path, meta, "format_version");
+  if (version != std::to_string(kCheckpointVersion))
+    fail(path, "format version " + version + " is not supported (this build reads " +
+                   std::to_string(kCheckpointVersion) + ")");
+}
+
 VerifiedFile read_verified(const std::string& path, const char* format) {
   VerifiedFile f;
   try {
@@ -186,16 +203,8 @@ VerifiedFile read_verified(const std::string& path, const char* format) {
   } catch (const std::exception& e) {
     fail(path, std::string("cannot read (missing, truncated or corrupt file): ") + e.what());
   }
-  auto need = [&](const char* key) -> const std::string& {
-    auto it = f.meta.find(key);
-    if (it == f.meta.end()) fail(path, std::string("metadata '") + key + "' is missing (not an ultramem checkpoint?)");
-    return it->second;
-  };
-  if (need("format") != format) fail(path, "format is '" + f.meta["format"] + "', expected '" + format + "'");
-  if (need("format_version") != std::to_string(kCheckpointVersion))
-    fail(path, "format version " + f.meta["format_version"] + " is not supported (this build reads " +
-                   std::to_string(kCheckpointVersion) + ")");
-  const std::string stored = need("checksum");
+  check_format(path, f.meta, format);
+  const std::string stored = need_meta(path, f.meta, "checksum");
   const std::string actual = checksum(f.tensors, f.meta);
   if (stored != actual)
     fail(path, "checksum mismatch (stored " + stored + ", computed " + actual + "): the file is corrupt");
@@ -210,6 +219,18 @@ json parse_meta(const std::string& path, const std::map<std::string, std::string
   } catch (const json::parse_error& e) {
     fail(path, std::string("metadata '") + key + "' is not valid JSON: " + e.what());
   }
+}
+
+// A checkpoint's metadata: the model config (required), train config and trainer state (optional).
+Checkpoint checkpoint_of(const std::string& path, const std::map<std::string, std::string>& meta) {
+  Checkpoint c;
+  c.path = path;
+  c.metadata = meta;
+  c.model_config = parse_meta(path, meta, "model_config");
+  if (c.model_config.is_null()) fail(path, "metadata 'model_config' is missing (not an ultramem checkpoint?)");
+  c.train_config = parse_meta(path, meta, "train_config");
+  c.trainer_state = parse_meta(path, meta, "trainer_state");
+  return c;
 }
 
 // t [R, C, ...] cut to columns r of dim 1 (a copy, so the whole tensor can be freed).
@@ -321,13 +342,7 @@ Checkpoint read_checkpoint(const std::string& path) { return read_checkpoint(pat
 
 Checkpoint read_checkpoint(const std::string& path, const CheckpointReadOptions& options) {
   VerifiedFile f = read_verified(path, kCheckpointFormat);
-  Checkpoint c;
-  c.path = path;
-  c.metadata = f.meta;
-  c.model_config = parse_meta(path, f.meta, "model_config");
-  if (c.model_config.is_null()) fail(path, "metadata 'model_config' is missing (not an ultramem checkpoint?)");
-  c.train_config = parse_meta(path, f.meta, "train_config");
-  c.trainer_state = parse_meta(path, f.meta, "trainer_state");
+  Checkpoint c = checkpoint_of(path, f.meta);
   std::set<std::string> selected;
   for (auto& [name, t] : f.tensors) {
     auto it = options.columns.find(name);
@@ -407,62 +422,23 @@ void load_model_weights(const std::string& path, torch::nn::Module& model, const
   load_model_state(read_checkpoint(path), model, model_config);
 }
 
-namespace {
-
-[[noreturn]] void map_fail(const std::string& path, const std::string& what) {
-  throw std::runtime_error("checkpoint " + path + ": " + what);
-}
-
-nlohmann::json parse_meta_json(const std::string& path, const std::map<std::string, std::string>& meta, const char* key) {
-  auto it = meta.find(key);
-  if (it == meta.end()) return nlohmann::json();
-  try {
-    return nlohmann::json::parse(it->second);
-  } catch (const nlohmann::json::parse_error& e) {
-    map_fail(path, std::string("metadata '") + key + "' is not valid JSON: " + e.what());
-  }
-}
-
-// The checkpoint's model tensors as views of a read-only mapping of the file (format and version
-// checked; the checksum is not: it would read every page).
-Checkpoint map_checkpoint_impl(const std::string& path, std::vector<std::string>& copied) {
+Checkpoint map_checkpoint(const std::string& path, std::vector<std::string>* copied) {
   io::MappedSafetensors m;
   try {
     m = io::map_safetensors(path);
   } catch (const std::exception& e) {
-    map_fail(path, std::string("cannot map (missing, truncated or corrupt file): ") + e.what());
+    fail(path, std::string("cannot map (missing, truncated or corrupt file): ") + e.what());
   }
-  auto meta = [&](const char* key) -> std::string {
-    auto it = m.metadata.find(key);
-    if (it == m.metadata.end()) map_fail(path, std::string("metadata '") + key + "' is missing (not an ultramem checkpoint?)");
-    return it->second;
-  };
-  if (meta("format") != kCheckpointFormat)
-    map_fail(path, "format is '" + meta("format") + "', expected '" + kCheckpointFormat + "'");
-  if (meta("format_version") != std::to_string(kCheckpointVersion))
-    map_fail(path, "format version " + meta("format_version") + " is not supported (this build reads " +
-                   std::to_string(kCheckpointVersion) + ")");
-  if (m.metadata.count("shards"))
-    map_fail(path, "a sharded checkpoint cannot be memory-mapped; load it without --mmap");
-  Checkpoint c;
-  c.path = path;
-  c.metadata = m.metadata;
-  c.model_config = parse_meta_json(path, m.metadata, "model_config");
-  if (c.model_config.is_null()) map_fail(path, "metadata 'model_config' is missing (not an ultramem checkpoint?)");
-  c.train_config = parse_meta_json(path, m.metadata, "train_config");
-  const std::string mp = "model.";
+  check_format(path, m.metadata, kCheckpointFormat);
+  if (m.metadata.count("shards")) fail(path, "a sharded checkpoint cannot be memory-mapped; load it without --mmap");
+  Checkpoint c = checkpoint_of(path, m.metadata);
+  const std::string mp = kModelPrefix;
   for (auto& [name, t] : m.tensors)
     if (name.compare(0, mp.size(), mp) == 0) c.model[name.substr(mp.size())] = t;  // optimizer state: untouched
-  for (const auto& name : m.copied)
-    if (name.compare(0, mp.size(), mp) == 0) copied.push_back(name.substr(mp.size()));
+  if (copied)
+    for (const auto& name : m.copied)
+      if (name.compare(0, mp.size(), mp) == 0) copied->push_back(name.substr(mp.size()));
   return c;
-}
-
-}  // namespace
-
-Checkpoint map_checkpoint(const std::string& path, std::vector<std::string>* copied) {
-  std::vector<std::string> local;
-  return map_checkpoint_impl(path, copied ? *copied : local);
 }
 
 }  // namespace ultramem::checkpoint

@@ -1,13 +1,9 @@
 #include "ultramem/experiment/run.h"
 
-#include <torch/torch.h>
-
 #include <cmath>
 #include <filesystem>
 #include <iomanip>
-#include <iostream>
-#include <memory>
-#include <optional>
+#include <ostream>
 
 #include "ultramem/checkpoint/checkpoint.h"
 #include "ultramem/checkpoint/run_folder.h"

@@ -27,7 +27,9 @@ LossResult mean_loss(nn::Transformer& model, const std::vector<data::Batch>& bat
   LossResult r;
   for (size_t i = 0; i < batches.size(); ++i) {
     const auto& b = batches[i];
+    const auto t0 = std::chrono::steady_clock::now();
     const auto logits = model->forward(b.inputs);
+    r.batch_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     nll += torch::nn::functional::cross_entropy(
                logits.reshape({-1, logits.size(-1)}), b.targets.reshape(-1),
                torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
@@ -64,6 +66,23 @@ nlohmann::json fact_recall(nn::Transformer& model, const data::FactTask& task) {
           {"facts", task.config().num_facts()}, {"facts_recalled", recall * double(task.config().num_facts())}};
 }
 
+std::vector<data::Batch> validation_batches(const data::PreparedData& prepared, const nn::ModelConfig& cfg,
+                                           int64_t batch_size, int64_t seq_len, int64_t max_batches) {
+  if (prepared.vocab_size != cfg.vocab_size)
+    throw std::invalid_argument("the checkpoint's vocab_size " + std::to_string(cfg.vocab_size) +
+                                " differs from the tokenizer's in " + prepared.dir);
+  if (seq_len <= 0) seq_len = cfg.max_seq_len;
+  if (seq_len > cfg.max_seq_len)
+    throw std::invalid_argument("--seq-len " + std::to_string(seq_len) + " exceeds max_seq_len " +
+                                std::to_string(cfg.max_seq_len));
+  auto val = data::TokenShard::open(prepared.val_path);
+  auto batches = data::eval_batches(*val, batch_size, seq_len, max_batches);
+  if (batches.empty())
+    throw std::runtime_error(prepared.val_path + ": too short for one batch of " + std::to_string(batch_size) +
+                             " x " + std::to_string(seq_len) + " tokens; lower --batch-size or --seq-len");
+  return batches;
+}
+
 nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
   const auto t0 = std::chrono::steady_clock::now();
   LoadOptions lo;
@@ -71,47 +90,24 @@ nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
   lo.warn = [](const std::string& s) { std::cerr << "note: " << s << std::endl; };
   auto loaded = load_model(a.checkpoint, lo);
   auto& model = loaded.model;
-  const auto& cfg = model->config();
-  const auto data_dir = checkpoint::data_dir_for_checkpoint(a.checkpoint, a.data_dir);
-  const auto prepared = data::load_prepared(data_dir);
-  if (prepared.vocab_size != cfg.vocab_size)
-    throw std::invalid_argument("the checkpoint's vocab_size " + std::to_string(cfg.vocab_size) +
-                                " differs from the tokenizer's in " + data_dir);
-  const int64_t seq_len = a.seq_len > 0 ? a.seq_len : cfg.max_seq_len;
-  if (seq_len > cfg.max_seq_len)
-    throw std::invalid_argument("--seq-len " + std::to_string(seq_len) + " exceeds max_seq_len " +
-                                std::to_string(cfg.max_seq_len));
-  auto val = data::TokenShard::open(prepared.val_path);
-  const auto batches = data::eval_batches(*val, a.batch_size, seq_len, a.max_batches);
-  if (batches.empty())
-    throw std::runtime_error(prepared.val_path + ": too short for one batch of " + std::to_string(a.batch_size) +
-                             " x " + std::to_string(seq_len) + " tokens; lower --batch-size or --seq-len");
-  torch::NoGradGuard no_grad;
+  const auto prepared = data::load_prepared(checkpoint::data_dir_for_checkpoint(a.checkpoint, a.data_dir));
+  const auto batches = validation_batches(prepared, model->config(), a.batch_size, a.seq_len, a.max_batches);
   const bool progress = ::isatty(2);  // a live counter on a terminal only
-  double nll = 0;
-  int64_t tokens = 0;
-  std::vector<double> batch_ms;  // per batch: the first one pays the first touch of the value tables
-  for (size_t i = 0; i < batches.size(); ++i) {
-    const auto& b = batches[i];
-    const auto tb = std::chrono::steady_clock::now();
-    const auto logits = model->forward(b.inputs);
-    batch_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - tb).count());
-    nll += torch::nn::functional::cross_entropy(
-               logits.reshape({-1, logits.size(-1)}), b.targets.reshape(-1),
-               torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
-               .item<double>();
-    tokens += b.targets.numel();
-    if (progress) std::cerr << "\reval batch " << (i + 1) << "/" << batches.size() << std::flush;
-  }
+  const auto r = mean_loss(model, batches, [&](size_t done, size_t total) {
+    if (progress) std::cerr << "\reval batch " << done << "/" << total << std::flush;
+  });
   if (progress) std::cerr << "\n";
-  const double loss = nll / tokens;
+  const double loss = r.loss;
+  // Per batch: the first one pays the first touch of the value tables.
+  std::vector<double> batch_ms;
+  for (double sec : r.batch_seconds) batch_ms.push_back(1e3 * sec);
   std::vector<double> later(batch_ms.begin() + 1, batch_ms.end());
   std::sort(later.begin(), later.end());
   // Bits per byte: nats/token -> bits/token, times the split's tokens per UTF-8 byte.
   const double bpb = loss / std::log(2.0) * double(prepared.val.tokens) / double(prepared.val.bytes);
   nlohmann::json out = {{"checkpoint", a.checkpoint},
                         {"data_dir", prepared.dir},
-                        {"tokens", tokens},
+                        {"tokens", r.tokens},
                         {"val_loss", loss},
                         {"perplexity", std::exp(loss)},
                         {"bits_per_byte", bpb},

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ultramem/data/facts.h"
+#include "ultramem/data/prepared.h"
 #include "ultramem/data/sampler.h"
 #include "ultramem/nn/transformer.h"
 
@@ -17,6 +18,7 @@ namespace ultramem::infer {
 struct LossResult {
   double loss = 0;     // mean next-token cross-entropy, nats per target token
   int64_t tokens = 0;  // target tokens scored
+  std::vector<double> batch_seconds;  // the forward pass of each batch, in order
 };
 
 // Scores every target token of `batches` under torch::NoGradGuard. progress(done, total) runs after
@@ -28,6 +30,12 @@ LossResult mean_loss(nn::Transformer& model, const std::vector<data::Batch>& bat
 // (argmax at the query position), and the mean object cross-entropy. Eval mode, no grad; the model's
 // train/eval mode is restored. {"recall", "object_loss", "queries", "facts", "facts_recalled"}.
 nlohmann::json fact_recall(nn::Transformer& model, const data::FactTask& task);
+
+// The validation split of `prepared` cut into batches for a model of config `cfg` (seq_len <= 0: the
+// model's max_seq_len). std::invalid_argument for a vocabulary mismatch or seq_len above the context;
+// std::runtime_error when the split holds not even one batch.
+std::vector<data::Batch> validation_batches(const data::PreparedData& prepared, const nn::ModelConfig& cfg,
+                                           int64_t batch_size, int64_t seq_len, int64_t max_batches);
 
 struct EvalOptions {
   std::string checkpoint;   // checkpoint file

@@ -63,20 +63,8 @@ nlohmann::json quantize_checkpoint(const QuantizeOptions& a) {
       std::cerr << "note: no prepared data at " << data_dir
                 << "; skipping the validation-loss comparison (pass --data DIR)" << std::endl;
     } else {
-      const auto prepared = data::load_prepared(data_dir);
-      const auto& cfg = model->config();
-      if (prepared.vocab_size != cfg.vocab_size)
-        throw std::invalid_argument("the checkpoint's vocab_size " + std::to_string(cfg.vocab_size) +
-                                    " differs from the tokenizer's in " + data_dir);
-      const int64_t seq_len = a.seq_len > 0 ? a.seq_len : cfg.max_seq_len;
-      if (seq_len > cfg.max_seq_len)
-        throw std::invalid_argument("--seq-len " + std::to_string(seq_len) + " exceeds max_seq_len " +
-                                    std::to_string(cfg.max_seq_len));
-      auto val = data::TokenShard::open(prepared.val_path);
-      batches = data::eval_batches(*val, a.batch_size, seq_len, a.max_batches);
-      if (batches.empty())
-        throw std::runtime_error(prepared.val_path + ": too short for one batch of " + std::to_string(a.batch_size) +
-                                 " x " + std::to_string(seq_len) + " tokens; lower --batch-size or --seq-len");
+      batches = validation_batches(data::load_prepared(data_dir), model->config(), a.batch_size, a.seq_len,
+                                   a.max_batches);
     }
   }
   auto evaluate = [&](const char* what) {

@@ -10,6 +10,7 @@
 #include "ultramem/kernels/pooled_lookup.h"
 #include "ultramem/kernels/small_matmul.h"
 #include "ultramem/kernels/tdqkr.h"
+#include "ultramem/ops/check.h"
 
 namespace ultramem::ops {
 namespace {
@@ -19,8 +20,6 @@ namespace {
 constexpr int64_t kSmallRowsProjection = 8;  // q = u @ Wq and out = pooled @ Wo
 constexpr int64_t kSmallRowsScores = 16;     // key scoring
 
-// Version counter of a tensor; inference tensors have none (then only the data pointer is compared).
-int64_t version_of(const torch::Tensor& t) { return t.is_inference() ? -1 : int64_t(t._version()); }
 
 // Per-thread scratch buffers, reused across calls (no allocation once grown).
 template <typename S>
@@ -78,23 +77,14 @@ void normalise(S* x, int64_t Dk, const S* scale, bool rms) {
   for (int64_t i = 0; i < Dk; ++i) x[i] = (x[i] - S(mean)) * r * scale[i];
 }
 
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
-
-void expect_shape(const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape) {
-  bool ok = t.defined() && t.dim() == int64_t(shape.size()) && t.device().is_cpu();
-  int64_t i = 0;
-  for (int64_t s : shape) ok = ok && t.size(i++) == s;
-  if (!ok) {
-    std::string want = "[";
-    i = 0;
-    for (int64_t s : shape) want += (i++ ? ", " : "") + std::to_string(s);
-    throw std::invalid_argument(std::string("ultramem_decode: ") + name + " must be a CPU tensor " + want + "], got " +
-                                (t.defined() ? shape_str(t) : std::string("undefined")));
-  }
+// A contiguous CPU tensor of one of `dtypes` and exactly `sizes` (ops/check.h's checks, named).
+void check_arg(const at::Tensor& t, const char* what, std::initializer_list<int64_t> sizes,
+               std::initializer_list<at::ScalarType> dtypes) {
+  detail::check_tensor(t, what, int64_t(sizes.size()), dtypes);
+  std::string expected = "[";
+  for (int64_t s : sizes) expected += (expected.size() > 1 ? ", " : "") + std::to_string(s);
+  detail::check_sizes(t, what, sizes, (expected + "]").c_str());
+  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
 }
 
 template <typename S>
@@ -219,35 +209,18 @@ UltraMemDecodeKeys fold_filter_keys(const at::Tensor& kn_row, const at::Tensor& 
 
 at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d,
                            at::Tensor* scores_out, at::Tensor* index_out) {
+  check_arg(x, "ultramem_decode: x", {x.dim() == 2 ? x.size(0) : -1, d.D}, {at::kFloat, at::kDouble});
   const auto st = x.scalar_type();
-  if (st != at::kFloat && st != at::kDouble)
-    throw std::invalid_argument(std::string("ultramem_decode: input dtype must be float32 or float64, got ") +
-                                c10::toString(st));
-  if (!x.is_contiguous() || x.dim() != 2 || x.size(1) != d.D)
-    throw std::invalid_argument("ultramem_decode: x must be a contiguous [T, D=" + std::to_string(d.D) + "] tensor, got " +
-                                shape_str(x));
   const int64_t N = d.N();
-  expect_shape("wq", w.wq, {d.D, 2 * d.Dk});
-  expect_shape("q_scale", w.q_scale, {2, d.Dk});
-  expect_shape("cores", w.cores, {d.C, d.H, d.r, d.r});
-  expect_shape("keys.kn", w.keys.kn, {2, d.H * d.r * d.n, d.Dk});
-  expect_shape("keys.kf", w.keys.kf, {2, d.H * d.n, d.Dk});
-  expect_shape("values", w.values, {N, d.Dv});
-  expect_shape("perm", w.perm, {d.E * N});
-  expect_shape("wo", w.wo, {d.E * d.Dv, d.D});
-  for (const auto* t : {&w.wq, &w.q_scale, &w.cores, &w.keys.kn, &w.keys.kf, &w.wo})
-    if (t->scalar_type() != st)
-      throw std::invalid_argument(std::string("ultramem_decode: every weight must be ") + c10::toString(st) +
-                                  " like the input, got " + c10::toString(t->scalar_type()));
-  const auto vt = w.values.scalar_type();
-  if (vt != st && vt != at::kBFloat16 && vt != at::kChar)
-    throw std::invalid_argument(std::string("ultramem_decode: the value table is ") + c10::toString(vt) +
-                                "; expected " + c10::toString(st) + " (the compute dtype), bfloat16 or int8");
-  if (!w.values.is_contiguous() || w.perm.scalar_type() != at::kLong || !w.perm.is_contiguous())
-    throw std::invalid_argument("ultramem_decode: values and perm must be contiguous, perm int64");
-  if (vt == at::kChar) expect_shape("values_scale", w.values_scale, {N});
-  if (vt == at::kChar && (w.values_scale.scalar_type() != at::kFloat || !w.values_scale.is_contiguous()))
-    throw std::invalid_argument("ultramem_decode: int8 values need a contiguous float32 values_scale [N]");
+  check_arg(w.wq, "ultramem_decode: wq", {d.D, 2 * d.Dk}, {st});
+  check_arg(w.q_scale, "ultramem_decode: q_scale", {2, d.Dk}, {st});
+  check_arg(w.cores, "ultramem_decode: cores", {d.C, d.H, d.r, d.r}, {st});
+  check_arg(w.keys.kn, "ultramem_decode: keys.kn", {2, d.H * d.r * d.n, d.Dk}, {st});
+  check_arg(w.keys.kf, "ultramem_decode: keys.kf", {2, d.H * d.n, d.Dk}, {st});
+  check_arg(w.values, "ultramem_decode: values", {N, d.Dv}, {st, at::kBFloat16, at::kChar});
+  check_arg(w.perm, "ultramem_decode: perm", {d.E * N}, {at::kLong});
+  check_arg(w.wo, "ultramem_decode: wo", {d.E * d.Dv, d.D}, {st});
+  if (w.values.scalar_type() == at::kChar) check_arg(w.values_scale, "ultramem_decode: values_scale", {N}, {at::kFloat});
   const int64_t T = x.size(0);
   at::Tensor out = torch::empty({T, d.D}, x.options());
   if (T == 0) return out;

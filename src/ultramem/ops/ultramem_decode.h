@@ -49,7 +49,8 @@ struct UltraMemDecodeWeights {
 
 // x: [T, D] contiguous float32 or float64 -> [T, D]. When given, *scores_out receives the kept
 // candidates' per-core scores [T, H*m, C] and *index_out their grid addresses [T, H*m] (int64), as
-// ops::tdqkr returns them (for telemetry). std::invalid_argument for a dtype or shape mismatch.
+// ops::tdqkr returns them (for telemetry). A dtype, shape or layout mismatch is a c10::Error naming
+// the argument, like the other ops'.
 at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d,
                            at::Tensor* scores_out = nullptr, at::Tensor* index_out = nullptr);
 

@@ -125,6 +125,8 @@ class DecodeBench {
   void context_line();
   void sequential_probe();
   std::pair<double, double> gather_4k(int64_t N, const std::string& dt);
+  std::pair<double, double> gather_probe(const void* table, size_t bytes, int64_t N, const std::string& dt,
+                                         int64_t probe_row, double seconds, const json& tags, bool print = true);
   void pool_bench(const nn::UltraMemImpl& layer, const std::string& dt, GatherRef ref);
   void layer_bench(int64_t log2_n);
   void model_bench(int64_t log2_n);
@@ -351,6 +353,35 @@ void prepare_ultramem(nn::UltraMemImpl& layer, const std::string& dt) {
   layer.set_value_table(values, scale, /*read_only=*/false);
 }
 
+// Random-row gather on `table` ([N rows of probe_row bytes]), plain and with prefetch; returns
+// {plain, prefetch} GB/s. With `print`, one JSON line each: `tags` (what memory it is) and the result.
+std::pair<double, double> DecodeBench::gather_probe(const void* table, size_t bytes, int64_t N, const std::string& dt,
+                                                    int64_t probe_row, double seconds, const json& tags, bool print) {
+  std::pair<double, double> out{0, 0};
+  for (int pf : {0, 4}) {
+    perf::GatherOptions o;
+    o.rows = N;
+    o.row_bytes = probe_row;
+    o.prefetch_rows = pf;
+    o.threads = at::get_num_threads();
+    o.min_seconds = seconds;
+    const auto r = perf::random_row_gather(table, bytes, o);
+    (pf ? out.second : out.first) = r.gbps_median;
+    if (!print) continue;
+    json j = {{"bandwidth", "random_row_gather"}};
+    for (auto& [k, v] : tags.items()) j[k] = v;
+    j["N"] = N;
+    j["dtype"] = dt;
+    j["row_bytes"] = probe_row;
+    j["prefetch_rows"] = pf;
+    j["threads"] = o.threads;
+    j["gbps"] = r.gbps_median;
+    j["gbps_best"] = r.gbps_best;
+    emit_(j);
+  }
+  return out;
+}
+
 // Random-row gather on ordinary 4 KiB pages (what a torch-allocated table gets), in a buffer of the
 // table's size: the reference for an fp32 table outside huge pages. Returns {plain, prefetch} GB/s.
 std::pair<double, double> DecodeBench::gather_4k(int64_t N, const std::string& dt) {
@@ -358,26 +389,7 @@ std::pair<double, double> DecodeBench::gather_4k(int64_t N, const std::string& d
   std::pair<double, double> out{0, 0};
   if (!fits(double(N) * probe_row / kGiB + 0.1, {{"bandwidth", "gather_4k"}, {"N", N}, {"dtype", dt}})) return out;
   perf::ProbeBuffer buf(size_t(N) * probe_row, false);
-  for (int pf : {0, 4}) {
-    perf::GatherOptions o;
-    o.rows = N;
-    o.row_bytes = probe_row;
-    o.prefetch_rows = pf;
-    o.threads = at::get_num_threads();
-    o.min_seconds = a_.quick ? 0.01 : 0.15;
-    const auto r = perf::random_row_gather(buf, o);
-    (pf ? out.second : out.first) = r.gbps_median;
-    emit_({{"bandwidth", "random_row_gather"},
-           {"pages", "4k"},
-           {"N", N},
-           {"dtype", dt},
-           {"row_bytes", probe_row},
-           {"prefetch_rows", pf},
-           {"threads", o.threads},
-           {"gbps", r.gbps_median},
-           {"gbps_best", r.gbps_best}});
-  }
-  return out;
+  return gather_probe(buf.data(), buf.bytes(), N, dt, probe_row, a_.quick ? 0.01 : 0.15, {{"pages", "4k"}});
 }
 
 // The pooled lookup kernel alone on a layer's own value table and permutation (after
@@ -395,29 +407,8 @@ void DecodeBench::pool_bench(const nn::UltraMemImpl& layer, const std::string& d
   const int64_t hb = perf::huge_page_bytes(values, table_bytes);
   // Gather on this table now; returns {plain, prefetch} GB/s.
   auto probe = [&](double secs, bool print) {
-    std::pair<double, double> out{0, 0};
-    for (int pf : {0, 4}) {
-      perf::GatherOptions o;
-      o.rows = N;
-      o.row_bytes = probe_row;
-      o.prefetch_rows = pf;
-      o.threads = at::get_num_threads();
-      o.min_seconds = secs;
-      const auto r = perf::random_row_gather(values, table_bytes, o);
-      (pf ? out.second : out.first) = r.gbps_median;
-      if (print)
-        emit_({{"bandwidth", "random_row_gather"},
-               {"pages", "value_table"},
-               {"huge_page_fraction", double(hb) / double(table_bytes)},
-               {"N", N},
-               {"dtype", dt},
-               {"row_bytes", probe_row},
-               {"prefetch_rows", pf},
-               {"threads", o.threads},
-               {"gbps", r.gbps_median},
-               {"gbps_best", r.gbps_best}});
-    }
-    return out;
+    return gather_probe(values, table_bytes, N, dt, probe_row, secs,
+                        {{"pages", "value_table"}, {"huge_page_fraction", double(hb) / double(table_bytes)}}, print);
   };
   std::tie(ref.table_plain, ref.table_prefetch) = probe(a_.quick ? 0.01 : 0.15, true);
   gather_[{N, dt}] = ref;
