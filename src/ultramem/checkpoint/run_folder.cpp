@@ -19,13 +19,7 @@ std::string data_dir_for_checkpoint(const std::string& checkpoint_path, const st
   const auto rec = run_record_path(run_dir_of(checkpoint_path));
   if (fs::exists(rec)) {
     const auto j = io::read_json_file(rec);
-    if (j.contains("data_dir") && j["data_dir"].is_string()) {
-      const fs::path d = j["data_dir"].get<std::string>();
-      if (d.is_absolute() || fs::exists(d)) return d.string();
-      // Records written before data paths were stored absolute: relative to where training ran.
-      if (j.contains("cwd") && j["cwd"].is_string()) return (fs::path(j["cwd"].get<std::string>()) / d).string();
-      return d.string();
-    }
+    if (j.contains("data_dir") && j["data_dir"].is_string()) return j["data_dir"].get<std::string>();
   }
   return kDefaultDataDir;
 }

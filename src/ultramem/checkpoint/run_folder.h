@@ -18,9 +18,8 @@ inline constexpr const char* kRunTokenizerFile = "tokenizer.model";
 std::string run_record_path(const std::string& run_dir);
 // The run directory of a checkpoint file (its parent directory).
 std::string run_dir_of(const std::string& checkpoint_path);
-// Data directory for a checkpoint: `explicit_dir` if non-empty, else the run record's (a relative
-// path there is taken relative to the run's recorded working directory when it no longer resolves from
-// here), else the default.
+// Data directory for a checkpoint: `explicit_dir` if non-empty, else the run record's (absolute since
+// train/run.h writes it so), else the default.
 std::string data_dir_for_checkpoint(const std::string& checkpoint_path, const std::string& explicit_dir);
 // The tokenizer model stored in the checkpoint's run folder, or "" when the folder has none.
 std::string run_tokenizer_path(const std::string& checkpoint_path);

@@ -152,19 +152,13 @@ TrainingRun::TrainingRun(RunOptions options) : o_(std::move(options)) {
   // the checkpoint.
   record_ = o_.record;
   record_["out_dir"] = fs::absolute(tc.out_dir).lexically_normal().string();
-  record_["cwd"] = fs::current_path().string();
   record_["task"] = o_.data.task;
   if (prepared) record_["data_dir"] = fs::absolute(prepared->dir).lexically_normal().string();
   if (facts_) record_["facts"] = o_.data.facts;
   record_["model"] = nn::model_config_to_json(model_cfg_);
   record_["train"] = train_config_to_json(tc);
   if (lead_ && o_.write_record) {
-    const auto rec_path = checkpoint::run_record_path(tc.out_dir);
-    if (fs::exists(rec_path)) {  // keep what an earlier session recorded (e.g. "final" of a finished run)
-      const auto old = io::read_json_file(rec_path);
-      if (old.contains("final") && !record_.contains("final")) record_["final"] = old["final"];
-    }
-    io::write_json_file(rec_path, record_);
+    io::write_json_file(checkpoint::run_record_path(tc.out_dir), record_);
     if (prepared) {
       const auto tok = fs::path(tc.out_dir) / checkpoint::kRunTokenizerFile;
       fs::copy_file(prepared->tokenizer_path, tok, fs::copy_options::overwrite_existing);
