@@ -72,7 +72,11 @@ expect_error "train, eval" "$um" trian "$work/model.json"
   || fail "generate from another working directory"
 # Generation that fills the context says so (stderr and the JSON line).
 gerr=$("$um" generate "$work/run/checkpoint.safetensors" --prompt "The people" --max-tokens 100 --temperature 0 2>&1 >/dev/null)
-grep -q "context" <<<"$gerr" || fail "generate past the context does not say so: $gerr"
+grep -qF "reaches the model's context of 32 tokens" <<<"$gerr" || fail "generate past the context does not say so: $gerr"
+grep -qE '"stop_reason":"(context_full|eos)"' <<<"$gerr" || fail "generate's JSON line lacks the stop reason: $gerr"
+if grep -qF '"stop_reason":"context_full"' <<<"$gerr"; then
+  grep -qF "tokens is full" <<<"$gerr" || fail "generate stopped at a full context without saying so: $gerr"
+fi
 # --plan needs no prepared data.
 src_dir=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$work/plan"
