@@ -135,6 +135,48 @@ TEST(ExperimentReport, LogFitRecoversLine) {
   EXPECT_LT(experiment::fit_log(x, y).r2, 0.99);
 }
 
+// The capacity table's "vs baseline" column: a baseline that recalled nothing has no ratio (n/a), not a
+// division by almost zero (which printed 17566048341.77x).
+TEST(ExperimentReport, CapacityRatioIsNaWhenTheBaselineRecallsNothing) {
+  experiment::ExperimentSuite suite;
+  suite.name = "cap";
+  suite.title = "capacity";
+  suite.analysis = "capacity";
+  suite.task = "facts";
+  suite.facts = json::object();
+  for (const char* name : {"dense", "mem"}) {
+    experiment::ExperimentRun r;
+    r.name = name;
+    r.label = name;
+    r.tags = std::string(name) == "dense" ? json{{"baseline", true}} : json::object();
+    r.train = {{"steps", 1}, {"batch_size", 1}, {"seq_len", 8}, {"lr", 1e-3}};
+    r.seeds = {0};
+    suite.runs.push_back(r);
+  }
+  auto report = [&](double base_recall) {
+    std::vector<experiment::CaseResult> cases;
+    for (const auto& r : suite.runs) {
+      experiment::CaseResult c;
+      c.run = r.name;
+      c.label = r.label;
+      c.tags = r.tags;
+      c.info = {{"params_total", 1e6}, {"params_activated", 1e6}, {"flops_per_token", 2e6}};
+      const double recall = r.name == "dense" ? base_recall : 1.0;
+      c.final = {{"val_loss", 3.0}, {"recall", recall}, {"facts_recalled", 100 * recall}, {"train_seconds", 1.0}};
+      cases.push_back(c);
+    }
+    const auto dir = (fs::temp_directory_path() / "ultramem_test_capacity_report").string();
+    std::ostringstream log;
+    return experiment::write_report(suite, cases, dir, /*plot=*/false, 0.0, log);
+  };
+  const auto none = report(0.0);
+  EXPECT_NE(none.find("| n/a |"), std::string::npos) << none;
+  EXPECT_EQ(none.find("000000"), std::string::npos) << none;
+  const auto half = report(0.5);
+  EXPECT_NE(half.find("| 2.00x |"), std::string::npos) << half;
+  EXPECT_EQ(half.find("n/a"), std::string::npos) << half;
+}
+
 TEST(ExperimentReport, SeedRangeOverlap) {
   experiment::RunSummary a, b;
   a.min = 1.0, a.max = 1.2;
