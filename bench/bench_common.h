@@ -1,5 +1,4 @@
-// Shared between the two benchmark translation units: the torch-free raw-bandwidth benchmarks
-// (bench_gather.cpp) and the libtorch benchmarks plus main (bench_layer.cpp).
+// The Google Benchmark plumbing of ultramem_bench (bench_layer.cpp): names, registration, robust timing.
 #pragma once
 #include <benchmark/benchmark.h>
 
@@ -16,7 +15,6 @@
 namespace ubench {
 
 constexpr int64_t kDv = 256;                     // value width used throughout (1 KiB float rows)
-constexpr int64_t kMaxRows = int64_t(1) << 22;   // largest table: 2^22 rows = 4 GiB
 
 // What a benchmark measures, for the summary computed after the run.
 struct Meta {
@@ -85,39 +83,5 @@ inline benchmark::internal::Benchmark* add(const Meta& m, std::function<double(b
   b->MinTime(min_time())->UseRealTime()->Unit(benchmark::kMicrosecond);
   return b;
 }
-
-// ---- torch-free helpers (bench_gather.cpp) -------------------------------------------------------
-
-bool cpu_has_avx2();
-// Registers the sequential-read and random-row gather benchmarks for the given table sizes.
-void register_raw_benchmarks(const std::vector<int64_t>& Ns);
-// Top-k selection of the TDQKR kernel (kernels/topk.h select_top, its comparator passed as a
-// function pointer) against an inlined comparator and a one-pass scan (the proposed fixes).
-void register_topk_benchmarks();
-bool topk_variants_agree();  // the three give the same ids in the same order
-// Frees the raw benchmark buffers (2 x 4 GiB) so that later benchmarks have the memory.
-void release_raw_buffers();
-// Bytes of [p, p+bytes) backed by transparent huge pages, from /proc/self/smaps (-1 if unknown).
-int64_t thp_bytes(const void* p, size_t bytes);
-// Allocates `bytes` aligned to 2 MiB; with huge = true, madvise(MADV_HUGEPAGE), else
-// madvise(MADV_NOHUGEPAGE). Pages are not touched. Free with std::free.
-void* alloc_table(size_t bytes, bool huge);
-// Writes a cheap deterministic pattern (values in [-0.05, 0.05)) in parallel: touches every page.
-void fill_pattern(float* p, int64_t n);
-
-// A bench-local pooled-lookup forward (float, AVX2) showing the fix proposed in docs/performance.md:
-// resolve perm[index] for all hits first (independent loads), then one gather stream with
-// software prefetch `pf_rows` rows ahead that does not restart at token boundaries; and, when there
-// are fewer tokens than threads, split each token's hits over the threads (partial sums, reduced).
-// Same contract and, for T >= threads, bit-identical results to kernels::pooled_lookup_forward.
-struct PoolArgs {
-  int64_t T, K, N, Dv, E, C;
-  const float* values;
-  const int64_t* index;
-  const float* scores;
-  const int64_t* perm;
-  float* out;
-};
-void pool_forward_proposed(const PoolArgs& a, int pf_rows, int threads);
 
 }  // namespace ubench

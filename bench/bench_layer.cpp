@@ -1,6 +1,7 @@
 // UltraMem benchmarks: the pooled lookup and TDQKR ops and the whole UltraMem layer, forward and
-// forward+backward, against the same computation written with plain torch ops, plus the machine's
-// raw sequential and random-row gather bandwidth (bench_gather.cpp), all in one process run.
+// forward+backward, against the same computation written with plain torch ops (perf/plain_ultramem.h).
+// The pooled lookup's value-row bandwidth is compared with the machine's random-row gather bandwidth
+// at the same table size, probed by perf/bandwidth.h.
 //
 //   ultramem_bench [--threads=N] [--sizes=small] [--min-time=S] [--no-verify] [google benchmark flags]
 //
@@ -26,13 +27,15 @@
 #include <vector>
 
 #include "bench_common.h"
-#include "ultramem/perf/plain_ultramem.h"
 #include "ultramem/kernels/isa.h"
 #include "ultramem/kernels/pooled_lookup.h"
 #include "ultramem/kernels/tdqkr.h"
 #include "ultramem/nn/ultramem.h"
 #include "ultramem/ops/ops.h"
+#include "ultramem/ops/huge_page_tensor.h"
 #include "ultramem/ops/runtime.h"
+#include "ultramem/perf/bandwidth.h"
+#include "ultramem/perf/plain_ultramem.h"
 
 namespace ubench {
 namespace {
@@ -46,9 +49,8 @@ constexpr int64_t kD = 512, kDk = 128;
 constexpr int64_t kPoolTokens = 8192;   // distinct tokens of random hits rotated through per table
 constexpr int64_t kLayerTokens = 2048;  // distinct input tokens rotated through per layer
 constexpr int64_t kStageTokens = 1024;  // tokens with precomputed stage inputs (layer breakdown)
-constexpr int kProposedPrefetch = 4;    // rows ahead in the proposed kernel (the kernel's distance)
 
-// ---- plain-torch versions (the library's infer/plain_ultramem.h) ----------------------------------
+// ---- plain-torch versions (the library's perf/plain_ultramem.h) ----------------------------------
 
 namespace plain = ultramem::perf::plain;
 
@@ -78,10 +80,10 @@ Tensor layer_forward(ultramem::nn::UltraMemImpl& L, const Tensor& x, bool torch_
 
 // ---- data caches (one big table alive at a time) ------------------------------------------------
 
-Tensor thp_tensor(int64_t rows, int64_t cols) {
-  void* p = alloc_table(size_t(rows) * cols * sizeof(float), true);
-  TORCH_CHECK(p != nullptr, "bench: allocation failed");
-  return torch::from_blob(p, {rows, cols}, [](void* q) { std::free(q); }, torch::kFloat);
+// Writes a cheap deterministic pattern (values in [-0.05, 0.05)) in parallel: touches every page.
+void fill_pattern(float* p, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) p[i] = float((uint64_t(i) * 2654435761ULL >> 12) & 1023) * 1e-4f - 0.05f;
 }
 
 struct PoolTable {
@@ -103,7 +105,6 @@ struct LayerCache {
 LayerCache g_layer;
 
 void release_all_but(const char* keep) {
-  if (std::strcmp(keep, "raw") != 0) release_raw_buffers();
   if (std::strcmp(keep, "pool") != 0) g_pool = PoolTable{};
   if (std::strcmp(keep, "layer") != 0) g_layer = LayerCache{};
 }
@@ -115,9 +116,9 @@ PoolTable& pool_table(int64_t N, bool thp) {
   PoolTable t;
   t.N = N;
   t.thp = thp;
-  t.values = thp ? thp_tensor(N, kDv) : torch::empty({N, kDv});
+  t.values = thp ? ultramem::ops::detail::empty_on_huge_pages({N, kDv}, torch::kFloat) : torch::empty({N, kDv});
   fill_pattern(t.values.data_ptr<float>(), N * kDv);
-  const int64_t huge = thp_bytes(t.values.data_ptr(), size_t(N) * kDv * sizeof(float));
+  const int64_t huge = ultramem::perf::huge_page_bytes(t.values.data_ptr(), size_t(N) * kDv * sizeof(float));
   std::fprintf(stderr, "[bench] value table N=%lld (%s): %.1f MiB, THP-backed %.1f MiB\n",
                (long long)N, thp ? "THP alloc, THP permutation" : "torch alloc", N * kDv * 4 / 1048576.0,
                huge / 1048576.0);
@@ -125,11 +126,7 @@ PoolTable& pool_table(int64_t N, bool thp) {
   auto gen = at::detail::createCPUGenerator(1234 + N);
   t.perm = torch::randperm(kE * N, gen, torch::kLong);
   if (thp) {  // the permutation is read at random too (one int64 per hit): same pages as the values
-    void* p = alloc_table(size_t(kE * N) * sizeof(int64_t), true);
-    TORCH_CHECK(p != nullptr, "bench: allocation failed");
-    Tensor perm = torch::from_blob(p, {kE * N}, [](void* q) { std::free(q); }, torch::kLong);
-    perm.copy_(t.perm);
-    t.perm = perm;
+    t.perm = ultramem::ops::detail::copy_to_huge_pages(t.perm);
   }
   t.index_pool = torch::randint(0, kE * N, {kPoolTokens, kK}, gen, torch::kLong);
   t.scores_pool = torch::randn({kPoolTokens, kK, kC}, gen);
@@ -159,7 +156,7 @@ LayerCache& layer_cache(int64_t n) {
   g_layer.n = n;
   g_layer.layer = ultramem::nn::UltraMem(c);
   const auto& v = g_layer.layer->values;
-  const int64_t huge = thp_bytes(v.data_ptr(), size_t(v.numel()) * sizeof(float));
+  const int64_t huge = ultramem::perf::huge_page_bytes(v.data_ptr(), size_t(v.numel()) * sizeof(float));
   std::fprintf(stderr, "[bench] layer n=%lld N=%lld: values %.1f MiB, THP-backed %.1f MiB\n",
                (long long)n, (long long)c.physical_rows(), v.numel() * 4 / 1048576.0, huge / 1048576.0);
   auto gen = at::detail::createCPUGenerator(99);
@@ -176,12 +173,11 @@ void zero_grads(torch::nn::Module& m) {
 
 // ---- benchmarks -------------------------------------------------------------------------------
 
-enum class Impl { Op, Kernel, Proposed, Torch, OpCachedKeys };
+enum class Impl { Op, Kernel, Torch, OpCachedKeys };
 const char* impl_name(Impl i) {
   switch (i) {
     case Impl::Op: return "op";
     case Impl::Kernel: return "kernel";
-    case Impl::Proposed: return "proposed";
     case Impl::Torch: return "torch";
     case Impl::OpCachedKeys: return "op_cachedkeys";
   }
@@ -208,12 +204,6 @@ double bm_pool_fwd(benchmark::State& st, Impl impl, int64_t T, int64_t N, bool t
       case Impl::Kernel:
         ultramem::kernels::pooled_lookup_forward<float>(s, values, idx.data_ptr<int64_t>(), sc.data_ptr<float>(),
                                                         perm, out.data_ptr<float>());
-        benchmark::ClobberMemory();
-        break;
-      case Impl::Proposed:
-        pool_forward_proposed({T, kK, N, kDv, kE, kC, values, idx.data_ptr<int64_t>(), sc.data_ptr<float>(), perm,
-                               out.data_ptr<float>()},
-                              kProposedPrefetch, threads());
         benchmark::ClobberMemory();
         break;
       default: {  // Impl::Torch
@@ -364,7 +354,7 @@ double bm_layer_stage(benchmark::State& st, const std::string& stage, int64_t n,
 json verify() {
   torch::NoGradGuard ng;
   json j;
-  j["check"] = "plain-torch and proposed versions compute the same as ours";
+  j["check"] = "plain-torch versions compute the same as ours";
   {  // pooled lookup
     const int64_t N = 4096, T = 16;
     auto gen = at::detail::createCPUGenerator(5);
@@ -374,17 +364,7 @@ json verify() {
     const Tensor ours = ultramem::ops::pooled_lookup(values, index, scores, perm, kE);
     const Tensor reference = plain::pooled_lookup(values, index, scores, perm, kE, false);
     j["pool_torch_maxdiff"] = (ours - reference).abs().max().item<double>();
-    for (int64_t t : {T, int64_t(1)}) {
-      Tensor prop = torch::empty({t, kE * kDv});
-      const Tensor idx = index.narrow(0, 0, t).contiguous(), sc = scores.narrow(0, 0, t).contiguous();
-      pool_forward_proposed({t, kK, N, kDv, kE, kC, values.data_ptr<float>(), idx.data_ptr<int64_t>(),
-                             sc.data_ptr<float>(), perm.data_ptr<int64_t>(), prop.data_ptr<float>()},
-                            kProposedPrefetch, threads());
-      j[t == T ? "pool_proposed_maxdiff_T16" : "pool_proposed_maxdiff_T1"] =
-          (ours.narrow(0, 0, t) - prop).abs().max().item<double>();
-    }
   }
-  j["topk_variants_agree"] = topk_variants_agree();
   {  // tdqkr
     TdqkrData& d = tdqkr_data(256, 8);
     auto [s1, i1] = ultramem::ops::tdqkr(d.s_row, d.s_col, d.cores, d.u, d.v, kMFirst, kM);
@@ -418,14 +398,29 @@ int64_t param(const Meta& m, const char* k, int64_t dflt = -1) {
 }
 double gbps(const Result& r) { return r.meta.value_bytes / r.sec / 1e9; }
 
-// Best measured random-gather bandwidth at table size N with all threads; thp: -1 any, 0, 1.
+// Random-row gather bandwidth (GB/s) of a table of N rows of kDv floats with all threads, on 4 KiB
+// pages (thp 0) or huge pages (thp 1), best of plain and prefetching loads; thp -1: the best of both.
+// Probed once per (N, thp) with perf/bandwidth.h, on a buffer of the table's size.
 double gather_ref(int64_t N, int thp) {
+  if (thp < 0) return std::max(gather_ref(N, 0), gather_ref(N, 1));
+  static std::map<std::pair<int64_t, int>, double> probed;
+  const auto key = std::make_pair(N, thp);
+  if (auto it = probed.find(key); it != probed.end()) return it->second;
+  const int64_t row_bytes = kDv * int64_t(sizeof(float));
+  ultramem::perf::ProbeBuffer buf(size_t(N) * row_bytes, thp == 1);
   double best = 0;
-  for (const auto& [name, r] : g_results)
-    if (r.meta.family == "gather" && param(r.meta, "N") == N && param(r.meta, "thr") == threads() &&
-        (thp < 0 || param(r.meta, "thp") == thp))
-      best = std::max(best, gbps(r));
-  return best;
+  for (int pf : {0, 4}) {
+    ultramem::perf::GatherOptions o;
+    o.rows = N;
+    o.row_bytes = row_bytes;
+    o.prefetch_rows = pf;
+    o.threads = threads();
+    o.min_seconds = min_time();
+    best = std::max(best, ultramem::perf::random_row_gather(buf, o).gbps_median);
+  }
+  std::cout << json{{"bandwidth", "random_row_gather"}, {"N", N}, {"thp", thp}, {"threads", threads()},
+                    {"gbps", best}}.dump() << std::endl;
+  return probed[key] = best;
 }
 
 class Collector : public benchmark::ConsoleReporter {
@@ -496,18 +491,6 @@ void print_summary(std::ostream& os) {
       b["value"] = r.sec / (r.meta.value_bytes / (ref * 1e9));
       os << b.dump() << "\n";
     }
-    if (r.meta.impl == "proposed") {
-      Meta km = r.meta;
-      km.impl = "kernel";
-      auto k = g_results.find(make_name(km));
-      if (k != g_results.end()) {
-        json p;
-        p["ratio"] = "pool_fwd:proposed_vs_kernel";
-        add_params(p, r.meta);
-        p["value"] = k->second.sec / r.sec;
-        os << p.dump() << "\n";
-      }
-    }
   }
   for (const auto& [what, v] : targets) {
     json j;
@@ -546,14 +529,12 @@ json context(bool quick) {
 void register_all(bool quick) {
   const std::vector<int64_t> Ns = quick ? std::vector<int64_t>{1 << 16, 1 << 18}
                                         : std::vector<int64_t>{1 << 16, 1 << 18, 1 << 20, 1 << 22};
-  if (cpu_has_avx2()) register_raw_benchmarks(Ns);
 
   const double row_bytes = double(kDv) * sizeof(float);
   for (int64_t N : Ns) {
     // Forward on a torch-allocated table (what the library sees), every T.
     for (int64_t T : {1, 8, 64, 512})
-      for (Impl impl : {Impl::Op, Impl::Kernel, Impl::Proposed, Impl::Torch}) {
-        if (impl == Impl::Proposed && !cpu_has_avx2()) continue;
+      for (Impl impl : {Impl::Op, Impl::Kernel, Impl::Torch}) {
         Meta m{"pool_fwd", impl_name(impl), {{"T", T}, {"N", N}, {"thp", 0}}, double(T * kK) * row_bytes, double(T)};
         add(m, [=](benchmark::State& st) { return bm_pool_fwd(st, impl, T, N, false); });
       }
@@ -569,14 +550,12 @@ void register_all(bool quick) {
       }
     // Forward on a THP-backed table.
     for (int64_t T : {64, 512})
-      for (Impl impl : {Impl::Op, Impl::Kernel, Impl::Proposed, Impl::Torch}) {
-        if (impl == Impl::Proposed && !cpu_has_avx2()) continue;
+      for (Impl impl : {Impl::Op, Impl::Kernel, Impl::Torch}) {
         Meta m{"pool_fwd", impl_name(impl), {{"T", T}, {"N", N}, {"thp", 1}}, double(T * kK) * row_bytes, double(T)};
         add(m, [=](benchmark::State& st) { return bm_pool_fwd(st, impl, T, N, true); });
       }
   }
 
-  register_topk_benchmarks();
   for (int64_t n : quick ? std::vector<int64_t>{256} : std::vector<int64_t>{256, 1024, 2048})
     for (int64_t T : {1, 64, 512}) {
       for (Impl impl : {Impl::Op, Impl::Kernel, Impl::Torch}) {
