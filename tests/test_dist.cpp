@@ -566,9 +566,40 @@ TEST(Cli, TrainWithTwoRanksThenEvalAndResumeInOneProcess) {
   ASSERT_EQ(sh(um + " generate " + dir.file("run/checkpoint.safetensors") + " --prompt The --max-tokens 4",
                "generate.log"), 0)
       << slurp("generate.log");
-  // One process continues the 2-rank run (the optimizer state is assembled).
+  // Consolidated into one file: nothing sharded, every tensor as assembled from the shards.
+  auto shard_files = [&](const std::string& sub) {
+    int n = 0;
+    for (const auto& e : fs::directory_iterator(dir.path / sub))
+      if (checkpoint::is_shard_file_of("checkpoint", e.path().filename().string())) ++n;
+    return n;
+  };
+  EXPECT_EQ(shard_files("run"), 2);
+  ASSERT_EQ(sh(um + " consolidate " + dir.file("run/checkpoint.safetensors") + " --out " + dir.file("one.safetensors"),
+               "consolidate.log"), 0)
+      << slurp("consolidate.log");
+  {
+    const auto sharded = checkpoint::read_checkpoint(dir.file("run/checkpoint.safetensors"));
+    const auto one = checkpoint::read_checkpoint(dir.file("one.safetensors"));
+    EXPECT_EQ(sharded.shard_world, 2);
+    EXPECT_EQ(one.shard_world, 0);
+    ASSERT_EQ(one.model.size(), sharded.model.size());
+    for (const auto& [name, t] : sharded.model) EXPECT_TRUE(torch::equal(one.model.at(name), t)) << name;
+    ASSERT_EQ(one.optim.size(), sharded.optim.size());
+    for (const auto& [name, t] : sharded.optim) EXPECT_TRUE(torch::equal(one.optim.at(name), t)) << name;
+  }
+  EXPECT_EQ(shard_files("run"), 2) << "--out keeps the sharded original and its shards";
+  // In place: the main file becomes one file and the shards it referenced are removed.
+  fs::copy(dir.path / "run", dir.path / "run2", fs::copy_options::recursive);
+  ASSERT_EQ(sh(um + " consolidate " + dir.file("run2/checkpoint.safetensors"), "consolidate2.log"), 0)
+      << slurp("consolidate2.log");
+  EXPECT_EQ(shard_files("run2"), 0);
+  EXPECT_EQ(checkpoint::read_checkpoint(dir.file("run2/checkpoint.safetensors")).shard_world, 0);
+  // One process continues the 2-rank run (the optimizer state is assembled); its one-file checkpoint
+  // replaces the sharded one, whose shard files nothing references any more and are gone.
   ASSERT_EQ(sh(train + " --resume --steps 8", "resume.log"), 0) << slurp("resume.log");
   EXPECT_NE(slurp("resume.log").find("final: step 8"), std::string::npos) << slurp("resume.log");
+  EXPECT_EQ(shard_files("run"), 0);
+  EXPECT_EQ(checkpoint::read_checkpoint(dir.file("run/checkpoint.safetensors")).shard_world, 0);
   // A global batch that the ranks cannot split: every rank fails and so does the launch.
   EXPECT_NE(sh(um + " --threads 1 train " + dir.file("model.json") + " --data " + dir.file("data") + " --out " +
                    dir.file("bad") + " --nproc 2 --batch-size 3", "bad.log"), 0);

@@ -50,6 +50,7 @@ int main(int argc, char** argv) {
   ultramem::cli::add_eval_command(app);
   ultramem::cli::add_generate_command(app);
   ultramem::cli::add_quantize_command(app);
+  ultramem::cli::add_consolidate_command(app);
   ultramem::cli::add_layer_demo_command(app);
   ultramem::cli::add_experiment_command(app);
   ultramem::cli::add_bench_command(app);

@@ -133,21 +133,13 @@ std::vector<std::string> config_differences(const nlohmann::json& a, const nlohm
   return out;
 }
 
-void save_checkpoint(const std::string& path, const torch::nn::Module& model,
-                     const nlohmann::json& model_config, const CheckpointWriteOptions& options) {
-  NamedTensors tensors;
-  for (auto& [name, t] : model_tensors(model)) {
-    if (options.exclude.count(kModelPrefix + name)) continue;
-    if (t.is_sparse()) fail(path, "model tensor '" + name + "' is sparse");
-    tensors.emplace_back(kModelPrefix + name, t.detach().cpu().contiguous());
-  }
-  if (options.optim) {
-    for (auto& [name, t] : *options.optim) {
-      if (options.exclude.count(kOptimPrefix + name)) continue;
-      tensors.emplace_back(kOptimPrefix + name, t.detach().cpu().contiguous());
-    }
-  }
-  if (options.rng) tensors.emplace_back(kRngName, get_rng_state().contiguous());
+namespace {
+
+// Writes `tensors` (file names: "model.<name>", "optim.<name>...", "rng.cpu") with the metadata of
+// `options` (its tensor selection fields are the caller's business), then, for a one-file checkpoint,
+// removes the shard files of earlier sharded saves of the same stem: none of them is referenced any more.
+void write_checkpoint_file(const std::string& path, NamedTensors tensors, const nlohmann::json& model_config,
+                           const CheckpointWriteOptions& options) {
   // Tensors whose size is a multiple of 64 bytes first: each of them then starts 64-byte aligned in the
   // file (io::kSafetensorsAlignment), so large tables can be memory-mapped (infer/model_loading.h).
   std::stable_partition(tensors.begin(), tensors.end(), [](const auto& nt) {
@@ -169,6 +161,71 @@ void save_checkpoint(const std::string& path, const torch::nn::Module& model,
   } catch (const std::exception& e) {
     fail(path, std::string("write failed: ") + e.what());
   }
+  if (options.shards.is_null()) remove_shard_files(path);
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, const torch::nn::Module& model,
+                     const nlohmann::json& model_config, const CheckpointWriteOptions& options) {
+  NamedTensors tensors;
+  for (auto& [name, t] : model_tensors(model)) {
+    if (options.exclude.count(kModelPrefix + name)) continue;
+    if (t.is_sparse()) fail(path, "model tensor '" + name + "' is sparse");
+    tensors.emplace_back(kModelPrefix + name, t.detach().cpu().contiguous());
+  }
+  if (options.optim) {
+    for (auto& [name, t] : *options.optim) {
+      if (options.exclude.count(kOptimPrefix + name)) continue;
+      tensors.emplace_back(kOptimPrefix + name, t.detach().cpu().contiguous());
+    }
+  }
+  if (options.rng) tensors.emplace_back(kRngName, get_rng_state().contiguous());
+  write_checkpoint_file(path, std::move(tensors), model_config, options);
+}
+
+void save_checkpoint(const std::string& path, const Checkpoint& ckpt) {
+  NamedTensors tensors;
+  for (const auto& [name, t] : ckpt.model) tensors.emplace_back(kModelPrefix + name, t.contiguous());
+  for (const auto& [name, t] : ckpt.optim) tensors.emplace_back(kOptimPrefix + name, t.contiguous());
+  if (ckpt.rng.defined()) tensors.emplace_back(kRngName, ckpt.rng.contiguous());
+  CheckpointWriteOptions o;
+  o.train_config = ckpt.train_config;
+  o.trainer_state = ckpt.trainer_state;
+  for (const auto& [k, v] : ckpt.metadata)
+    if (k != "format" && k != "format_version" && k != "checksum" && k != "shards" && k != "model_config" &&
+        k != "train_config" && k != "trainer_state")
+      o.metadata[k] = v;
+  write_checkpoint_file(path, std::move(tensors), ckpt.model_config, o);
+}
+
+std::string checkpoint_stem(const std::string& path) {
+  std::string name = std::filesystem::path(path).filename().string();
+  const std::string suffix = kCheckpointSuffix;
+  if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+    name.resize(name.size() - suffix.size());
+  return name;
+}
+
+std::string shard_file_name(const std::string& stem, int64_t step, const std::string& token, int64_t rank,
+                            int64_t world) {
+  return stem + ".step" + std::to_string(step) + "." + token + ".rank" + std::to_string(rank) + "-of-" +
+         std::to_string(world) + kCheckpointSuffix;
+}
+
+bool is_shard_file_of(const std::string& stem, const std::string& name) {
+  const std::string prefix = stem + ".step", suffix = kCheckpointSuffix;
+  return name.compare(0, prefix.size(), prefix) == 0 && name.size() > prefix.size() + suffix.size() &&
+         name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0 &&
+         name.find(".rank", prefix.size()) != std::string::npos;
+}
+
+void remove_shard_files(const std::string& path) {
+  const auto dir = std::filesystem::path(path).parent_path();
+  const std::string stem = checkpoint_stem(path);
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir.empty() ? "." : dir, ec))
+    if (is_shard_file_of(stem, entry.path().filename().string())) std::filesystem::remove(entry.path(), ec);
 }
 
 namespace {

@@ -28,6 +28,7 @@ namespace ultramem::checkpoint {
 inline constexpr const char* kCheckpointFormat = "ultramem-checkpoint";
 inline constexpr int kCheckpointVersion = 1;
 inline constexpr const char* kCheckpointShardFormat = "ultramem-checkpoint-shard";
+inline constexpr const char* kCheckpointSuffix = ".safetensors";
 
 // Everything a checkpoint holds, as read back.
 struct Checkpoint {
@@ -79,6 +80,21 @@ struct CheckpointReadOptions {
 // std::runtime_error naming the file on failure (the previous file at `path`, if any, is kept).
 void save_checkpoint(const std::string& path, const torch::nn::Module& model,
                      const nlohmann::json& model_config, const CheckpointWriteOptions& options = {});
+
+// Writes a checkpoint as read back (read_checkpoint: shards assembled) as one file at `path`: its model
+// tensors, optimizer state, generator state, configs and extra metadata. Consolidates a sharded
+// checkpoint when `path` is its own main file (`ultramem consolidate`). Atomic like save_checkpoint.
+void save_checkpoint(const std::string& path, const Checkpoint& ckpt);
+
+// Shard files of a sharded checkpoint at `path` (docs/distributed.md) sit next to it as
+// "<stem>.step<S>.<token>.rank<r>-of-<W>.safetensors", <stem> being the main file's name without
+// ".safetensors". A one-file save (save_checkpoint without `shards`) removes every shard file of its
+// stem once the new file is committed: the main file, the only one that references them, no longer does.
+std::string checkpoint_stem(const std::string& path);
+std::string shard_file_name(const std::string& stem, int64_t step, const std::string& token, int64_t rank,
+                            int64_t world);
+bool is_shard_file_of(const std::string& stem, const std::string& file_name);
+void remove_shard_files(const std::string& path);
 
 // Reads and verifies a checkpoint: file structure (truncation, bad header), format name and version,
 // required metadata and the checksum. Throws std::runtime_error naming the file and the problem.

@@ -16,23 +16,8 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-const char* kSuffix = ".safetensors";
+const std::string kSuffix = checkpoint::kCheckpointSuffix;
 
-// "runs/x/checkpoint.safetensors" -> "checkpoint".
-std::string stem_of(const std::string& path) {
-  std::string name = fs::path(path).filename().string();
-  const std::string suffix = kSuffix;
-  if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
-    name.resize(name.size() - suffix.size());
-  return name;
-}
-
-std::string shard_name(const std::string& stem, int64_t step, const std::string& token, int64_t rank, int64_t world) {
-  return stem + ".step" + std::to_string(step) + "." + token + ".rank" + std::to_string(rank) + "-of-" +
-         std::to_string(world) + kSuffix;
-}
-
-bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 bool ends_with(const std::string& s, const std::string& p) {
   return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
 }
@@ -55,8 +40,7 @@ void remove_stale_shards(const fs::path& dir, const std::string& stem, const std
   const std::string any_world = "-of-" + std::to_string(world) + kSuffix;
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     const std::string n = entry.path().filename().string();
-    if (n == keep || !starts_with(n, stem + ".step") || !ends_with(n, kSuffix) || n.find(".rank") == std::string::npos)
-      continue;
+    if (n == keep || !checkpoint::is_shard_file_of(stem, n)) continue;
     const bool own = ends_with(n, mine);
     const bool other_world = rank == 0 && !ends_with(n, any_world);
     if (own || other_world) fs::remove(entry.path(), ec);
@@ -70,7 +54,7 @@ void save_sharded_checkpoint(Group& group, const std::vector<ShardedParameter>& 
                              const checkpoint::CheckpointWriteOptions& options) {
   const int64_t rank = group.rank(), world = group.size();
   const fs::path dir = fs::path(path).parent_path();
-  const std::string stem = stem_of(path);
+  const std::string stem = checkpoint::checkpoint_stem(path);
   int64_t step = 0;
   if (options.trainer_state.is_object() && options.trainer_state.contains("step"))
     step = options.trainer_state.at("step").get<int64_t>();
@@ -83,7 +67,7 @@ void save_sharded_checkpoint(Group& group, const std::vector<ShardedParameter>& 
   group.broadcast(token_t, 0, "checkpoint");
   char token[16];
   std::snprintf(token, sizeof token, "%08llx", static_cast<unsigned long long>(token_t.item<int64_t>()));
-  const std::string mine = shard_name(stem, step, token, rank, world);
+  const std::string mine = checkpoint::shard_file_name(stem, step, token, rank, world);
 
   // 2. This rank's shard.
   std::map<std::string, torch::Tensor> optim_state;
@@ -128,7 +112,7 @@ void save_sharded_checkpoint(Group& group, const std::vector<ShardedParameter>& 
     for (int64_t j = 0; j < world; ++j) {
       char sum[24];
       std::snprintf(sum, sizeof sum, "crc32:%08llx", static_cast<unsigned long long>(crcs[j].item<int64_t>()));
-      files.push_back({{"file", shard_name(stem, step, token, j, world)}, {"checksum", sum}});
+      files.push_back({{"file", checkpoint::shard_file_name(stem, step, token, j, world)}, {"checksum", sum}});
     }
     json manifest_tensors = json::object();
     checkpoint::CheckpointWriteOptions o = options;

@@ -65,7 +65,7 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
       options.warn("memory-mapped " + std::to_string(out.mapped_tables) + " value table(s) of " + path +
                    " (checksum not verified)");
     for (const auto& [name, layer] : ultramem_layers(*model))
-      for (const std::string n : {name + ".values", name + ".values_scale"})
+      for (const std::string& n : {name + ".values", name + ".values_scale"})
         if (is_copied(n))
           options.warn("tensor '" + n + "' is not 64-byte aligned in " + path + "; copied instead of mapped");
   }
