@@ -56,6 +56,7 @@ template <typename Step>
 double timed_loop(benchmark::State& st, Step&& step) {
   std::vector<double> t;
   t.reserve(4096);
+  step();  // warm-up, untimed: first touch, one-time caches (a slow first call would be the only sample)
   for (auto _ : st) {
     const auto t0 = std::chrono::steady_clock::now();
     step();
