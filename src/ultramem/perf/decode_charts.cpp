@@ -6,8 +6,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
-#include <cstdlib>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <set>
@@ -17,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "ultramem/io/gnuplot.h"
 #include "ultramem/perf/decode_bench.h"
 
 namespace ultramem::perf {
@@ -58,12 +57,18 @@ std::vector<std::string> plot_decode_records(const std::vector<DecodeRecord>& re
   std::ostringstream gp, data;
   std::vector<std::string> pngs;
   size_t blocks = 0;
-  gp << "set terminal pngcairo noenhanced size 1600,1000 font ',10'\n"
-     << "set logscale x 2\nset logscale y 10\nset grid\nset key top left font ',8'\n"
+  gp << io::chart_preamble(1600, 1000) << "set termoption noenhanced\nset key font ',8'\n"
+     << "set logscale x 2\nset logscale y 10\n"
      << "set offsets graph 0.03, graph 0.03, 0, 0\n"
      << "set ylabel 'latency per step (us, median; bars: min..max)'\n";
-  std::set<std::string> scopes;
-  for (const auto& r : records) scopes.insert(r.scope);
+  std::set<std::string> scopes, names;
+  for (const auto& r : records) {
+    scopes.insert(r.scope);
+    names.insert(series_name(r));
+  }
+  // One style per series name across every panel and figure, so a kind keeps its colour and marker.
+  std::map<std::string, int> style;
+  for (const auto& name : names) style.emplace(name, int(style.size()));
   for (const auto& scope : scopes) {
     const std::vector<Figure> figures = {
         {scope + "_latency_vs_batch.png", scope + ": latency vs batch", "batch (tokens per step)", "%g",
@@ -93,7 +98,8 @@ std::vector<std::string> plot_decode_records(const std::vector<DecodeRecord>& re
           for (const auto* p : pts)
             data << f.x_of(*p) << " " << p->median_s * 1e6 << " " << p->min_s * 1e6 << " " << p->max_s * 1e6 << "\n";
           data << "EOD\n";
-          gp << (first ? "" : ", ") << b << " using 1:2:3:4 with yerrorlines title '" << name << "'";
+          gp << (first ? "" : ", ") << b << " using 1:2:3:4 with yerrorlines " << io::series_style(style.at(name))
+             << " title '" << name << "'";
           first = false;
         }
         gp << "\n";
@@ -102,18 +108,9 @@ std::vector<std::string> plot_decode_records(const std::vector<DecodeRecord>& re
       pngs.push_back(dir + "/" + f.file);
     }
   }
-  const std::string script = dir + "/decode.gp";
-  {
-    std::ofstream out(script);
-    if (!out) throw std::runtime_error("bench decode --plot: cannot write " + script);
-    out << "# gnuplot script written by `ultramem bench decode --plot`; run: cd " << dir << " && gnuplot decode.gp\n"
-        << data.str() << gp.str();
-  }
-  if (std::system("command -v gnuplot >/dev/null 2>&1") != 0)
-    throw std::runtime_error(
-        "bench decode --plot: gnuplot not found (Debian: apt-get install gnuplot-nox); the script is " + script);
-  const std::string cmd = "cd '" + dir + "' && gnuplot decode.gp";
-  if (std::system(cmd.c_str()) != 0) throw std::runtime_error("bench decode --plot: gnuplot failed on " + script);
+  io::run_gnuplot(dir, "decode",
+                  "# gnuplot script written by `ultramem bench decode --plot`; run: cd " + dir +
+                      " && gnuplot decode.gp\n" + data.str() + gp.str());
   return pngs;
 }
 
