@@ -36,6 +36,15 @@ PY
   if command -v gnuplot >/dev/null; then [ -s "$out/curves.png" ] || fail "$suite: no curves.png"; fi
 done
 [ -s "$work/scaling/scaling.png" ] || ! command -v gnuplot >/dev/null || fail "scaling: no scaling.png"
+# Chart style: legends outside the data, one style per series, seed means with their range (the quick
+# compare suite trains 2 seeds), and a one-seed chart that says so.
+if command -v gnuplot >/dev/null; then
+  gp="$work/compare/curves.gp"
+  grep -q "set key outside" "$gp" || fail "curves.gp: legend not outside the data"
+  grep -qF 'yerrorlines linestyle 1 title "Dense (mean of 2 seeds, range)"' "$gp" || fail "curves.gp: no seed mean with range: $(cat "$gp")"
+  grep -qF 'linestyle 2 title "UltraMem (mean of 2 seeds, range)"' "$gp" || fail "curves.gp: series share a style: $(cat "$gp")"
+  grep -qF '"runs (1 seed)"' "$work/scaling/scaling.gp" || fail "scaling.gp: a one-seed chart claims a mean"
+fi
 
 # A second run trains nothing: every case is read back.
 again=$("$um" --threads 1 experiment compare --quick --data "$work/data" --out "$work/compare" 2>&1)
