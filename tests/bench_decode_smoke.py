@@ -8,6 +8,7 @@ Usage: bench_decode_smoke.py PATH/TO/ultramem
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -146,6 +147,18 @@ def main():
                 check(os.path.getsize(p) > 1000, "chart %s is missing or empty" % p)
                 with open(p, "rb") as f:
                     check(f.read(8) == b"\x89PNG\r\n\x1a\n", "chart %s is not a PNG" % p)
+            # The house chart style: legends outside the data, and each series (kind and value format)
+            # with its own line style, the same in every panel.
+            with open(os.path.join(plot_dir, "decode.gp")) as f:
+                gp = f.read()
+            check("set key outside" in gp, "decode.gp: legend not outside the data")
+            styles = {}
+            for m in re.finditer(r"with yerrorlines linestyle (\d+) title '([^']+)'", gp):
+                styles.setdefault(m.group(2), set()).add(m.group(1))
+            check(len(styles) >= 5, "decode.gp: too few styled series: %r" % styles)
+            check(all(len(v) == 1 for v in styles.values()), "decode.gp: a series changes style: %r" % styles)
+            firsts = [next(iter(v)) for v in styles.values()]
+            check(len(set(firsts)) == len(firsts), "decode.gp: two series share a style: %r" % styles)
         print("bench decode smoke: %d lines, %d cases, %d ratios, %d targets OK" %
               (len(records), len(cases), len(ratios), len(targets)))
     finally:
