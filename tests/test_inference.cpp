@@ -106,6 +106,10 @@ TEST(FastPath, MatchesAutogradPathFloat) {
   c.C = 3;
   c.r = 3;
   configs.push_back(c);
+  c = layer_config(6);  // the two-sign filter
+  c.filter = ultramem::nn::RetrievalFilter::kTwoSign;
+  c.m_neg = 3;
+  configs.push_back(c);
   for (const auto& cfg : configs) {
     UltraMem layer(cfg);
     // T = 1 and 6 use the few-row kernels, T = 40 the BLAS products.

@@ -230,7 +230,7 @@ std::vector<int64_t> contract_top(const std::vector<double>& score, const std::v
 std::string describe(const TdqkrShape& s) {
   std::ostringstream o;
   o << "TdqkrShape{T=" << s.T << " H=" << s.H << " r=" << s.r << " n=" << s.n << " C=" << s.C
-    << " m_first=" << s.m_first << " m=" << s.m << "}";
+    << " m_first=" << s.m_first << " m=" << s.m << " m_neg=" << s.m_neg << "}";
   return o.str();
 }
 
@@ -366,15 +366,31 @@ void spec_tdqkr(const TdqkrProblem<T>& p, Filtered<T>& filt, std::vector<double>
         fr[i] += double(p.u[h * s.r + a]) * double(p.row(th, a, i));
         fc[i] += double(p.v[h * s.r + a]) * double(p.col(th, a, i));
       }
-    const auto top_r = contract_top(fr, ids, s.m_first), top_c = contract_top(fc, ids, s.m_first);
+    // The top m_pos; two-sign filter: then the m_neg most negative of the rest.
+    auto side = [&](const std::vector<double>& f) {
+      std::vector<int64_t> out = contract_top(f, ids, s.m_pos());
+      std::vector<double> neg;
+      std::vector<int64_t> rest;
+      for (int64_t i = 0; i < s.n; ++i)
+        if (std::find(out.begin(), out.end(), i) == out.end()) {
+          neg.push_back(-f[i]);
+          rest.push_back(i);
+        }
+      const auto tail = contract_top(neg, rest, s.m_neg);
+      out.insert(out.end(), tail.begin(), tail.end());
+      return out;
+    };
+    const auto top_r = side(fr), top_c = side(fc);
     for (int64_t x = 0; x < s.m_first; ++x) {
       filt.row[th * s.m_first + x] = int32_t(top_r[x]);
       filt.col[th * s.m_first + x] = int32_t(top_c[x]);
     }
     std::vector<double> gsum;
     std::vector<int64_t> addr;
-    for (int64_t i : top_r)
-      for (int64_t j : top_c) {
+    for (int64_t x = 0; x < s.m_first; ++x)
+      for (int64_t y = 0; y < s.m_first; ++y) {
+        if (s.m_neg > 0 && (x < s.m_pos()) != (y < s.m_pos())) continue;  // same-sign blocks only
+        const int64_t i = top_r[x], j = top_c[y];
         double g = 0;
         for (int64_t c = 0; c < s.C; ++c)
           for (int64_t a = 0; a < s.r; ++a)
@@ -415,6 +431,14 @@ std::vector<TdqkrShape> tdqkr_shapes() {
       {3, 2, 4, 50, 4, 50, 40},  // m_first = n, m < n
       {3, 1, 2, 40, 2, 1, 1},    // m_first = 1
       {0, 2, 2, 16, 2, 4, 8},    // T = 0
+      // Two-sign filter: {..., m_neg}.
+      {6, 2, 2, 32, 2, 16, 16, 8},     // the split of the retrieval experiments
+      {5, 1, 3, 37, 2, 9, 20, 4},      // uneven split, odd n
+      {4, 2, 2, 20, 2, 5, 13, 2},      // m = m_pos^2 + m_neg^2
+      {3, 1, 2, 40, 2, 2, 2, 1},       // one candidate per end
+      {3, 2, 2, 10, 2, 10, 50, 5},     // m_first = n: every row used
+      {2, 1, 2, 80, 2, 40, 100, 20},   // m > 64 (the sort path of the rescoring)
+      {2, 1, 2, 200, 1, 140, 64, 70},  // m_pos and m_neg > 64 (the sort path of the filter)
   };
   Rng rng(1234);
   auto U = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
@@ -426,7 +450,8 @@ std::vector<TdqkrShape> tdqkr_shapes() {
     s.n = U(1, 80);
     s.C = U(1, 4);
     s.m_first = U(1, s.n);
-    s.m = U(1, std::min<int64_t>(s.m_first * s.m_first, 48));
+    s.m_neg = (i % 2 == 1 && s.m_first >= 2) ? U(1, s.m_first - 1) : 0;
+    s.m = U(1, std::min<int64_t>(s.rescored_pairs(), 48));
     v.push_back(s);
   }
   return v;
@@ -766,6 +791,11 @@ TYPED_TEST(TdqkrKernels, ForwardMatchesSpecFormula) {
         const auto* fc = &f.col[th * s.m_first];
         ASSERT_NE(std::find(fr, fr + s.m_first, i), fr + s.m_first) << "row " << i << " not in the filtered set";
         ASSERT_NE(std::find(fc, fc + s.m_first, j), fc + s.m_first) << "col " << j << " not in the filtered set";
+        if (s.m_neg > 0) {
+          const bool row_pos = std::find(fr, fr + s.m_first, i) - fr < s.m_pos();
+          const bool col_pos = std::find(fc, fc + s.m_first, j) - fc < s.m_pos();
+          ASSERT_EQ(row_pos, col_pos) << "two-sign filter: a pair from different-sign blocks, k=" << k;
+        }
         seen.push_back(g);
         double sum = 0, mag = 0;
         for (int64_t c = 0; c < s.C; ++c) {
@@ -800,7 +830,8 @@ TYPED_TEST(TdqkrKernels, IntegerTiesFollowOrderingContract) {
   using T = TypeParam;
   std::vector<TdqkrShape> shapes = {
       {8, 2, 2, 24, 2, 6, 12}, {8, 1, 1, 16, 1, 8, 30}, {5, 2, 2, 16, 3, 16, 40},
-      {6, 1, 3, 33, 2, 5, 25}, {4, 2, 2, 1, 2, 1, 1},   {5, 1, 2, 12, 2, 12, 144}};
+      {6, 1, 3, 33, 2, 5, 25}, {4, 2, 2, 1, 2, 1, 1},   {5, 1, 2, 12, 2, 12, 144},
+      {8, 2, 2, 24, 2, 6, 12, 3}, {5, 1, 2, 12, 2, 12, 72, 6}, {6, 1, 1, 16, 2, 8, 20, 3}};
   uint32_t seed = 60;
   for (const TdqkrShape& s : shapes) {
     SCOPED_TRACE(describe(s));
@@ -829,7 +860,7 @@ TYPED_TEST(TdqkrKernels, IntegerTiesFollowOrderingContract) {
       const auto ref = run_rescore<T>(&uk::tdqkr_rescore_ref<T>, p, run_filter<T>(&uk::tdqkr_filter_ref<T>, p));
       EXPECT_TRUE(Identical(ref.index, want_index)) << "reference index";
       const auto bf = run_bruteforce<T>(p);
-      if (s.m_first == s.n) { EXPECT_TRUE(Identical(bf.index, want_index)) << "brute force index"; }
+      if (s.m_first == s.n && s.m_neg == 0) { EXPECT_TRUE(Identical(bf.index, want_index)) << "brute force index"; }
     }
   }
 }
@@ -947,6 +978,49 @@ TYPED_TEST(TdqkrKernels, FullFirstStageEqualsBruteForce) {
   }
 }
 
+// The fast whole-grid top-m (retrieval telemetry) against the brute-force reference, bit for bit.
+TYPED_TEST(TdqkrKernels, ExactMatchesBruteForceBitwise) {
+  using T = TypeParam;
+  const std::vector<TdqkrShape> shapes = {{6, 1, 2, 32, 2, 4, 16}, {4, 2, 3, 21, 3, 21, 50}, {5, 2, 1, 8, 1, 8, 64},
+                                          {3, 1, 2, 1, 2, 1, 1},   {4, 2, 9, 12, 2, 3, 10},  {2, 1, 2, 12, 2, 12, 100},
+                                          {0, 2, 2, 16, 2, 4, 8},  {3, 2, 2, 37, 2, 8, 32, 4}};
+  uint32_t seed = 95;
+  for (const TdqkrShape& s : shapes) {
+    SCOPED_TRACE(describe(s));
+    for (int integer = 0; integer < 2; ++integer) {
+      const auto p = make_tdqkr<T>(s, seed++, integer ? Fill::kInteger : Fill::kGaussian);
+      const auto want = run_bruteforce<T>(p);
+      auto run_exact = [&](decltype(&uk::tdqkr_exact<T>) fn) {
+        Kept<T> k = alloc_kept<T>(s);
+        fn(s, p.s_row.data(), p.s_col.data(), p.cores.data(), k.scores.data(), k.index.data());
+        return k;
+      };
+      for (const auto& tab : isa_tables<T>()) {
+        SCOPED_TRACE(tab.name);
+        const auto got = run_exact(tab.k.tdqkr_exact);
+        EXPECT_TRUE(Identical(got.index, want.index)) << "index";
+        EXPECT_TRUE(Identical(got.scores, want.scores)) << "per-core scores";
+      }
+      const auto pub = run_exact(&uk::tdqkr_exact<T>);
+      EXPECT_TRUE(Identical(pub.index, want.index)) << "public index";
+    }
+  }
+}
+
+// Shapes the two-sign filter rejects, each with a message naming the field.
+TEST(TdqkrShapeCheck, TwoSignSplitErrorsNameTheField) {
+  TdqkrShape s{1, 1, 2, 32, 2, 16, 16, 16};  // m_neg = m_first: no positive end
+  ASSERT_NE(uk::tdqkr_check_shape(s), nullptr);
+  EXPECT_NE(std::string(uk::tdqkr_check_shape(s)).find("m_neg"), std::string::npos);
+  s.m_neg = -1;
+  EXPECT_NE(std::string(uk::tdqkr_check_shape(s)).find("m_neg"), std::string::npos);
+  s = {1, 1, 2, 32, 2, 4, 9, 2};  // 2*2 + 2*2 = 8 pairs < m = 9
+  ASSERT_NE(uk::tdqkr_check_shape(s), nullptr);
+  EXPECT_NE(std::string(uk::tdqkr_check_shape(s)).find("m_pos^2 + m_neg^2"), std::string::npos);
+  s.m = 8;
+  EXPECT_EQ(uk::tdqkr_check_shape(s), nullptr);
+}
+
 // Filter score (spec section 4, step 1) of row / col x of (token, head) th, in double.
 template <typename T>
 double filter_score(const TdqkrProblem<T>& p, int64_t th, bool col, int64_t x) {
@@ -1043,6 +1117,42 @@ TYPED_TEST(TdqkrKernels, RecallWithSvdFilter) {
     EXPECT_GE(rec, rc.floor_all);
     EXPECT_GE(rec_pos, rc.floor_pos);
     if (rc.floor_all == 1.0) { EXPECT_TRUE(Identical(got.index, truth.index)); }
+  }
+}
+
+// The two-sign filter on the zero-mean problems where the paper's filter finds about half: the
+// candidates from both ends of each side and the same-sign blocks recover the (-,-) quadrant, with at
+// most the paper's rescoring work (m_pos^2 + m_neg^2 <= m_first^2 pairs of the rank-1 filter it is
+// compared with).
+TYPED_TEST(TdqkrKernels, TwoSignFilterRecall) {
+  using T = TypeParam;
+  struct Case {
+    TdqkrShape paper, two_sign;
+    double floor;  // on the two-sign recall
+  };
+  const std::vector<Case> cases = {
+      {{256, 1, 2, 64, 2, 16, 16}, {256, 1, 2, 64, 2, 16, 16, 8}, 0.95},     // same candidates, half the pairs
+      {{256, 1, 2, 64, 2, 16, 16}, {256, 1, 2, 64, 2, 22, 16, 11}, 0.98},    // about the same pairs
+      {{128, 2, 2, 128, 2, 32, 32}, {128, 2, 2, 128, 2, 32, 32, 16}, 0.97},
+      {{128, 1, 4, 128, 2, 32, 32}, {128, 1, 4, 128, 2, 44, 32, 22}, 0.98},  // r = 4
+  };
+  uint32_t seed = 300;
+  for (const auto& c : cases) {
+    SCOPED_TRACE(describe(c.two_sign));
+    ASSERT_LE(c.two_sign.rescored_pairs(), c.paper.rescored_pairs());
+    auto p = make_tdqkr<T>(c.paper, seed++);
+    set_svd_filter(p);
+    const auto truth = run_bruteforce<T>(p);
+    const double paper = recall<T>(c.paper, run_forward<T>(&uk::tdqkr_forward<T>, p).index, truth.index);
+    auto q = p;
+    q.s = c.two_sign;
+    const double two = recall<T>(c.two_sign, run_forward<T>(&uk::tdqkr_forward<T>, q).index, truth.index);
+    std::printf("recall n=%lld r=%lld m=%lld: paper filter (m_first %lld) %.4f, two-sign (%lld + %lld) %.4f (%s)\n",
+                (long long)c.paper.n, (long long)c.paper.r, (long long)c.paper.m, (long long)c.paper.m_first, paper,
+                (long long)c.two_sign.m_pos(), (long long)c.two_sign.m_neg, two,
+                std::is_same_v<T, float> ? "float" : "double");
+    EXPECT_GE(two, c.floor);
+    EXPECT_GE(two, paper + 0.25) << "the two-sign filter should find the (-,-) quadrant the paper's filter misses";
   }
 }
 

@@ -16,6 +16,7 @@ using ultramem::nn::NormKind;
 using ultramem::nn::PKM;
 using ultramem::nn::PKMConfig;
 using ultramem::nn::UltraMem;
+using ultramem::nn::RetrievalFilter;
 using ultramem::nn::UltraMemConfig;
 using ultramem::testing::expect_grad_matches;
 
@@ -185,6 +186,21 @@ TEST(UltraMemLayer, AuxLossMatchesFormulaAndSwitch) {
   c.aux_loss = false;
   UltraMem off(c);
   EXPECT_EQ(off->aux_loss().item<double>(), 0.0);
+  // Two heads, singular values (2, 0.65) and (2, 0.35): mean over heads by default, sum on request.
+  c = small_config();
+  c.H = 2;
+  c.C = 1;
+  for (auto red : {ultramem::nn::AuxReduction::kMean, ultramem::nn::AuxReduction::kSum}) {
+    c.aux_reduction = red;
+    UltraMem two(c);
+    {
+      torch::NoGradGuard ng;
+      two->cores.copy_(torch::tensor({2.0f, 0.0f, 0.0f, 0.65f, 2.0f, 0.0f, 0.0f, 0.35f}).view({1, 2, 2, 2}));
+    }
+    const double sum = 0.001 * (0.25 + 0.04);
+    EXPECT_NEAR(two->aux_loss().item<double>(), red == ultramem::nn::AuxReduction::kMean ? sum / 2 : sum, 1e-7);
+  }
+  EXPECT_EQ(UltraMemConfig{}.aux_reduction, ultramem::nn::AuxReduction::kMean);
 }
 
 TEST(UltraMemLayer, TelemetryIsConsistent) {
@@ -211,6 +227,58 @@ TEST(UltraMemLayer, TelemetryIsConsistent) {
   EXPECT_EQ(w->stats().tokens, 12);
 }
 
+// Retrieval telemetry: recall of the exact top-m and score mass, on the first retrieval_sample tokens
+// of a window, the same from the autograd and the fused path.
+TEST(UltraMemLayer, RetrievalTelemetry) {
+  auto c = small_config();
+  c.stats_window = 1000000;
+  c.retrieval_sample = 30;
+  torch::manual_seed(5);
+  const auto x = torch::randn({40, c.D});
+  for (bool fused : {false, true}) {
+    SCOPED_TRACE(fused ? "fused path" : "autograd path");
+    // m_first = n: the filter keeps the whole grid, retrieval is exact.
+    auto all = c;
+    all.m_first = all.n;
+    UltraMem exact(all);
+    {
+      torch::AutoGradMode mode(!fused);
+      exact->forward(x);
+    }
+    auto s = exact->stats();
+    EXPECT_EQ(s.retrieval_tokens, 30);
+    EXPECT_DOUBLE_EQ(s.recall, 1.0);
+    EXPECT_NEAR(s.score_mass, 1.0, 1e-6);
+    // The paper's filter and the two-sign filter with fewer candidates: recall in [0, 1], mass <= 1
+    // (the exact top-m has the largest sum of any m slots).
+    for (auto filter : {RetrievalFilter::kRank1, RetrievalFilter::kTwoSign}) {
+      auto f = c;
+      f.m_first = 4;
+      f.filter = filter;
+      UltraMem layer(f);
+      {
+        torch::AutoGradMode mode(!fused);
+        layer->forward(x);
+      }
+      s = layer->stats();
+      EXPECT_EQ(s.retrieval_tokens, 30);
+      EXPECT_GE(s.recall, 0.0);
+      EXPECT_LE(s.recall, 1.0);
+      EXPECT_LE(s.score_mass, 1.0 + 1e-6);
+    }
+    // Off: NaN, no token checked.
+    auto off = c;
+    off.retrieval_sample = 0;
+    UltraMem none(off);
+    {
+      torch::AutoGradMode mode(!fused);
+      none->forward(x);
+    }
+    EXPECT_EQ(none->stats().retrieval_tokens, 0);
+    EXPECT_TRUE(std::isnan(none->stats().recall));
+  }
+}
+
 TEST(UltraMemLayer, InvalidConfigNamesTheField) {
   struct Case {
     std::function<void(UltraMemConfig&)> edit;
@@ -232,6 +300,13 @@ TEST(UltraMemLayer, InvalidConfigNamesTheField) {
       {[](UltraMemConfig& c) { c.C = 0; }, "C"},
       {[](UltraMemConfig& c) { c.H = 0; }, "H"},
       {[](UltraMemConfig& c) { c.m = 0; }, "m"},
+      // Retrieval filters.
+      {[](UltraMemConfig& c) { c.m_neg = 2; }, "m_neg"},  // m_neg with the paper's filter
+      {[](UltraMemConfig& c) { c.filter = RetrievalFilter::kTwoSign; c.m_neg = 6; }, "m_neg"},  // = m_first
+      {[](UltraMemConfig& c) { c.filter = RetrievalFilter::kTwoSign; c.m_neg = -1; }, "m_neg"},
+      {[](UltraMemConfig& c) { c.filter = RetrievalFilter::kTwoSign; c.m_first = 3; c.m = 6; }, "m_neg"},  // 2*2 + 1*1 < 6
+      {[](UltraMemConfig& c) { c.filter = RetrievalFilter::kTwoSign; c.m_first = 1; c.m = 1; }, "m_first"},
+      {[](UltraMemConfig& c) { c.retrieval_sample = -1; }, "retrieval_sample"},
   };
   for (const auto& cs : cases) {
     auto c = small_config();

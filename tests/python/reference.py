@@ -46,20 +46,35 @@ def tdqkr_bruteforce(s_row, s_col, cores, m):
     return scores.reshape(T, H * m, cores.shape[0]), index.reshape(T, H * m)
 
 
-def tdqkr_two_stage(s_row, s_col, cores, u, v, m_first, m):
+def tdqkr_two_stage(s_row, s_col, cores, u, v, m_first, m, m_neg=0):
     """Spec section 4: rank-1 filter with the given u, v, top-m_first per side, exact rescoring of the
-    m_first x m_first candidates with the core sum, top-m. Returns (scores [T, H*m, C], index [T, H*m])."""
+    m_first x m_first candidates with the core sum, top-m. Returns (scores [T, H*m, C], index [T, H*m]).
+    m_neg > 0: the two-sign filter, per side the m_first - m_neg largest filter scores, then the m_neg
+    most negative of the rest; only the same-sign blocks are rescored."""
     T, H, r, n = s_row.shape
+    m_pos = m_first - m_neg
     with torch.no_grad():
         pos = torch.arange(n).expand(T, H, n)
-        f_row = torch.einsum("ha,thai->thi", u, s_row)
-        f_col = torch.einsum("hb,thbj->thj", v, s_col)
-        I_row = _rank_desc(f_row, pos)[..., :m_first]                        # [T, H, m1] row indices
-        I_col = _rank_desc(f_col, pos)[..., :m_first]
+
+        def side(f):
+            top = _rank_desc(f, pos)[..., :m_pos]                            # [T, H, m_pos]
+            if m_neg == 0:
+                return top
+            neg = (-f).scatter(-1, top, float("-inf"))                       # the kept rows rank last
+            return torch.cat([top, _rank_desc(neg, pos)[..., :m_neg]], -1)  # [T, H, m_first]
+
+        I_row = side(torch.einsum("ha,thai->thi", u, s_row))                 # [T, H, m1] row indices
+        I_col = side(torch.einsum("hb,thbj->thj", v, s_col))
         R = torch.gather(s_row, 3, I_row.unsqueeze(2).expand(T, H, r, m_first))
         Cc = torch.gather(s_col, 3, I_col.unsqueeze(2).expand(T, H, r, m_first))
-        G = torch.einsum("thax,hab,thby->thxy", R, cores.sum(0), Cc).reshape(T, H, m_first * m_first)
-        addr = (I_row.unsqueeze(-1) * n + I_col.unsqueeze(-2)).reshape(T, H, m_first * m_first)
+        G = torch.einsum("thax,hab,thby->thxy", R, cores.sum(0), Cc)         # [T, H, m1, m1]
+        addr = I_row.unsqueeze(-1) * n + I_col.unsqueeze(-2)
+        if m_neg == 0:
+            G, addr = G.reshape(T, H, m_first * m_first), addr.reshape(T, H, m_first * m_first)
+        else:
+            blocks = [(slice(0, m_pos), slice(0, m_pos), m_pos), (slice(m_pos, m_first), slice(m_pos, m_first), m_neg)]
+            G = torch.cat([G[..., a, b].reshape(T, H, k * k) for a, b, k in blocks], -1)
+            addr = torch.cat([addr[..., a, b].reshape(T, H, k * k) for a, b, k in blocks], -1)
         index = torch.gather(addr, -1, _rank_desc(G, addr)[..., :m])         # [T, H, m]
     scores = core_scores(s_row, s_col, cores, index)
     return scores.reshape(T, H * m, cores.shape[0]), index.reshape(T, H * m)

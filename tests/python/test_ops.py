@@ -75,6 +75,47 @@ class TdqkrTest(unittest.TestCase):
                     seed += 1
                     self.check_case(4, H, r, n, C, m_first, m, dtype, seed)
 
+    def test_two_sign_filter(self):
+        seed = 500
+        for dtype in (torch.float64, torch.float32):
+            for (T, H, r, n, C, m_first, m, m_neg) in ((4, 1, 2, 9, 2, 4, 6, 2), (5, 2, 3, 13, 2, 7, 20, 3),
+                                                        (3, 2, 2, 8, 1, 8, 32, 4), (4, 1, 1, 6, 2, 2, 2, 1)):
+                seed += 1
+                gen = torch.Generator().manual_seed(seed)
+                s_row, s_col, cores, u, v = rand_tdqkr(T, H, r, n, C, dtype, gen)
+                what = "two-sign T=%d H=%d r=%d n=%d C=%d m_first=%d m=%d m_neg=%d %s" % (
+                    T, H, r, n, C, m_first, m, m_neg, dtype)
+                scores, index = tdqkr(s_row, s_col, cores, u, v, m_first, m, m_neg)
+                rs, ri = ref.tdqkr_two_stage(s_row, s_col, cores, u, v, m_first, m, m_neg)
+                self.assertTrue(torch.equal(index, ri), "indices differ from the reference: " + what)
+                torch.testing.assert_close(scores, rs, msg=lambda s: what + ": " + s, **tol(dtype))
+                # keyword form, as the schema names it
+                _, index_kw = torch.ops.ultramem.tdqkr(s_row, s_col, cores, u, v, m_first, m, m_neg=m_neg)
+                self.assertTrue(torch.equal(index_kw, index), what)
+
+    def test_two_sign_bad_split_names_the_field(self):
+        gen = torch.Generator().manual_seed(7)
+        s_row, s_col, cores, u, v = rand_tdqkr(2, 1, 2, 8, 2, torch.float32, gen)
+        with self.assertRaisesRegex(RuntimeError, "m_neg"):
+            tdqkr(s_row, s_col, cores, u, v, 4, 4, 4)
+        with self.assertRaisesRegex(RuntimeError, r"m_pos\^2 \+ m_neg\^2"):
+            tdqkr(s_row, s_col, cores, u, v, 4, 9, 2)
+
+    def test_exact_top_m(self):
+        seed = 600
+        for dtype in (torch.float64, torch.float32):
+            for (T, H, r, n, C, m) in ((4, 1, 2, 9, 2, 6), (3, 2, 3, 7, 3, 49), (2, 2, 1, 12, 1, 70)):
+                seed += 1
+                gen = torch.Generator().manual_seed(seed)
+                s_row, s_col, cores, _, _ = rand_tdqkr(T, H, r, n, C, dtype, gen)
+                what = "exact T=%d H=%d r=%d n=%d C=%d m=%d %s" % (T, H, r, n, C, m, dtype)
+                scores, index = torch.ops.ultramem.tdqkr_exact(s_row, s_col, cores, m)
+                bs, bi = ref.tdqkr_bruteforce(s_row, s_col, cores, m)
+                self.assertTrue(torch.equal(index, bi), "indices differ from brute force: " + what)
+                torch.testing.assert_close(scores, bs, msg=lambda s: what + ": " + s, **tol(dtype))
+        with self.assertRaisesRegex(RuntimeError, "m must be in"):
+            torch.ops.ultramem.tdqkr_exact(s_row, s_col, cores, 0)
+
     def test_edge_shapes(self):
         for dtype in (torch.float64, torch.float32):
             self.check_case(3, 2, 2, 1, 2, 1, 1, dtype, 100)     # n = 1: a single slot

@@ -175,6 +175,43 @@ void compare_section(const std::vector<RunSummary>& runs, std::ostream& md) {
   }
 }
 
+// Mean and range over seeds of a list that may hold nulls (no token checked): "0.912 (0.90 - 0.93)".
+std::string seed_stat_cell(const nlohmann::json& list) {
+  std::vector<double> v;
+  for (const auto& x : list)
+    if (x.is_number()) v.push_back(x.get<double>());
+  if (v.empty()) return "-";
+  double s = 0;
+  for (double x : v) s += x;
+  const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
+  return fmt(s / double(v.size()), 3) + (v.size() > 1 ? " (" + fmt(*lo, 3) + " - " + fmt(*hi, 3) + ")" : "");
+}
+
+// The compare table, then per run and memory layer the recall of the exact top-m and the share of its
+// score mass kept, mean over seeds with their range.
+void retrieval_section(const std::vector<RunSummary>& runs, std::ostream& md) {
+  compare_section(runs, md);
+  std::set<std::string> layers;
+  for (const auto& r : runs)
+    for (auto it = r.retrieval.begin(); it != r.retrieval.end(); ++it) layers.insert(it.key());
+  md << "\nRetrieval quality of each trained model with its own filter, on validation tokens (recall: share of "
+        "the exact top-m over the whole grid that the filter kept; mass: kept score sum / exact top-m score sum; "
+        "mean over seeds, range in brackets):\n\n| run | rescored pairs |";
+  for (const auto& l : layers) md << " " << l << " recall | " << l << " mass |";
+  md << "\n|---|---:|";
+  for (size_t i = 0; i < layers.size(); ++i) md << "---:|---:|";
+  md << "\n";
+  for (const auto& r : runs) {
+    md << "| " << r.label << " | " << (r.tags.contains("pairs") ? r.tags["pairs"].dump() : "-") << " |";
+    for (const auto& l : layers) {
+      const auto& lj = r.retrieval.contains(l) ? r.retrieval[l] : nlohmann::json::object();
+      md << " " << seed_stat_cell(lj.value("recall", nlohmann::json::array())) << " | "
+         << seed_stat_cell(lj.value("score_mass", nlohmann::json::array())) << " |";
+    }
+    md << "\n";
+  }
+}
+
 void ablation_section(const std::vector<RunSummary>& runs, std::ostream& md) {
   md << "| step | params total | MFLOP/token | val loss | delta vs previous | paper delta | cumulative | seed range |\n"
         "|---|---:|---:|---:|---:|---:|---:|---|\n";
@@ -302,6 +339,10 @@ std::vector<RunSummary> summarize(const ExperimentSuite& suite, const std::vecto
       r.info = c.info;
       r.val.push_back(c.final.value("val_loss", NAN));
       r.seconds += c.final.value("train_seconds", 0.0);
+      if (c.final.contains("retrieval"))
+        for (auto it = c.final["retrieval"].begin(); it != c.final["retrieval"].end(); ++it)
+          for (const char* f : {"recall", "score_mass"})
+            r.retrieval[it.key()][f].push_back(it.value().value(f, nlohmann::json(nullptr)));
       if (c.final.contains("recall")) {
         recall += c.final["recall"].get<double>();
         facts += c.final["facts_recalled"].get<double>();
@@ -357,6 +398,7 @@ std::string write_report(const ExperimentSuite& suite, const std::vector<CaseRes
   if (wall_seconds > 0) md << "; this invocation " << fmt(wall_seconds / 60, 1) << " min wall";
   md << ".\n\n";
   if (suite.analysis == "compare") compare_section(runs, md);
+  if (suite.analysis == "retrieval") retrieval_section(runs, md);
   if (suite.analysis == "ablation") ablation_section(runs, md);
   if (suite.analysis == "capacity") capacity_section(runs, dir, plot, md, log);
   if (suite.analysis == "scaling") scaling_section(runs, dir, plot, md, log);
@@ -376,6 +418,7 @@ std::string write_report(const ExperimentSuite& suite, const std::vector<CaseRes
   for (const auto& r : runs)
     j["runs"].push_back({{"run", r.run}, {"label", r.label}, {"mean", r.mean}, {"min", r.min}, {"max", r.max},
                          {"sd", r.sd}, {"val", r.val}, {"recall", r.recall}, {"facts_recalled", r.facts_recalled},
+                         {"retrieval", r.retrieval},
                          {"info", r.info}, {"tags", r.tags}});
   io::write_file_atomically((fs::path(dir) / "results.md").string(), {md.str()});
   io::write_json_file((fs::path(dir) / "results.json").string(), j);

@@ -22,6 +22,9 @@ struct RunSummary {
   double recall = -1;           // mean over seeds (fact task), -1 when absent
   double facts_recalled = -1;   // mean over seeds (fact task)
   double seconds = 0;           // training wall time summed over seeds
+  // Retrieval suites: per memory layer ("mem0", ...), the recall and score mass of every seed, in seed
+  // order: {"mem0": {"recall": [...], "score_mass": [...]}, ...}.
+  nlohmann::json retrieval = nlohmann::json::object();
 };
 
 std::vector<RunSummary> summarize(const ExperimentSuite& suite, const std::vector<CaseResult>& cases);

@@ -7,6 +7,7 @@
 
 #include "ultramem/checkpoint/checkpoint.h"
 #include "ultramem/checkpoint/run_folder.h"
+#include "ultramem/data/prepared.h"
 #include "ultramem/infer/evaluate.h"
 #include "ultramem/io/json_file.h"
 #include "ultramem/nn/model_config.h"
@@ -102,6 +103,15 @@ CaseResult run_case(const ExperimentSuite& suite, const ExperimentRun& run, uint
   if (tr.facts()) {
     const auto task = tr.facts();
     tr.final_extra = [task](nn::Transformer& m) { return infer::fact_recall(m, *task); };
+  } else if (suite.analysis == "retrieval") {
+    // Retrieval quality of the trained model on validation tokens (2 batches; each memory layer checks
+    // its first retrieval_sample tokens against the exact top-m).
+    const auto prepared = data::load_prepared(suite.data_dir);
+    const int64_t batch = tc.batch_size, len = tc.seq_len;
+    tr.final_extra = [prepared, batch, len](nn::Transformer& m) {
+      const auto batches = infer::validation_batches(prepared, m->config(), batch, len, 2);
+      return json{{"retrieval", infer::retrieval_quality(m, batches)}};
+    };
   }
   tr.run();
   res.final = tr.record()["final"];

@@ -13,7 +13,7 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-const std::set<std::string> kAnalyses = {"compare", "ablation", "capacity", "scaling"};
+const std::set<std::string> kAnalyses = {"compare", "ablation", "capacity", "scaling", "retrieval"};
 const std::set<std::string> kTasks = {"lm", "facts"};
 const std::set<std::string> kSuiteKeys = {"name",  "title", "analysis", "task", "data",       "facts", "seeds",
                                           "base_model", "train", "cumulative", "runs", "quick", "notes"};
@@ -83,7 +83,7 @@ ExperimentSuite load_suite(const std::string& name_or_path, bool quick) {
   s.name = w.str(j, "name");
   s.title = w.str(j, "title", s.name);
   s.analysis = w.str(j, "analysis");
-  if (!kAnalyses.count(s.analysis)) w.fail("analysis", "expected compare, ablation, capacity or scaling");
+  if (!kAnalyses.count(s.analysis)) w.fail("analysis", "expected compare, ablation, capacity, scaling or retrieval");
   s.task = w.str(j, "task", "lm");
   if (!kTasks.count(s.task)) w.fail("task", "expected lm or facts");
   if (s.task == "lm") s.data_dir = w.str(j, "data", checkpoint::kDefaultDataDir);

@@ -1,7 +1,7 @@
 // Experiment suites (`ultramem experiment NAME`): a named set of training runs that share data,
 // steps and seeds, read from experiments/<NAME>.json. Format (docs/results.md has the full story):
 //
-//   {"name": "compare", "title": "...", "analysis": "compare" | "ablation" | "capacity" | "scaling",
+//   {"name": "compare", "title": "...", "analysis": "compare" | "ablation" | "capacity" | "scaling" | "retrieval",
 //    "task": "lm" | "facts",
 //    "data": "data/prepared/sotu-v8192",         (task "lm")
 //    "facts": {FactTaskConfig keys},              (task "facts")
@@ -37,7 +37,7 @@ struct ExperimentRun {
 struct ExperimentSuite {
   std::string name;
   std::string title;
-  std::string analysis;         // compare | ablation | capacity | scaling
+  std::string analysis;         // compare | ablation | capacity | scaling | retrieval
   std::string task;             // lm | facts
   std::string data_dir;         // prepared data (task lm)
   nlohmann::json facts;         // FactTaskConfig JSON (task facts)

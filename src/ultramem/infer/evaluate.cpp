@@ -66,6 +66,22 @@ nlohmann::json fact_recall(nn::Transformer& model, const data::FactTask& task) {
           {"facts", task.config().num_facts()}, {"facts_recalled", recall * double(task.config().num_facts())}};
 }
 
+nlohmann::json retrieval_quality(nn::Transformer& model, const std::vector<data::Batch>& batches) {
+  model->telemetry();  // resets the windows
+  mean_loss(model, batches);
+  const auto t = model->telemetry();
+  nlohmann::json out = nlohmann::json::object();
+  for (auto it = t.begin(); it != t.end(); ++it) {
+    const std::string& key = it.key();
+    const auto dot = key.find('.');
+    if (dot == std::string::npos) continue;
+    const std::string layer = key.substr(0, dot), field = key.substr(dot + 1);
+    if (field == "recall" || field == "score_mass") out[layer][field] = it.value();
+    if (field == "retrieval_tokens") out[layer]["tokens"] = it.value();
+  }
+  return out;
+}
+
 std::vector<data::Batch> validation_batches(const data::PreparedData& prepared, const nn::ModelConfig& cfg,
                                            int64_t batch_size, int64_t seq_len, int64_t max_batches) {
   if (prepared.vocab_size != cfg.vocab_size)

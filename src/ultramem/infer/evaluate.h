@@ -31,6 +31,11 @@ LossResult mean_loss(nn::Transformer& model, const std::vector<data::Batch>& bat
 // train/eval mode is restored. {"recall", "object_loss", "queries", "facts", "facts_recalled"}.
 nlohmann::json fact_recall(nn::Transformer& model, const data::FactTask& task);
 
+// Retrieval quality of every UltraMem layer over `batches` (their telemetry windows are reset first;
+// each window checks its first retrieval_sample tokens against the exact top-m):
+// {"mem0": {"recall", "score_mass", "tokens"}, ...}; null values where no token was checked.
+nlohmann::json retrieval_quality(nn::Transformer& model, const std::vector<data::Batch>& batches);
+
 // The validation split of `prepared` cut into batches for a model of config `cfg` (seq_len <= 0: the
 // model's max_seq_len). std::invalid_argument for a vocabulary mismatch or seq_len above the context;
 // std::runtime_error when the split holds not even one batch.

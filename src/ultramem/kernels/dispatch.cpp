@@ -97,6 +97,10 @@ void matmul_rows(int64_t rows, int64_t K, int64_t N, const T* x, const T* w, T* 
   table<T>().matmul_rows(rows, K, N, x, w, out);
 }
 template <typename T>
+void tdqkr_exact(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores, T* scores, int64_t* index) {
+  table<T>().tdqkr_exact(s, s_row, s_col, cores, scores, index);
+}
+template <typename T>
 void matmul_rows_nt(int64_t rows, int64_t K, int64_t M, const T* x, const T* b, T* out) {
   table<T>().matmul_rows_nt(rows, K, M, x, b, out);
 }
@@ -114,6 +118,7 @@ void gathered_dots(int64_t K, const T* x, const T* b, const int32_t* rows, int64
                                  T*, int64_t*);                                                      \
   template void tdqkr_backward<T>(const TdqkrShape&, const T*, const T*, const T*, const int64_t*,   \
                                   const T*, T*, T*, T*);                                             \
+  template void tdqkr_exact<T>(const TdqkrShape&, const T*, const T*, const T*, T*, int64_t*);        \
   template void pooled_lookup_forward<T>(const PoolShape&, const T*, const int64_t*, const T*,       \
                                          const int64_t*, T*);                                        \
   template void pooled_lookup_forward_bf16<T>(const PoolShape&, const uint16_t*, const int64_t*,      \

@@ -13,6 +13,7 @@ struct KernelTable {
   decltype(&tdqkr_rescore<T>) tdqkr_rescore;
   decltype(&tdqkr_forward<T>) tdqkr_forward;
   decltype(&tdqkr_backward<T>) tdqkr_backward;
+  decltype(&tdqkr_exact<T>) tdqkr_exact;
   decltype(&pooled_lookup_forward<T>) pooled_lookup_forward;
   decltype(&pooled_lookup_forward_bf16<T>) pooled_lookup_forward_bf16;
   decltype(&pooled_lookup_forward_int8<T>) pooled_lookup_forward_int8;

@@ -26,6 +26,9 @@ struct Scratch {
   std::vector<T> Cc;                // [r, m_first]  s_col[b, icol[y]]
   std::vector<T> R;                 // [r, m_first]  s_row[a, irow[x]]
   std::vector<T> G;                 // [m_first, m_first] summed scores
+  std::vector<T> neg;               // [n] negated filter scores of the rows not kept (two-sign filter)
+  std::vector<int32_t> neg_id;      // [n] their rows
+  std::vector<uint8_t> taken;       // [n] 1 for the rows kept from the positive end
   void reserve(const TdqkrShape& s) {
     f_row.resize(s.n);
     f_col.resize(s.n);
@@ -36,26 +39,48 @@ struct Scratch {
     Cc.resize(s.r * s.m_first);
     R.resize(s.r * s.m_first);
     G.resize(s.m_first * s.m_first);
+    if (s.m_neg > 0) {
+      neg.resize(s.n);
+      neg_id.resize(s.n);
+      taken.assign(s.n, 0);
+    }
   }
 };
 
-// Top-m_first of f = sum_a w[a] * S[a, :], S: [r, n].
-template <typename T>
-void filter_side(const TdqkrShape& s, const T* S, const T* w, Scratch<T>& sc, std::vector<T>& f,
-                 int32_t* out) {
-  const int64_t n = s.n;
-  std::fill(f.begin(), f.end(), T(0));
-  for (int64_t a = 0; a < s.r; ++a) simd::axpy(f.data(), w[a], S + a * n, n);
-  if (s.m_first <= 64) {
-    TopBuffer<T> buf(s.m_first);
-    scan_top(f.data(), n, buf, [](int64_t i) { return i; });
-    for (int64_t x = 0; x < s.m_first; ++x) out[x] = static_cast<int32_t>(buf.best[x].id);
+// The k best of scores[0, n) (ids id_of(i)) into out, best first.
+template <typename T, typename IdFn>
+void top_ids(const T* scores, int64_t n, int64_t k, IdFn id_of, Scratch<T>& sc, int32_t* out) {
+  if (k <= 64) {
+    TopBuffer<T> buf(k);
+    scan_top(scores, n, buf, id_of);
+    for (int64_t x = 0; x < k; ++x) out[x] = static_cast<int32_t>(buf.best[x].id);
     return;
   }
   sc.cand.resize(n);
-  for (int64_t i = 0; i < n; ++i) sc.cand[i] = {f[i], i, i};
-  select_top(sc.cand, s.m_first);
-  for (int64_t x = 0; x < s.m_first; ++x) out[x] = static_cast<int32_t>(sc.cand[x].id);
+  for (int64_t i = 0; i < n; ++i) sc.cand[i] = {scores[i], id_of(i), i};
+  select_top(sc.cand, k);
+  for (int64_t x = 0; x < k; ++x) out[x] = static_cast<int32_t>(sc.cand[x].id);
+}
+
+// First-stage candidates of one side from f = sum_a w[a] * S[a, :], S: [r, n]: the top m_pos, then
+// (two-sign filter) the m_neg most negative of the other rows.
+template <typename T>
+void filter_side(const TdqkrShape& s, const T* S, const T* w, Scratch<T>& sc, std::vector<T>& f,
+                 int32_t* out) {
+  const int64_t n = s.n, mp = s.m_pos();
+  std::fill(f.begin(), f.end(), T(0));
+  for (int64_t a = 0; a < s.r; ++a) simd::axpy(f.data(), w[a], S + a * n, n);
+  top_ids(f.data(), n, mp, [](int64_t i) { return i; }, sc, out);
+  if (s.m_neg == 0) return;
+  for (int64_t x = 0; x < mp; ++x) sc.taken[out[x]] = 1;
+  int64_t rest = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (!sc.taken[i]) {
+      sc.neg[rest] = -f[i];
+      sc.neg_id[rest++] = static_cast<int32_t>(i);
+    }
+  for (int64_t x = 0; x < mp; ++x) sc.taken[out[x]] = 0;
+  top_ids(sc.neg.data(), rest, s.m_neg, [&](int64_t k) { return int64_t(sc.neg_id[k]); }, sc, out + mp);
 }
 
 // Exact rescoring of one (token, head). Sr, Sc: [r, n]; cores_h(c) at cores + (c*H + h)*r*r.
@@ -81,20 +106,33 @@ void rescore_one(const TdqkrShape& s, int64_t h, const T* Sr, const T* Scol, con
   std::fill(sc.A.begin(), sc.A.end(), T(0));
   for (int64_t b = 0; b < r; ++b)
     for (int64_t a = 0; a < r; ++a) simd::axpy(&sc.A[b * m1], cs[a * r + b], &sc.R[a * m1], m1);
-  // G[x, y] = sum_b A[b, x] * Cc[b, y]
+  // G[x, y] = sum_b A[b, x] * Cc[b, y] over the rescored pairs: all of them, or (two-sign filter) the
+  // same-sign blocks, columns [y0(x), y1(x)) of row x.
+  const int64_t mp = s.m_pos();
+  auto y0 = [&](int64_t x) { return s.m_neg == 0 || x < mp ? int64_t(0) : mp; };
+  auto y1 = [&](int64_t x) { return s.m_neg == 0 || x >= mp ? m1 : mp; };
   std::fill(sc.G.begin(), sc.G.end(), T(0));
   for (int64_t x = 0; x < m1; ++x)
-    for (int64_t b = 0; b < r; ++b) simd::axpy(&sc.G[x * m1], sc.A[b * m1 + x], &sc.Cc[b * m1], m1);
+    for (int64_t b = 0; b < r; ++b)
+      simd::axpy(&sc.G[x * m1 + y0(x)], sc.A[b * m1 + x], &sc.Cc[b * m1 + y0(x)], y1(x) - y0(x));
   if (s.m <= 64) {
     // Scan G directly (ids computed only for the candidates that pass the threshold).
     TopBuffer<T> buf(s.m);
-    scan_top(sc.G.data(), m1 * m1, buf, [&](int64_t p) { return int64_t(irow[p / m1]) * n + icol[p % m1]; });
+    if (s.m_neg == 0) {
+      scan_top(sc.G.data(), m1 * m1, buf, [&](int64_t p) { return int64_t(irow[p / m1]) * n + icol[p % m1]; });
+    } else {
+      for (int64_t x = 0; x < m1; ++x) {
+        const int64_t a0 = y0(x);
+        scan_top(&sc.G[x * m1 + a0], y1(x) - a0, buf, [&](int64_t y) { return int64_t(irow[x]) * n + icol[a0 + y]; },
+                 x * m1 + a0);
+      }
+    }
     sc.cand.assign(buf.best, buf.best + s.m);
   } else {
-    sc.cand.resize(m1 * m1);
+    sc.cand.clear();
     for (int64_t x = 0; x < m1; ++x)
-      for (int64_t y = 0; y < m1; ++y)
-        sc.cand[x * m1 + y] = {sc.G[x * m1 + y], int64_t(irow[x]) * n + icol[y], x * m1 + y};
+      for (int64_t y = y0(x); y < y1(x); ++y)
+        sc.cand.push_back({sc.G[x * m1 + y], int64_t(irow[x]) * n + icol[y], x * m1 + y});
     select_top(sc.cand, s.m);
   }
   for (int64_t k = 0; k < s.m; ++k) {
@@ -222,6 +260,64 @@ void backward(const TdqkrShape& s, const T* s_row, const T* s_col, const T* core
     for (int64_t e = 0; e < core_numel; ++e) dcores[e] += partial[chunk * core_numel + e];
 }
 
+// Top-m over the whole grid, one (token, head) at a time: row i of the summed scores is
+// G[i, :] = sum_b A[b, i] S_col[b, :] with A = Csum^T S_row (the association order of rescore_one and of
+// the references), scanned against the running m-th best.
+template <typename T>
+void exact(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores, T* scores, int64_t* index) {
+  const int64_t TH = s.T * s.H, r = s.r, n = s.n, rr = r * r, rn = r * n, H = s.H;
+#pragma omp parallel if (s.T > 1)
+  {
+    std::vector<T> A(rn), g(n), cs(rr);
+    std::vector<Ranked<T>> cand;
+#pragma omp for schedule(static)
+    for (int64_t th = 0; th < TH; ++th) {
+      const int64_t h = th % H;
+      const T* Sr = s_row + th * rn;
+      const T* Sc = s_col + th * rn;
+      std::fill(cs.begin(), cs.end(), T(0));
+      for (int64_t c = 0; c < s.C; ++c)
+        for (int64_t e = 0; e < rr; ++e) cs[e] += cores[(c * H + h) * rr + e];
+      std::fill(A.begin(), A.end(), T(0));
+      for (int64_t b = 0; b < r; ++b)
+        for (int64_t a = 0; a < r; ++a) simd::axpy(&A[b * n], cs[a * r + b], Sr + a * n, n);
+      auto row = [&](int64_t i) {
+        std::fill(g.begin(), g.end(), T(0));
+        for (int64_t b = 0; b < r; ++b) simd::axpy(g.data(), A[b * n + i], Sc + b * n, n);
+      };
+      if (s.m <= 64) {
+        TopBuffer<T> buf(s.m);
+        for (int64_t i = 0; i < n; ++i) {
+          row(i);
+          scan_top(g.data(), n, buf, [&](int64_t j) { return i * n + j; }, i * n);
+        }
+        cand.assign(buf.best, buf.best + s.m);
+      } else {
+        cand.clear();
+        for (int64_t i = 0; i < n; ++i) {
+          row(i);
+          for (int64_t j = 0; j < n; ++j) cand.push_back({g[j], i * n + j, i * n + j});
+        }
+        select_top(cand, s.m);
+      }
+      for (int64_t k = 0; k < s.m; ++k) {
+        const int64_t i = cand[k].id / n, j = cand[k].id % n;
+        index[th * s.m + k] = cand[k].id;
+        for (int64_t c = 0; c < s.C; ++c) {
+          const T* core = cores + (c * H + h) * rr;
+          T v = 0;
+          for (int64_t a = 0; a < r; ++a) {
+            T t = 0;
+            for (int64_t b = 0; b < r; ++b) t += core[a * r + b] * Sc[b * n + j];
+            v += Sr[a * n + i] * t;
+          }
+          scores[(th * s.m + k) * s.C + c] = v;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -230,6 +326,7 @@ void fill_tdqkr(KernelTable<T>& t) {
   t.tdqkr_rescore = &rescore<T>;
   t.tdqkr_forward = &forward<T>;
   t.tdqkr_backward = &backward<T>;
+  t.tdqkr_exact = &exact<T>;
 }
 template void fill_tdqkr<float>(KernelTable<float>&);
 template void fill_tdqkr<double>(KernelTable<double>&);
@@ -247,7 +344,10 @@ const char* tdqkr_check_shape(const TdqkrShape& s) {
   if (s.n > (int64_t(1) << 30)) return "n (keys per side) must be < 2^30";
   if (s.C < 1) return "C (cores) must be >= 1";
   if (s.m_first < 1 || s.m_first > s.n) return "m_first must be in [1, n]";
-  if (s.m < 1 || s.m > s.m_first * s.m_first) return "m must be in [1, m_first*m_first]";
+  if (s.m_neg < 0 || s.m_neg >= s.m_first) return "m_neg (two-sign filter) must be in [0, m_first - 1]";
+  if (s.m_neg == 0 && (s.m < 1 || s.m > s.m_first * s.m_first)) return "m must be in [1, m_first*m_first]";
+  if (s.m_neg > 0 && (s.m < 1 || s.m > s.rescored_pairs()))
+    return "m must be in [1, m_pos^2 + m_neg^2] (two-sign filter, m_pos = m_first - m_neg)";
   return nullptr;
 }
 
@@ -311,7 +411,13 @@ void tdqkr_filter_ref(const TdqkrShape& s, const T* s_row, const T* s_col, const
       }
       std::sort(cand.begin(), cand.end(), ranks_before<T>);
       int32_t* out = (side == 0 ? idx_row : idx_col) + th * s.m_first;
-      for (int64_t x = 0; x < s.m_first; ++x) out[x] = static_cast<int32_t>(cand[x].id);
+      const int64_t mp = s.m_pos();
+      for (int64_t x = 0; x < mp; ++x) out[x] = static_cast<int32_t>(cand[x].id);
+      // Two-sign filter: the rest ranked by the negated score.
+      std::vector<Ranked<T>> rest;
+      for (size_t x = mp; x < cand.size(); ++x) rest.push_back({-cand[x].score, cand[x].id, 0});
+      std::sort(rest.begin(), rest.end(), ranks_before<T>);
+      for (int64_t x = 0; x < s.m_neg; ++x) out[mp + x] = static_cast<int32_t>(rest[x].id);
     }
   }
 }
@@ -326,8 +432,10 @@ void tdqkr_rescore_ref(const TdqkrShape& s, const T* s_row, const T* s_col, cons
     const T* Sc = s_col + th * rn;
     const std::vector<T> cs = core_sum(s, cores, h);
     std::vector<Ranked<T>> cand;
+    const int64_t mp = s.m_pos();
     for (int64_t x = 0; x < s.m_first; ++x)
       for (int64_t y = 0; y < s.m_first; ++y) {
+        if (s.m_neg > 0 && (x < mp) != (y < mp)) continue;  // two-sign filter: same-sign blocks only
         const int64_t i = idx_row[th * s.m_first + x], j = idx_col[th * s.m_first + y];
         cand.push_back({summed_score(s, Sr, Sc, cs.data(), i, j), i * s.n + j, 0});
       }

@@ -16,14 +16,22 @@ struct TdqkrShape {
   int64_t r = 2;        // Tucker rank
   int64_t n = 0;        // keys per side; the grid has n*n slots
   int64_t C = 1;        // Tucker cores (multi-core scoring)
-  int64_t m_first = 0;  // first-stage top-m per side, 1 <= m_first <= n
-  int64_t m = 0;        // final top-m per head, 1 <= m <= m_first*m_first
+  int64_t m_first = 0;  // first-stage candidates per side, 1 <= m_first <= n
+  int64_t m = 0;        // final top-m per head, 1 <= m <= (rescored pairs, see below)
+  // Two-sign filter (0: the paper's filter). Of the m_first candidates per side, the first
+  // m_pos = m_first - m_neg are the largest filter scores and the last m_neg the most negative ones
+  // among the rest; only the same-sign blocks (m_pos x m_pos and m_neg x m_neg pairs) are rescored, so
+  // m <= m_pos^2 + m_neg^2. 0 <= m_neg < m_first. With m_neg = 0 all m_first^2 pairs are rescored.
+  int64_t m_neg = 0;
+  int64_t m_pos() const { return m_first - m_neg; }
+  int64_t rescored_pairs() const { return m_neg == 0 ? m_first * m_first : m_pos() * m_pos() + m_neg * m_neg; }
 };
 
 // Returns nullptr when the shape is valid, else a static message naming the offending field.
 const char* tdqkr_check_shape(const TdqkrShape& s);
 
-// Stage 1, rank-1 filter: f_row[i] = sum_a u[h,a] * s_row[t,h,a,i]; keep top-m_first rows (same for cols).
+// Stage 1, rank-1 filter: f_row[i] = sum_a u[h,a] * s_row[t,h,a,i]; keep the top m_first rows (same for
+// cols); with m_neg > 0 the top m_pos, then the m_neg most negative of the rest (most negative first).
 template <typename T>
 void tdqkr_filter(const TdqkrShape& s,
                   const T* s_row,     // [T, H, r, n]
@@ -33,8 +41,8 @@ void tdqkr_filter(const TdqkrShape& s,
                   int32_t* idx_row,   // [T, H, m_first] out: kept rows, best first
                   int32_t* idx_col);  // [T, H, m_first] out: kept cols, best first
 
-// Stage 2, exact rescoring of the m_first x m_first candidates with all C cores; keep top-m by the
-// core sum. Per-core scores of the kept candidates and their grid addresses i*n + j are written.
+// Stage 2, exact rescoring of the m_first x m_first candidates (with m_neg > 0: of the same-sign blocks
+// only) with all C cores; keep top-m by the core sum. Per-core scores of the kept candidates and their grid addresses i*n + j are written.
 template <typename T>
 void tdqkr_rescore(const TdqkrShape& s,
                    const T* s_row,          // [T, H, r, n]
@@ -69,6 +77,16 @@ void tdqkr_backward(const TdqkrShape& s,
                     T* ds_row,              // [T, H, r, n] out
                     T* ds_col,              // [T, H, r, n] out
                     T* dcores);             // [C, H, r, r] out
+
+// Exact top-m over the whole n x n grid (what TDQKR approximates; retrieval telemetry): top-m of
+// sum_c G_c(i, j). Ignores m_first and m_neg; m <= n*n. Same results as tdqkr_bruteforce_ref.
+template <typename T>
+void tdqkr_exact(const TdqkrShape& s,
+                 const T* s_row,   // [T, H, r, n]
+                 const T* s_col,   // [T, H, r, n]
+                 const T* cores,   // [C, H, r, r]
+                 T* scores,        // [T, H*m, C] out: per-core scores, best first
+                 int64_t* index);  // [T, H*m] out: grid addresses
 
 // ---- scalar references ------------------------------------------------------------------------
 template <typename T>

@@ -87,17 +87,17 @@ struct TopBuffer {
   }
 };
 
-// Offers {scores[i], id_of(i), i} for i < n to `buf`. Candidates below the current k-th score are
+// Offers {scores[i], id_of(i), pos0 + i} for i < n to `buf`. Candidates below the current k-th score are
 // rejected without the full comparison, 8 at a time with AVX2 (float): the result is the same as
 // offering every candidate (ties and NaNs included), i.e. the k best under ranks_before.
 template <typename T, typename IdFn>
-inline void scan_top(const T* scores, int64_t n, TopBuffer<T>& buf, IdFn id_of) {
+inline void scan_top(const T* scores, int64_t n, TopBuffer<T>& buf, IdFn id_of, int64_t pos0 = 0) {
   int64_t i = 0;
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
     for (; i + 8 <= n; i += 8) {
       if (!buf.full_and_finite()) {
-        for (int64_t j = i; j < i + 8; ++j) buf.offer({scores[j], id_of(j), j});
+        for (int64_t j = i; j < i + 8; ++j) buf.offer({scores[j], id_of(j), pos0 + j});
         continue;
       }
       // score >= threshold (ordered compare: NaN fails, and NaN ranks after every kept candidate).
@@ -106,14 +106,14 @@ inline void scan_top(const T* scores, int64_t n, TopBuffer<T>& buf, IdFn id_of) 
       while (mask != 0) {
         const int64_t j = i + __builtin_ctz(mask);
         mask &= mask - 1;
-        buf.offer({scores[j], id_of(j), j});  // the full comparison (the threshold may have risen)
+        buf.offer({scores[j], id_of(j), pos0 + j});  // the full comparison (the threshold may have risen)
       }
     }
   }
 #endif
   for (; i < n; ++i) {
     if (buf.full_and_finite() && !(scores[i] >= buf.threshold())) continue;
-    buf.offer({scores[i], id_of(i), i});
+    buf.offer({scores[i], id_of(i), pos0 + i});
   }
 }
 

@@ -47,6 +47,23 @@ const char* to_string(ValueFormat f) {
   return "?";
 }
 
+RetrievalFilter parse_retrieval_filter(const std::string& s) {
+  if (s == "rank1") return RetrievalFilter::kRank1;
+  if (s == "two_sign") return RetrievalFilter::kTwoSign;
+  throw std::invalid_argument("filter: expected \"rank1\" (the paper's) or \"two_sign\", got \"" + s + "\"");
+}
+
+const char* to_string(RetrievalFilter f) { return f == RetrievalFilter::kRank1 ? "rank1" : "two_sign"; }
+
+AuxReduction parse_aux_reduction(const std::string& s) {
+  if (s == "mean") return AuxReduction::kMean;
+  if (s == "sum") return AuxReduction::kSum;
+  throw std::invalid_argument("aux_reduction: expected \"mean\" (over heads, the authors' formula) or \"sum\", got \"" + s +
+                              "\"");
+}
+
+const char* to_string(AuxReduction r) { return r == AuxReduction::kMean ? "mean" : "sum"; }
+
 int64_t UltraMemConfig::sqrt_E() const {
   int64_t s = 0;
   while ((s + 1) * (s + 1) <= E) ++s;
@@ -89,6 +106,21 @@ void UltraMemConfig::validate() const {
     fail(who, "m_first", "must be >= ceil(sqrt(m)) so that its m_first x m_first candidates hold the m = " +
                              std::to_string(m) + " kept ones, got " + std::to_string(m1) + " (" +
                              std::to_string(m1 * m1) + " candidates)");
+  if (m_neg < 0) fail(who, "m_neg", "must be >= 0 (0 means m_first / 2), got " + std::to_string(m_neg));
+  if (filter == RetrievalFilter::kRank1 && m_neg != 0)
+    fail(who, "m_neg", "only the two_sign filter takes m_neg (filter is rank1), got " + std::to_string(m_neg));
+  if (filter == RetrievalFilter::kTwoSign) {
+    if (m1 < 2) fail(who, "m_first", "the two_sign filter needs m_first >= 2 (one candidate from each end), got " + std::to_string(m1));
+    const int64_t mn = filter_negatives(), mp = m1 - mn;
+    if (mn >= m1)
+      fail(who, "m_neg", "must be < m_first = " + std::to_string(m1) + " (the rest come from the positive end), got " +
+                             std::to_string(mn));
+    if (mp * mp + mn * mn < m)
+      fail(who, "m_neg", "splits m_first = " + std::to_string(m1) + " into " + std::to_string(mp) + " + " +
+                             std::to_string(mn) + ", whose same-sign blocks hold " + std::to_string(mp * mp + mn * mn) +
+                             " pairs, fewer than m = " + std::to_string(m) + "; raise m_first or balance the split");
+  }
+  if (retrieval_sample < 0) fail(who, "retrieval_sample", "must be >= 0 (0 turns the check off)");
   if (qk_scale_init < 0) fail(who, "qk_scale_init", "must be >= 0 (0 means Dk^-0.33)");
   if (aux_alpha < 0) fail(who, "aux_alpha", "must be >= 0");
   if (value_init == ValueInit::Fixed && !(value_std > 0)) fail(who, "value_std", "must be > 0");

@@ -16,12 +16,25 @@ enum class ValueInit {
 // float scale per row: value = q * scale, scale = max|row| / 127) are for inference only.
 enum class ValueFormat { kFloat32, kBFloat16, kInt8 };
 
+// TDQKR's first stage (docs/memory_layer.md). kRank1: the paper's filter, the m_first largest rank-1
+// filter scores per side. kTwoSign: the m_first - m_neg largest and the m_neg most negative, with only
+// the same-sign blocks rescored (the (-,-) quadrant of the grid scores as high as the (+,+) one).
+enum class RetrievalFilter { kRank1, kTwoSign };
+
+// How the Tucker aux loss combines the heads: kMean as the authors' formula (the default), kSum the
+// earlier default of this code (H times larger).
+enum class AuxReduction { kMean, kSum };
+
 NormKind parse_norm_kind(const std::string& s);  // "rms" | "layer"
 ValueInit parse_value_init(const std::string& s);  // "paper" | "fixed"
 const char* to_string(NormKind k);
 const char* to_string(ValueInit v);
 ValueFormat parse_value_format(const std::string& s);  // "fp32" | "float32" | "bf16" | "bfloat16" | "int8"
 const char* to_string(ValueFormat f);                  // "fp32" | "bf16" | "int8"
+RetrievalFilter parse_retrieval_filter(const std::string& s);  // "rank1" | "two_sign"
+const char* to_string(RetrievalFilter f);
+AuxReduction parse_aux_reduction(const std::string& s);  // "mean" | "sum"
+const char* to_string(AuxReduction r);
 
 struct UltraMemConfig {
   int64_t D = 256;       // model width (input and output of the layer)
@@ -35,17 +48,23 @@ struct UltraMemConfig {
   int64_t m = 16;        // values kept per head
   int64_t m_first = 0;   // first-stage top-m per side; 0 means m. Valid: m_first <= n and m <= m_first^2
                          // (the final top-m is taken among m_first x m_first candidates; m_first < m is allowed)
+  RetrievalFilter filter = RetrievalFilter::kRank1;  // first-stage filter; configs without the key are the paper's
+  int64_t m_neg = 0;     // two_sign: of the m_first candidates per side, those from the negative end;
+                         // 0 means m_first / 2. Must be 0 with rank1.
   NormKind qk_norm = NormKind::RMS;  // normalisation of query halves and keys over Dk
   double qk_scale_init = 0.0;        // initial norm scale for query and keys; 0 means Dk^-0.33
   bool aux_loss = true;              // Tucker core aux loss (V1); needs r >= 2 to have any effect
   double aux_alpha = 0.001;
   double aux_tau = 0.15;
+  AuxReduction aux_reduction = AuxReduction::kMean;  // over heads (docs/memory_layer.md)
   ValueInit value_init = ValueInit::Paper;
   double value_std = 0.02;           // used with ValueInit::Fixed
   int64_t num_layers = 4;            // L of the transformer, for the paper's value init
   bool sparse_value_grad = false;    // value gradient as sparse COO (rows hit only) instead of dense
   bool track_stats = true;           // memory telemetry (coverage, KL, scores, output std)
   int64_t stats_window = 4096;       // tokens per telemetry window
+  int64_t retrieval_sample = 64;     // tokens per window whose retrieval is checked against the exact
+                                     // top-m over the whole grid (recall, score mass); 0 turns it off
   uint64_t seed = 0;                 // seeds weights and the IVE permutation
   // Not part of the JSON config: false leaves the value table and the permutation allocated but
   // unwritten (no memory is touched), for models whose weights are about to be loaded.
@@ -54,6 +73,10 @@ struct UltraMemConfig {
   int64_t sqrt_E() const;                                   // integer square root of E
   int64_t physical_rows() const { return n * n / E; }       // N
   int64_t first_stage_m() const { return m_first > 0 ? m_first : m; }
+  // The kernels' m_neg (kernels::TdqkrShape): 0 for the paper's filter.
+  int64_t filter_negatives() const {
+    return filter == RetrievalFilter::kRank1 ? 0 : (m_neg > 0 ? m_neg : first_stage_m() / 2);
+  }
   void validate() const;
 };
 

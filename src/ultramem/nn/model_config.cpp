@@ -174,15 +174,19 @@ void read_ultramem(const json& j, const std::string& path, UltraMemConfig& c, st
   r.get("H", c.H);
   r.get("m", c.m);
   r.get("m_first", c.m_first);
+  r.get_enum("filter", c.filter, parse_retrieval_filter);
+  r.get("m_neg", c.m_neg);
   r.get_enum("qk_norm", c.qk_norm, parse_norm_kind);
   r.get("qk_scale_init", c.qk_scale_init);
   r.get("aux_loss", c.aux_loss);
   r.get("aux_alpha", c.aux_alpha);
   r.get("aux_tau", c.aux_tau);
+  r.get_enum("aux_reduction", c.aux_reduction, parse_aux_reduction);
   r.get_enum("value_init", c.value_init, parse_value_init);
   r.get("value_std", c.value_std);
   r.get("track_stats", c.track_stats);
   r.get("stats_window", c.stats_window);
+  r.get("retrieval_sample", c.retrieval_sample);
   r.get("sparse_value_grad", sparse);
   r.finish();
 }
@@ -460,15 +464,19 @@ json model_config_to_json(const ModelConfig& c) {
              {"H", u.H},
              {"m", u.m},
              {"m_first", u.m_first},
+             {"filter", to_string(u.filter)},
+             {"m_neg", u.m_neg},
              {"qk_norm", to_string(u.qk_norm)},
              {"qk_scale_init", u.qk_scale_init},
              {"aux_loss", u.aux_loss},
              {"aux_alpha", u.aux_alpha},
              {"aux_tau", u.aux_tau},
+             {"aux_reduction", to_string(u.aux_reduction)},
              {"value_init", to_string(u.value_init)},
              {"value_std", u.value_std},
              {"track_stats", u.track_stats},
-             {"stats_window", u.stats_window}};
+             {"stats_window", u.stats_window},
+             {"retrieval_sample", u.retrieval_sample}};
   if (c.ultramem_sparse_value_grad) uj["sparse_value_grad"] = *c.ultramem_sparse_value_grad;
   const auto& p = c.pkm;
   json pj = {{"n", p.n},

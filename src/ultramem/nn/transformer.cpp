@@ -276,6 +276,10 @@ nlohmann::json TransformerImpl::telemetry() {
     j[p + "core_l1"] = s.core_l1;
     j[p + "core_l2"] = s.core_l2;
     j[p + "tokens"] = s.tokens;
+    // Retrieval quality (null when no token was checked in the window).
+    j[p + "recall"] = std::isnan(s.recall) ? nlohmann::json(nullptr) : nlohmann::json(s.recall);
+    j[p + "score_mass"] = std::isnan(s.score_mass) ? nlohmann::json(nullptr) : nlohmann::json(s.score_mass);
+    j[p + "retrieval_tokens"] = s.retrieval_tokens;
     m.ultramem[k]->reset_stats();
   }
   for (size_t k = 0; k < m.pkm.size(); ++k) {

@@ -75,13 +75,25 @@ torch::Tensor UltraMemImpl::forward(const torch::Tensor& x) {
   auto lead = x.sizes().vec();
   lead.pop_back();
   lead.push_back(c.D);
-  // No grad and the local table: the inference fast path (ultramem_inference.cpp).
+  // No grad and the local table: the inference fast path (ultramem_values.cpp).
   if (!at::GradMode::is_enabled() && !value_lookup_)
     return forward_inference(x.reshape({-1, c.D}).contiguous()).view(lead);
   check_trainable();
   const auto u = x.reshape({-1, c.D});  // [T, D]
-  const int64_t T = u.size(0);
+  const auto [s_row, s_col] = key_scores(u);                          // [T, H, r, n] each
+  auto [scores, index] = ops::tdqkr(s_row, s_col, cores, u_vec.to(s_row.scalar_type()),
+                                    v_vec.to(s_row.scalar_type()), c.first_stage_m(), c.m, c.filter_negatives());
+  // scores: [T, H*m, C], index: [T, H*m]
+  const auto pooled = value_lookup_ ? value_lookup_->lookup(values, index, scores, perm, c.E, c.sparse_value_grad)
+                                    : ops::pooled_lookup(values, index, scores, perm, c.E, c.sparse_value_grad);
+  auto out = pooled.matmul(wo);                                        // [T, D]
+  if (c.track_stats) record_stats(u, scores, index, out);
+  return out.view(lead);
+}
 
+std::pair<torch::Tensor, torch::Tensor> UltraMemImpl::key_scores(const torch::Tensor& u) const {
+  const auto& c = cfg_;
+  const int64_t T = u.size(0);
   const auto q = u.matmul(wq);                                         // [T, 2*Dk]
   const auto q_row = norm(q.narrow(1, 0, c.Dk), q_scale[0]);           // [T, Dk]
   const auto q_col = norm(q.narrow(1, c.Dk, c.Dk), q_scale[1]);        // [T, Dk]
@@ -94,17 +106,22 @@ torch::Tensor UltraMemImpl::forward(const torch::Tensor& x) {
     const auto k2 = kn.permute({0, 2, 1, 3}).reshape({c.H * c.r * c.n, c.Dk});  // [(H r n), Dk]
     return qs.matmul(k2.t()).view({T, c.H, c.r, c.n});
   };
-  const auto s_row = score_side(q_row, kn_row);                        // [T, H, r, n]
-  const auto s_col = score_side(q_col, kn_col);                        // [T, H, r, n]
+  return {score_side(q_row, kn_row), score_side(q_col, kn_col)};
+}
 
-  auto [scores, index] = ops::tdqkr(s_row, s_col, cores, u_vec.to(s_row.scalar_type()),
-                                    v_vec.to(s_row.scalar_type()), c.first_stage_m(), c.m);
-  // scores: [T, H*m, C], index: [T, H*m]
-  const auto pooled = value_lookup_ ? value_lookup_->lookup(values, index, scores, perm, c.E, c.sparse_value_grad)
-                                    : ops::pooled_lookup(values, index, scores, perm, c.E, c.sparse_value_grad);
-  auto out = pooled.matmul(wo);                                        // [T, D]
-  if (c.track_stats) record_stats(scores, index, out);
-  return out.view(lead);
+void UltraMemImpl::measure_retrieval(const torch::Tensor& u, const torch::Tensor& scores, const torch::Tensor& index) {
+  const auto& c = cfg_;
+  const int64_t k = std::min<int64_t>(u.size(0), c.retrieval_sample - window_.retrieval_tokens);
+  if (k <= 0) return;
+  const auto [s_row, s_col] = key_scores(u.narrow(0, 0, k).to(wq.scalar_type()));
+  auto [exact_scores, exact_index] = ops::tdqkr_exact(s_row, s_col, cores.detach(), c.m);
+  const auto kept = index.narrow(0, 0, k).reshape({k, c.H, c.m, 1});   // [k, H, m, 1]
+  const auto truth = exact_index.reshape({k, c.H, 1, c.m});            // [k, H, 1, m]
+  window_.retrieval_found += kept.eq(truth).any(-1).sum().item<int64_t>();
+  window_.retrieval_slots += k * c.H * c.m;
+  window_.mass_kept += scores.narrow(0, 0, k).to(torch::kDouble).sum().item<double>();
+  window_.mass_exact += exact_scores.to(torch::kDouble).sum().item<double>();
+  window_.retrieval_tokens += k;
 }
 
 torch::Tensor UltraMemImpl::aux_loss() const {
@@ -113,7 +130,8 @@ torch::Tensor UltraMemImpl::aux_loss() const {
   const auto csum = cores.sum(0);                        // [H, r, r]
   const auto sv = torch::linalg_svdvals(csum);           // [H, r], descending
   const auto tail = torch::relu(sv.narrow(1, 1, c.r - 1) - c.aux_tau);
-  return tail.pow(2).sum() * (c.aux_alpha / double(c.r - 1));
+  const auto per_head = tail.pow(2).sum(1) * (c.aux_alpha / double(c.r - 1));  // [H]
+  return c.aux_reduction == AuxReduction::kMean ? per_head.mean() : per_head.sum();
 }
 
 void UltraMemImpl::refresh_tucker_approx() {
@@ -147,12 +165,13 @@ void UltraMemImpl::refresh_tucker_approx() {
   invalidate_inference_cache();  // an optimizer step may have written the keys without a version bump
 }
 
-void UltraMemImpl::record_stats(const torch::Tensor& scores, const torch::Tensor& index,
+void UltraMemImpl::record_stats(const torch::Tensor& u, const torch::Tensor& scores, const torch::Tensor& index,
                                 const torch::Tensor& out) {
   torch::NoGradGuard no_grad;
   const auto& c = cfg_;
   const int64_t T = index.size(0);
   if (T == 0) return;
+  if (c.retrieval_sample > 0) measure_retrieval(u.detach(), scores.detach(), index);
   const auto idx = index.contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
   for (int64_t e = 0; e < idx.numel(); ++e) ++hits_[ip[e]];
@@ -181,6 +200,11 @@ MemoryStats UltraMemImpl::stats() const {
     return s;
   }
   s.tokens = window_.tokens;
+  s.retrieval_tokens = window_.retrieval_tokens;
+  if (window_.retrieval_slots > 0) {
+    s.recall = double(window_.retrieval_found) / double(window_.retrieval_slots);
+    s.score_mass = window_.mass_exact != 0 ? window_.mass_kept / window_.mass_exact : 1.0;
+  }
   s.output_std = window_.output_std;
   s.top1_score = window_.top1_score / double(window_.tokens * c.H);
   s.topm_score = window_.topm_score / double(window_.tokens * c.H * c.m);

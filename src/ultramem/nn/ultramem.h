@@ -5,7 +5,9 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include <cmath>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "ultramem/nn/memory_config.h"
@@ -23,6 +25,14 @@ struct MemoryStats {
   double core_l1 = 0;         // largest singular value of the core sum, mean over heads
   double core_l2 = 0;         // second singular value (0 when r == 1), mean over heads
   int64_t tokens = 0;         // tokens seen in the window
+  // Retrieval quality on the window's first retrieval_sample tokens, against the exact top-m over the
+  // whole grid (ops::tdqkr_exact); NaN when no token was checked.
+  double recall = std::nan("");      // share of the exact top-m (per token and head) that TDQKR kept
+  double score_mass = std::nan("");  // summed scores of the kept / of the exact top-m
+  int64_t retrieval_tokens = 0;      // tokens checked
+  // Running sums of the window (not reported).
+  int64_t retrieval_found = 0, retrieval_slots = 0;
+  double mass_kept = 0, mass_exact = 0;
 };
 
 class UltraMemImpl : public torch::nn::Module {
@@ -32,8 +42,9 @@ class UltraMemImpl : public torch::nn::Module {
   // x: [..., D] -> [..., D]
   torch::Tensor forward(const torch::Tensor& x);
 
-  // Tucker aux loss: alpha/(r-1) * sum_h sum_{i>=2} max(0, l_i - tau)^2 over the singular values of
-  // each head's core sum. A zero scalar when disabled or r == 1. Depends on the cores only.
+  // Tucker aux loss: alpha/(r-1) * sum_{i>=2} max(0, l_i - tau)^2 over the singular values of each
+  // head's core sum, the mean over heads (aux_reduction sum: the sum). A zero scalar when disabled or
+  // r == 1. Depends on the cores only.
   torch::Tensor aux_loss() const;
 
   // Recomputes the rank-1 filter (u, v) from the SVD of the core sum, with the sign-continuity rule.
@@ -104,7 +115,13 @@ class UltraMemImpl : public torch::nn::Module {
 
  private:
   torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& scale) const;  // over last dim
-  void record_stats(const torch::Tensor& scores, const torch::Tensor& index, const torch::Tensor& out);
+  // u: [T, D] layer input; scores [T, H*m, C], index [T, H*m] kept; out [T, D].
+  void record_stats(const torch::Tensor& u, const torch::Tensor& scores, const torch::Tensor& index,
+                    const torch::Tensor& out);
+  // Retrieval quality of the first tokens of u (up to the window's retrieval_sample) into window_.
+  void measure_retrieval(const torch::Tensor& u, const torch::Tensor& scores, const torch::Tensor& index);
+  // u: [T, D] -> (S_row, S_col), each [T, H, r, n]: query halves against the normalised keys.
+  std::pair<torch::Tensor, torch::Tensor> key_scores(const torch::Tensor& u) const;
   // The no-grad fast path (ops::ultramem_decode); u: [T, D] contiguous -> [T, D].
   torch::Tensor forward_inference(const torch::Tensor& u);
   // Throws std::logic_error when the value table cannot be trained (format, read-only memory).

@@ -222,11 +222,12 @@ torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
   d.E = c.E;
   d.m = c.m;
   d.m_first = c.first_stage_m();
+  d.m_neg = c.filter_negatives();
   d.rms_norm = c.qk_norm == NormKind::RMS;
   if (!c.track_stats) return ops::ultramem_decode(u, w, d);
   torch::Tensor scores, index;
   auto out = ops::ultramem_decode(u, w, d, &scores, &index);
-  record_stats(scores, index, out);
+  record_stats(u, scores, index, out);
   return out;
 }
 

@@ -9,6 +9,8 @@ namespace ultramem::ops {
 
 // Tucker-decomposed query-key retrieval (spec section 4): rank-1 filter to m_first rows and columns,
 // exact rescoring of the m_first x m_first candidates with every core, top-m by the core sum.
+// m_neg > 0 selects the two-sign filter (kernels/tdqkr.h): per side the m_first - m_neg largest and
+// the m_neg most negative filter scores, the same-sign blocks rescored.
 //   s_row, s_col: [T, H, r, n] float32/float64      cores: [C, H, r, r]      u, v: [H, r]
 // Returns
 //   scores: [T, H*m, C]  per-core exact scores of the kept candidates; head-major, each head's m
@@ -17,7 +19,13 @@ namespace ultramem::ops {
 // Differentiable w.r.t. s_row, s_col and cores; u, v and the selection carry no gradient.
 std::tuple<at::Tensor, at::Tensor> tdqkr(const at::Tensor& s_row, const at::Tensor& s_col,
                                          const at::Tensor& cores, const at::Tensor& u,
-                                         const at::Tensor& v, int64_t m_first, int64_t m);
+                                         const at::Tensor& v, int64_t m_first, int64_t m,
+                                         int64_t m_neg = 0);
+
+// The exact top-m over the whole n x n grid (what tdqkr approximates): same outputs and ordering as
+// tdqkr, for measuring retrieval quality. No gradient. n*r*n multiply-adds per token and head.
+std::tuple<at::Tensor, at::Tensor> tdqkr_exact(const at::Tensor& s_row, const at::Tensor& s_col,
+                                               const at::Tensor& cores, int64_t m);
 
 // Pooled value lookup with implicit value expansion and multi-core scoring (spec section 5).
 //   values: [N, Dv]   index: [T, K] grid addresses in [0, E*N)   scores: [T, K, C]   perm: [E*N] int64

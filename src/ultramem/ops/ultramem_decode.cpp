@@ -140,6 +140,7 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   ts.C = c.C;
   ts.m_first = m1;
   ts.m = c.m;
+  ts.m_neg = c.m_neg;
   kernels::TdqkrShape fs = ts;  // the filter on f as a rank-1 problem with weights 1 (f = 0 + 1 * f exactly)
   fs.r = 1;
   S* ones = sized(sc.ones, c.H);
@@ -221,6 +222,17 @@ at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, 
   check_arg(w.perm, "ultramem_decode: perm", {d.E * N}, {at::kLong});
   check_arg(w.wo, "ultramem_decode: wo", {d.E * d.Dv, d.D}, {st});
   if (w.values.scalar_type() == at::kChar) check_arg(w.values_scale, "ultramem_decode: values_scale", {N}, {at::kFloat});
+  kernels::TdqkrShape ts;
+  ts.H = d.H;
+  ts.r = d.r;
+  ts.n = d.n;
+  ts.C = d.C;
+  ts.m_first = d.m_first > 0 ? d.m_first : d.m;
+  ts.m = d.m;
+  ts.m_neg = d.m_neg;
+  const char* bad = kernels::tdqkr_check_shape(ts);
+  TORCH_CHECK(bad == nullptr, "ultramem_decode: ", bad ? bad : "", " (n=", d.n, ", m_first=", ts.m_first, ", m=", d.m,
+              ", m_neg=", d.m_neg, ")");
   const int64_t T = x.size(0);
   at::Tensor out = torch::empty({T, d.D}, x.options());
   if (T == 0) return out;

@@ -22,6 +22,7 @@ struct UltraMemDims {
   int64_t H = 0, r = 0, n = 0;    // heads, Tucker rank, keys per side
   int64_t C = 0, E = 0;           // cores, IVE expansion
   int64_t m = 0, m_first = 0;     // kept candidates per head, first-stage candidates per side
+  int64_t m_neg = 0;              // two-sign filter: candidates per side from the negative end (0: rank-1)
   bool rms_norm = true;           // query normalisation: RMS (else LayerNorm), eps 1e-6
   int64_t N() const { return n * n / E; }
 };

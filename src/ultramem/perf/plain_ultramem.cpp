@@ -73,6 +73,9 @@ torch::Tensor ultramem_forward(const nn::UltraMemImpl& layer, const torch::Tenso
   const auto& c = layer.config();
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == c.D, "plain::ultramem_forward: input must have shape [..., D=", c.D,
               "], got ", x.sizes());
+  TORCH_CHECK(c.filter == nn::RetrievalFilter::kRank1,
+              "plain::ultramem_forward: the plain-libtorch baseline has the paper's rank-1 filter only, the layer uses ",
+              nn::to_string(c.filter));
   auto lead = x.sizes().vec();
   lead.pop_back();
   const auto u = x.reshape({-1, c.D});  // [T, D]
