@@ -102,6 +102,11 @@ std::map<std::string, Setter> ultramem_fields(UltraMemConfig& c) {
   f["H"] = int_field("H", c.H);
   f["m"] = int_field("m", c.m);
   f["m_first"] = int_field("m_first", c.m_first);
+  f["m_neg"] = int_field("m_neg", c.m_neg);
+  f["filter"] = {[&c](const std::string& v) { c.filter = ultramem::nn::parse_retrieval_filter(v); },
+                 [&c] { return std::string(ultramem::nn::to_string(c.filter)); }};
+  f["aux_reduction"] = {[&c](const std::string& v) { c.aux_reduction = ultramem::nn::parse_aux_reduction(v); },
+                        [&c] { return std::string(ultramem::nn::to_string(c.aux_reduction)); }};
   f["qk_norm"] = {[&c](const std::string& v) { c.qk_norm = ultramem::nn::parse_norm_kind(v); },
                   [&c] { return std::string(ultramem::nn::to_string(c.qk_norm)); }};
   f["qk_scale_init"] = double_field("qk_scale_init", c.qk_scale_init);

@@ -144,19 +144,24 @@ def ultramem_forward(p, x, cfg):
     """UltraMem layer forward from the saved weights p (dict). Returns (out [..., D], scores, index)."""
     s_row, s_col = ultramem_scores(p, x, cfg)
     m_first = cfg["m_first"] if cfg["m_first"] > 0 else cfg["m"]
-    scores, index = tdqkr_two_stage(s_row, s_col, p["cores"], p["u"], p["v"], m_first, cfg["m"])
+    m_neg = 0
+    if cfg.get("filter", "rank1") == "two_sign":
+        m_neg = cfg.get("m_neg", 0) or m_first // 2
+    scores, index = tdqkr_two_stage(s_row, s_col, p["cores"], p["u"], p["v"], m_first, cfg["m"], m_neg)
     pooled = pooled_lookup(p["values"], index, scores, p["perm"], cfg["E"])
     out = pooled @ p["wo"]
     return out.reshape(*x.shape[:-1], cfg["D"]), scores, index
 
 
 def ultramem_aux_loss(cores, cfg):
-    """alpha/(r-1) * sum over heads and i >= 2 of relu(l_i - tau)^2, l = singular values of sum_c Core_c."""
+    """alpha/(r-1) * sum over i >= 2 of relu(l_i - tau)^2, l = singular values of sum_c Core_c; the mean
+    over heads (cfg["aux_reduction"] "mean", the default) or the sum ("sum")."""
     r = cores.shape[-1]
     if not cfg["aux_loss"] or r < 2:
         return torch.zeros((), dtype=cores.dtype)
     sv = torch.linalg.svdvals(cores.sum(0))                                # [H, r] descending
-    return cfg["aux_alpha"] / (r - 1) * torch.relu(sv[:, 1:] - cfg["aux_tau"]).pow(2).sum()
+    per_head = cfg["aux_alpha"] / (r - 1) * torch.relu(sv[:, 1:] - cfg["aux_tau"]).pow(2).sum(1)
+    return per_head.sum() if cfg.get("aux_reduction", "mean") == "sum" else per_head.mean()
 
 
 def rank1_filter(cores):

@@ -1,4 +1,4 @@
-"""torch.ops.ultramem.{tdqkr, pooled_lookup} against the independent pure-PyTorch reference.
+"""torch.ops.ultramem.{tdqkr, tdqkr_exact, pooled_lookup, ultramem_decode} against the independent pure-PyTorch reference.
 
 usage: python3 test_ops.py [--ops-lib PATH/libultramem_ops.so] [unittest args]
        (or set ULTRAMEM_OPS_LIB)
@@ -335,6 +335,73 @@ class BadInputTest(unittest.TestCase):
         self.raises(self.pool_with(perm=bad_perm), "perm[")
         self.raises(self.pool_with(values=values[:, :7]), "Dv", "divisible")
         self.raises(self.pool_with(scores=torch.randn(2, 3, 3, dtype=torch.float64)), "Dv", "divisible")
+
+
+class UltraMemDecodeTest(unittest.TestCase):
+    """The fused no-grad layer forward against the reference layer (reference.ultramem_forward)."""
+
+    def layer(self, dtype, seed, H=2, n=8, E=4, Dk=8, Dv=16, r=2, C=2, D=24):
+        gen = torch.Generator().manual_seed(seed)
+        N = n * n // E
+        p = {
+            "wq": torch.randn(D, 2 * Dk, generator=gen, dtype=torch.float64) / Dk ** 0.5,
+            "q_scale": 0.5 + torch.rand(2, Dk, generator=gen, dtype=torch.float64),
+            "keys": torch.randn(H, 2, n, Dk, r, generator=gen, dtype=torch.float64),
+            "k_scale": 0.5 + torch.rand(2, Dk, generator=gen, dtype=torch.float64),
+            "cores": torch.rand(C, H, r, r, generator=gen, dtype=torch.float64),
+            "values": torch.randn(N, Dv, generator=gen, dtype=torch.float64),
+            "wo": torch.randn(E * Dv, D, generator=gen, dtype=torch.float64) / (E * Dv) ** 0.5,
+        }
+        p = {k: t.to(dtype) for k, t in p.items()}
+        p["perm"] = torch.randperm(n * n, generator=gen)
+        u, v, _ = ref.rank1_filter(p["cores"].double())
+        p["u"], p["v"] = u.to(dtype).contiguous(), v.to(dtype).contiguous()
+        cfg = {"D": D, "Dk": Dk, "E": E, "qk_norm": "rms"}
+        return p, cfg
+
+    def decode(self, p, x, cfg, m, m_first, m_neg=0, values=None, scale=None):
+        kn = ref.qk_norm(p["keys"].transpose(3, 4), p["k_scale"][:, None, None, :], cfg["qk_norm"])  # [H, 2, n, r, Dk]
+        kn_all, kf = torch.ops.ultramem.fold_filter_keys(kn[:, 0].contiguous(), kn[:, 1].contiguous(), p["u"], p["v"])
+        return torch.ops.ultramem.ultramem_decode(
+            x, p["wq"], p["q_scale"], p["cores"], kn_all, kf, p["values"] if values is None else values, scale,
+            p["perm"], p["wo"], m, m_first, m_neg=m_neg, rms_norm=cfg["qk_norm"] == "rms")
+
+    def test_matches_reference_layer(self):
+        seed = 700
+        for dtype in (torch.float64, torch.float32):
+            for T, m, m_first, m_neg in ((1, 4, 6, 0), (5, 5, 6, 3), (40, 9, 3, 0), (3, 2, 2, 1)):
+                seed += 1
+                p, cfg = self.layer(dtype, seed)
+                x = torch.randn(T, cfg["D"], generator=torch.Generator().manual_seed(seed), dtype=dtype)
+                lc = dict(cfg, m=m, m_first=m_first, filter="two_sign" if m_neg else "rank1", m_neg=m_neg)
+                want, _, _ = ref.ultramem_forward(p, x, lc)
+                with torch.no_grad():
+                    got = self.decode(p, x, cfg, m, m_first, m_neg)
+                what = "T=%d m=%d m_first=%d m_neg=%d %s" % (T, m, m_first, m_neg, dtype)
+                self.assertEqual(tuple(got.shape), (T, cfg["D"]), what)
+                torch.testing.assert_close(got, want, msg=lambda s: what + ": " + s, **tol(dtype))
+
+    def test_bf16_and_int8_value_tables(self):
+        p, cfg = self.layer(torch.float32, 800)
+        x = torch.randn(6, cfg["D"], generator=torch.Generator().manual_seed(801))
+        lc = dict(cfg, m=4, m_first=6)
+        bf16 = p["values"].to(torch.bfloat16)
+        want, _, _ = ref.ultramem_forward(dict(p, values=bf16.float()), x, lc)
+        torch.testing.assert_close(self.decode(p, x, cfg, 4, 6, values=bf16), want, rtol=1e-5, atol=1e-5)
+        scale = (p["values"].abs().amax(1) / 127).contiguous()
+        q = torch.round(p["values"] / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        want, _, _ = ref.ultramem_forward(dict(p, values=q.float() * scale[:, None]), x, lc)
+        torch.testing.assert_close(self.decode(p, x, cfg, 4, 6, values=q, scale=scale), want, rtol=1e-5, atol=1e-5)
+
+    def test_bad_arguments_name_the_field(self):
+        p, cfg = self.layer(torch.float32, 900)
+        x = torch.randn(2, cfg["D"])
+        with self.assertRaisesRegex(RuntimeError, "ultramem_decode: x"):
+            self.decode(p, torch.randn(2, cfg["D"] + 1), cfg, 4, 6)
+        with self.assertRaisesRegex(RuntimeError, "m_neg"):
+            self.decode(p, x, cfg, 4, 6, m_neg=6)
+        with self.assertRaisesRegex(RuntimeError, "values_scale"):
+            self.decode(p, x, cfg, 4, 6, values=p["values"].to(torch.int8))
 
 
 if __name__ == "__main__":

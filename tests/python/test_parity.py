@@ -22,7 +22,7 @@ import safetensors_io  # noqa: E402
 
 DUMP_LAYER = take_arg("--dump-layer", "ULTRAMEM_DUMP_LAYER")
 
-INT_KEYS = {"D", "n", "E", "Dk", "Dv", "r", "C", "H", "m", "m_first", "num_layers", "seed", "T", "B", "input_seed"}
+INT_KEYS = {"D", "n", "E", "Dk", "Dv", "r", "C", "H", "m", "m_first", "m_neg", "num_layers", "seed", "T", "B", "input_seed"}
 FLOAT_KEYS = {"qk_scale_init", "aux_alpha", "aux_tau", "value_std"}
 BOOL_KEYS = {"aux_loss", "sparse_value_grad"}
 
@@ -152,6 +152,13 @@ class UltraMemParityTest(ParityBase):
         _, cfg, _ = self.run_case("mfirst_below", n=8, m=12, m_first=4, seed=8)
         self.assertLess(cfg["m_first"], cfg["m"])
         self.run_case("mfirst_all", n=8, m=9, m_first=3, seed=9)
+
+    def test_two_sign_filter_and_summed_aux(self):
+        # The two-sign filter (3 + 3 of m_first 6 per side, same-sign blocks) and the aux loss summed
+        # over heads.
+        t, cfg, _ = self.run_case("twosign", filter="two_sign", m_neg=3, aux_reduction="sum", seed=10)
+        self.assertEqual(cfg["filter"], "two_sign")
+        self.assertGreater(float(t["aux_loss"]), 0.0)
 
     def test_float32(self):
         self.run_case("f32", dtype="float", seed=5)

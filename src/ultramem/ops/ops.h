@@ -1,5 +1,6 @@
 // Differentiable UltraMem ops on CPU tensors (libtorch). The same functions are registered for
-// Python under the `ultramem` namespace (register.cpp): torch.ops.ultramem.tdqkr / pooled_lookup.
+// Python under the `ultramem` namespace (register.cpp): torch.ops.ultramem.tdqkr / tdqkr_exact /
+// pooled_lookup, and the fused no-grad layer forward ultramem_decode / fold_filter_keys (ultramem_decode.h).
 #pragma once
 #include <ATen/core/Tensor.h>
 

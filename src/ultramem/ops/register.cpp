@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "ultramem/ops/ops.h"
+#include "ultramem/ops/ultramem_decode.h"
 
 TORCH_LIBRARY(ultramem, m) {
   m.def("tdqkr(Tensor s_row, Tensor s_col, Tensor cores, Tensor u, Tensor v, int m_first, int m,"
@@ -10,6 +11,13 @@ TORCH_LIBRARY(ultramem, m) {
         &ultramem::ops::tdqkr);
   m.def("tdqkr_exact(Tensor s_row, Tensor s_col, Tensor cores, int m) -> (Tensor scores, Tensor index)",
         &ultramem::ops::tdqkr_exact);
+  // The layer's fused no-grad forward (ops/ultramem_decode.h) and the key preparation it needs.
+  m.def("fold_filter_keys(Tensor kn_row, Tensor kn_col, Tensor u, Tensor v) -> (Tensor kn, Tensor kf)",
+        &ultramem::ops::fold_filter_keys_op);
+  m.def("ultramem_decode(Tensor x, Tensor wq, Tensor q_scale, Tensor cores, Tensor kn, Tensor kf, Tensor values,"
+        " Tensor? values_scale, Tensor perm, Tensor wo, int m, int m_first, int m_neg=0, bool rms_norm=True)"
+        " -> Tensor",
+        &ultramem::ops::ultramem_decode_op);
   m.def("pooled_lookup(Tensor values, Tensor index, Tensor scores, Tensor perm, int E,"
         " bool sparse_grad=False) -> Tensor",
         &ultramem::ops::pooled_lookup);

@@ -243,4 +243,62 @@ at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, 
   return out;
 }
 
+at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& q_scale,
+                              const at::Tensor& cores, const at::Tensor& kn, const at::Tensor& kf,
+                              const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
+                              const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first,
+                              int64_t m_neg, bool rms_norm) {
+  TORCH_CHECK(wq.dim() == 2 && wq.size(1) % 2 == 0, "ultramem_decode: wq must be [D, 2*Dk], got shape ", wq.sizes());
+  TORCH_CHECK(cores.dim() == 4, "ultramem_decode: cores must be [C, H, r, r], got shape ", cores.sizes());
+  TORCH_CHECK(values.dim() == 2 && values.size(1) > 0, "ultramem_decode: values must be [N, Dv], got shape ",
+              values.sizes());
+  TORCH_CHECK(kf.dim() == 3 && cores.size(1) > 0 && kf.size(1) % cores.size(1) == 0,
+              "ultramem_decode: kf must be [2, H*n, Dk] with H = cores.size(1), got shape ", kf.sizes());
+  TORCH_CHECK(wo.dim() == 2 && wo.size(0) % values.size(1) == 0,
+              "ultramem_decode: wo must be [E*Dv, D] with Dv = values.size(1), got shape ", wo.sizes());
+  UltraMemDims d;
+  d.D = wq.size(0);
+  d.Dk = wq.size(1) / 2;
+  d.Dv = values.size(1);
+  d.C = cores.size(0);
+  d.H = cores.size(1);
+  d.r = cores.size(2);
+  d.n = kf.size(1) / d.H;
+  d.E = wo.size(0) / d.Dv;
+  TORCH_CHECK(d.E >= 1 && d.n * d.n % d.E == 0, "ultramem_decode: E = ", d.E, " does not divide n*n = ", d.n * d.n);
+  d.m = m;
+  d.m_first = m_first;
+  d.m_neg = m_neg;
+  d.rms_norm = rms_norm;
+  UltraMemDecodeWeights w;
+  w.wq = wq;
+  w.q_scale = q_scale;
+  w.cores = cores;
+  w.keys.kn = kn;
+  w.keys.kf = kf;
+  w.values = values;
+  if (values_scale) w.values_scale = *values_scale;
+  w.perm = perm;
+  w.wo = wo;
+  const int64_t* p = nullptr;
+  if (perm.scalar_type() == at::kLong && perm.is_contiguous() && perm.numel() == d.n * d.n) {
+    p = perm.data_ptr<int64_t>();
+    for (int64_t g = 0; g < perm.numel(); ++g)
+      TORCH_CHECK(p[g] >= 0 && p[g] < d.n * d.n, "ultramem_decode: perm[", g, "] = ", p[g], " is outside [0, n*n)");
+  }
+  return ultramem_decode(x, w, d);
+}
+
+std::tuple<at::Tensor, at::Tensor> fold_filter_keys_op(const at::Tensor& kn_row, const at::Tensor& kn_col,
+                                                       const at::Tensor& u, const at::Tensor& v) {
+  TORCH_CHECK(kn_row.dim() == 4 && kn_col.sizes() == kn_row.sizes(),
+              "fold_filter_keys: kn_row and kn_col must both be [H, n, r, Dk], got ", kn_row.sizes(), " and ",
+              kn_col.sizes());
+  const int64_t H = kn_row.size(0), r = kn_row.size(2);
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == H && u.size(1) == r && v.sizes() == u.sizes(),
+              "fold_filter_keys: u and v must be [H, r] = [", H, ", ", r, "], got ", u.sizes(), " and ", v.sizes());
+  auto k = fold_filter_keys(kn_row, kn_col, u, v);
+  return {k.kn, k.kf};
+}
+
 }  // namespace ultramem::ops

@@ -12,7 +12,10 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/Optional.h>
+
 #include <cstdint>
+#include <tuple>
 
 namespace ultramem::ops {
 
@@ -54,5 +57,16 @@ struct UltraMemDecodeWeights {
 // the argument, like the other ops'.
 at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d,
                            at::Tensor* scores_out = nullptr, at::Tensor* index_out = nullptr);
+
+// The same op with the weights as separate tensors, as registered for Python
+// (torch.ops.ultramem.ultramem_decode): D, Dk, Dv, H, r, C, n and E are read from the shapes
+// (wq [D, 2*Dk], cores [C, H, r, r], kf [2, H*n, Dk], values [N, Dv], wo [E*Dv, D]).
+at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& q_scale,
+                              const at::Tensor& cores, const at::Tensor& kn, const at::Tensor& kf,
+                              const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
+                              const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first,
+                              int64_t m_neg, bool rms_norm);
+std::tuple<at::Tensor, at::Tensor> fold_filter_keys_op(const at::Tensor& kn_row, const at::Tensor& kn_col,
+                                                       const at::Tensor& u, const at::Tensor& v);
 
 }  // namespace ultramem::ops
