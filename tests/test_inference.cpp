@@ -126,6 +126,31 @@ TEST(FastPath, MatchesAutogradPathFloat) {
   }
 }
 
+// Compact keys (bf16, int8 with row scales) in the fused path: outputs near the float keys', most kept
+// candidates the same (the telemetry's key_agreement), and back to fp32 gives the float result again.
+TEST(FastPath, CompactKeys) {
+  auto cfg = layer_config();
+  cfg.retrieval_sample = 1000;
+  cfg.stats_window = 1000000;
+  UltraMem layer(cfg);
+  torch::manual_seed(3);
+  const auto x = torch::randn({12, cfg.D});
+  const auto want = fast_forward(layer, x);
+  EXPECT_TRUE(std::isnan(layer->stats().key_agreement));
+  for (auto f : {ultramem::nn::ValueFormat::kBFloat16, ultramem::nn::ValueFormat::kInt8}) {
+    SCOPED_TRACE(ultramem::nn::to_string(f));
+    layer->set_key_format(f);
+    layer->reset_stats();
+    const auto got = fast_forward(layer, x);
+    const auto s = layer->stats();
+    EXPECT_GE(s.key_agreement, 0.85);
+    EXPECT_LE(s.key_agreement, 1.0);
+    EXPECT_LE(max_diff(got, want), 0.25 * max_abs(want)) << "max |out| " << max_abs(want);
+  }
+  layer->set_key_format(ultramem::nn::ValueFormat::kFloat32);
+  EXPECT_TRUE(torch::equal(fast_forward(layer, x), want));
+}
+
 TEST(FastPath, MatchesAutogradPathDoubleAndKeepsLeadingShape) {
   UltraMem layer(layer_config());
   layer->to(torch::kDouble);

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -299,6 +300,72 @@ TYPED_TEST(SmallMatmul, EveryIsaMatchesReferenceBitwise) {
             }
             ASSERT_NEAR(double(want_nt[t * N + j]), e, 1e-5 * mag + 1e-12);
           }
+      }
+}
+
+// Compact key tables (bf16 bits, int8 with row scales): every ISA equals the reference bit for bit, the
+// reference equals the widened table's dots (times the scale), and a compute-type table gives
+// matmul_rows_nt / gathered_dots.
+TYPED_TEST(SmallMatmul, CompactRowTablesMatchReferenceBitwise) {
+  using T = TypeParam;
+  OmpThreads one(1);
+  Rng rng(14);
+  for (int64_t rows : {1, 3, 4, 9})
+    for (int64_t K : {1, 16, 20, 131, 1500})
+      for (int64_t M : {1, 7, 600}) {
+        SCOPED_TRACE("rows=" + std::to_string(rows) + " K=" + std::to_string(K) + " M=" + std::to_string(M));
+        const auto x = normal_vec<T>(rows * K, rng);
+        const auto bf = normal_vec<float>(M * K, rng);
+        std::vector<uint16_t> b16(M * K);
+        std::vector<int8_t> b8(M * K);
+        std::vector<float> scale(M);
+        for (int64_t e = 0; e < M * K; ++e) {
+          uint32_t bits;
+          std::memcpy(&bits, &bf[e], 4);
+          b16[e] = uint16_t(bits >> 16);
+          b8[e] = int8_t(std::clamp(std::lround(bf[e] * 40.0f), -127L, 127L));
+        }
+        for (int64_t j = 0; j < M; ++j) scale[j] = 0.01f + 0.001f * float(j % 13);
+        const std::vector<int32_t> pick = {int32_t(M - 1), 0, int32_t(M / 2), int32_t(M - 1)};
+        for (auto fmt : {uk::RowFormat::kBf16, uk::RowFormat::kInt8}) {
+          SCOPED_TRACE(fmt == uk::RowFormat::kBf16 ? "bf16" : "int8");
+          uk::RowTable<T> tab_q;
+          tab_q.format = fmt;
+          tab_q.data = fmt == uk::RowFormat::kBf16 ? static_cast<const void*>(b16.data()) : b8.data();
+          tab_q.scale = scale.data();
+          // The widened table in the compute type, for the independent check.
+          std::vector<T> wide(M * K);
+          for (int64_t e = 0; e < M * K; ++e) {
+            const uint32_t bits = uint32_t(b16[e]) << 16;
+            float f;
+            std::memcpy(&f, &bits, 4);
+            wide[e] = fmt == uk::RowFormat::kBf16 ? T(f) : T(b8[e]);
+          }
+          std::vector<T> want(rows * M), plain(rows * M);
+          uk::matmul_rows_nt_q_ref<T>(rows, K, M, x.data(), tab_q, want.data());
+          uk::matmul_rows_nt_ref<T>(rows, K, M, x.data(), wide.data(), plain.data());
+          for (int64_t t = 0; t < rows; ++t)
+            for (int64_t j = 0; j < M; ++j)
+              ASSERT_EQ(want[t * M + j], fmt == uk::RowFormat::kInt8 ? plain[t * M + j] * T(scale[j]) : plain[t * M + j]);
+          std::vector<T> want_g(pick.size());
+          for (size_t g = 0; g < pick.size(); ++g) want_g[g] = want[pick[g]];  // row 0 of x
+          for (const auto& [name, tab] : isa_tables<T>()) {
+            SCOPED_TRACE(name);
+            std::vector<T> got(rows * M, T(-7)), got_g(pick.size(), T(-7));
+            tab.matmul_rows_nt_q(rows, K, M, x.data(), tab_q, got.data());
+            tab.gathered_dots_q(K, x.data(), tab_q, pick.data(), int64_t(pick.size()), got_g.data());
+            EXPECT_TRUE(Identical(got, want));
+            EXPECT_TRUE(Identical(got_g, want_g));
+          }
+        }
+        // A compute-type table is the plain product.
+        const auto b = normal_vec<T>(M * K, rng);
+        uk::RowTable<T> tab_c;
+        tab_c.data = b.data();
+        std::vector<T> got(rows * M), want(rows * M);
+        uk::matmul_rows_nt_q<T>(rows, K, M, x.data(), tab_c, got.data());
+        uk::matmul_rows_nt<T>(rows, K, M, x.data(), b.data(), want.data());
+        EXPECT_TRUE(Identical(got, want));
       }
 }
 

@@ -29,6 +29,11 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--model-batches", a.model_batches, "Batch sizes of the model sweep (default 1,16,64,256)")
       ->delimiter(',');
   cmd->add_option("--values", a.values, "Value table formats: fp32,bf16,int8")->delimiter(',')->capture_default_str();
+  cmd->add_option("--keys", a.keys,
+                  "Key formats of the fused UltraMem layer and model: fp32,bf16,int8 (compact ones are reported as "
+                  "kind ultramem_keys_<format>)")
+      ->delimiter(',')
+      ->capture_default_str();
   cmd->add_option("--kinds", a.kinds, "What to time: pooled_lookup,ultramem,ultramem_plain,moe,dense,pkm")
       ->delimiter(',')
       ->capture_default_str();

@@ -393,6 +393,33 @@ class UltraMemDecodeTest(unittest.TestCase):
         want, _, _ = ref.ultramem_forward(dict(p, values=q.float() * scale[:, None]), x, lc)
         torch.testing.assert_close(self.decode(p, x, cfg, 4, 6, values=q, scale=scale), want, rtol=1e-5, atol=1e-5)
 
+    def test_compact_keys(self):
+        # bf16 keys score exactly as the float keys they widen to; int8 keys (one scale per row) as the
+        # dequantised keys up to rounding.
+        p, cfg = self.layer(torch.float32, 950)
+        x = torch.randn(6, cfg["D"], generator=torch.Generator().manual_seed(951))
+        kn = ref.qk_norm(p["keys"].transpose(3, 4), p["k_scale"][:, None, None, :], cfg["qk_norm"])
+        kn_all, kf = torch.ops.ultramem.fold_filter_keys(kn[:, 0].contiguous(), kn[:, 1].contiguous(), p["u"], p["v"])
+        args = (p["values"], None, p["perm"], p["wo"], 4, 6)
+
+        def run(kn_t, kf_t, **kw):
+            return torch.ops.ultramem.ultramem_decode(x, p["wq"], p["q_scale"], p["cores"], kn_t, kf_t, *args, **kw)
+
+        b_kn, b_kf = kn_all.to(torch.bfloat16), kf.to(torch.bfloat16)
+        self.assertTrue(torch.equal(run(b_kn, b_kf), run(b_kn.float(), b_kf.float())))
+
+        def int8(t):
+            scale = t.abs().amax(-1) / 127
+            return torch.round(t / scale[..., None]).clamp(-127, 127).to(torch.int8), scale.contiguous()
+
+        q_kn, s_kn = int8(kn_all)
+        q_kf, s_kf = int8(kf)
+        got = run(q_kn, q_kf, kn_scale=s_kn, kf_scale=s_kf)
+        want = run(q_kn.float() * s_kn[..., None], q_kf.float() * s_kf[..., None])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        with self.assertRaisesRegex(RuntimeError, "kn_scale"):
+            run(q_kn, q_kf)
+
     def test_bad_arguments_name_the_field(self):
         p, cfg = self.layer(torch.float32, 900)
         x = torch.randn(2, cfg["D"])

@@ -14,6 +14,7 @@
 #include "ultramem/data/prepared.h"
 #include "ultramem/data/shard.h"
 #include "ultramem/infer/model_loading.h"
+#include "ultramem/infer/value_tables.h"
 #include "ultramem/io/process_memory.h"
 
 namespace ultramem::infer {
@@ -103,6 +104,7 @@ nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
   const auto t0 = std::chrono::steady_clock::now();
   LoadOptions lo;
   lo.mmap = a.mmap;
+  lo.key_format = nn::parse_value_format(a.keys);
   lo.warn = [](const std::string& s) { std::cerr << "note: " << s << std::endl; };
   auto loaded = load_model(a.checkpoint, lo);
   auto& model = loaded.model;
@@ -114,6 +116,14 @@ nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
   });
   if (progress) std::cerr << "\n";
   const double loss = r.loss;
+  const auto telemetry = model->telemetry();
+  // Compact keys: the same batches with the float keys, for the loss change they cost.
+  nlohmann::json fp32_keys_loss = nullptr;
+  if (lo.key_format != nn::ValueFormat::kFloat32) {
+    set_key_format(*model, nn::ValueFormat::kFloat32);
+    fp32_keys_loss = mean_loss(model, batches).loss;
+    set_key_format(*model, lo.key_format);
+  }
   // Per batch: the first one pays the first touch of the value tables.
   std::vector<double> batch_ms;
   for (double sec : r.batch_seconds) batch_ms.push_back(1e3 * sec);
@@ -129,12 +139,16 @@ nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
                         {"bits_per_byte", bpb},
                         {"value_format", nn::to_string(loaded.value_format)},
                         {"value_mib", double(loaded.value_bytes) / double(1 << 20)},
+                        {"key_format", a.keys},
+                        {"val_loss_fp32_keys", fp32_keys_loss},
+                        {"key_loss_change", fp32_keys_loss.is_null() ? nlohmann::json(nullptr)
+                                                                     : nlohmann::json(loss - fp32_keys_loss.get<double>())},
                         {"mmap", a.mmap},
                         {"first_batch_ms", batch_ms.front()},
                         {"median_later_batch_ms", later.empty() ? nlohmann::json(nullptr) : nlohmann::json(later[later.size() / 2])},
                         {"peak_rss_mib", double(io::peak_resident_bytes()) / double(1 << 20)},
                         {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()},
-                        {"memory_layers", model->telemetry()}};
+                        {"memory_layers", telemetry}};
   return out;
 }
 

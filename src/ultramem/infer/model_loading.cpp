@@ -71,6 +71,7 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
   }
   checkpoint::load_model_state(ckpt, *model, nn::model_config_to_json(model->config()));
   model->eval();
+  set_key_format(*model, options.key_format);
   out.value_format = value_format(*model);
   const auto stored = ckpt.metadata.find(kValueFormatKey);
   if (stored != ckpt.metadata.end() && stored->second != nn::to_string(out.value_format))

@@ -18,6 +18,9 @@ struct LoadOptions {
   // served (from the page cache). The other weights are copied into the model. The checksum is not
   // verified (it would read the whole file); sharded checkpoints cannot be mapped.
   bool mmap = false;
+  // Key storage of the UltraMem layers' fused inference path (UltraMemImpl::set_key_format): fp32 as
+  // trained, or bf16 / int8 compact keys.
+  nn::ValueFormat key_format = nn::ValueFormat::kFloat32;
   // Receives notes and warnings (e.g. a tensor that could not be mapped and was copied). Null: silent.
   std::function<void(const std::string&)> warn;
 };

@@ -28,6 +28,10 @@ void set_value_format(torch::nn::Module& model, nn::ValueFormat f) {
   }
 }
 
+void set_key_format(torch::nn::Module& model, nn::ValueFormat f) {
+  for (auto& [name, layer] : ultramem_layers(model)) layer->set_key_format(f);
+}
+
 nn::ValueFormat value_format(torch::nn::Module& model) {
   const auto layers = ultramem_layers(model);
   if (layers.empty()) return nn::ValueFormat::kFloat32;

@@ -25,6 +25,9 @@ std::vector<std::pair<std::string, nn::UltraMemImpl*>> ultramem_layers(torch::nn
 // propagate). A model without UltraMem layers is left as it is.
 void set_value_format(torch::nn::Module& model, nn::ValueFormat f);
 
+// Sets every UltraMem layer's key format for inference (UltraMemImpl::set_key_format).
+void set_key_format(torch::nn::Module& model, nn::ValueFormat f);
+
 // The common value format of the UltraMem layers (kFloat32 when there are none). Throws
 // std::logic_error when layers differ.
 nn::ValueFormat value_format(torch::nn::Module& model);

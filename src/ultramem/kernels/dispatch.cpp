@@ -109,6 +109,15 @@ void gathered_dots(int64_t K, const T* x, const T* b, const int32_t* rows, int64
   table<T>().gathered_dots(K, x, b, rows, count, out);
 }
 
+template <typename T>
+void matmul_rows_nt_q(int64_t rows, int64_t K, int64_t M, const T* x, const RowTable<T>& b, T* out) {
+  table<T>().matmul_rows_nt_q(rows, K, M, x, b, out);
+}
+template <typename T>
+void gathered_dots_q(int64_t K, const T* x, const RowTable<T>& b, const int32_t* rows, int64_t count, T* out) {
+  table<T>().gathered_dots_q(K, x, b, rows, count, out);
+}
+
 #define UM_INSTANTIATE_PUBLIC(T)                                                                     \
   template void tdqkr_filter<T>(const TdqkrShape&, const T*, const T*, const T*, const T*, int32_t*, \
                                 int32_t*);                                                           \
@@ -131,7 +140,9 @@ void gathered_dots(int64_t K, const T* x, const T* b, const int32_t* rows, int64
                                                  const T*, T*);                                      \
   template void matmul_rows<T>(int64_t, int64_t, int64_t, const T*, const T*, T*);                   \
   template void matmul_rows_nt<T>(int64_t, int64_t, int64_t, const T*, const T*, T*);                \
-  template void gathered_dots<T>(int64_t, const T*, const T*, const int32_t*, int64_t, T*);
+  template void gathered_dots<T>(int64_t, const T*, const T*, const int32_t*, int64_t, T*);          \
+  template void matmul_rows_nt_q<T>(int64_t, int64_t, int64_t, const T*, const RowTable<T>&, T*);     \
+  template void gathered_dots_q<T>(int64_t, const T*, const RowTable<T>&, const int32_t*, int64_t, T*);
 UM_INSTANTIATE_PUBLIC(float)
 UM_INSTANTIATE_PUBLIC(double)
 

@@ -22,6 +22,8 @@ struct KernelTable {
   decltype(&matmul_rows<T>) matmul_rows;
   decltype(&matmul_rows_nt<T>) matmul_rows_nt;
   decltype(&gathered_dots<T>) gathered_dots;
+  decltype(&matmul_rows_nt_q<T>) matmul_rows_nt_q;
+  decltype(&gathered_dots_q<T>) gathered_dots_q;
 };
 
 namespace generic {

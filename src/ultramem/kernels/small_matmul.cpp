@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -148,6 +149,72 @@ void gathered_dots_impl(int64_t K, const T* x, const T* b, const int32_t* rows, 
   }
 }
 
+// Row j of a RowTable widened exactly to T into dst[0, K); returns the factor its dots are scaled by.
+template <typename T>
+inline T widen_row(const RowTable<T>& b, int64_t K, int64_t j, T* dst) {
+  if (b.format == RowFormat::kBf16) {
+    const uint16_t* q = static_cast<const uint16_t*>(b.data) + j * K;
+#pragma omp simd
+    for (int64_t i = 0; i < K; ++i) dst[i] = T(__builtin_bit_cast(float, uint32_t(q[i]) << 16));
+    return T(1);
+  }
+  const int8_t* q = static_cast<const int8_t*>(b.data) + j * K;
+#pragma omp simd
+  for (int64_t i = 0; i < K; ++i) dst[i] = T(q[i]);
+  return T(b.scale[j]);
+}
+
+// Scratch for one widened row: on the stack for the usual key widths.
+template <typename T>
+struct RowBuffer {
+  explicit RowBuffer(int64_t K) {
+    if (K > 1024) heap.resize(K);
+    p = K > 1024 ? heap.data() : stack;
+  }
+  T stack[1024];
+  std::vector<T> heap;
+  T* p;
+};
+
+template <typename T>
+void matmul_rows_nt_q_impl(int64_t rows, int64_t K, int64_t M, const T* x, const RowTable<T>& b, T* out) {
+  if (b.format == RowFormat::kCompute) return matmul_rows_nt_impl<T>(rows, K, M, x, static_cast<const T*>(b.data), out);
+  constexpr int64_t kRowBlock = 256;
+  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t row_bytes = b.format == RowFormat::kBf16 ? 2 * K : K;
+#pragma omp parallel for schedule(static) if (blocks > 1 && rows * K * M >= (int64_t(1) << 22))
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    RowBuffer<T> buf(K);
+    const int64_t j1 = std::min(M, (blk + 1) * kRowBlock);
+    for (int64_t j = blk * kRowBlock; j < j1; ++j) {
+      if (j + 4 < j1) simd::prefetch_bytes(static_cast<const char*>(b.data) + (j + 4) * row_bytes, row_bytes);
+      const T f = widen_row(b, K, j, buf.p);
+      int64_t t = 0;
+      for (; t + 4 <= rows; t += 4) dots<T, 4>(x + t * K, buf.p, K, out + t * M + j, M);
+      for (; t + 2 <= rows; t += 2) dots<T, 2>(x + t * K, buf.p, K, out + t * M + j, M);
+      for (; t < rows; ++t) dots<T, 1>(x + t * K, buf.p, K, out + t * M + j, M);
+      if (b.format == RowFormat::kInt8)
+        for (int64_t tt = 0; tt < rows; ++tt) out[tt * M + j] *= f;
+    }
+  }
+}
+
+template <typename T>
+void gathered_dots_q_impl(int64_t K, const T* x, const RowTable<T>& b, const int32_t* rows, int64_t count, T* out) {
+  if (b.format == RowFormat::kCompute) return gathered_dots_impl<T>(K, x, static_cast<const T*>(b.data), rows, count, out);
+  RowBuffer<T> buf(K);
+  const int64_t row_bytes = b.format == RowFormat::kBf16 ? 2 * K : K;
+  for (int64_t j = 0; j < count; ++j) {
+    if (j + 2 < count) {
+      simd::prefetch_bytes(static_cast<const char*>(b.data) + int64_t(rows[j + 2]) * row_bytes, row_bytes);
+      if (b.format == RowFormat::kInt8) __builtin_prefetch(b.scale + rows[j + 2], 0, 1);
+    }
+    const T f = widen_row(b, K, rows[j], buf.p);
+    dots<T, 1>(x, buf.p, K, out + j, 1);
+    if (b.format == RowFormat::kInt8) out[j] *= f;
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -155,6 +222,8 @@ void fill_small_matmul(KernelTable<T>& t) {
   t.matmul_rows = &matmul_rows_impl<T>;
   t.matmul_rows_nt = &matmul_rows_nt_impl<T>;
   t.gathered_dots = &gathered_dots_impl<T>;
+  t.matmul_rows_nt_q = &matmul_rows_nt_q_impl<T>;
+  t.gathered_dots_q = &gathered_dots_q_impl<T>;
 }
 template void fill_small_matmul<float>(KernelTable<float>&);
 template void fill_small_matmul<double>(KernelTable<double>&);
@@ -188,6 +257,27 @@ template <typename T>
 void gathered_dots_ref(int64_t K, const T* x, const T* b, const int32_t* rows, int64_t count, T* out) {
   for (int64_t j = 0; j < count; ++j) matmul_rows_nt_ref<T>(1, K, 1, x, b + int64_t(rows[j]) * K, out + j);
 }
+
+template <typename T>
+void matmul_rows_nt_q_ref(int64_t rows, int64_t K, int64_t M, const T* x, const RowTable<T>& b, T* out) {
+  std::vector<T> row(K);
+  for (int64_t j = 0; j < M; ++j) {
+    T f = 1;
+    for (int64_t i = 0; i < K; ++i) {
+      if (b.format == RowFormat::kCompute) row[i] = static_cast<const T*>(b.data)[j * K + i];
+      if (b.format == RowFormat::kBf16)
+        row[i] = T(__builtin_bit_cast(float, uint32_t(static_cast<const uint16_t*>(b.data)[j * K + i]) << 16));
+      if (b.format == RowFormat::kInt8) row[i] = T(static_cast<const int8_t*>(b.data)[j * K + i]);
+    }
+    if (b.format == RowFormat::kInt8) f = T(b.scale[j]);
+    for (int64_t t = 0; t < rows; ++t) {
+      matmul_rows_nt_ref<T>(1, K, 1, x + t * K, row.data(), out + t * M + j);
+      if (b.format == RowFormat::kInt8) out[t * M + j] *= f;
+    }
+  }
+}
+template void matmul_rows_nt_q_ref<float>(int64_t, int64_t, int64_t, const float*, const RowTable<float>&, float*);
+template void matmul_rows_nt_q_ref<double>(int64_t, int64_t, int64_t, const double*, const RowTable<double>&, double*);
 
 template void gathered_dots_ref<float>(int64_t, const float*, const float*, const int32_t*, int64_t, float*);
 template void gathered_dots_ref<double>(int64_t, const double*, const double*, const int32_t*, int64_t, double*);

@@ -32,6 +32,32 @@ void gathered_dots(int64_t K,
                    int64_t count,
                    T* out);                // [count] out
 
+// A table of rows stored for inference (compact keys): the compute type, bf16 bits (the upper half of
+// a float32), or int8 with one float scale per row (row j = q[j] * scale[j]).
+enum class RowFormat { kCompute, kBf16, kInt8 };
+template <typename T>
+struct RowTable {
+  RowFormat format = RowFormat::kCompute;
+  const void* data = nullptr;    // [M, K] T, uint16_t (bf16 bits) or int8_t
+  const float* scale = nullptr;  // [M] row scales (kInt8 only)
+};
+
+// matmul_rows_nt and gathered_dots over a RowTable: each row is widened exactly to T, dotted in the
+// same 16-lane layout, and (int8) the dot multiplied by the row's scale. A kCompute table gives the
+// results of matmul_rows_nt / gathered_dots.
+template <typename T>
+void matmul_rows_nt_q(int64_t rows, int64_t K, int64_t M,
+                      const T* x,              // [rows, K]
+                      const RowTable<T>& b,    // [M, K]
+                      T* out);                 // [rows, M] out (overwritten)
+template <typename T>
+void gathered_dots_q(int64_t K,
+                     const T* x,               // [K]
+                     const RowTable<T>& b,     // [M, K]
+                     const int32_t* rows,      // [count] rows of b
+                     int64_t count,
+                     T* out);                  // [count] out
+
 // Scalar references (plain loops over k ascending / the same 16-lane dot layout).
 template <typename T>
 void matmul_rows_ref(int64_t rows, int64_t K, int64_t N, const T* x, const T* w, T* out);
@@ -39,5 +65,7 @@ template <typename T>
 void matmul_rows_nt_ref(int64_t rows, int64_t K, int64_t M, const T* x, const T* b, T* out);
 template <typename T>
 void gathered_dots_ref(int64_t K, const T* x, const T* b, const int32_t* rows, int64_t count, T* out);
+template <typename T>
+void matmul_rows_nt_q_ref(int64_t rows, int64_t K, int64_t M, const T* x, const RowTable<T>& b, T* out);
 
 }  // namespace ultramem::kernels

@@ -280,6 +280,8 @@ nlohmann::json TransformerImpl::telemetry() {
     j[p + "recall"] = std::isnan(s.recall) ? nlohmann::json(nullptr) : nlohmann::json(s.recall);
     j[p + "score_mass"] = std::isnan(s.score_mass) ? nlohmann::json(nullptr) : nlohmann::json(s.score_mass);
     j[p + "retrieval_tokens"] = s.retrieval_tokens;
+    if (m.ultramem[k]->key_format() != ValueFormat::kFloat32)
+      j[p + "key_agreement"] = std::isnan(s.key_agreement) ? nlohmann::json(nullptr) : nlohmann::json(s.key_agreement);
     m.ultramem[k]->reset_stats();
   }
   for (size_t k = 0; k < m.pkm.size(); ++k) {

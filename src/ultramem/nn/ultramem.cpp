@@ -121,6 +121,13 @@ void UltraMemImpl::measure_retrieval(const torch::Tensor& u, const torch::Tensor
   window_.retrieval_slots += k * c.H * c.m;
   window_.mass_kept += scores.narrow(0, 0, k).to(torch::kDouble).sum().item<double>();
   window_.mass_exact += exact_scores.to(torch::kDouble).sum().item<double>();
+  if (key_format_ != ValueFormat::kFloat32 && !at::GradMode::is_enabled()) {
+    // What the float keys keep, for the compact keys' agreement.
+    const auto dt = s_row.scalar_type();
+    auto [f_scores, f_index] = ops::tdqkr(s_row, s_col, cores.detach(), u_vec.to(dt), v_vec.to(dt), c.first_stage_m(),
+                                          c.m, c.filter_negatives());
+    window_.key_same += kept.eq(f_index.reshape({k, c.H, 1, c.m})).any(-1).sum().item<int64_t>();
+  }
   window_.retrieval_tokens += k;
 }
 
@@ -204,6 +211,7 @@ MemoryStats UltraMemImpl::stats() const {
   if (window_.retrieval_slots > 0) {
     s.recall = double(window_.retrieval_found) / double(window_.retrieval_slots);
     s.score_mass = window_.mass_exact != 0 ? window_.mass_kept / window_.mass_exact : 1.0;
+    if (key_format_ != ValueFormat::kFloat32) s.key_agreement = double(window_.key_same) / double(window_.retrieval_slots);
   }
   s.output_std = window_.output_std;
   s.top1_score = window_.top1_score / double(window_.tokens * c.H);

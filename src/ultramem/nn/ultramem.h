@@ -30,8 +30,10 @@ struct MemoryStats {
   double recall = std::nan("");      // share of the exact top-m (per token and head) that TDQKR kept
   double score_mass = std::nan("");  // summed scores of the kept / of the exact top-m
   int64_t retrieval_tokens = 0;      // tokens checked
+  double key_agreement = std::nan("");  // compact keys (set_key_format): share of the kept candidates
+                                        // that the float keys keep too; NaN with float keys
   // Running sums of the window (not reported).
-  int64_t retrieval_found = 0, retrieval_slots = 0;
+  int64_t retrieval_found = 0, retrieval_slots = 0, key_same = 0;
   double mass_kept = 0, mass_exact = 0;
 };
 
@@ -80,6 +82,14 @@ class UltraMemImpl : public torch::nn::Module {
   // pages. Same format: no-op. Throws std::invalid_argument for non-finite values (int8).
   void set_value_format(ValueFormat f);
   ValueFormat value_format() const { return format_; }
+
+  // Storage of the keys the no-grad fast path scores against (its cache of normalised, folded keys):
+  // fp32 (the compute dtype), bf16 or int8 with one scale per key row; scores accumulate in the compute
+  // dtype. Training and grad-enabled forwards always use the float keys; the parameters are unchanged.
+  // With retrieval_sample > 0 the telemetry reports key_agreement, the share of the kept candidates
+  // the float keys would have kept too.
+  void set_key_format(ValueFormat f);
+  ValueFormat key_format() const { return key_format_; }
   // Bytes of the stored value table, per-row scales included.
   int64_t value_bytes() const;
 
@@ -134,6 +144,7 @@ class UltraMemImpl : public torch::nn::Module {
   static std::shared_ptr<InferenceCache> make_inference_cache();
   std::shared_ptr<InferenceCache> infer_;
   ValueFormat format_ = ValueFormat::kFloat32;
+  ValueFormat key_format_ = ValueFormat::kFloat32;
   bool values_read_only_ = false;
 
   std::shared_ptr<ValueLookup> value_lookup_;  // replaces ops::pooled_lookup when set

@@ -21,7 +21,8 @@ namespace ultramem::nn {
 // and the check that the permutation holds valid addresses, once per permutation.
 struct UltraMemImpl::InferenceCache {
   std::mutex mu;
-  ops::UltraMemDecodeKeys keys;  // normalised and folded keys (ops/ultramem_decode.h)
+  ops::UltraMemDecodeKeys keys;  // normalised and folded keys (ops/ultramem_decode.h), in key_format_
+  at::ScalarType compute = at::ScalarType::Undefined;  // the dtype they were prepared for
   const void* keys_ptr = nullptr;
   const void* k_scale_ptr = nullptr;
   const void* u_ptr = nullptr;
@@ -67,6 +68,16 @@ void UltraMemImpl::check_trainable() const {
     throw std::logic_error(
         "UltraMem: the value table is a read-only memory mapping (inference only); a forward with grad mode on "
         "(training) needs the table loaded into memory (load the checkpoint without mmap)");
+}
+
+void UltraMemImpl::set_key_format(ValueFormat f) {
+  if (f == key_format_) return;
+  if (value_lookup_)
+    throw std::logic_error(std::string("UltraMem: ") + to_string(f) +
+                           " keys need the fused local path, but this layer's value table is looked up through "
+                           "set_value_lookup (e.g. sharded); consolidate the checkpoint first");
+  key_format_ = f;
+  invalidate_inference_cache();
 }
 
 void UltraMemImpl::invalidate_inference_cache() {
@@ -173,14 +184,16 @@ torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
     // Normalised and folded keys, cached; the permutation's range checked once.
     auto& ic = *infer_;
     std::lock_guard<std::mutex> lock(ic.mu);
-    if (!ic.valid || ic.keys.kn.scalar_type() != st || ic.keys_ptr != keys.data_ptr() ||
+    if (!ic.valid || ic.compute != st || ic.keys_ptr != keys.data_ptr() ||
         ic.k_scale_ptr != k_scale.data_ptr() || ic.keys_version != version_of(keys) ||
         ic.k_scale_version != version_of(k_scale) || ic.u_ptr != u_vec.data_ptr() ||
         ic.v_ptr != v_vec.data_ptr() || ic.u_version != version_of(u_vec) || ic.v_version != version_of(v_vec)) {
       const auto kt = keys.detach().transpose(3, 4);  // [H, 2, n, r, Dk]
       const auto ks = k_scale.detach();
-      ic.keys = ops::fold_filter_keys(norm(kt.select(1, 0), ks[0]), norm(kt.select(1, 1), ks[1]), u_vec.detach(),
-                                      v_vec.detach());
+      ic.keys = ops::compact_keys(ops::fold_filter_keys(norm(kt.select(1, 0), ks[0]), norm(kt.select(1, 1), ks[1]),
+                                                        u_vec.detach(), v_vec.detach()),
+                                  to_string(key_format_));
+      ic.compute = st;
       ic.keys_ptr = keys.data_ptr();
       ic.k_scale_ptr = k_scale.data_ptr();
       ic.u_ptr = u_vec.data_ptr();

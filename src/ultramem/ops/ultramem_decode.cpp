@@ -11,6 +11,7 @@
 #include "ultramem/kernels/small_matmul.h"
 #include "ultramem/kernels/tdqkr.h"
 #include "ultramem/ops/check.h"
+#include "ultramem/ops/value_quant.h"
 
 namespace ultramem::ops {
 namespace {
@@ -87,6 +88,24 @@ void check_arg(const at::Tensor& t, const char* what, std::initializer_list<int6
   TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
 }
 
+// Side `side` (0 row, 1 col) of a [2, rows, Dk] key table in any stored format, for the kernels.
+template <typename S>
+kernels::RowTable<S> key_rows(const at::Tensor& keys, const at::Tensor& scale, int64_t side) {
+  const int64_t rows = keys.size(1), Dk = keys.size(2), offset = side * rows * Dk;
+  kernels::RowTable<S> t;
+  if (keys.scalar_type() == at::kBFloat16) {
+    t.format = kernels::RowFormat::kBf16;
+    t.data = reinterpret_cast<const uint16_t*>(keys.data_ptr()) + offset;
+  } else if (keys.scalar_type() == at::kChar) {
+    t.format = kernels::RowFormat::kInt8;
+    t.data = keys.data_ptr<int8_t>() + offset;
+    t.scale = scale.data_ptr<float>() + side * rows;
+  } else {
+    t.data = keys.data_ptr<S>() + offset;
+  }
+  return t;
+}
+
 template <typename S>
 void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, const UltraMemDims& c,
                  at::Tensor* scores_out, at::Tensor* index_out) {
@@ -121,11 +140,9 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   const int64_t Hn = c.H * c.n, m1 = (c.m_first > 0 ? c.m_first : c.m);
   S* f_row = sized(sc.f_row, T * Hn);
   S* f_col = sized(sc.f_col, T * Hn);
-  const S* kf_row = kf.data_ptr<S>();
-  const S* kf_col = kf_row + Hn * Dk;
-  if (T <= kSmallRowsScores) {
-    kernels::matmul_rows_nt<S>(T, Dk, Hn, qr, kf_row, f_row);
-    kernels::matmul_rows_nt<S>(T, Dk, Hn, qc, kf_col, f_col);
+  if (T <= kSmallRowsScores || kf.scalar_type() != st) {
+    kernels::matmul_rows_nt_q<S>(T, Dk, Hn, qr, key_rows<S>(kf, w.keys.kf_scale, 0), f_row);
+    kernels::matmul_rows_nt_q<S>(T, Dk, Hn, qc, key_rows<S>(kf, w.keys.kf_scale, 1), f_col);
   } else {
     const auto o = torch::TensorOptions().dtype(st);
     torch::Tensor d_row = torch::from_blob(f_row, {T, Hn}, o), d_col = torch::from_blob(f_col, {T, Hn}, o);
@@ -150,18 +167,17 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   kernels::tdqkr_filter<S>(fs, f_row, f_col, ones, ones, irow, icol);
   // Stage 2: exact S_side[t, h, a, i] at the kept rows only (the rescoring reads nothing else), then
   // the exact rescoring with every core.
-  const S* kn_row = kn.data_ptr<S>();
-  const S* kn_col = kn_row + HRn * Dk;
+  const auto kn_row = key_rows<S>(kn, w.keys.kn_scale, 0), kn_col = key_rows<S>(kn, w.keys.kn_scale, 1);
   S* dots = sized(sc.dots, m1);
   int32_t* rows = sized(sc.rows, m1);
-  auto exact = [&](const S* qs, const S* table, const int32_t* kept, S* S_side) {
+  auto exact = [&](const S* qs, const kernels::RowTable<S>& table, const int32_t* kept, S* S_side) {
     for (int64_t t = 0; t < T; ++t)
       for (int64_t h = 0; h < c.H; ++h) {
         const int32_t* k = kept + (t * c.H + h) * m1;
         for (int64_t a = 0; a < c.r; ++a) {
           const int32_t base = int32_t((h * c.r + a) * c.n);
           for (int64_t x = 0; x < m1; ++x) rows[x] = base + k[x];
-          kernels::gathered_dots<S>(Dk, qs + t * Dk, table, rows, m1, dots);
+          kernels::gathered_dots_q<S>(Dk, qs + t * Dk, table, rows, m1, dots);
           S* dst = S_side + ((t * c.H + h) * c.r + a) * c.n;
           for (int64_t x = 0; x < m1; ++x) dst[k[x]] = dots[x];
         }
@@ -208,6 +224,23 @@ UltraMemDecodeKeys fold_filter_keys(const at::Tensor& kn_row, const at::Tensor& 
   return k;
 }
 
+UltraMemDecodeKeys compact_keys(const UltraMemDecodeKeys& keys, const std::string& format) {
+  if (format == "fp32") return keys;
+  auto one = [&](const at::Tensor& t, at::Tensor& scale) -> at::Tensor {
+    const auto rows = t.to(at::kFloat).reshape({-1, t.size(2)});  // [2*rows, Dk]
+    if (format == "bf16") return quantize_values_bf16(rows).view(t.sizes());
+    auto [q, s] = quantize_values_int8(rows);
+    scale = s.view({2, t.size(1)});
+    return q.view(t.sizes());
+  };
+  if (format != "bf16" && format != "int8")
+    throw std::invalid_argument("key format: expected \"fp32\", \"bf16\" or \"int8\", got \"" + format + "\"");
+  UltraMemDecodeKeys out;
+  out.kn = one(keys.kn, out.kn_scale);
+  out.kf = one(keys.kf, out.kf_scale);
+  return out;
+}
+
 at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d,
                            at::Tensor* scores_out, at::Tensor* index_out) {
   check_arg(x, "ultramem_decode: x", {x.dim() == 2 ? x.size(0) : -1, d.D}, {at::kFloat, at::kDouble});
@@ -216,8 +249,12 @@ at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, 
   check_arg(w.wq, "ultramem_decode: wq", {d.D, 2 * d.Dk}, {st});
   check_arg(w.q_scale, "ultramem_decode: q_scale", {2, d.Dk}, {st});
   check_arg(w.cores, "ultramem_decode: cores", {d.C, d.H, d.r, d.r}, {st});
-  check_arg(w.keys.kn, "ultramem_decode: keys.kn", {2, d.H * d.r * d.n, d.Dk}, {st});
-  check_arg(w.keys.kf, "ultramem_decode: keys.kf", {2, d.H * d.n, d.Dk}, {st});
+  check_arg(w.keys.kn, "ultramem_decode: keys.kn", {2, d.H * d.r * d.n, d.Dk}, {st, at::kBFloat16, at::kChar});
+  check_arg(w.keys.kf, "ultramem_decode: keys.kf", {2, d.H * d.n, d.Dk}, {st, at::kBFloat16, at::kChar});
+  if (w.keys.kn.scalar_type() == at::kChar)
+    check_arg(w.keys.kn_scale, "ultramem_decode: keys.kn_scale", {2, d.H * d.r * d.n}, {at::kFloat});
+  if (w.keys.kf.scalar_type() == at::kChar)
+    check_arg(w.keys.kf_scale, "ultramem_decode: keys.kf_scale", {2, d.H * d.n}, {at::kFloat});
   check_arg(w.values, "ultramem_decode: values", {N, d.Dv}, {st, at::kBFloat16, at::kChar});
   check_arg(w.perm, "ultramem_decode: perm", {d.E * N}, {at::kLong});
   check_arg(w.wo, "ultramem_decode: wo", {d.E * d.Dv, d.D}, {st});
@@ -247,7 +284,8 @@ at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const a
                               const at::Tensor& cores, const at::Tensor& kn, const at::Tensor& kf,
                               const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
                               const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first,
-                              int64_t m_neg, bool rms_norm) {
+                              int64_t m_neg, bool rms_norm, const c10::optional<at::Tensor>& kn_scale,
+                              const c10::optional<at::Tensor>& kf_scale) {
   TORCH_CHECK(wq.dim() == 2 && wq.size(1) % 2 == 0, "ultramem_decode: wq must be [D, 2*Dk], got shape ", wq.sizes());
   TORCH_CHECK(cores.dim() == 4, "ultramem_decode: cores must be [C, H, r, r], got shape ", cores.sizes());
   TORCH_CHECK(values.dim() == 2 && values.size(1) > 0, "ultramem_decode: values must be [N, Dv], got shape ",
@@ -276,6 +314,8 @@ at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const a
   w.cores = cores;
   w.keys.kn = kn;
   w.keys.kf = kf;
+  if (kn_scale) w.keys.kn_scale = *kn_scale;
+  if (kf_scale) w.keys.kf_scale = *kf_scale;
   w.values = values;
   if (values_scale) w.values_scale = *values_scale;
   w.perm = perm;

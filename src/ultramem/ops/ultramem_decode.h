@@ -15,6 +15,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 namespace ultramem::ops {
@@ -31,10 +32,19 @@ struct UltraMemDims {
 };
 
 // Keys prepared for the fused forward, once per change of the keys, their scales or the filter.
+// The key tables are in the compute dtype, or compact (compact_keys): bfloat16, or int8 with one
+// float32 scale per key row (key = q * scale); scores always accumulate in the compute dtype.
 struct UltraMemDecodeKeys {
-  at::Tensor kn;  // [2, H*r*n, Dk] normalised keys (row side, col side), rows ordered (h, a, i)
-  at::Tensor kf;  // [2, H*n, Dk]   filter keys: sum_a u[h, a] kn_row[h, a, i]; v for the col side
+  at::Tensor kn;        // [2, H*r*n, Dk] normalised keys (row side, col side), rows ordered (h, a, i)
+  at::Tensor kf;        // [2, H*n, Dk]   filter keys: sum_a u[h, a] kn_row[h, a, i]; v for the col side
+  at::Tensor kn_scale;  // [2, H*r*n] float32 row scales of int8 kn; undefined otherwise
+  at::Tensor kf_scale;  // [2, H*n]   float32 row scales of int8 kf; undefined otherwise
 };
+
+// Compact copies of prepared keys for inference: format "bf16" (half the bytes of float32) or "int8"
+// (a quarter, plus one scale per row); "fp32" returns them unchanged. std::invalid_argument for another
+// format or non-finite keys.
+UltraMemDecodeKeys compact_keys(const UltraMemDecodeKeys& keys, const std::string& format);
 
 // kn_row, kn_col: [H, n, r, Dk] normalised keys; u, v: [H, r] rank-1 filter vectors.
 UltraMemDecodeKeys fold_filter_keys(const at::Tensor& kn_row, const at::Tensor& kn_col, const at::Tensor& u,
@@ -60,12 +70,14 @@ at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, 
 
 // The same op with the weights as separate tensors, as registered for Python
 // (torch.ops.ultramem.ultramem_decode): D, Dk, Dv, H, r, C, n and E are read from the shapes
-// (wq [D, 2*Dk], cores [C, H, r, r], kf [2, H*n, Dk], values [N, Dv], wo [E*Dv, D]).
+// (wq [D, 2*Dk], cores [C, H, r, r], kf [2, H*n, Dk], values [N, Dv], wo [E*Dv, D]). Compact keys:
+// kn / kf in bfloat16, or int8 with kn_scale [2, H*r*n] / kf_scale [2, H*n] float32 row scales.
 at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& q_scale,
                               const at::Tensor& cores, const at::Tensor& kn, const at::Tensor& kf,
                               const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
                               const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first,
-                              int64_t m_neg, bool rms_norm);
+                              int64_t m_neg, bool rms_norm, const c10::optional<at::Tensor>& kn_scale,
+                              const c10::optional<at::Tensor>& kf_scale);
 std::tuple<at::Tensor, at::Tensor> fold_filter_keys_op(const at::Tensor& kn_row, const at::Tensor& kn_col,
                                                        const at::Tensor& u, const at::Tensor& v);
 

@@ -147,6 +147,7 @@ class DecodeBench {
   std::map<std::pair<int64_t, std::string>, GatherRef> gather_;           // (N, dtype) -> reference
   std::map<std::tuple<int64_t, int64_t, std::string>, double> pool_eff_;  // (N, batch, dtype) -> efficiency
   std::vector<std::string> formats_;                                      // value formats to run, in order
+  std::vector<std::string> key_formats_;                                  // key formats of the fused cases
 };
 
 void DecodeBench::finalize_args() {
@@ -157,6 +158,9 @@ void DecodeBench::finalize_args() {
                                   "\" (pooled_lookup, ultramem, ultramem_plain, moe, dense, pkm)");
   for (const char* f : {"fp32", "bf16", "int8"})
     if (std::find(a_.values.begin(), a_.values.end(), f) != a_.values.end()) formats_.push_back(f);
+  for (const auto& k : a_.keys) check_format(k);
+  for (const char* f : {"fp32", "bf16", "int8"})
+    if (std::find(a_.keys.begin(), a_.keys.end(), f) != a_.keys.end()) key_formats_.push_back(f);
   if (a_.layers_only && a_.models_only)
     throw std::invalid_argument("bench decode: --layers-only and --models-only exclude each other");
   if (a_.repeats < 1) throw std::invalid_argument("bench decode: --repeats must be >= 1");
@@ -240,6 +244,7 @@ void DecodeBench::context_line() {
   j["model_batches"] = a_.model_batches;
   j["model_log2_sizes"] = a_.model_log2_sizes;
   j["values"] = formats_;
+  j["keys"] = key_formats_;
   j["kinds"] = a_.kinds;
   j["repeats"] = a_.repeats;
   emit_(j);
@@ -307,6 +312,14 @@ const DecodeRecord* DecodeBench::find(const std::string& scope, const std::strin
   for (const auto& r : records_)
     if (r.scope == scope && r.kind == kind && r.dtype == dtype && r.batch == B && r.N == N) return &r;
   return nullptr;
+}
+
+// The benchmark's kind of the fused UltraMem layer or model with keys stored as `keys`.
+std::string ultramem_kind(const std::string& keys) { return keys == "fp32" ? "ultramem" : "ultramem_keys_" + keys; }
+
+// Bytes per key element in a key format (int8: the row scale spread over its Dk elements).
+double key_elem_bytes(const std::string& keys, int64_t Dk) {
+  return keys == "fp32" ? 4.0 : keys == "bf16" ? 2.0 : 1.0 + 4.0 / double(Dk);
 }
 
 // ---- the pooled lookup alone, and the gather bandwidth of its table -----------------------------------
@@ -507,9 +520,13 @@ void DecodeBench::layer_bench(int64_t log2_n) {
     const int64_t hb = perf::huge_page_bytes(layer->values.data_ptr(), size_t(layer->values.nbytes()));
     const json table = {{"value_table_huge_page_fraction", double(hb) / double(layer->values.nbytes())}};
     if (fused)
-      run_kind(
-          "ultramem", dt, [&](const torch::Tensor& x) { return layer->forward(x); },
-          [&](int64_t B) { return perf::ultramem_traffic(cfg, B, row); }, table);
+      for (const auto& kf : key_formats_) {
+        layer->set_key_format(nn::parse_value_format(kf));
+        run_kind(
+            ultramem_kind(kf), dt, [&](const torch::Tensor& x) { return layer->forward(x); },
+            [&](int64_t B) { return perf::ultramem_traffic(cfg, B, row, 4.0, key_elem_bytes(kf, cfg.Dk)); }, table);
+      }
+    layer->set_key_format(nn::ValueFormat::kFloat32);
     if (plain) {
       // The plain-libtorch version, keys normalised once (as the fused inference path caches them).
       const auto keys = perf::plain::normalise_keys(*layer);
@@ -592,7 +609,7 @@ void DecodeBench::model_bench(int64_t log2_n) {
     emit_(j);
   }
   auto run_model = [&](const std::string& kind, const std::string& dt, nn::Transformer& model,
-                       const nn::ModelConfig& mc, double row_bytes) {
+                       const nn::ModelConfig& mc, double row_bytes, double key_bytes = 4.0) {
     model->eval();
     for (int64_t B : a_.model_batches) {
       const double cache_gib = double(mc.n_layers) * 2 * B * (a_.context + 2) * mc.d_model * 4 / kGiB;
@@ -608,7 +625,7 @@ void DecodeBench::model_bench(int64_t log2_n) {
             model->forward_cached(tokens.narrow(0, (i * B) % (tokens.size(0) - B + 1), B), cache);
           },
           a_.repeats, a_.case_seconds, a_.min_case_seconds);
-      record("model", kind, dt, B, N, Dv, t, perf::model_traffic(mc, B, a_.context, row_bytes));
+      record("model", kind, dt, B, N, Dv, t, perf::model_traffic(mc, B, a_.context, row_bytes, key_bytes));
     }
   };
   const double backbone_gib = double(sizes.dense_cost.params) * 4 / kGiB;
@@ -626,7 +643,11 @@ void DecodeBench::model_bench(int64_t log2_n) {
         prepare_ultramem(*u, dt);
         row = double(u->value_bytes()) / double(N);
       }
-    run_model("ultramem", dt, model, sizes.ultramem, row);
+    for (const auto& kf : key_formats_) {
+      for (const auto& m : model->modules(/*include_self=*/false))
+        if (auto u = std::dynamic_pointer_cast<nn::UltraMemImpl>(m)) u->set_key_format(nn::parse_value_format(kf));
+      run_model(ultramem_kind(kf), dt, model, sizes.ultramem, row, key_elem_bytes(kf, um.Dk));
+    }
   }
   const double pkm_gib = backbone_gib + double(N) * Dv * 4 / kGiB + double(N) * 8 / kGiB + 0.3;
   if (want("pkm") && fits(pkm_gib, {{"case", "model"}, {"kind", "pkm"}, {"N", N}})) {
@@ -720,31 +741,41 @@ void DecodeBench::ratios_and_targets() {
   std::vector<double> t4;
   ratio("layer:plain_over_fused", "layer", "ultramem_plain", "fp32", "ultramem", "fp32", upto64, &t4);
 
-  // 2. Flatness in N: latency at the largest N over the smallest, per value format, batch <= 64.
+  // 2. Flatness in N: latency at the largest N over the smallest, per scope, kind (key format) and value
+  // format, batch <= 64.
   std::map<std::string, std::vector<double>> t2;
   std::map<std::string, std::pair<int64_t, int64_t>> t2_range;
-  for (const auto& dt : dts)
-    for (int64_t B : Bs) {
-      const DecodeRecord *lo = nullptr, *hi = nullptr;
-      for (const auto& r : records_)
-        if (r.scope == "layer" && r.kind == "ultramem" && r.dtype == dt && r.batch == B) {
-          if (!lo || r.N < lo->N) lo = &r;
-          if (!hi || r.N > hi->N) hi = &r;
+  std::vector<double> t2_model_compact;
+  std::pair<int64_t, int64_t> t2_model_range;
+  for (const std::string scope : {"layer", "model"})
+    for (const std::string kind : {"ultramem", "ultramem_keys_bf16", "ultramem_keys_int8"})
+      for (const auto& dt : dts)
+        for (int64_t B : Bs) {
+          const DecodeRecord *lo = nullptr, *hi = nullptr;
+          for (const auto& r : records_)
+            if (r.scope == scope && r.kind == kind && r.dtype == dt && r.batch == B) {
+              if (!lo || r.N < lo->N) lo = &r;
+              if (!hi || r.N > hi->N) hi = &r;
+            }
+          if (!lo || lo == hi) continue;
+          const double v = hi->median_s / lo->median_s;
+          emit_({{"ratio", scope + ":" + kind + "_large_over_small_N"},
+                 {"dtype", dt},
+                 {"batch", B},
+                 {"N_small", lo->N},
+                 {"N_large", hi->N},
+                 {"value", v},
+                 {"bytes_ratio", lo->bytes > 0 ? hi->bytes / lo->bytes : 0.0}});
+          if (B > 64) continue;
+          if (scope == "layer") {
+            const std::string key = kind == "ultramem" ? dt : dt + ", " + kind.substr(9);
+            t2[key].push_back(v);
+            t2_range[key] = {lo->N, hi->N};
+          } else if (kind != "ultramem") {
+            t2_model_compact.push_back(v);
+            t2_model_range = {lo->N, hi->N};
+          }
         }
-      if (!lo || lo == hi) continue;
-      const double v = hi->median_s / lo->median_s;
-      emit_({{"ratio", "layer:ultramem_large_over_small_N"},
-             {"dtype", dt},
-             {"batch", B},
-             {"N_small", lo->N},
-             {"N_large", hi->N},
-             {"value", v},
-             {"bytes_ratio", lo->bytes > 0 ? hi->bytes / lo->bytes : 0.0}});
-      if (B <= 64) {
-        t2[dt].push_back(v);
-        t2_range[dt] = {lo->N, hi->N};
-      }
-    }
 
   // 5. Pooled lookup: value-row payload GB/s over the gather bandwidth of the same table measured
   // right before each case.
@@ -759,6 +790,8 @@ void DecodeBench::ratios_and_targets() {
   for (const auto& [dt, v] : t2)
     target("ultramem layer latency at the largest N within 1.5x of the smallest N, " + dt + ", batch 1..64", v, false,
            1.5, {{"N_small", t2_range[dt].first}, {"N_large", t2_range[dt].second}});
+  target("whole ultramem model with compact keys: latency at the largest N within 1.25x of the smallest N, batch 1..64",
+         t2_model_compact, false, 1.25, {{"N_small", t2_model_range.first}, {"N_large", t2_model_range.second}});
   target("ultramem layer within 1.5x of the dense FFN of equal activated FLOPs, fp32, batch 1", t3, false, 1.5);
   target("fused ultramem forward >= 5x faster than plain libtorch ops, fp32, batch 1..64", t4, true, 5.0);
   target(

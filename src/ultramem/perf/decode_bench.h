@@ -9,7 +9,8 @@ namespace ultramem::perf {
 
 struct DecodeRecord {
   std::string scope;  // "layer" (one layer), "model" (a whole model), "pool" (the pooled lookup alone)
-  std::string kind;   // "ultramem", "ultramem_plain", "moe", "dense", "pkm", "pooled_lookup"
+  std::string kind;   // "ultramem" (fp32 keys), "ultramem_keys_bf16" / "_int8" (compact keys), "ultramem_plain",
+                      // "moe", "dense", "pkm", "pooled_lookup"
   std::string dtype;  // value table format: "fp32", "bf16", "int8" ("fp32" for layers without one)
   int64_t batch = 0;  // tokens decoded per step (one per sequence)
   int64_t N = 0;      // physical value rows of the comparison point (sets every kind's size)
@@ -31,6 +32,9 @@ struct DecodeBenchOptions {
   std::vector<int64_t> model_log2_sizes;  // empty: 16, 20 (those <= max_log2_n)
   std::vector<int64_t> model_batches;     // empty: default list
   std::vector<std::string> values = {"fp32", "bf16", "int8"};
+  // Key formats of the fused UltraMem cases (UltraMemImpl::set_key_format); compact ones are timed as
+  // kind "ultramem_keys_<format>".
+  std::vector<std::string> keys = {"fp32", "int8"};
   std::vector<std::string> kinds = {"pooled_lookup", "ultramem", "ultramem_plain", "moe", "dense", "pkm"};
   bool layers_only = false, models_only = false, quick = false;
   int repeats = 15;

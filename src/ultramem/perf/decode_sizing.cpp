@@ -190,11 +190,13 @@ double expected_distinct_experts(int64_t K, int64_t k, int64_t B) {
   return expected_distinct_rows(double(K), double(k), B);
 }
 
-Traffic ultramem_traffic(const nn::UltraMemConfig& c, int64_t B, double value_row_bytes, double dense_elem_bytes) {
+Traffic ultramem_traffic(const nn::UltraMemConfig& c, int64_t B, double value_row_bytes, double dense_elem_bytes,
+                         double key_elem_bytes) {
   Traffic t;
-  const double dense = double(c.D) * 2 * c.Dk + 2.0 * c.Dk + double(c.H) * 2 * c.n * c.Dk * c.r + 2.0 * c.Dk +
-                       double(c.C) * c.H * c.r * c.r + double(c.E) * c.Dv * c.D;
-  t.dense_bytes = dense * dense_elem_bytes;
+  const double dense = double(c.D) * 2 * c.Dk + 2.0 * c.Dk + 2.0 * c.Dk + double(c.C) * c.H * c.r * c.r +
+                       double(c.E) * c.Dv * c.D;
+  const double keys = double(c.H) * 2 * c.n * c.Dk * c.r;
+  t.dense_bytes = dense * dense_elem_bytes + keys * (key_elem_bytes < 0 ? dense_elem_bytes : key_elem_bytes);
   t.row_bytes = expected_distinct_rows(double(c.physical_rows()), double(c.H * c.m), B) * value_row_bytes;
   return t;
 }
@@ -221,7 +223,8 @@ Traffic dense_traffic(int64_t D, int64_t hidden, int64_t B, double elem_bytes) {
   return t;
 }
 
-Traffic model_traffic(const nn::ModelConfig& c, int64_t B, int64_t context, double value_row_bytes) {
+Traffic model_traffic(const nn::ModelConfig& c, int64_t B, int64_t context, double value_row_bytes,
+                      double key_elem_bytes) {
   Traffic t;
   const double D = double(c.d_model), L = double(c.n_layers), V = double(c.vocab_size);
   double elems = V * D;                           // the head reads the whole (tied or own) table
@@ -239,7 +242,7 @@ Traffic model_traffic(const nn::ModelConfig& c, int64_t B, int64_t context, doub
   t.dense_bytes = elems * 4.0 + L * double(B) * 2.0 * double(context + 1) * D * 4.0;  // + KV cache
   for (size_t k = 0; k < c.memory_placement.size(); ++k) {
     const Traffic m = c.memory_kind == nn::MemoryKind::UltraMem
-                          ? ultramem_traffic(c.ultramem_layer_config(int64_t(k)), B, value_row_bytes)
+                          ? ultramem_traffic(c.ultramem_layer_config(int64_t(k)), B, value_row_bytes, 4.0, key_elem_bytes)
                           : pkm_traffic(c.pkm_layer_config(int64_t(k)), B, value_row_bytes);
     t.dense_bytes += m.dense_bytes;
     t.row_bytes += m.row_bytes;

@@ -77,13 +77,17 @@ struct Traffic {
   double row_bytes = 0;    // value rows read at random (memory layers), distinct rows only
   double total() const { return dense_bytes + row_bytes; }
 };
-Traffic ultramem_traffic(const nn::UltraMemConfig& c, int64_t B, double value_row_bytes, double dense_elem_bytes = 4);
+// key_elem_bytes: bytes per key element (compact keys: 2 for bf16, about 1 for int8); < 0 means
+// dense_elem_bytes.
+Traffic ultramem_traffic(const nn::UltraMemConfig& c, int64_t B, double value_row_bytes, double dense_elem_bytes = 4,
+                         double key_elem_bytes = -1);
 Traffic pkm_traffic(const nn::PKMConfig& c, int64_t B, double value_row_bytes, double dense_elem_bytes = 4);
 Traffic moe_traffic(int64_t D, int64_t K, int64_t k, int64_t hidden, int64_t B, double elem_bytes = 4);
 Traffic dense_traffic(int64_t D, int64_t hidden, int64_t B, double elem_bytes = 4);
 // A whole model's decode step at `context` cached positions: every non-memory, non-expert parameter,
 // the touched experts, the memory layers' dense parts and rows, and the KV cache (fp32).
-Traffic model_traffic(const nn::ModelConfig& c, int64_t B, int64_t context, double value_row_bytes);
+Traffic model_traffic(const nn::ModelConfig& c, int64_t B, int64_t context, double value_row_bytes,
+                      double key_elem_bytes = 4);
 
 nlohmann::json cost_to_json(const Cost& c);
 nlohmann::json layer_sizes_to_json(const LayerSizes& s);
