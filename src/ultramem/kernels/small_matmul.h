@@ -58,6 +58,11 @@ void gathered_dots_q(int64_t K,
                      int64_t count,
                      T* out);                  // [count] out
 
+// dst[count, K] = rows [row0, row0 + count) of b widened to T, int8 rows times their scale (for
+// handing compact rows to a BLAS product block by block). Exact for bf16.
+template <typename T>
+void widen_rows(const RowTable<T>& b, int64_t K, int64_t row0, int64_t count, T* dst);
+
 // Scalar references (plain loops over k ascending / the same 16-lane dot layout).
 template <typename T>
 void matmul_rows_ref(int64_t rows, int64_t K, int64_t N, const T* x, const T* w, T* out);

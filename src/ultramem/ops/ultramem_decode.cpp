@@ -25,7 +25,7 @@ constexpr int64_t kSmallRowsScores = 16;     // key scoring
 // Per-thread scratch buffers, reused across calls (no allocation once grown).
 template <typename S>
 struct Scratch {
-  std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, scores, pooled, dots, ones;
+  std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, scores, pooled, dots, ones, wide, part;
   std::vector<int32_t> irow, icol, rows;
   std::vector<int64_t> index;
 };
@@ -140,9 +140,27 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   const int64_t Hn = c.H * c.n, m1 = (c.m_first > 0 ? c.m_first : c.m);
   S* f_row = sized(sc.f_row, T * Hn);
   S* f_col = sized(sc.f_col, T * Hn);
-  if (T <= kSmallRowsScores || kf.scalar_type() != st) {
+  if (T <= kSmallRowsScores) {
     kernels::matmul_rows_nt_q<S>(T, Dk, Hn, qr, key_rows<S>(kf, w.keys.kf_scale, 0), f_row);
     kernels::matmul_rows_nt_q<S>(T, Dk, Hn, qc, key_rows<S>(kf, w.keys.kf_scale, 1), f_col);
+  } else if (kf.scalar_type() != st) {
+    // Compact keys, many tokens: blocks of key rows widened in cache, each scored by one BLAS product.
+    constexpr int64_t kBlock = 512;
+    S* wide = sized(sc.wide, kBlock * Dk);
+    S* part = sized(sc.part, T * kBlock);
+    const auto o = torch::TensorOptions().dtype(st);
+    for (int side = 0; side < 2; ++side) {
+      const auto tab = key_rows<S>(kf, w.keys.kf_scale, side);
+      const torch::Tensor qt = torch::from_blob(side == 0 ? qr : qc, {T, Dk}, o);
+      S* f = side == 0 ? f_row : f_col;
+      for (int64_t j0 = 0; j0 < Hn; j0 += kBlock) {
+        const int64_t nb = std::min(kBlock, Hn - j0);
+        kernels::widen_rows<S>(tab, Dk, j0, nb, wide);
+        torch::Tensor dst = torch::from_blob(part, {T, nb}, o);
+        at::mm_out(dst, qt, torch::from_blob(wide, {nb, Dk}, o).t());
+        for (int64_t t = 0; t < T; ++t) std::copy(part + t * nb, part + (t + 1) * nb, f + t * Hn + j0);
+      }
+    }
   } else {
     const auto o = torch::TensorOptions().dtype(st);
     torch::Tensor d_row = torch::from_blob(f_row, {T, Hn}, o), d_col = torch::from_blob(f_col, {T, Hn}, o);
