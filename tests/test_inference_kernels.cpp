@@ -252,6 +252,41 @@ TEST(SelectTop, ScanTopEqualsFullSort) {
     }
 }
 
+// select_top_k (group-maxima threshold, survivors, exact selection) equals the first k of a full sort,
+// with ties, NaN, -inf and +inf scores, nearly all NaN (the fallback), and positions offset by pos0.
+TEST(SelectTop, SelectTopKEqualsFullSort) {
+  Rng rng(15);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  int cases = 0;
+  for (int64_t n : {8, 64, 256, 1000, 1024, 4096})
+    for (int64_t k : {1, 8, 32, 64})
+      for (int variant = 0; variant < 5; ++variant) {
+        if (k > n) continue;
+        std::vector<float> score(n);
+        for (auto& x : score) {
+          x = variant == 1 ? std::round(d(rng) * 2) / 2 : d(rng);  // 1: many exact ties
+          if (variant == 2 && rng() % 7 == 0) x = nan;
+          if (variant == 3 && rng() % 11 == 0) x = (rng() % 2) ? inf : -inf;
+        }
+        if (variant == 4)  // nearly all NaN: fewer than k groups with a finite maximum (the fallback)
+          for (int64_t i = 0; i < n; ++i)
+            if (i % 97 != 0) score[i] = nan;
+        auto id_of = [n](int64_t i) { return (i * 7919 + 3) % n; };
+        std::vector<uk::Ranked<float>> want(n);
+        for (int64_t i = 0; i < n; ++i) want[i] = {score[i], id_of(i), 100 + i};
+        std::sort(want.begin(), want.end(), uk::ranks_before<float>);
+        std::vector<uk::Ranked<float>> work, got(k);
+        uk::select_top_k(score.data(), n, k, id_of, 100, work, got.data());
+        for (int64_t x = 0; x < k; ++x) {
+          ASSERT_EQ(got[x].id, want[x].id) << "n=" << n << " k=" << k << " variant " << variant << " position " << x;
+          ASSERT_EQ(got[x].pos, want[x].pos);
+        }
+        ++cases;
+      }
+  EXPECT_GT(cases, 100);
+}
+
 template <typename T>
 std::vector<T> normal_vec(int64_t n, Rng& rng) {
   std::normal_distribution<double> d(0.0, 1.0);

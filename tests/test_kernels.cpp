@@ -865,6 +865,37 @@ TYPED_TEST(TdqkrKernels, IntegerTiesFollowOrderingContract) {
   }
 }
 
+// The threshold selection (select_top_k: filter n >= 8 m_first, rescoring m_first^2 >= 8 m) with exact
+// ties, NaN and infinite scores: every ISA equals the references.
+TYPED_TEST(TdqkrKernels, ThresholdSelectionWithTiesAndSpecialValues) {
+  using T = TypeParam;
+  const std::vector<TdqkrShape> shapes = {{6, 2, 2, 256, 2, 16, 16}, {4, 1, 2, 512, 2, 32, 32, 16},
+                                          {3, 2, 1, 200, 1, 24, 20}};
+  uint32_t seed = 400;
+  for (const TdqkrShape& s : shapes)
+    for (int variant = 0; variant < 3; ++variant) {
+      SCOPED_TRACE(describe(s) + " variant " + std::to_string(variant));
+      auto p = make_tdqkr<T>(s, seed++, variant == 0 ? Fill::kInteger : Fill::kGaussian);
+      Rng rng(seed);
+      for (auto* x : {&p.s_row, &p.s_col})
+        for (auto& e : *x) {
+          if (variant == 1 && rng() % 17 == 0) e = kNaN<T>;
+          if (variant == 2 && rng() % 19 == 0) e = (rng() % 2 ? 1 : -1) * std::numeric_limits<T>::infinity();
+        }
+      const auto want_f = run_filter<T>(&uk::tdqkr_filter_ref<T>, p);
+      const auto want = run_rescore<T>(&uk::tdqkr_rescore_ref<T>, p, want_f);
+      for (const auto& tab : isa_tables<T>()) {
+        SCOPED_TRACE(tab.name);
+        const auto f = run_filter<T>(tab.k.tdqkr_filter, p);
+        EXPECT_TRUE(Identical(f.row, want_f.row)) << "idx_row";
+        EXPECT_TRUE(Identical(f.col, want_f.col)) << "idx_col";
+        const auto got = run_rescore<T>(tab.k.tdqkr_rescore, p, want_f);
+        EXPECT_TRUE(Identical(got.index, want.index)) << "index";
+        EXPECT_TRUE(Identical(got.scores, want.scores)) << "scores";
+      }
+    }
+}
+
 // NaN scores rank last (after every finite score, NaNs among themselves by index) and do not crash.
 TYPED_TEST(TdqkrKernels, NaNInputsRankLast) {
   using T = TypeParam;

@@ -21,6 +21,7 @@ template <typename T>
 struct Scratch {
   std::vector<T> f_row, f_col;      // [n] filter scores
   std::vector<Ranked<T>> cand;      // [n] or [m_first^2] ranking candidates
+  std::vector<Ranked<T>> work;      // survivors of select_top_k
   std::vector<int32_t> irow, icol;  // [m_first] kept rows / cols
   std::vector<T> A;                 // [r, m_first]  A[b, x] = sum_a Csum[a,b] R[a,x]
   std::vector<T> Cc;                // [r, m_first]  s_col[b, icol[y]]
@@ -51,9 +52,9 @@ struct Scratch {
 template <typename T, typename IdFn>
 void top_ids(const T* scores, int64_t n, int64_t k, IdFn id_of, Scratch<T>& sc, int32_t* out) {
   if (k <= 64) {
-    TopBuffer<T> buf(k);
-    scan_top(scores, n, buf, id_of);
-    for (int64_t x = 0; x < k; ++x) out[x] = static_cast<int32_t>(buf.best[x].id);
+    Ranked<T> best[64];
+    select_top_k(scores, n, k, id_of, 0, sc.work, best);
+    for (int64_t x = 0; x < k; ++x) out[x] = static_cast<int32_t>(best[x].id);
     return;
   }
   sc.cand.resize(n);
@@ -119,7 +120,9 @@ void rescore_one(const TdqkrShape& s, int64_t h, const T* Sr, const T* Scol, con
     // Scan G directly (ids computed only for the candidates that pass the threshold).
     TopBuffer<T> buf(s.m);
     if (s.m_neg == 0) {
-      scan_top(sc.G.data(), m1 * m1, buf, [&](int64_t p) { return int64_t(irow[p / m1]) * n + icol[p % m1]; });
+      select_top_k(sc.G.data(), m1 * m1, s.m, [&](int64_t p) { return int64_t(irow[p / m1]) * n + icol[p % m1]; }, 0,
+                   sc.work, buf.best);
+      buf.filled = s.m;
     } else {
       for (int64_t x = 0; x < m1; ++x) {
         const int64_t a0 = y0(x);

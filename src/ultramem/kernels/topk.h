@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -115,6 +116,73 @@ inline void scan_top(const T* scores, int64_t n, TopBuffer<T>& buf, IdFn id_of, 
     if (buf.full_and_finite() && !(scores[i] >= buf.threshold())) continue;
     buf.offer({scores[i], id_of(i), pos0 + i});
   }
+}
+
+// The k best of {scores[i], id_of(i), pos0 + i}, i < n, sorted best first into out[0, k), exactly as
+// scan_top would find them, in three passes:
+//  1. the maxima of G interleaved groups (group l holds the scores i with i mod G == l; G = 64 or 128,
+//     G >= k) and t0 = the k-th largest of them: k distinct scores are >= t0, so every one of the k best
+//     is >= t0;
+//  2. the survivors >= t0 collected (about 1.5k of n = 32k random scores; NaN fails the compare);
+//  3. exact selection among the survivors (score descending, ties by smaller id; no NaN is left).
+// Falls back to scan_top when fewer than k groups have a finite maximum or n < max(8k, 128).
+// `work` is scratch.
+template <typename T, typename IdFn>
+inline void select_top_k(const T* scores, int64_t n, int64_t k, IdFn id_of, int64_t pos0,
+                         std::vector<Ranked<T>>& work, Ranked<T>* out) {
+  auto fallback = [&] {
+    TopBuffer<T> buf(k);
+    scan_top(scores, n, buf, id_of, pos0);
+    std::copy(buf.best, buf.best + k, out);
+  };
+  if (k < 1) return;
+  if (k > 64 || n < 8 * k || n < 128) return fallback();
+  const int64_t G = n >= 512 ? 128 : 64;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  T gmax[128];
+  std::fill(gmax, gmax + G, kNegInf);
+  int64_t i = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 acc[16];
+    for (int64_t v = 0; v < G / 8; ++v) acc[v] = _mm256_set1_ps(kNegInf);
+    for (; i + G <= n; i += G)
+      for (int64_t v = 0; v < G / 8; ++v)
+        acc[v] = _mm256_max_ps(_mm256_loadu_ps(scores + i + 8 * v), acc[v]);  // a NaN load keeps acc
+    for (int64_t v = 0; v < G / 8; ++v) _mm256_storeu_ps(gmax + 8 * v, acc[v]);
+  }
+#endif
+  for (; i < n; ++i) {
+    T& g = gmax[i % G];
+    g = scores[i] > g ? scores[i] : g;
+  }
+  std::nth_element(gmax, gmax + (k - 1), gmax + G, [](T a, T b) { return a > b; });
+  const T t0 = gmax[k - 1];
+  if (!(t0 > kNegInf)) return fallback();
+  work.clear();
+  i = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 tv = _mm256_set1_ps(t0);
+    for (; i + 8 <= n; i += 8) {
+      unsigned mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(scores + i), tv, _CMP_GE_OQ)));
+      while (mask != 0) {
+        const int64_t j = i + __builtin_ctz(mask);
+        mask &= mask - 1;
+        work.push_back({scores[j], id_of(j), pos0 + j});
+      }
+    }
+  }
+#endif
+  for (; i < n; ++i)
+    if (scores[i] >= t0) work.push_back({scores[i], id_of(i), pos0 + i});
+  // No NaN among the survivors: the plain order (ranks_before without its NaN branches).
+  const auto before = [](const Ranked<T>& a, const Ranked<T>& b) {
+    return a.score > b.score || (a.score == b.score && a.id < b.id);
+  };
+  if (int64_t(work.size()) > k) std::nth_element(work.begin(), work.begin() + k, work.end(), before);
+  std::sort(work.begin(), work.begin() + k, before);
+  std::copy(work.begin(), work.begin() + k, out);
 }
 
 }  // namespace ultramem::kernels
