@@ -577,6 +577,44 @@ TEST(MoELayer, GroupedExpertsMatchAPerTokenLoopAndTheBalanceLossFormula) {
   EXPECT_EQ(assigned, 36);
 }
 
+// The no-grad forward (ops::moe_decode: few-row kernels, one product per used expert) and the autograd
+// forward agree, with the same routing counts and balance loss; T = 1 and 5 use the few-row kernels,
+// T = 40 BLAS.
+TEST(MoELayer, FusedNoGradForwardMatchesTheAutogradPath) {
+  for (int64_t k : {1, 2}) {
+    MoEConfig mc;
+    mc.num_experts = 6;
+    mc.top_k = k;
+    mc.balance_coef = 0.1;
+    MoE moe(16, mc, 9, at::detail::createCPUGenerator(7), 0.3, 0.3);
+    for (int64_t T : {1, 5, 40}) {
+      SCOPED_TRACE("top_k=" + std::to_string(k) + " T=" + std::to_string(T));
+      torch::manual_seed(T);
+      const auto x = torch::randn({T, 16});
+      moe->reset_load();
+      const auto want = moe->forward(x).detach();
+      const double want_balance = moe->balance_loss().item<double>();
+      const auto want_load = moe->load();
+      moe->reset_load();
+      torch::Tensor got;
+      {
+        torch::NoGradGuard ng;
+        got = moe->forward(x);
+      }
+      EXPECT_LE(max_abs_diff(got, want), 1e-5);
+      EXPECT_NEAR(moe->balance_loss().item<double>(), want_balance, 1e-6);
+      EXPECT_EQ(moe->load(), want_load);
+    }
+  }
+  MoEConfig mc;
+  mc.num_experts = 3;
+  mc.top_k = 1;
+  MoE moe(8, mc, 4, at::detail::createCPUGenerator(1), 0.3, 0.3);
+  torch::NoGradGuard ng;
+  EXPECT_THROW(moe->forward(torch::randn({2, 7})), c10::Error);
+  EXPECT_EQ(moe->forward(torch::randn({0, 8})).size(0), 0);
+}
+
 TEST(MoELayer, BalanceLossIsPositiveAndItsGradientReachesTheRouter) {
   Transformer model(tiny("tiny-moe"));
   model->forward(random_tokens(2, 12, 64, 14));

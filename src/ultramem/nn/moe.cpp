@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include "ultramem/nn/swiglu.h"
+#include "ultramem/ops/moe_decode.h"
 
 namespace ultramem::nn {
 
@@ -23,6 +24,17 @@ torch::Tensor MoEImpl::forward(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == D, "MoE: input must have shape [..., D=", D, "], got ", x.sizes());
   const auto xf = x.reshape({-1, D});  // [T, D]
   const int64_t T = xf.size(0);
+  if (!at::GradMode::is_enabled()) {
+    // No grad: the fused op (ops/moe_decode.h), the same routing and experts without autograd.
+    ops::MoeDecodeStats st;
+    auto out = ops::moe_decode(xf.contiguous(), router, w_in, w_out, k, &st);
+    const int64_t* cnt = st.counts.data_ptr<int64_t>();
+    for (int64_t e = 0; e < K; ++e) load_[e] += cnt[e];
+    balance_loss_ = T > 0 ? (st.counts.to(st.mean_probs.scalar_type()) / double(T * k) * st.mean_probs).sum() *
+                                (cfg_.balance_coef * double(K))
+                          : torch::zeros({}, router.options());
+    return out.view(x.sizes());
+  }
   const auto probs = torch::softmax(xf.matmul(router), -1);  // [T, K]
   auto [top_w, top_e] = probs.topk(k, -1);                   // [T, k] each
   // Renormalise the kept weights (k > 1). With k == 1 the raw probability is kept: renormalising

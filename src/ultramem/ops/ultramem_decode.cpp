@@ -11,15 +11,19 @@
 #include "ultramem/kernels/small_matmul.h"
 #include "ultramem/kernels/tdqkr.h"
 #include "ultramem/ops/check.h"
+#include "ultramem/ops/project.h"
 #include "ultramem/ops/value_quant.h"
 
 namespace ultramem::ops {
 namespace {
 
-// Below these batch sizes the few-row kernels beat BLAS on this project's shapes (measured with
-// Dk = 128, n = 512..4096, D = 512, E*Dv = 1024; docs/performance.md, "Inference path").
-constexpr int64_t kSmallRowsProjection = 8;  // q = u @ Wq and out = pooled @ Wo
-constexpr int64_t kSmallRowsScores = 16;     // key scoring
+using detail::dtype_of;
+using detail::project;
+
+// Below this batch size the few-row kernels beat BLAS for key scoring on this project's shapes
+// (measured with Dk = 128, n = 512..4096; docs/performance.md, "Inference path"). The projections use
+// project() (ops/project.h).
+constexpr int64_t kSmallRowsScores = 16;
 
 
 // Per-thread scratch buffers, reused across calls (no allocation once grown).
@@ -40,23 +44,6 @@ V* sized(std::vector<V>& v, int64_t n) {
   return v.data();
 }
 
-template <typename S>
-constexpr torch::Dtype dtype_of() {
-  return std::is_same_v<S, float> ? torch::kFloat : torch::kDouble;
-}
-
-// out[rows, N] = x[rows, K] @ w[K, N] (w contiguous): the few-row kernel or BLAS.
-template <typename S>
-void project(const S* x, int64_t rows, int64_t K, const torch::Tensor& w, S* out) {
-  const int64_t N = w.size(1);
-  if (rows <= kSmallRowsProjection) {
-    kernels::matmul_rows<S>(rows, K, N, x, w.data_ptr<S>(), out);
-    return;
-  }
-  const auto o = torch::TensorOptions().dtype(dtype_of<S>());
-  torch::Tensor dst = torch::from_blob(out, {rows, N}, o);
-  at::mm_out(dst, torch::from_blob(const_cast<S*>(x), {rows, K}, o), w);
-}
 
 // Normalises x[0:Dk] in place (RMS or Layer, eps 1e-6 as the autograd path) and scales it.
 template <typename S>
