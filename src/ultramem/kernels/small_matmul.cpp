@@ -61,14 +61,35 @@ inline void dots(const T* __restrict x, const T* __restrict row, int64_t K, T* o
 }
 
 #if defined(__AVX2__)
-// float specialisation with the accumulators pinned in registers (same arithmetic as above).
-template <int TB>
-inline void dots_avx2(const float* __restrict x, const float* __restrict row, int64_t K, float* out, int64_t ldo) {
+// float specialisation with the accumulators pinned in registers (same arithmetic as above). The row
+// is float, or compact (kernels::RowFormat) and read in place: 8 bf16 bits or int8 values widened
+// exactly to float per load, so the products and sums are those of the widened row (bitwise equal).
+template <int TB, RowFormat F = RowFormat::kCompute>
+inline void dots_avx2(const float* __restrict x, const void* __restrict row_v, int64_t K, float* out, int64_t ldo) {
+  auto load8 = [&](int64_t i) {
+    if constexpr (F == RowFormat::kBf16) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row_v) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else if constexpr (F == RowFormat::kInt8) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(row_v) + i));
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    } else {
+      return _mm256_loadu_ps(static_cast<const float*>(row_v) + i);
+    }
+  };
+  auto elem = [&](int64_t j) {
+    if constexpr (F == RowFormat::kBf16)
+      return __builtin_bit_cast(float, uint32_t(static_cast<const uint16_t*>(row_v)[j]) << 16);
+    else if constexpr (F == RowFormat::kInt8)
+      return float(static_cast<const int8_t*>(row_v)[j]);
+    else
+      return static_cast<const float*>(row_v)[j];
+  };
   __m256 a0[TB], a1[TB];
   for (int t = 0; t < TB; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + kLanes <= K; i += kLanes) {
-    const __m256 r0 = _mm256_loadu_ps(row + i), r1 = _mm256_loadu_ps(row + i + 8);
+    const __m256 r0 = load8(i), r1 = load8(i + 8);
     for (int t = 0; t < TB; ++t) {
       a0[t] = _mm256_add_ps(a0[t], _mm256_mul_ps(_mm256_loadu_ps(x + t * K + i), r0));
       a1[t] = _mm256_add_ps(a1[t], _mm256_mul_ps(_mm256_loadu_ps(x + t * K + i + 8), r1));
@@ -77,7 +98,7 @@ inline void dots_avx2(const float* __restrict x, const float* __restrict row, in
   if (i < K) {
     alignas(32) float xt[TB][kLanes] = {}, rt[kLanes] = {};
     for (int64_t j = i; j < K; ++j) {
-      rt[j - i] = row[j];
+      rt[j - i] = elem(j);
       for (int t = 0; t < TB; ++t) xt[t][j - i] = x[t * K + j];
     }
     const __m256 r0 = _mm256_load_ps(rt), r1 = _mm256_load_ps(rt + 8);
@@ -150,48 +171,6 @@ void gathered_dots_impl(int64_t K, const T* x, const T* b, const int32_t* rows, 
   }
 }
 
-#if defined(__AVX2__)
-// dots_avx2 over a compact row read in place: 8 bf16 bits or int8 values widened exactly to float per
-// load, the same lanes, products and additions as dots_avx2 on the widened row (bitwise equal).
-template <int TB, bool kBf16>
-inline void dots_q_avx2(const float* __restrict x, const void* __restrict row_v, int64_t K, float* out, int64_t ldo) {
-  auto load8 = [&](int64_t i) {
-    if constexpr (kBf16) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row_v) + i));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    } else {
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(row_v) + i));
-      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    }
-  };
-  __m256 a0[TB], a1[TB];
-  for (int t = 0; t < TB; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + kLanes <= K; i += kLanes) {
-    const __m256 r0 = load8(i), r1 = load8(i + 8);
-    for (int t = 0; t < TB; ++t) {
-      a0[t] = _mm256_add_ps(a0[t], _mm256_mul_ps(_mm256_loadu_ps(x + t * K + i), r0));
-      a1[t] = _mm256_add_ps(a1[t], _mm256_mul_ps(_mm256_loadu_ps(x + t * K + i + 8), r1));
-    }
-  }
-  if (i < K) {
-    alignas(32) float xt[TB][kLanes] = {}, rt[kLanes] = {};
-    for (int64_t j = i; j < K; ++j) {
-      if constexpr (kBf16)
-        rt[j - i] = __builtin_bit_cast(float, uint32_t(static_cast<const uint16_t*>(row_v)[j]) << 16);
-      else
-        rt[j - i] = float(static_cast<const int8_t*>(row_v)[j]);
-      for (int t = 0; t < TB; ++t) xt[t][j - i] = x[t * K + j];
-    }
-    const __m256 r0 = _mm256_load_ps(rt), r1 = _mm256_load_ps(rt + 8);
-    for (int t = 0; t < TB; ++t) {
-      a0[t] = _mm256_add_ps(a0[t], _mm256_mul_ps(_mm256_load_ps(xt[t]), r0));
-      a1[t] = _mm256_add_ps(a1[t], _mm256_mul_ps(_mm256_load_ps(xt[t] + 8), r1));
-    }
-  }
-  for (int t = 0; t < TB; ++t) out[t * ldo] = reduce16(a0[t], a1[t]);
-}
-#endif
 
 // Dots of TB x rows with row j of a compact table (then scaled for int8); float rows read in place
 // with AVX2, otherwise widened into buf first (same arithmetic).
@@ -220,9 +199,9 @@ inline void dots_q(const T* x, const RowTable<T>& b, int64_t K, int64_t j, T* bu
     const int64_t elem = b.format == RowFormat::kBf16 ? 2 : 1;
     const void* row = static_cast<const char*>(b.data) + j * K * elem;
     if (b.format == RowFormat::kBf16)
-      dots_q_avx2<TB, true>(x, row, K, out, ldo);
+      dots_avx2<TB, RowFormat::kBf16>(x, row, K, out, ldo);
     else
-      dots_q_avx2<TB, false>(x, row, K, out, ldo);
+      dots_avx2<TB, RowFormat::kInt8>(x, row, K, out, ldo);
     if (b.format == RowFormat::kInt8)
       for (int t = 0; t < TB; ++t) out[t * ldo] *= b.scale[j];
     return;
