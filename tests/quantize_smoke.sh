@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `ultramem quantize` and memory-mapped eval / generate end to end on a tiny corpus: quantise a trained
 # UltraMem model to bf16 and int8 (loss before / after / delta as a JSON line), evaluate and generate
-# from the quantised checkpoints with and without --mmap, and the errors for bad input.
+# from the quantised checkpoints with and without --mmap, compact keys (--keys), and the errors for bad
+# input.
 # Usage: quantize_smoke.sh PATH/TO/ultramem
 set -euo pipefail
 um="$1"
@@ -55,6 +56,26 @@ b=$("$um" --threads 1 generate "$work/run/checkpoint.int8.safetensors" --prompt 
 [ "$a" = "$b" ] || fail "mmap changed the greedy text: '$a' vs '$b'"
 # No data: the comparison is skipped with a note, the checkpoint still written.
 "$um" --threads 1 quantize "$ck" --values bf16 --no-eval --out "$work/noeval.safetensors" | grep -q "wrote" || fail "--no-eval"
+
+# Compact keys: recorded in the checkpoint, used by eval unless --keys overrides, with the agreement
+# and the loss change reported.
+out=$("$um" --threads 1 quantize "$ck" --keys int8 --max-batches 2 2>/dev/null)
+json=$(tail -n 1 <<<"$out")
+for key in '"keys":"int8"' '"key_agreement"' '"val_loss_delta"' '"values":"fp32"'; do
+  grep -qF "$key" <<<"$json" || fail "quantize --keys JSON lacks $key: $json"
+done
+kq="$work/run/checkpoint.keys-int8.safetensors"
+[ -f "$kq" ] || fail "quantize --keys wrote no $kq"
+ev=$("$um" --threads 1 eval "$kq" --batch-size 2 --max-batches 2)
+grep -q '"key_format": "int8"' <<<"$ev" || fail "eval of a keys-int8 checkpoint: $ev"
+grep -q '"key_loss_change"' <<<"$ev" || fail "eval with int8 keys lacks key_loss_change"
+grep -q '"mem0.key_agreement"' <<<"$ev" || fail "eval with int8 keys lacks key_agreement"
+ev=$("$um" --threads 1 eval "$kq" --batch-size 2 --max-batches 2 --keys fp32)
+grep -q '"key_format": "fp32"' <<<"$ev" || fail "eval --keys fp32 did not override: $ev"
+"$um" --threads 1 quantize "$ck" --values int8 --keys bf16 --no-eval | grep -q "checkpoint.int8.keys-bf16.safetensors" \
+  || fail "quantize --values int8 --keys bf16: default output name"
+expect_error "nothing to do" "$um" quantize "$ck"
+expect_error "value format" "$um" quantize "$ck" --keys int4
 
 expect_error "already int8" "$um" quantize "$work/run/checkpoint.int8.safetensors" --values bf16 --out "$work/x.safetensors"
 expect_error "bf16 or int8" "$um" quantize "$ck" --values fp32

@@ -22,10 +22,10 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--max-batches", a->max_batches, "Evaluate at most this many batches (0 = the whole split)")
       ->capture_default_str();
   cmd->add_option("--keys", a->keys,
-                  "Key storage of the memory layers: fp32 (as trained), bf16 or int8 (one scale per key row); "
+                  "Key storage of the memory layers: fp32 (as trained), bf16 or int8 (one scale per key row; default: "
+                  "the checkpoint's, see quantize --keys); "
                   "memory_layers then reports key_agreement, the share of kept candidates the fp32 keys keep too")
-      ->check(CLI::IsMember({"fp32", "bf16", "int8"}))
-      ->capture_default_str();
+      ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   cmd->add_flag("--mmap", a->mmap,
                 "Serve the memory value tables from a read-only mapping of the checkpoint file instead of "
                 "loading them (tables larger than RAM; checksum not verified). first_batch_ms vs "

@@ -24,9 +24,9 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--top-p", a->sampling.top_p, "Nucleus sampling mass (1 = off)")->capture_default_str();
   cmd->add_option("--seed", a->sampling.seed, "Sampling seed")->capture_default_str();
   cmd->add_option("--keys", a->keys,
-                  "Key storage of the memory layers at inference: fp32 (as trained), bf16 or int8 (one scale per key row)")
-      ->check(CLI::IsMember({"fp32", "bf16", "int8"}))
-      ->capture_default_str();
+                  "Key storage of the memory layers at inference: fp32 (as trained), bf16 or int8 (one scale per key row); "
+                  "default: the checkpoint's (quantize --keys), else fp32")
+      ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   cmd->add_flag("--mmap", a->mmap,
                 "Serve the memory value tables from a read-only mapping of the checkpoint file instead of "
                 "loading them (tables larger than RAM; checksum not verified)");

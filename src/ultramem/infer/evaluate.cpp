@@ -104,7 +104,7 @@ nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
   const auto t0 = std::chrono::steady_clock::now();
   LoadOptions lo;
   lo.mmap = a.mmap;
-  lo.key_format = nn::parse_value_format(a.keys);
+  if (!a.keys.empty()) lo.key_format = nn::parse_value_format(a.keys);
   lo.warn = [](const std::string& s) { std::cerr << "note: " << s << std::endl; };
   auto loaded = load_model(a.checkpoint, lo);
   auto& model = loaded.model;
@@ -119,10 +119,10 @@ nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
   const auto telemetry = model->telemetry();
   // Compact keys: the same batches with the float keys, for the loss change they cost.
   nlohmann::json fp32_keys_loss = nullptr;
-  if (lo.key_format != nn::ValueFormat::kFloat32) {
+  if (loaded.key_format != nn::ValueFormat::kFloat32) {
     set_key_format(*model, nn::ValueFormat::kFloat32);
     fp32_keys_loss = mean_loss(model, batches).loss;
-    set_key_format(*model, lo.key_format);
+    set_key_format(*model, loaded.key_format);
   }
   // Per batch: the first one pays the first touch of the value tables.
   std::vector<double> batch_ms;
@@ -139,7 +139,7 @@ nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
                         {"bits_per_byte", bpb},
                         {"value_format", nn::to_string(loaded.value_format)},
                         {"value_mib", double(loaded.value_bytes) / double(1 << 20)},
-                        {"key_format", a.keys},
+                        {"key_format", nn::to_string(loaded.key_format)},
                         {"val_loss_fp32_keys", fp32_keys_loss},
                         {"key_loss_change", fp32_keys_loss.is_null() ? nlohmann::json(nullptr)
                                                                      : nlohmann::json(loss - fp32_keys_loss.get<double>())},

@@ -49,7 +49,7 @@ struct EvalOptions {
   int64_t seq_len = 0;      // tokens per sequence (0: the model's max_seq_len)
   int64_t max_batches = 0;  // at most this many batches (0: the whole split)
   bool mmap = false;        // value tables from a read-only mapping of the file
-  std::string keys = "fp32";  // key storage of the memory layers' fused path: fp32, bf16 or int8
+  std::string keys;  // key storage of the memory layers' fused path: fp32, bf16 or int8; "": the checkpoint's
 };
 
 // `ultramem eval`: validation loss, perplexity, bits per byte, value format and size, first-batch and

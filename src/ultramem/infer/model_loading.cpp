@@ -71,7 +71,17 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
   }
   checkpoint::load_model_state(ckpt, *model, nn::model_config_to_json(model->config()));
   model->eval();
-  set_key_format(*model, options.key_format);
+  nn::ValueFormat keys = nn::ValueFormat::kFloat32;
+  if (const auto rec = ckpt.metadata.find(kKeyFormatKey); rec != ckpt.metadata.end()) {
+    try {
+      keys = nn::parse_value_format(rec->second);
+    } catch (const std::invalid_argument& e) {
+      fail(path, std::string("metadata key_format: ") + e.what());
+    }
+  }
+  if (options.key_format) keys = *options.key_format;
+  set_key_format(*model, keys);
+  out.key_format = keys;
   out.value_format = value_format(*model);
   const auto stored = ckpt.metadata.find(kValueFormatKey);
   if (stored != ckpt.metadata.end() && stored->second != nn::to_string(out.value_format))

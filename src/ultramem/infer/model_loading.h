@@ -2,6 +2,7 @@
 // memory value tables), optionally with the value tables memory-mapped from the file instead of read.
 #pragma once
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,8 +20,9 @@ struct LoadOptions {
   // verified (it would read the whole file); sharded checkpoints cannot be mapped.
   bool mmap = false;
   // Key storage of the UltraMem layers' fused inference path (UltraMemImpl::set_key_format): fp32 as
-  // trained, or bf16 / int8 compact keys.
-  nn::ValueFormat key_format = nn::ValueFormat::kFloat32;
+  // trained, or bf16 / int8 compact keys. Unset: the checkpoint's recorded format (quantize --keys),
+  // fp32 when none is recorded.
+  std::optional<nn::ValueFormat> key_format;
   // Receives notes and warnings (e.g. a tensor that could not be mapped and was copied). Null: silent.
   std::function<void(const std::string&)> warn;
 };
@@ -29,6 +31,7 @@ struct LoadedModel {
   nn::Transformer model{nullptr};     // in eval mode
   nlohmann::json train_config;        // null when the checkpoint has none
   nn::ValueFormat value_format = nn::ValueFormat::kFloat32;
+  nn::ValueFormat key_format = nn::ValueFormat::kFloat32;  // what the model now uses
   int64_t value_bytes = 0;            // all UltraMem value tables, per-row scales included
   int64_t mapped_tables = 0;          // value tables served from the mapping (mmap)
   std::vector<std::string> copied;    // mmap: model tensors copied, not mapped (not 64-byte aligned in the

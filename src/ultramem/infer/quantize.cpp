@@ -7,6 +7,7 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 
 #include "ultramem/checkpoint/run_folder.h"
 #include "ultramem/data/prepared.h"
@@ -22,10 +23,10 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// <dir>/<stem>.<format>.safetensors next to the source checkpoint.
-std::string default_out(const std::string& checkpoint, nn::ValueFormat f) {
+// <dir>/<stem>.<tag>.safetensors next to the source checkpoint.
+std::string default_out(const std::string& checkpoint, const std::string& tag) {
   const fs::path p(checkpoint);
-  return (p.parent_path() / (p.stem().string() + "." + nn::to_string(f) + ".safetensors")).string();
+  return (p.parent_path() / (p.stem().string() + "." + tag + ".safetensors")).string();
 }
 
 double mib(int64_t bytes) { return double(bytes) / double(1 << 20); }
@@ -33,10 +34,17 @@ double mib(int64_t bytes) { return double(bytes) / double(1 << 20); }
 }  // namespace
 
 nlohmann::json quantize_checkpoint(const QuantizeOptions& a) {
-  const nn::ValueFormat fmt = nn::parse_value_format(a.values);
-  if (fmt == nn::ValueFormat::kFloat32)
+  if (a.values.empty() && a.keys.empty())
+    throw std::invalid_argument("nothing to do: give --values bf16|int8, --keys bf16|int8, or both");
+  const bool convert_values = !a.values.empty();
+  const nn::ValueFormat fmt = convert_values ? nn::parse_value_format(a.values) : nn::ValueFormat::kFloat32;
+  if (convert_values && fmt == nn::ValueFormat::kFloat32)
     throw std::invalid_argument("--values: expected bf16 or int8 (fp32 is the format checkpoints are trained in)");
-  const std::string out = a.out.empty() ? default_out(a.checkpoint, fmt) : a.out;
+  const std::optional<nn::ValueFormat> keys =
+      a.keys.empty() ? std::nullopt : std::optional<nn::ValueFormat>(nn::parse_value_format(a.keys));
+  std::string tag = convert_values ? nn::to_string(fmt) : "";
+  if (keys) tag += std::string(tag.empty() ? "" : ".") + "keys-" + nn::to_string(*keys);
+  const std::string out = a.out.empty() ? default_out(a.checkpoint, tag) : a.out;
   if (fs::exists(out) && fs::equivalent(out, a.checkpoint))
     throw std::invalid_argument("--out " + out + " is the input checkpoint; write the quantised model elsewhere");
   const bool progress = ::isatty(2);
@@ -50,7 +58,7 @@ nlohmann::json quantize_checkpoint(const QuantizeOptions& a) {
   const auto layers = ultramem_layers(*model);
   if (layers.empty())
     throw std::invalid_argument(a.checkpoint + ": the model has no UltraMem memory layers; nothing to quantise");
-  if (loaded.value_format != nn::ValueFormat::kFloat32)
+  if (convert_values && loaded.value_format != nn::ValueFormat::kFloat32)
     throw std::invalid_argument(a.checkpoint + ": the value tables are already " + nn::to_string(loaded.value_format) +
                                 "; quantise the float32 checkpoint");
 
@@ -76,32 +84,49 @@ nlohmann::json quantize_checkpoint(const QuantizeOptions& a) {
   };
 
   LossResult before, after;
-  if (!batches.empty()) before = evaluate("fp32");
+  const nn::ValueFormat keys_before = loaded.key_format;
+  if (!batches.empty()) before = evaluate("as loaded");
   const int64_t bytes_before = value_bytes(*model);
-  std::cerr << "quantising " << layers.size() << " value table(s) to " << nn::to_string(fmt) << std::endl;
-  set_value_format(*model, fmt);
+  if (convert_values) {
+    std::cerr << "quantising " << layers.size() << " value table(s) to " << nn::to_string(fmt) << std::endl;
+    set_value_format(*model, fmt);
+  }
+  if (keys) set_key_format(*model, *keys);
   const int64_t bytes_after = value_bytes(*model);
-  if (!batches.empty()) after = evaluate(nn::to_string(fmt));
+  nlohmann::json agreement = nlohmann::json::object();
+  if (!batches.empty()) {
+    model->telemetry();  // fresh windows: key_agreement over this evaluation
+    after = evaluate("converted");
+    const auto t = model->telemetry();
+    for (auto it = t.begin(); it != t.end(); ++it)
+      if (it.key().find(".key_agreement") != std::string::npos) agreement[it.key()] = it.value();
+  }
 
   std::cerr << "writing " << out << std::endl;
   save_weights(out, *model, nn::model_config_to_json(model->config()), loaded.train_config);
 
   nlohmann::json j = {{"checkpoint", a.checkpoint},
                       {"out", out},
-                      {"values", nn::to_string(fmt)},
+                      {"values", nn::to_string(value_format(*model))},
+                      {"keys_before", nn::to_string(keys_before)},
+                      {"keys", nn::to_string(key_format(*model))},
                       {"value_mib_before", mib(bytes_before)},
                       {"value_mib_after", mib(bytes_after)},
                       {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}};
-  std::cout << "value tables: " << mib(bytes_before) << " MiB fp32 -> " << mib(bytes_after) << " MiB "
-            << nn::to_string(fmt) << "\n";
+  std::cout << "value tables: " << mib(bytes_before) << " MiB " << nn::to_string(loaded.value_format) << " -> "
+            << mib(bytes_after) << " MiB " << nn::to_string(value_format(*model)) << "\n";
+  if (keys) std::cout << "keys: " << nn::to_string(keys_before) << " -> " << nn::to_string(*keys) << "\n";
   if (!batches.empty()) {
     j["data_dir"] = data_dir;
     j["tokens"] = before.tokens;
     j["val_loss_before"] = before.loss;
     j["val_loss_after"] = after.loss;
     j["val_loss_delta"] = after.loss - before.loss;
-    std::cout << "validation loss: " << before.loss << " (fp32) -> " << after.loss << " (" << nn::to_string(fmt)
-              << "), delta " << after.loss - before.loss << " over " << before.tokens << " tokens\n";
+    if (keys && *keys != nn::ValueFormat::kFloat32) j["key_agreement"] = agreement;
+    std::cout << "validation loss: " << before.loss << " (as loaded) -> " << after.loss << " (converted), delta "
+              << after.loss - before.loss << " over " << before.tokens << " tokens\n";
+    for (auto it = agreement.begin(); it != agreement.end(); ++it)
+      if (keys && *keys != nn::ValueFormat::kFloat32) std::cout << it.key() << ": " << it.value().dump() << "\n";
   }
   std::cout << "wrote " << out << "\n" << j.dump() << std::endl;
   return j;

@@ -1,5 +1,6 @@
 // `ultramem quantize` as a library call: a checkpoint whose memory value tables are stored as bf16 or
-// int8 (per-row scale), with the validation-loss change it causes.
+// int8 (per-row scale), and/or whose inference path uses compact keys (recorded in its metadata), with
+// the validation-loss change it causes.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -10,7 +11,8 @@ namespace ultramem::infer {
 
 struct QuantizeOptions {
   std::string checkpoint;
-  std::string values;
+  std::string values;  // "bf16" | "int8" | "" (keep the tables as they are)
+  std::string keys;    // "bf16" | "int8" | "fp32" | "" (keep the recorded key format)
   std::string out;
   std::string data_dir;
   bool no_eval = false;
@@ -20,9 +22,11 @@ struct QuantizeOptions {
 };
 
 // Loads `checkpoint`, measures the validation loss (unless no_eval or no prepared data is found),
-// converts the value tables, measures again, writes `out` (default <stem>.<format>.safetensors next to
-// the input). Progress on stderr, the summary on stdout; returns the summary JSON.
-// std::invalid_argument for fp32 as target, a model without UltraMem layers, tables already compact.
+// converts the value tables and/or sets the key format, measures again (with compact keys also the
+// share of kept candidates the fp32 keys keep too), writes `out` (default <stem>.<formats>.safetensors
+// next to the input). Progress on stderr, the summary on stdout; returns the summary JSON.
+// std::invalid_argument for neither values nor keys given, fp32 as value target, a model without
+// UltraMem layers, tables already compact.
 nlohmann::json quantize_checkpoint(const QuantizeOptions& options);
 
 }  // namespace ultramem::infer

@@ -27,7 +27,7 @@ nlohmann::json generate_from_checkpoint(const GenerateOptions& a, std::ostream& 
   a.sampling.validate();
   LoadOptions lo;
   lo.mmap = a.mmap;
-  lo.key_format = nn::parse_value_format(a.keys);
+  if (!a.keys.empty()) lo.key_format = nn::parse_value_format(a.keys);
   lo.warn = [&log](const std::string& s) { log << "note: " << s << std::endl; };
   auto loaded = load_model(a.checkpoint, lo);
   auto& model = loaded.model;
@@ -82,7 +82,7 @@ nlohmann::json generate_from_checkpoint(const GenerateOptions& a, std::ostream& 
       {"value_format", nn::to_string(loaded.value_format)},
       {"value_mib", double(loaded.value_bytes) / double(1 << 20)},
       {"mmap", a.mmap},
-      {"key_format", a.keys},
+      {"key_format", nn::to_string(loaded.key_format)},
       {"stop_reason", timing.stop_reason},
       {"context", ctx}};
   if (timing.stop_reason == "context_full")

@@ -16,7 +16,7 @@ struct GenerateOptions {
   std::string prompt;      // text to continue
   SamplingOptions sampling;
   bool mmap = false;       // value tables from a read-only mapping of the file
-  std::string keys = "fp32";  // key storage of the memory layers' fused path: fp32, bf16 or int8
+  std::string keys;  // key storage of the memory layers' fused path: fp32, bf16 or int8; "": the checkpoint's
 };
 
 // Streams the prompt and its continuation to `text_out` as it is produced; notes and the speed line

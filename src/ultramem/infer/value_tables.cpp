@@ -32,6 +32,11 @@ void set_key_format(torch::nn::Module& model, nn::ValueFormat f) {
   for (auto& [name, layer] : ultramem_layers(model)) layer->set_key_format(f);
 }
 
+nn::ValueFormat key_format(torch::nn::Module& model) {
+  const auto layers = ultramem_layers(model);
+  return layers.empty() ? nn::ValueFormat::kFloat32 : layers.front().second->key_format();
+}
+
 nn::ValueFormat value_format(torch::nn::Module& model) {
   const auto layers = ultramem_layers(model);
   if (layers.empty()) return nn::ValueFormat::kFloat32;
@@ -55,6 +60,7 @@ void save_weights(const std::string& path, torch::nn::Module& model, const nlohm
   o.rng = false;
   o.train_config = train_config;
   o.metadata[kValueFormatKey] = nn::to_string(value_format(model));
+  o.metadata[kKeyFormatKey] = nn::to_string(key_format(model));
   checkpoint::save_checkpoint(path, model, model_config, o);
 }
 

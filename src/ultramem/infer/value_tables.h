@@ -17,6 +17,9 @@ namespace ultramem::infer {
 
 // Checkpoint metadata key recording the value format ("fp32" | "bf16" | "int8").
 inline constexpr const char* kValueFormatKey = "value_format";
+// Checkpoint metadata key: the key format its fused inference path uses by default (quantize --keys);
+// absent means fp32. The key parameters themselves are always stored in float32.
+inline constexpr const char* kKeyFormatKey = "key_format";
 
 // The UltraMem layers of `model` with their module names (e.g. "memories.0"), in module order.
 std::vector<std::pair<std::string, nn::UltraMemImpl*>> ultramem_layers(torch::nn::Module& model);
@@ -27,6 +30,8 @@ void set_value_format(torch::nn::Module& model, nn::ValueFormat f);
 
 // Sets every UltraMem layer's key format for inference (UltraMemImpl::set_key_format).
 void set_key_format(torch::nn::Module& model, nn::ValueFormat f);
+// The common key format of the UltraMem layers (kFloat32 when there are none).
+nn::ValueFormat key_format(torch::nn::Module& model);
 
 // The common value format of the UltraMem layers (kFloat32 when there are none). Throws
 // std::logic_error when layers differ.
@@ -36,7 +41,7 @@ nn::ValueFormat value_format(torch::nn::Module& model);
 int64_t value_bytes(torch::nn::Module& model);
 
 // Writes `model`'s weights (no optimizer state, no generator state) with `model_config` and the value
-// format in the metadata (kValueFormatKey), plus `train_config` when not null. Atomic, like every
+// and key formats in the metadata (kValueFormatKey, kKeyFormatKey), plus `train_config` when not null. Atomic, like every
 // checkpoint; throws std::runtime_error naming the file on failure.
 void save_weights(const std::string& path, torch::nn::Module& model, const nlohmann::json& model_config,
                   const nlohmann::json& train_config);
