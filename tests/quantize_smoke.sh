@@ -74,6 +74,11 @@ ev=$("$um" --threads 1 eval "$kq" --batch-size 2 --max-batches 2 --keys fp32)
 grep -q '"key_format": "fp32"' <<<"$ev" || fail "eval --keys fp32 did not override: $ev"
 "$um" --threads 1 quantize "$ck" --values int8 --keys bf16 --no-eval | grep -q "checkpoint.int8.keys-bf16.safetensors" \
   || fail "quantize --values int8 --keys bf16: default output name"
+# Another retrieval filter at evaluation than the trained one.
+ev=$("$um" --threads 1 eval "$ck" --batch-size 2 --max-batches 2 --filter two_sign)
+grep -q '"filter": "two_sign"' <<<"$ev" || fail "eval --filter two_sign: $ev"
+expect_error "m_neg" "$um" eval "$ck" --batch-size 2 --max-batches 2 --filter two_sign --m-neg 99
+expect_error "apply with --filter" "$um" eval "$ck" --m-neg 2
 expect_error "nothing to do" "$um" quantize "$ck"
 expect_error "value format" "$um" quantize "$ck" --keys int4
 

@@ -279,6 +279,34 @@ TEST(UltraMemLayer, RetrievalTelemetry) {
   }
 }
 
+// set_filter switches the first stage of a built layer (evaluation with another filter); an invalid
+// split is refused naming the field and leaves the layer as it was.
+TEST(UltraMemLayer, SetFilterSwitchesTheFirstStage) {
+  auto c = small_config();
+  c.stats_window = 1000000;
+  c.retrieval_sample = 100;
+  UltraMem layer(c);
+  torch::manual_seed(9);
+  const auto x = torch::randn({20, c.D});
+  const auto before = layer->forward(x).detach();
+  layer->set_filter(RetrievalFilter::kTwoSign, 3);
+  EXPECT_EQ(layer->config().filter, RetrievalFilter::kTwoSign);
+  EXPECT_EQ(layer->config().filter_negatives(), 3);
+  layer->reset_stats();
+  const auto two = layer->forward(x).detach();
+  EXPECT_EQ(two.sizes(), before.sizes());
+  EXPECT_GE(layer->stats().recall, 0.0);
+  try {
+    layer->set_filter(RetrievalFilter::kTwoSign, 6);
+    ADD_FAILURE() << "no error for m_neg = m_first";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("m_neg"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(layer->config().filter_negatives(), 3);
+  layer->set_filter(RetrievalFilter::kRank1, 0);
+  EXPECT_TRUE(torch::equal(layer->forward(x).detach(), before));
+}
+
 TEST(UltraMemLayer, InvalidConfigNamesTheField) {
   struct Case {
     std::function<void(UltraMemConfig&)> edit;

@@ -82,6 +82,16 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
   if (options.key_format) keys = *options.key_format;
   set_key_format(*model, keys);
   out.key_format = keys;
+  if (!options.filter.empty()) {
+    const auto f = nn::parse_retrieval_filter(options.filter);
+    for (auto& [name, layer] : ultramem_layers(*model)) {
+      try {
+        layer->set_filter(f, options.filter_m_neg, options.filter_m_first);
+      } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument("--filter " + options.filter + " on " + name + ": " + e.what());
+      }
+    }
+  }
   out.value_format = value_format(*model);
   const auto stored = ckpt.metadata.find(kValueFormatKey);
   if (stored != ckpt.metadata.end() && stored->second != nn::to_string(out.value_format))

@@ -23,6 +23,11 @@ struct LoadOptions {
   // trained, or bf16 / int8 compact keys. Unset: the checkpoint's recorded format (quantize --keys),
   // fp32 when none is recorded.
   std::optional<nn::ValueFormat> key_format;
+  // Retrieval filter of the UltraMem layers (UltraMemImpl::set_filter), overriding the trained one:
+  // "rank1" or "two_sign" with filter_m_neg (0: m_first / 2) and filter_m_first (0: the layer's).
+  // Empty: as trained.
+  std::string filter;
+  int64_t filter_m_neg = 0, filter_m_first = 0;
   // Receives notes and warnings (e.g. a tensor that could not be mapped and was copied). Null: silent.
   std::function<void(const std::string&)> warn;
 };

@@ -131,6 +131,15 @@ void UltraMemImpl::measure_retrieval(const torch::Tensor& u, const torch::Tensor
   window_.retrieval_tokens += k;
 }
 
+void UltraMemImpl::set_filter(RetrievalFilter filter, int64_t m_neg, int64_t m_first) {
+  UltraMemConfig c = cfg_;
+  c.filter = filter;
+  c.m_neg = m_neg;
+  if (m_first > 0) c.m_first = m_first;
+  c.validate();
+  cfg_ = c;
+}
+
 torch::Tensor UltraMemImpl::aux_loss() const {
   const auto& c = cfg_;
   if (!c.aux_loss || c.r < 2) return torch::zeros({}, cores.options());

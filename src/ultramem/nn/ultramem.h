@@ -63,6 +63,11 @@ class UltraMemImpl : public torch::nn::Module {
 
   const UltraMemConfig& config() const { return cfg_; }
 
+  // Switches TDQKR's first-stage filter (config fields filter and m_neg; m_first may change with it,
+  // 0 keeps it), e.g. to evaluate a model with another filter than it was trained with. Validates like
+  // the config (std::invalid_argument naming the field; the layer is unchanged then).
+  void set_filter(RetrievalFilter filter, int64_t m_neg, int64_t m_first = 0);
+
   // Replaces the local pooled lookup (ops::pooled_lookup over `values`) by `lookup`, e.g.
   // dist::ShardedValueLookup, for which `values` holds only this process's column slice [N, Dv/W].
   // With a lookup installed every forward, no-grad ones included, goes through it. nullptr: local op.
