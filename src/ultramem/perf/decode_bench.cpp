@@ -790,8 +790,13 @@ void DecodeBench::ratios_and_targets() {
   for (const auto& [dt, v] : t2)
     target("ultramem layer latency at the largest N within 1.5x of the smallest N, " + dt + ", batch 1..64", v, false,
            1.5, {{"N_small", t2_range[dt].first}, {"N_large", t2_range[dt].second}});
-  target("whole ultramem model with compact keys: latency at the largest N within 1.25x of the smallest N, batch 1..64",
-         t2_model_compact, false, 1.25, {{"N_small", t2_model_range.first}, {"N_large", t2_model_range.second}});
+  // Issue 13's target compares N = 2^24 with 2^16; a sweep that stops earlier does not measure it.
+  const bool model_span = t2_model_range.first <= (int64_t(1) << 16) && t2_model_range.second >= (int64_t(1) << 24);
+  target("whole ultramem model with compact keys: latency at N = 2^24 within 1.25x of N = 2^16, batch 1..64",
+         model_span ? t2_model_compact : std::vector<double>{}, false, 1.25,
+         {{"N_small", t2_model_range.first},
+          {"N_large", t2_model_range.second},
+          {"sweep", "needs --model-sizes 16,24 (the default model sweep stops at 2^20)"}});
   target("ultramem layer within 1.5x of the dense FFN of equal activated FLOPs, fp32, batch 1", t3, false, 1.5);
   target("fused ultramem forward >= 5x faster than plain libtorch ops, fp32, batch 1..64", t4, true, 5.0);
   target(
