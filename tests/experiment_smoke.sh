@@ -17,7 +17,7 @@ for d in 1 2 3 4 5 6 7 8; do
 done
 "$um" --threads 1 prepare --input "$work/corpus" --out "$work/data" --vocab 300 --val-fraction 0.25 >/dev/null
 
-for suite in compare ablation scaling capacity retrieval; do
+for suite in compare ablation scaling capacity retrieval retrieval_long; do
   out="$work/$suite"
   log=$("$um" --threads 1 experiment "$suite" --quick --data "$work/data" --out "$out" 2>&1) || { echo "$log"; fail "$suite --quick"; }
   [ -s "$out/results.md" ] || fail "$suite: no results.md"
