@@ -110,6 +110,14 @@ TEST(FastPath, MatchesAutogradPathFloat) {
   c.filter = ultramem::nn::RetrievalFilter::kTwoSign;
   c.m_neg = 3;
   configs.push_back(c);
+  c = layer_config(7);  // the rank-R filter, R = r = 2: two folded key sets per side
+  c.filter = ultramem::nn::RetrievalFilter::kRankR;
+  configs.push_back(c);
+  c = layer_config(8);  // the rank-R filter with R = 1 < r = 3
+  c.filter = ultramem::nn::RetrievalFilter::kRankR;
+  c.r = 3;
+  c.filter_rank = 1;
+  configs.push_back(c);
   for (const auto& cfg : configs) {
     UltraMem layer(cfg);
     // T = 1 and 6 use the few-row kernels, T = 40 the BLAS products.

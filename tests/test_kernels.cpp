@@ -230,7 +230,7 @@ std::vector<int64_t> contract_top(const std::vector<double>& score, const std::v
 std::string describe(const TdqkrShape& s) {
   std::ostringstream o;
   o << "TdqkrShape{T=" << s.T << " H=" << s.H << " r=" << s.r << " n=" << s.n << " C=" << s.C
-    << " m_first=" << s.m_first << " m=" << s.m << " m_neg=" << s.m_neg << "}";
+    << " m_first=" << s.m_first << " m=" << s.m << " m_neg=" << s.m_neg << " filter_rank=" << s.filter_rank << "}";
   return o.str();
 }
 
@@ -245,7 +245,7 @@ struct TdqkrProblem {
   TdqkrShape s;
   std::vector<T> s_row, s_col;  // [T, H, r, n]
   std::vector<T> cores;         // [C, H, r, r]
-  std::vector<T> u, v;          // [H, r]
+  std::vector<T> u, v;          // [H, r], or [H, R, r] with the rank-R filter
 
   int64_t side_numel() const { return s.T * s.H * s.r * s.n; }
   int64_t kept() const { return s.T * s.H * s.m; }
@@ -262,8 +262,8 @@ TdqkrProblem<T> make_tdqkr(const TdqkrShape& s, uint32_t seed, Fill fill = Fill:
   p.s_row.resize(s.T * s.H * s.r * s.n);
   p.s_col.resize(p.s_row.size());
   p.cores.resize(s.C * s.H * s.r * s.r);
-  p.u.resize(s.H * s.r);
-  p.v.resize(s.H * s.r);
+  p.u.resize(s.H * s.filter_vectors() * s.r);
+  p.v.resize(p.u.size());
   switch (fill) {
     case Fill::kGaussian:
       fill_normal(p.s_row, rng);
@@ -361,11 +361,25 @@ void spec_tdqkr(const TdqkrProblem<T>& p, Filtered<T>& filt, std::vector<double>
   for (int64_t th = 0; th < s.T * s.H; ++th) {
     const int64_t h = th % s.H;
     std::vector<double> fr(s.n, 0.0), fc(s.n, 0.0);
-    for (int64_t i = 0; i < s.n; ++i)
-      for (int64_t a = 0; a < s.r; ++a) {
-        fr[i] += double(p.u[h * s.r + a]) * double(p.row(th, a, i));
-        fc[i] += double(p.v[h * s.r + a]) * double(p.col(th, a, i));
-      }
+    if (s.filter_rank == 0) {
+      for (int64_t i = 0; i < s.n; ++i)
+        for (int64_t a = 0; a < s.r; ++a) {
+          fr[i] += double(p.u[h * s.r + a]) * double(p.row(th, a, i));
+          fc[i] += double(p.v[h * s.r + a]) * double(p.col(th, a, i));
+        }
+    } else {  // rank-R filter: sum over the R filter vectors of the squared filter scores
+      const int64_t R = s.filter_rank;
+      for (int64_t i = 0; i < s.n; ++i)
+        for (int64_t k = 0; k < R; ++k) {
+          double xr = 0, xc = 0;
+          for (int64_t a = 0; a < s.r; ++a) {
+            xr += double(p.u[(h * R + k) * s.r + a]) * double(p.row(th, a, i));
+            xc += double(p.v[(h * R + k) * s.r + a]) * double(p.col(th, a, i));
+          }
+          fr[i] += xr * xr;
+          fc[i] += xc * xc;
+        }
+    }
     // The top m_pos; two-sign filter: then the m_neg most negative of the rest.
     auto side = [&](const std::vector<double>& f) {
       std::vector<int64_t> out = contract_top(f, ids, s.m_pos());
@@ -439,6 +453,12 @@ std::vector<TdqkrShape> tdqkr_shapes() {
       {3, 2, 2, 10, 2, 10, 50, 5},     // m_first = n: every row used
       {2, 1, 2, 80, 2, 40, 100, 20},   // m > 64 (the sort path of the rescoring)
       {2, 1, 2, 200, 1, 140, 64, 70},  // m_pos and m_neg > 64 (the sort path of the filter)
+      // Rank-R filter: {..., m_neg = 0, filter_rank}.
+      {6, 2, 2, 32, 2, 16, 16, 0, 2},    // R = r: the retrieval experiments' setting
+      {5, 1, 2, 37, 2, 9, 20, 0, 1},     // R = 1: rows ranked by |f|, odd n
+      {4, 2, 3, 40, 2, 8, 30, 0, 2},     // R < r
+      {3, 1, 4, 50, 3, 50, 40, 0, 4},    // m_first = n
+      {2, 1, 2, 200, 1, 100, 64, 0, 2},  // m_first > 64 (the sort path of the filter)
   };
   Rng rng(1234);
   auto U = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
@@ -451,6 +471,7 @@ std::vector<TdqkrShape> tdqkr_shapes() {
     s.C = U(1, 4);
     s.m_first = U(1, s.n);
     s.m_neg = (i % 2 == 1 && s.m_first >= 2) ? U(1, s.m_first - 1) : 0;
+    if (i % 4 == 2) s.filter_rank = U(1, s.r);
     s.m = U(1, std::min<int64_t>(s.rescored_pairs(), 48));
     v.push_back(s);
   }
@@ -665,6 +686,31 @@ void set_svd_filter(TdqkrProblem<T>& p) {
   }
 }
 
+// Replaces u, v of p ([H, R, r], R = s.filter_rank) by the R leading singular pairs of each head's core
+// sum, each scaled by sqrt(sigma_k) (found one at a time, deflating the matrix).
+template <typename T>
+void set_rank_r_filter(TdqkrProblem<T>& p) {
+  const TdqkrShape& s = p.s;
+  const int64_t R = s.filter_rank, r = s.r;
+  p.u.assign(s.H * R * r, T(0));
+  p.v.assign(p.u.size(), T(0));
+  for (int64_t h = 0; h < s.H; ++h) {
+    std::vector<double> csum(r * r, 0.0), u, v;
+    for (int64_t c = 0; c < s.C; ++c)
+      for (int64_t a = 0; a < r; ++a)
+        for (int64_t b = 0; b < r; ++b) csum[a * r + b] += double(p.core(c, h, a, b));
+    for (int64_t k = 0; k < R; ++k) {
+      const double sigma = top_singular_pair(csum, r, u, v), w = std::sqrt(sigma);
+      for (int64_t a = 0; a < r; ++a) {
+        p.u[(h * R + k) * r + a] = T(w * u[a]);
+        p.v[(h * R + k) * r + a] = T(w * v[a]);
+      }
+      for (int64_t a = 0; a < r; ++a)
+        for (int64_t b = 0; b < r; ++b) csum[a * r + b] -= sigma * u[a] * v[b];
+    }
+  }
+}
+
 // =================================================================================================
 // Typed fixtures
 // =================================================================================================
@@ -831,7 +877,8 @@ TYPED_TEST(TdqkrKernels, IntegerTiesFollowOrderingContract) {
   std::vector<TdqkrShape> shapes = {
       {8, 2, 2, 24, 2, 6, 12}, {8, 1, 1, 16, 1, 8, 30}, {5, 2, 2, 16, 3, 16, 40},
       {6, 1, 3, 33, 2, 5, 25}, {4, 2, 2, 1, 2, 1, 1},   {5, 1, 2, 12, 2, 12, 144},
-      {8, 2, 2, 24, 2, 6, 12, 3}, {5, 1, 2, 12, 2, 12, 72, 6}, {6, 1, 1, 16, 2, 8, 20, 3}};
+      {8, 2, 2, 24, 2, 6, 12, 3}, {5, 1, 2, 12, 2, 12, 72, 6}, {6, 1, 1, 16, 2, 8, 20, 3},
+      {8, 2, 2, 24, 2, 6, 12, 0, 2}, {6, 1, 3, 33, 2, 5, 25, 0, 1}};
   uint32_t seed = 60;
   for (const TdqkrShape& s : shapes) {
     SCOPED_TRACE(describe(s));
@@ -1052,6 +1099,24 @@ TEST(TdqkrShapeCheck, TwoSignSplitErrorsNameTheField) {
   EXPECT_EQ(uk::tdqkr_check_shape(s), nullptr);
 }
 
+// Rank-R filter settings the kernels reject: a rank above r, a negative rank, a two-sign split with it.
+TEST(TdqkrShapeCheck, RankRFilterErrorsNameTheField) {
+  TdqkrShape s{1, 1, 2, 32, 2, 16, 16, 0, 3};  // R = 3 > r = 2
+  ASSERT_NE(uk::tdqkr_check_shape(s), nullptr);
+  EXPECT_NE(std::string(uk::tdqkr_check_shape(s)).find("filter_rank"), std::string::npos);
+  s.filter_rank = -1;
+  ASSERT_NE(uk::tdqkr_check_shape(s), nullptr);
+  EXPECT_NE(std::string(uk::tdqkr_check_shape(s)).find("filter_rank"), std::string::npos);
+  s.filter_rank = 2;
+  EXPECT_EQ(uk::tdqkr_check_shape(s), nullptr);
+  s.m_neg = 4;
+  ASSERT_NE(uk::tdqkr_check_shape(s), nullptr);
+  EXPECT_NE(std::string(uk::tdqkr_check_shape(s)).find("m_neg"), std::string::npos);
+  s.m_neg = 0;
+  s.m = 16 * 16;  // every pair is rescored
+  EXPECT_EQ(uk::tdqkr_check_shape(s), nullptr);
+}
+
 // Filter score (spec section 4, step 1) of row / col x of (token, head) th, in double.
 template <typename T>
 double filter_score(const TdqkrProblem<T>& p, int64_t th, bool col, int64_t x) {
@@ -1184,6 +1249,45 @@ TYPED_TEST(TdqkrKernels, TwoSignFilterRecall) {
                 std::is_same_v<T, float> ? "float" : "double");
     EXPECT_GE(two, c.floor);
     EXPECT_GE(two, paper + 0.25) << "the two-sign filter should find the (-,-) quadrant the paper's filter misses";
+  }
+}
+
+// The rank-R filter on the zero-mean problems of TwoSignFilterRecall, at the paper's rescoring work
+// (the same m_first, every pair rescored): ranking rows by the norm of their R filter scores reaches the
+// (-,-) quadrant too. R = 1 ranks by |f|; R = r keeps the whole core sum.
+TYPED_TEST(TdqkrKernels, RankRFilterRecall) {
+  using T = TypeParam;
+  struct Case {
+    TdqkrShape s;  // with filter_rank = R
+    double floor;  // on the rank-R recall
+  };
+  const std::vector<Case> cases = {
+      {{256, 1, 2, 64, 2, 16, 16, 0, 2}, 0.9},
+      {{256, 1, 2, 64, 2, 16, 16, 0, 1}, 0.9},
+      {{128, 2, 2, 128, 2, 32, 32, 0, 2}, 0.9},
+      {{128, 1, 4, 128, 2, 32, 32, 0, 4}, 0.8},
+  };
+  uint32_t seed = 330;
+  for (const auto& c : cases) {
+    SCOPED_TRACE(describe(c.s));
+    TdqkrShape paper_s = c.s;
+    paper_s.filter_rank = 0;
+    auto p = make_tdqkr<T>(paper_s, seed++);
+    set_svd_filter(p);
+    const auto truth = run_bruteforce<T>(p);
+    const double paper = recall<T>(paper_s, run_forward<T>(&uk::tdqkr_forward<T>, p).index, truth.index);
+    auto q = p;
+    q.s = c.s;
+    set_rank_r_filter(q);
+    const auto got = run_forward<T>(&uk::tdqkr_forward<T>, q);
+    const auto ref = run_rescore<T>(&uk::tdqkr_rescore_ref<T>, q, run_filter<T>(&uk::tdqkr_filter_ref<T>, q));
+    EXPECT_TRUE(Identical(got.index, ref.index)) << "kernel vs references";
+    const double rank_r = recall<T>(c.s, got.index, truth.index);
+    std::printf("recall n=%lld r=%lld m=%lld m_first=%lld: paper filter %.4f, rank-%lld filter %.4f (%s)\n",
+                (long long)c.s.n, (long long)c.s.r, (long long)c.s.m, (long long)c.s.m_first, paper,
+                (long long)c.s.filter_rank, rank_r, std::is_same_v<T, float> ? "float" : "double");
+    EXPECT_GE(rank_r, c.floor);
+    EXPECT_GE(rank_r, paper + 0.2) << "the rank-R filter should find the (-,-) quadrant the paper's filter misses";
   }
 }
 

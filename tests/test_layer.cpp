@@ -251,7 +251,7 @@ TEST(UltraMemLayer, RetrievalTelemetry) {
     EXPECT_NEAR(s.score_mass, 1.0, 1e-6);
     // The paper's filter and the two-sign filter with fewer candidates: recall in [0, 1], mass <= 1
     // (the exact top-m has the largest sum of any m slots).
-    for (auto filter : {RetrievalFilter::kRank1, RetrievalFilter::kTwoSign}) {
+    for (auto filter : {RetrievalFilter::kRank1, RetrievalFilter::kTwoSign, RetrievalFilter::kRankR}) {
       auto f = c;
       f.m_first = 4;
       f.filter = filter;
@@ -303,6 +303,28 @@ TEST(UltraMemLayer, SetFilterSwitchesTheFirstStage) {
     EXPECT_NE(std::string(e.what()).find("m_neg"), std::string::npos) << e.what();
   }
   EXPECT_EQ(layer->config().filter_negatives(), 3);
+  // The rank-R filter: its vectors come from the cores' SVD, [H, R, r]; an R above r is refused.
+  layer->set_filter(RetrievalFilter::kRankR, 0, 0, 2);
+  EXPECT_EQ(layer->config().filter_vectors(), 2);
+  const auto [fu, fv] = layer->filter_vectors();
+  EXPECT_EQ(fu.sizes(), (std::vector<int64_t>{c.H, 2, c.r}));
+  EXPECT_EQ(fv.sizes(), fu.sizes());
+  // sum_k u_k v_k^T rebuilds each head's core sum (R = r).
+  const auto rebuilt = torch::einsum("hka,hkb->hab", {fu.to(torch::kDouble), fv.to(torch::kDouble)});
+  EXPECT_TRUE(torch::allclose(rebuilt, layer->cores.detach().sum(0).to(torch::kDouble), 1e-5, 1e-6));
+  {
+    torch::NoGradGuard no_grad;  // the fused path with the rank-R filter keys against the autograd path
+    const auto fused = layer->forward(x);
+    torch::AutoGradMode on(true);
+    const auto plain = layer->forward(x).detach();
+    EXPECT_TRUE(torch::allclose(fused, plain, 1e-5, 1e-6));
+  }
+  try {
+    layer->set_filter(RetrievalFilter::kRankR, 0, 0, 3);
+    ADD_FAILURE() << "no error for filter_rank = 3 > r = 2";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("filter_rank"), std::string::npos) << e.what();
+  }
   layer->set_filter(RetrievalFilter::kRank1, 0);
   EXPECT_TRUE(torch::equal(layer->forward(x).detach(), before));
 }
@@ -334,6 +356,10 @@ TEST(UltraMemLayer, InvalidConfigNamesTheField) {
       {[](UltraMemConfig& c) { c.filter = RetrievalFilter::kTwoSign; c.m_neg = -1; }, "m_neg"},
       {[](UltraMemConfig& c) { c.filter = RetrievalFilter::kTwoSign; c.m_first = 3; c.m = 6; }, "m_neg"},  // 2*2 + 1*1 < 6
       {[](UltraMemConfig& c) { c.filter = RetrievalFilter::kTwoSign; c.m_first = 1; c.m = 1; }, "m_first"},
+      {[](UltraMemConfig& c) { c.filter_rank = 1; }, "filter_rank"},  // filter_rank with the paper's filter
+      {[](UltraMemConfig& c) { c.filter = RetrievalFilter::kRankR; c.filter_rank = 3; }, "filter_rank"},  // > r
+      {[](UltraMemConfig& c) { c.filter = RetrievalFilter::kRankR; c.filter_rank = -1; }, "filter_rank"},
+      {[](UltraMemConfig& c) { c.filter = RetrievalFilter::kRankR; c.m_neg = 2; }, "m_neg"},
       {[](UltraMemConfig& c) { c.retrieval_sample = -1; }, "retrieval_sample"},
   };
   for (const auto& cs : cases) {

@@ -27,10 +27,14 @@ void add_eval_command(CLI::App& app) {
                   "memory_layers then reports key_agreement, the share of kept candidates the fp32 keys keep too")
       ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   cmd->add_option("--filter", a->filter,
-                  "Evaluate with this retrieval filter instead of the trained one: rank1 (the paper's) or two_sign")
-      ->check(CLI::IsMember({"rank1", "two_sign"}));
+                  "Evaluate with this retrieval filter instead of the trained one: rank1 (the paper's), two_sign or "
+                  "rank_r")
+      ->check(CLI::IsMember({"rank1", "two_sign", "rank_r"}));
   cmd->add_option("--m-neg", a->filter_m_neg,
                   "With --filter two_sign: first-stage candidates per side from the negative end (0 = m_first / 2)")
+      ->capture_default_str();
+  cmd->add_option("--filter-rank", a->filter_rank,
+                  "With --filter rank_r: filter scores per side, in [1, r] (0 = r)")
       ->capture_default_str();
   cmd->add_option("--m-first", a->filter_m_first, "With --filter: first-stage candidates per side (0 = as trained)")
       ->capture_default_str();

@@ -50,7 +50,8 @@ def tdqkr_two_stage(s_row, s_col, cores, u, v, m_first, m, m_neg=0):
     """Spec section 4: rank-1 filter with the given u, v, top-m_first per side, exact rescoring of the
     m_first x m_first candidates with the core sum, top-m. Returns (scores [T, H*m, C], index [T, H*m]).
     m_neg > 0: the two-sign filter, per side the m_first - m_neg largest filter scores, then the m_neg
-    most negative of the rest; only the same-sign blocks are rescored."""
+    most negative of the rest; only the same-sign blocks are rescored. u, v of shape [H, R, r]: the
+    rank-R filter, rows ranked by sum_k (u[h, k] . S[:, i])^2, every pair rescored."""
     T, H, r, n = s_row.shape
     m_pos = m_first - m_neg
     with torch.no_grad():
@@ -63,8 +64,12 @@ def tdqkr_two_stage(s_row, s_col, cores, u, v, m_first, m, m_neg=0):
             neg = (-f).scatter(-1, top, float("-inf"))                       # the kept rows rank last
             return torch.cat([top, _rank_desc(neg, pos)[..., :m_neg]], -1)  # [T, H, m_first]
 
-        I_row = side(torch.einsum("ha,thai->thi", u, s_row))                 # [T, H, m1] row indices
-        I_col = side(torch.einsum("hb,thbj->thj", v, s_col))
+        if u.dim() == 3:  # rank-R filter: the squared norm of the R filter scores
+            I_row = side(torch.einsum("hka,thai->thki", u, s_row).pow(2).sum(2))
+            I_col = side(torch.einsum("hkb,thbj->thkj", v, s_col).pow(2).sum(2))
+        else:
+            I_row = side(torch.einsum("ha,thai->thi", u, s_row))             # [T, H, m1] row indices
+            I_col = side(torch.einsum("hb,thbj->thj", v, s_col))
         R = torch.gather(s_row, 3, I_row.unsqueeze(2).expand(T, H, r, m_first))
         Cc = torch.gather(s_col, 3, I_col.unsqueeze(2).expand(T, H, r, m_first))
         G = torch.einsum("thax,hab,thby->thxy", R, cores.sum(0), Cc)         # [T, H, m1, m1]
@@ -145,9 +150,13 @@ def ultramem_forward(p, x, cfg):
     s_row, s_col = ultramem_scores(p, x, cfg)
     m_first = cfg["m_first"] if cfg["m_first"] > 0 else cfg["m"]
     m_neg = 0
+    u, v = p["u"], p["v"]
     if cfg.get("filter", "rank1") == "two_sign":
         m_neg = cfg.get("m_neg", 0) or m_first // 2
-    scores, index = tdqkr_two_stage(s_row, s_col, p["cores"], p["u"], p["v"], m_first, cfg["m"], m_neg)
+    if cfg.get("filter", "rank1") == "rank_r":
+        u, v = rank_r_filter(p["cores"].double(), cfg.get("filter_rank", 0) or p["cores"].shape[-1])
+        u, v = u.to(s_row.dtype), v.to(s_row.dtype)
+    scores, index = tdqkr_two_stage(s_row, s_col, p["cores"], u, v, m_first, cfg["m"], m_neg)
     pooled = pooled_lookup(p["values"], index, scores, p["perm"], cfg["E"])
     out = pooled @ p["wo"]
     return out.reshape(*x.shape[:-1], cfg["D"]), scores, index
@@ -162,6 +171,14 @@ def ultramem_aux_loss(cores, cfg):
     sv = torch.linalg.svdvals(cores.sum(0))                                # [H, r] descending
     per_head = cfg["aux_alpha"] / (r - 1) * torch.relu(sv[:, 1:] - cfg["aux_tau"]).pow(2).sum(1)
     return per_head.sum() if cfg.get("aux_reduction", "mean") == "sum" else per_head.mean()
+
+
+def rank_r_filter(cores, R):
+    """The rank-R filter's vectors (u, v) [H, R, r]: the R leading singular pairs of each head's core sum,
+    each scaled by sqrt(sigma_k) (signs do not matter: the filter ranks by squares)."""
+    U, S, Vh = torch.linalg.svd(cores.sum(0))
+    w = S[:, :R].sqrt().unsqueeze(2)                                       # [H, R, 1]
+    return (U[:, :, :R].transpose(1, 2) * w).contiguous(), (Vh[:, :R, :] * w).contiguous()
 
 
 def rank1_filter(cores):

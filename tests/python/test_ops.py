@@ -93,6 +93,32 @@ class TdqkrTest(unittest.TestCase):
                 _, index_kw = torch.ops.ultramem.tdqkr(s_row, s_col, cores, u, v, m_first, m, m_neg=m_neg)
                 self.assertTrue(torch.equal(index_kw, index), what)
 
+    def test_rank_r_filter(self):
+        seed = 550
+        for dtype in (torch.float64, torch.float32):
+            for (T, H, r, n, C, m_first, m, R) in ((4, 1, 2, 9, 2, 4, 6, 2), (5, 2, 3, 13, 2, 7, 20, 2),
+                                                    (3, 2, 2, 8, 1, 8, 32, 1), (4, 1, 3, 11, 2, 5, 9, 3)):
+                seed += 1
+                gen = torch.Generator().manual_seed(seed)
+                s_row, s_col, cores, _, _ = rand_tdqkr(T, H, r, n, C, dtype, gen)
+                u, v = ref.rank_r_filter(cores.double(), R)
+                u, v = u.to(dtype), v.to(dtype)
+                what = "rank-%d T=%d H=%d r=%d n=%d C=%d m_first=%d m=%d %s" % (R, T, H, r, n, C, m_first, m, dtype)
+                scores, index = tdqkr(s_row, s_col, cores, u, v, m_first, m)
+                rs, ri = ref.tdqkr_two_stage(s_row, s_col, cores, u, v, m_first, m)
+                self.assertTrue(torch.equal(index, ri), "indices differ from the reference: " + what)
+                torch.testing.assert_close(scores, rs, msg=lambda s: what + ": " + s, **tol(dtype))
+
+    def test_rank_r_bad_settings_name_the_field(self):
+        gen = torch.Generator().manual_seed(8)
+        s_row, s_col, cores, _, _ = rand_tdqkr(2, 1, 2, 8, 2, torch.float32, gen)
+        u3 = torch.randn(1, 3, 2)  # R = 3 > r = 2
+        with self.assertRaisesRegex(RuntimeError, "filter_rank"):
+            tdqkr(s_row, s_col, cores, u3, u3, 4, 4)
+        u2 = torch.randn(1, 2, 2)
+        with self.assertRaisesRegex(RuntimeError, "m_neg"):
+            tdqkr(s_row, s_col, cores, u2, u2, 4, 4, 2)
+
     def test_two_sign_bad_split_names_the_field(self):
         gen = torch.Generator().manual_seed(7)
         s_row, s_col, cores, u, v = rand_tdqkr(2, 1, 2, 8, 2, torch.float32, gen)
@@ -359,12 +385,16 @@ class UltraMemDecodeTest(unittest.TestCase):
         cfg = {"D": D, "Dk": Dk, "E": E, "qk_norm": "rms"}
         return p, cfg
 
-    def decode(self, p, x, cfg, m, m_first, m_neg=0, values=None, scale=None):
+    def decode(self, p, x, cfg, m, m_first, m_neg=0, values=None, scale=None, filter_rank=0):
         kn = ref.qk_norm(p["keys"].transpose(3, 4), p["k_scale"][:, None, None, :], cfg["qk_norm"])  # [H, 2, n, r, Dk]
-        kn_all, kf = torch.ops.ultramem.fold_filter_keys(kn[:, 0].contiguous(), kn[:, 1].contiguous(), p["u"], p["v"])
+        u, v = p["u"], p["v"]
+        if filter_rank:
+            u, v = ref.rank_r_filter(p["cores"].double(), filter_rank)
+            u, v = u.to(p["cores"].dtype), v.to(p["cores"].dtype)
+        kn_all, kf = torch.ops.ultramem.fold_filter_keys(kn[:, 0].contiguous(), kn[:, 1].contiguous(), u, v)
         return torch.ops.ultramem.ultramem_decode(
             x, p["wq"], p["q_scale"], p["cores"], kn_all, kf, p["values"] if values is None else values, scale,
-            p["perm"], p["wo"], m, m_first, m_neg=m_neg, rms_norm=cfg["qk_norm"] == "rms")
+            p["perm"], p["wo"], m, m_first, m_neg=m_neg, rms_norm=cfg["qk_norm"] == "rms", filter_rank=filter_rank)
 
     def test_matches_reference_layer(self):
         seed = 700
@@ -379,6 +409,20 @@ class UltraMemDecodeTest(unittest.TestCase):
                     got = self.decode(p, x, cfg, m, m_first, m_neg)
                 what = "T=%d m=%d m_first=%d m_neg=%d %s" % (T, m, m_first, m_neg, dtype)
                 self.assertEqual(tuple(got.shape), (T, cfg["D"]), what)
+                torch.testing.assert_close(got, want, msg=lambda s: what + ": " + s, **tol(dtype))
+
+    def test_rank_r_filter_matches_reference_layer(self):
+        seed = 760
+        for dtype in (torch.float64, torch.float32):
+            for T, m, m_first, R in ((1, 4, 6, 2), (5, 5, 6, 1), (40, 9, 3, 2)):
+                seed += 1
+                p, cfg = self.layer(dtype, seed)
+                x = torch.randn(T, cfg["D"], generator=torch.Generator().manual_seed(seed), dtype=dtype)
+                lc = dict(cfg, m=m, m_first=m_first, filter="rank_r", filter_rank=R)
+                want, _, _ = ref.ultramem_forward(p, x, lc)
+                with torch.no_grad():
+                    got = self.decode(p, x, cfg, m, m_first, filter_rank=R)
+                what = "rank-%d T=%d m=%d m_first=%d %s" % (R, T, m, m_first, dtype)
                 torch.testing.assert_close(got, want, msg=lambda s: what + ": " + s, **tol(dtype))
 
     def test_bf16_and_int8_value_tables(self):
@@ -429,6 +473,13 @@ class UltraMemDecodeTest(unittest.TestCase):
             self.decode(p, x, cfg, 4, 6, m_neg=6)
         with self.assertRaisesRegex(RuntimeError, "values_scale"):
             self.decode(p, x, cfg, 4, 6, values=p["values"].to(torch.int8))
+        with self.assertRaisesRegex(RuntimeError, "keys.kf"):  # rank-1 filter keys with filter_rank = 2
+            kn = ref.qk_norm(p["keys"].transpose(3, 4), p["k_scale"][:, None, None, :], cfg["qk_norm"])
+            kn_all, kf = torch.ops.ultramem.fold_filter_keys(kn[:, 0].contiguous(), kn[:, 1].contiguous(), p["u"], p["v"])
+            torch.ops.ultramem.ultramem_decode(x, p["wq"], p["q_scale"], p["cores"], kn_all, kf, p["values"], None,
+                                               p["perm"], p["wo"], 4, 6, filter_rank=2)
+        with self.assertRaisesRegex(RuntimeError, "filter_rank"):
+            self.decode(p, x, cfg, 4, 6, filter_rank=3)
 
 
 if __name__ == "__main__":

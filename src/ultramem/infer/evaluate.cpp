@@ -105,10 +105,11 @@ nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
   LoadOptions lo;
   lo.mmap = a.mmap;
   if (!a.keys.empty()) lo.key_format = nn::parse_value_format(a.keys);
-  if (a.filter.empty() && (a.filter_m_neg != 0 || a.filter_m_first != 0))
-    throw std::invalid_argument("--m-neg and --m-first apply with --filter rank1|two_sign");
+  if (a.filter.empty() && (a.filter_m_neg != 0 || a.filter_m_first != 0 || a.filter_rank != 0))
+    throw std::invalid_argument("--m-neg, --filter-rank and --m-first apply with --filter rank1|two_sign|rank_r");
   lo.filter = a.filter;
   lo.filter_m_neg = a.filter_m_neg;
+  lo.filter_rank = a.filter_rank;
   lo.filter_m_first = a.filter_m_first;
   lo.warn = [](const std::string& s) { std::cerr << "note: " << s << std::endl; };
   auto loaded = load_model(a.checkpoint, lo);

@@ -86,7 +86,7 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
     const auto f = nn::parse_retrieval_filter(options.filter);
     for (auto& [name, layer] : ultramem_layers(*model)) {
       try {
-        layer->set_filter(f, options.filter_m_neg, options.filter_m_first);
+        layer->set_filter(f, options.filter_m_neg, options.filter_m_first, options.filter_rank);
       } catch (const std::invalid_argument& e) {
         throw std::invalid_argument("--filter " + options.filter + " on " + name + ": " + e.what());
       }

@@ -24,10 +24,11 @@ struct LoadOptions {
   // fp32 when none is recorded.
   std::optional<nn::ValueFormat> key_format;
   // Retrieval filter of the UltraMem layers (UltraMemImpl::set_filter), overriding the trained one:
-  // "rank1" or "two_sign" with filter_m_neg (0: m_first / 2) and filter_m_first (0: the layer's).
+  // "rank1", "two_sign" with filter_m_neg (0: m_first / 2), or "rank_r" with filter_rank (0: r); and
+  // filter_m_first (0: the layer's).
   // Empty: as trained.
   std::string filter;
-  int64_t filter_m_neg = 0, filter_m_first = 0;
+  int64_t filter_m_neg = 0, filter_m_first = 0, filter_rank = 0;
   // Receives notes and warnings (e.g. a tensor that could not be mapped and was copied). Null: silent.
   std::function<void(const std::string&)> warn;
 };

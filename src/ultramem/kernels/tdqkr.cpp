@@ -19,7 +19,8 @@ constexpr int64_t kCoreChunk = 64;  // tokens per partial dcores buffer (fixes t
 // Per-thread scratch for one (token, head).
 template <typename T>
 struct Scratch {
-  std::vector<T> f_row, f_col;      // [n] filter scores
+  std::vector<T> f_row, f_col;      // [n] filter scores (rank-R filter: sum_k F_k^2)
+  std::vector<T> fk;                // [n] one rank-R filter score F_k
   std::vector<Ranked<T>> cand;      // [n] or [m_first^2] ranking candidates
   std::vector<Ranked<T>> work;      // survivors of select_top_k
   std::vector<int32_t> irow, icol;  // [m_first] kept rows / cols
@@ -33,6 +34,7 @@ struct Scratch {
   void reserve(const TdqkrShape& s) {
     f_row.resize(s.n);
     f_col.resize(s.n);
+    if (s.filter_rank > 0) fk.resize(s.n);
     cand.reserve(std::max(s.n, s.m_first * s.m_first));
     irow.resize(s.m_first);
     icol.resize(s.m_first);
@@ -64,12 +66,23 @@ void top_ids(const T* scores, int64_t n, int64_t k, IdFn id_of, Scratch<T>& sc, 
 }
 
 // First-stage candidates of one side from f = sum_a w[a] * S[a, :], S: [r, n]: the top m_pos, then
-// (two-sign filter) the m_neg most negative of the other rows.
+// (two-sign filter) the m_neg most negative of the other rows. Rank-R filter (w: [R, r]): the top
+// m_first of sum_k F_k^2, F_k = sum_a w[k, a] * S[a, :].
 template <typename T>
 void filter_side(const TdqkrShape& s, const T* S, const T* w, Scratch<T>& sc, std::vector<T>& f,
                  int32_t* out) {
   const int64_t n = s.n, mp = s.m_pos();
   std::fill(f.begin(), f.end(), T(0));
+  if (s.filter_rank > 0) {
+    T* fk = sc.fk.data();
+    for (int64_t k = 0; k < s.filter_rank; ++k) {
+      std::fill(fk, fk + n, T(0));
+      for (int64_t a = 0; a < s.r; ++a) simd::axpy(fk, w[k * s.r + a], S + a * n, n);
+      for (int64_t i = 0; i < n; ++i) f[i] += fk[i] * fk[i];
+    }
+    top_ids(f.data(), n, s.m_first, [](int64_t i) { return i; }, sc, out);
+    return;
+  }
   for (int64_t a = 0; a < s.r; ++a) simd::axpy(f.data(), w[a], S + a * n, n);
   top_ids(f.data(), n, mp, [](int64_t i) { return i; }, sc, out);
   if (s.m_neg == 0) return;
@@ -157,7 +170,7 @@ void rescore_one(const TdqkrShape& s, int64_t h, const T* Sr, const T* Scol, con
 template <typename T>
 void filter(const TdqkrShape& s, const T* s_row, const T* s_col, const T* u, const T* v,
             int32_t* idx_row, int32_t* idx_col) {
-  const int64_t TH = s.T * s.H, rn = s.r * s.n;
+  const int64_t TH = s.T * s.H, rn = s.r * s.n, uv = s.filter_vectors() * s.r;
 #pragma omp parallel if (s.T > 1)
   {
     Scratch<T> sc;
@@ -165,8 +178,8 @@ void filter(const TdqkrShape& s, const T* s_row, const T* s_col, const T* u, con
 #pragma omp for schedule(static)
     for (int64_t th = 0; th < TH; ++th) {
       const int64_t h = th % s.H;
-      filter_side(s, s_row + th * rn, u + h * s.r, sc, sc.f_row, idx_row + th * s.m_first);
-      filter_side(s, s_col + th * rn, v + h * s.r, sc, sc.f_col, idx_col + th * s.m_first);
+      filter_side(s, s_row + th * rn, u + h * uv, sc, sc.f_row, idx_row + th * s.m_first);
+      filter_side(s, s_col + th * rn, v + h * uv, sc, sc.f_col, idx_col + th * s.m_first);
     }
   }
 }
@@ -191,7 +204,7 @@ void rescore(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores
 template <typename T>
 void forward(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores, const T* u,
              const T* v, T* scores, int64_t* index) {
-  const int64_t TH = s.T * s.H, rn = s.r * s.n;
+  const int64_t TH = s.T * s.H, rn = s.r * s.n, uv = s.filter_vectors() * s.r;
 #pragma omp parallel if (s.T > 1)
   {
     Scratch<T> sc;
@@ -199,8 +212,8 @@ void forward(const TdqkrShape& s, const T* s_row, const T* s_col, const T* cores
 #pragma omp for schedule(static)
     for (int64_t th = 0; th < TH; ++th) {
       const int64_t h = th % s.H;
-      filter_side(s, s_row + th * rn, u + h * s.r, sc, sc.f_row, sc.irow.data());
-      filter_side(s, s_col + th * rn, v + h * s.r, sc, sc.f_col, sc.icol.data());
+      filter_side(s, s_row + th * rn, u + h * uv, sc, sc.f_row, sc.irow.data());
+      filter_side(s, s_col + th * rn, v + h * uv, sc, sc.f_col, sc.icol.data());
       rescore_one(s, h, s_row + th * rn, s_col + th * rn, cores, sc.irow.data(), sc.icol.data(), sc,
                   scores + th * s.m * s.C, index + th * s.m);
     }
@@ -348,6 +361,8 @@ const char* tdqkr_check_shape(const TdqkrShape& s) {
   if (s.C < 1) return "C (cores) must be >= 1";
   if (s.m_first < 1 || s.m_first > s.n) return "m_first must be in [1, n]";
   if (s.m_neg < 0 || s.m_neg >= s.m_first) return "m_neg (two-sign filter) must be in [0, m_first - 1]";
+  if (s.filter_rank < 0 || s.filter_rank > s.r) return "filter_rank (rank-R filter) must be in [0, r] (0: rank-1 filter)";
+  if (s.filter_rank > 0 && s.m_neg != 0) return "m_neg (two-sign filter) must be 0 with the rank-R filter (filter_rank > 0)";
   if (s.m_neg == 0 && (s.m < 1 || s.m > s.m_first * s.m_first)) return "m must be in [1, m_first*m_first]";
   if (s.m_neg > 0 && (s.m < 1 || s.m > s.rescored_pairs()))
     return "m must be in [1, m_pos^2 + m_neg^2] (two-sign filter, m_pos = m_first - m_neg)";
@@ -405,11 +420,19 @@ void tdqkr_filter_ref(const TdqkrShape& s, const T* s_row, const T* s_col, const
     const int64_t h = th % s.H;
     for (int side = 0; side < 2; ++side) {
       const T* S = (side == 0 ? s_row : s_col) + th * rn;
-      const T* w = (side == 0 ? u : v) + h * s.r;
+      const T* w = (side == 0 ? u : v) + h * s.r * s.filter_vectors();
       std::vector<Ranked<T>> cand;
       for (int64_t i = 0; i < s.n; ++i) {
         T f = 0;
-        for (int64_t a = 0; a < s.r; ++a) f += w[a] * S[a * s.n + i];
+        if (s.filter_rank == 0) {
+          for (int64_t a = 0; a < s.r; ++a) f += w[a] * S[a * s.n + i];
+        } else {  // rank-R filter: the squared norm of the R filter scores
+          for (int64_t k = 0; k < s.filter_rank; ++k) {
+            T fk = 0;
+            for (int64_t a = 0; a < s.r; ++a) fk += w[k * s.r + a] * S[a * s.n + i];
+            f += fk * fk;
+          }
+        }
         cand.push_back({f, i, 0});
       }
       std::sort(cand.begin(), cand.end(), ranks_before<T>);

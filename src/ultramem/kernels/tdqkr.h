@@ -23,6 +23,12 @@ struct TdqkrShape {
   // among the rest; only the same-sign blocks (m_pos x m_pos and m_neg x m_neg pairs) are rescored, so
   // m <= m_pos^2 + m_neg^2. 0 <= m_neg < m_first. With m_neg = 0 all m_first^2 pairs are rescored.
   int64_t m_neg = 0;
+  // Rank-R filter (0: the signed rank-1 filter above). u and v are [H, R, r]: R filter scores per side,
+  // F_k[i] = sum_a u[h, k, a] S[a, i], and the m_first rows with the largest sum_k F_k[i]^2 are kept (by
+  // Cauchy-Schwarz the rank-R grid score |sum_k F_k[i] G_k[j]| is at most the product of the two norms).
+  // All m_first^2 pairs are rescored. 1 <= R <= r; m_neg must be 0.
+  int64_t filter_rank = 0;
+  int64_t filter_vectors() const { return filter_rank > 0 ? filter_rank : 1; }  // R of u's [H, R, r]
   int64_t m_pos() const { return m_first - m_neg; }
   int64_t rescored_pairs() const { return m_neg == 0 ? m_first * m_first : m_pos() * m_pos() + m_neg * m_neg; }
 };
@@ -31,13 +37,14 @@ struct TdqkrShape {
 const char* tdqkr_check_shape(const TdqkrShape& s);
 
 // Stage 1, rank-1 filter: f_row[i] = sum_a u[h,a] * s_row[t,h,a,i]; keep the top m_first rows (same for
-// cols); with m_neg > 0 the top m_pos, then the m_neg most negative of the rest (most negative first).
+// cols); with m_neg > 0 the top m_pos, then the m_neg most negative of the rest (most negative first);
+// with filter_rank = R > 0 the top m_first by sum_k (sum_a u[h,k,a] * s_row[t,h,a,i])^2.
 template <typename T>
 void tdqkr_filter(const TdqkrShape& s,
                   const T* s_row,     // [T, H, r, n]
                   const T* s_col,     // [T, H, r, n]
-                  const T* u,         // [H, r]
-                  const T* v,         // [H, r]
+                  const T* u,         // [H, r], or [H, R, r] with filter_rank = R > 0
+                  const T* v,         // [H, r], or [H, R, r]
                   int32_t* idx_row,   // [T, H, m_first] out: kept rows, best first
                   int32_t* idx_col);  // [T, H, m_first] out: kept cols, best first
 
@@ -59,8 +66,8 @@ void tdqkr_forward(const TdqkrShape& s,
                    const T* s_row,   // [T, H, r, n]
                    const T* s_col,   // [T, H, r, n]
                    const T* cores,   // [C, H, r, r]
-                   const T* u,       // [H, r]
-                   const T* v,       // [H, r]
+                   const T* u,       // [H, r], or [H, R, r] with filter_rank = R > 0
+                   const T* v,       // [H, r], or [H, R, r]
                    T* scores,        // [T, H*m, C] out
                    int64_t* index);  // [T, H*m] out
 

@@ -50,10 +50,18 @@ const char* to_string(ValueFormat f) {
 RetrievalFilter parse_retrieval_filter(const std::string& s) {
   if (s == "rank1") return RetrievalFilter::kRank1;
   if (s == "two_sign") return RetrievalFilter::kTwoSign;
-  throw std::invalid_argument("filter: expected \"rank1\" (the paper's) or \"two_sign\", got \"" + s + "\"");
+  if (s == "rank_r") return RetrievalFilter::kRankR;
+  throw std::invalid_argument("filter: expected \"rank1\" (the paper's), \"two_sign\" or \"rank_r\", got \"" + s + "\"");
 }
 
-const char* to_string(RetrievalFilter f) { return f == RetrievalFilter::kRank1 ? "rank1" : "two_sign"; }
+const char* to_string(RetrievalFilter f) {
+  switch (f) {
+    case RetrievalFilter::kRank1: return "rank1";
+    case RetrievalFilter::kTwoSign: return "two_sign";
+    case RetrievalFilter::kRankR: return "rank_r";
+  }
+  return "?";
+}
 
 AuxReduction parse_aux_reduction(const std::string& s) {
   if (s == "mean") return AuxReduction::kMean;
@@ -107,8 +115,14 @@ void UltraMemConfig::validate() const {
                              std::to_string(m) + " kept ones, got " + std::to_string(m1) + " (" +
                              std::to_string(m1 * m1) + " candidates)");
   if (m_neg < 0) fail(who, "m_neg", "must be >= 0 (0 means m_first / 2), got " + std::to_string(m_neg));
-  if (filter == RetrievalFilter::kRank1 && m_neg != 0)
-    fail(who, "m_neg", "only the two_sign filter takes m_neg (filter is rank1), got " + std::to_string(m_neg));
+  if (filter != RetrievalFilter::kTwoSign && m_neg != 0)
+    fail(who, "m_neg", std::string("only the two_sign filter takes m_neg (filter is ") + to_string(filter) + "), got " +
+                           std::to_string(m_neg));
+  if (filter != RetrievalFilter::kRankR && filter_rank != 0)
+    fail(who, "filter_rank", std::string("only the rank_r filter takes filter_rank (filter is ") + to_string(filter) +
+                                 "), got " + std::to_string(filter_rank));
+  if (filter == RetrievalFilter::kRankR && (filter_rank < 0 || filter_rank > r))
+    fail(who, "filter_rank", "must be in [1, r = " + std::to_string(r) + "] (0 means r), got " + std::to_string(filter_rank));
   if (filter == RetrievalFilter::kTwoSign) {
     if (m1 < 2) fail(who, "m_first", "the two_sign filter needs m_first >= 2 (one candidate from each end), got " + std::to_string(m1));
     const int64_t mn = filter_negatives(), mp = m1 - mn;

@@ -19,7 +19,9 @@ enum class ValueFormat { kFloat32, kBFloat16, kInt8 };
 // TDQKR's first stage (docs/memory_layer.md). kRank1: the paper's filter, the m_first largest rank-1
 // filter scores per side. kTwoSign: the m_first - m_neg largest and the m_neg most negative, with only
 // the same-sign blocks rescored (the (-,-) quadrant of the grid scores as high as the (+,+) one).
-enum class RetrievalFilter { kRank1, kTwoSign };
+// kRankR: R filter scores per side from the R leading singular pairs of the core sum, rows ranked by
+// the norm of their R scores, every m_first x m_first pair rescored.
+enum class RetrievalFilter { kRank1, kTwoSign, kRankR };
 
 // How the Tucker aux loss combines the heads: kMean as the authors' formula (the default), kSum the
 // earlier default of this code (H times larger).
@@ -31,7 +33,7 @@ const char* to_string(NormKind k);
 const char* to_string(ValueInit v);
 ValueFormat parse_value_format(const std::string& s);  // "fp32" | "float32" | "bf16" | "bfloat16" | "int8"
 const char* to_string(ValueFormat f);                  // "fp32" | "bf16" | "int8"
-RetrievalFilter parse_retrieval_filter(const std::string& s);  // "rank1" | "two_sign"
+RetrievalFilter parse_retrieval_filter(const std::string& s);  // "rank1" | "two_sign" | "rank_r"
 const char* to_string(RetrievalFilter f);
 AuxReduction parse_aux_reduction(const std::string& s);  // "mean" | "sum"
 const char* to_string(AuxReduction r);
@@ -50,7 +52,8 @@ struct UltraMemConfig {
                          // (the final top-m is taken among m_first x m_first candidates; m_first < m is allowed)
   RetrievalFilter filter = RetrievalFilter::kRank1;  // first-stage filter; configs without the key are the paper's
   int64_t m_neg = 0;     // two_sign: of the m_first candidates per side, those from the negative end;
-                         // 0 means m_first / 2. Must be 0 with rank1.
+                         // 0 means m_first / 2. Must be 0 with rank1 and rank_r.
+  int64_t filter_rank = 0;  // rank_r: R, the filter scores per side, in [1, r]; 0 means r. Must be 0 otherwise.
   NormKind qk_norm = NormKind::RMS;  // normalisation of query halves and keys over Dk
   double qk_scale_init = 0.0;        // initial norm scale for query and keys; 0 means Dk^-0.33
   bool aux_loss = true;              // Tucker core aux loss (V1); needs r >= 2 to have any effect
@@ -75,7 +78,11 @@ struct UltraMemConfig {
   int64_t first_stage_m() const { return m_first > 0 ? m_first : m; }
   // The kernels' m_neg (kernels::TdqkrShape): 0 for the paper's filter.
   int64_t filter_negatives() const {
-    return filter == RetrievalFilter::kRank1 ? 0 : (m_neg > 0 ? m_neg : first_stage_m() / 2);
+    return filter != RetrievalFilter::kTwoSign ? 0 : (m_neg > 0 ? m_neg : first_stage_m() / 2);
+  }
+  // The kernels' filter_rank: R for rank_r, 0 for the signed rank-1 filters.
+  int64_t filter_vectors() const {
+    return filter != RetrievalFilter::kRankR ? 0 : (filter_rank > 0 ? filter_rank : r);
   }
   void validate() const;
 };

@@ -176,6 +176,7 @@ void read_ultramem(const json& j, const std::string& path, UltraMemConfig& c, st
   r.get("m_first", c.m_first);
   r.get_enum("filter", c.filter, parse_retrieval_filter);
   r.get("m_neg", c.m_neg);
+  r.get("filter_rank", c.filter_rank);
   r.get_enum("qk_norm", c.qk_norm, parse_norm_kind);
   r.get("qk_scale_init", c.qk_scale_init);
   r.get("aux_loss", c.aux_loss);
@@ -477,6 +478,9 @@ json model_config_to_json(const ModelConfig& c) {
              {"track_stats", u.track_stats},
              {"stats_window", u.stats_window},
              {"retrieval_sample", u.retrieval_sample}};
+  // Written only for the rank_r filter, so the configs of the other filters (and the records of runs
+  // made before it existed) stay as they were.
+  if (u.filter == RetrievalFilter::kRankR) uj["filter_rank"] = u.filter_rank;
   if (c.ultramem_sparse_value_grad) uj["sparse_value_grad"] = *c.ultramem_sparse_value_grad;
   const auto& p = c.pkm;
   json pj = {{"n", p.n},

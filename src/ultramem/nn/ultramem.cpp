@@ -81,8 +81,9 @@ torch::Tensor UltraMemImpl::forward(const torch::Tensor& x) {
   check_trainable();
   const auto u = x.reshape({-1, c.D});  // [T, D]
   const auto [s_row, s_col] = key_scores(u);                          // [T, H, r, n] each
-  auto [scores, index] = ops::tdqkr(s_row, s_col, cores, u_vec.to(s_row.scalar_type()),
-                                    v_vec.to(s_row.scalar_type()), c.first_stage_m(), c.m, c.filter_negatives());
+  const auto [fu, fv] = filter_vectors();                              // [H, r] or [H, R, r]
+  auto [scores, index] = ops::tdqkr(s_row, s_col, cores, fu.to(s_row.scalar_type()), fv.to(s_row.scalar_type()),
+                                    c.first_stage_m(), c.m, c.filter_negatives());
   // scores: [T, H*m, C], index: [T, H*m]
   const auto pooled = value_lookup_ ? value_lookup_->lookup(values, index, scores, perm, c.E, c.sparse_value_grad)
                                     : ops::pooled_lookup(values, index, scores, perm, c.E, c.sparse_value_grad);
@@ -124,20 +125,36 @@ void UltraMemImpl::measure_retrieval(const torch::Tensor& u, const torch::Tensor
   if (key_format_ != ValueFormat::kFloat32 && !at::GradMode::is_enabled()) {
     // What the float keys keep, for the compact keys' agreement.
     const auto dt = s_row.scalar_type();
-    auto [f_scores, f_index] = ops::tdqkr(s_row, s_col, cores.detach(), u_vec.to(dt), v_vec.to(dt), c.first_stage_m(),
-                                          c.m, c.filter_negatives());
+    const auto [fu, fv] = filter_vectors();
+    auto [f_scores, f_index] = ops::tdqkr(s_row, s_col, cores.detach(), fu.to(dt), fv.to(dt), c.first_stage_m(), c.m,
+                                          c.filter_negatives());
     window_.key_same += kept.eq(f_index.reshape({k, c.H, 1, c.m})).any(-1).sum().item<int64_t>();
   }
   window_.retrieval_tokens += k;
 }
 
-void UltraMemImpl::set_filter(RetrievalFilter filter, int64_t m_neg, int64_t m_first) {
+void UltraMemImpl::set_filter(RetrievalFilter filter, int64_t m_neg, int64_t m_first, int64_t filter_rank) {
   UltraMemConfig c = cfg_;
   c.filter = filter;
   c.m_neg = m_neg;
+  c.filter_rank = filter_rank;
   if (m_first > 0) c.m_first = m_first;
   c.validate();
   cfg_ = c;
+  invalidate_inference_cache();  // the folded filter keys depend on the filter
+}
+
+std::pair<torch::Tensor, torch::Tensor> UltraMemImpl::filter_vectors() const {
+  const int64_t R = cfg_.filter_vectors();
+  if (R == 0) return {u_vec.detach(), v_vec.detach()};
+  torch::NoGradGuard no_grad;
+  const auto csum = cores.detach().sum(0).to(torch::kDouble);          // [H, r, r]
+  auto [U, S, Vh] = torch::linalg_svd(csum, /*full_matrices=*/false);  // U [H, r, r], S [H, r], Vh [H, r, r]
+  const auto w = S.narrow(1, 0, R).clamp_min(0).sqrt().unsqueeze(2);   // [H, R, 1]
+  const auto u = U.narrow(2, 0, R).transpose(1, 2) * w;                // [H, R, r]
+  const auto v = Vh.narrow(1, 0, R) * w;                               // [H, R, r]
+  const auto dt = cores.scalar_type();
+  return {u.to(dt).contiguous(), v.to(dt).contiguous()};
 }
 
 torch::Tensor UltraMemImpl::aux_loss() const {

@@ -63,10 +63,15 @@ class UltraMemImpl : public torch::nn::Module {
 
   const UltraMemConfig& config() const { return cfg_; }
 
-  // Switches TDQKR's first-stage filter (config fields filter and m_neg; m_first may change with it,
-  // 0 keeps it), e.g. to evaluate a model with another filter than it was trained with. Validates like
-  // the config (std::invalid_argument naming the field; the layer is unchanged then).
-  void set_filter(RetrievalFilter filter, int64_t m_neg, int64_t m_first = 0);
+  // Switches TDQKR's first-stage filter (config fields filter, m_neg and filter_rank; m_first may change
+  // with it, 0 keeps it), e.g. to evaluate a model with another filter than it was trained with.
+  // Validates like the config (std::invalid_argument naming the field; the layer is unchanged then).
+  void set_filter(RetrievalFilter filter, int64_t m_neg, int64_t m_first = 0, int64_t filter_rank = 0);
+
+  // The first-stage filter's vectors (no grad): u_vec, v_vec [H, r] for rank1 / two_sign; for rank_r
+  // [H, R, r], the R leading singular pairs of each head's core sum, each scaled by sqrt(sigma_k),
+  // computed from the cores (so they are never stale and need no buffer).
+  std::pair<torch::Tensor, torch::Tensor> filter_vectors() const;
 
   // Replaces the local pooled lookup (ops::pooled_lookup over `values`) by `lookup`, e.g.
   // dist::ShardedValueLookup, for which `values` holds only this process's column slice [N, Dv/W].

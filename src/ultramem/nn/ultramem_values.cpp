@@ -28,6 +28,8 @@ struct UltraMemImpl::InferenceCache {
   const void* u_ptr = nullptr;
   const void* v_ptr = nullptr;
   int64_t keys_version = -1, k_scale_version = -1, u_version = -1, v_version = -1;
+  const void* cores_ptr = nullptr;  // the rank_r filter's vectors come from the cores
+  int64_t cores_version = -1;
   const void* perm_ptr = nullptr;  // permutation that passed the range check
   int64_t perm_version = -1;
   bool valid = false;
@@ -187,12 +189,16 @@ torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
     if (!ic.valid || ic.compute != st || ic.keys_ptr != keys.data_ptr() ||
         ic.k_scale_ptr != k_scale.data_ptr() || ic.keys_version != version_of(keys) ||
         ic.k_scale_version != version_of(k_scale) || ic.u_ptr != u_vec.data_ptr() ||
-        ic.v_ptr != v_vec.data_ptr() || ic.u_version != version_of(u_vec) || ic.v_version != version_of(v_vec)) {
+        ic.v_ptr != v_vec.data_ptr() || ic.u_version != version_of(u_vec) || ic.v_version != version_of(v_vec) ||
+        (c.filter_vectors() > 0 && (ic.cores_ptr != cores.data_ptr() || ic.cores_version != version_of(cores)))) {
       const auto kt = keys.detach().transpose(3, 4);  // [H, 2, n, r, Dk]
       const auto ks = k_scale.detach();
-      ic.keys = ops::compact_keys(ops::fold_filter_keys(norm(kt.select(1, 0), ks[0]), norm(kt.select(1, 1), ks[1]),
-                                                        u_vec.detach(), v_vec.detach()),
-                                  to_string(key_format_));
+      const auto [fu, fv] = filter_vectors();
+      ic.keys = ops::compact_keys(
+          ops::fold_filter_keys(norm(kt.select(1, 0), ks[0]), norm(kt.select(1, 1), ks[1]), fu, fv),
+          to_string(key_format_));
+      ic.cores_ptr = cores.data_ptr();
+      ic.cores_version = version_of(cores);
       ic.compute = st;
       ic.keys_ptr = keys.data_ptr();
       ic.k_scale_ptr = k_scale.data_ptr();
@@ -236,6 +242,7 @@ torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
   d.m = c.m;
   d.m_first = c.first_stage_m();
   d.m_neg = c.filter_negatives();
+  d.filter_rank = c.filter_vectors();
   d.rms_norm = c.qk_norm == NormKind::RMS;
   if (!c.track_stats) return ops::ultramem_decode(u, w, d);
   torch::Tensor scores, index;

@@ -11,8 +11,10 @@ namespace ultramem::ops {
 // Tucker-decomposed query-key retrieval (spec section 4): rank-1 filter to m_first rows and columns,
 // exact rescoring of the m_first x m_first candidates with every core, top-m by the core sum.
 // m_neg > 0 selects the two-sign filter (kernels/tdqkr.h): per side the m_first - m_neg largest and
-// the m_neg most negative filter scores, the same-sign blocks rescored.
-//   s_row, s_col: [T, H, r, n] float32/float64      cores: [C, H, r, r]      u, v: [H, r]
+// the m_neg most negative filter scores, the same-sign blocks rescored. u, v of shape [H, R, r] select
+// the rank-R filter (1 <= R <= r, m_neg = 0): rows ranked by sum_k (u[h, k] . S[:, i])^2, all pairs
+// rescored.
+//   s_row, s_col: [T, H, r, n] float32/float64      cores: [C, H, r, r]      u, v: [H, r] or [H, R, r]
 // Returns
 //   scores: [T, H*m, C]  per-core exact scores of the kept candidates; head-major, each head's m
 //                        sorted by the sum over cores, descending (ties: smaller grid address first)

@@ -16,7 +16,7 @@ TORCH_LIBRARY(ultramem, m) {
         &ultramem::ops::fold_filter_keys_op);
   m.def("ultramem_decode(Tensor x, Tensor wq, Tensor q_scale, Tensor cores, Tensor kn, Tensor kf, Tensor values,"
         " Tensor? values_scale, Tensor perm, Tensor wo, int m, int m_first, int m_neg=0, bool rms_norm=True,"
-        " Tensor? kn_scale=None, Tensor? kf_scale=None)"
+        " Tensor? kn_scale=None, Tensor? kf_scale=None, int filter_rank=0)"
         " -> Tensor",
         &ultramem::ops::ultramem_decode_op);
   m.def("pooled_lookup(Tensor values, Tensor index, Tensor scores, Tensor perm, int E,"

@@ -14,7 +14,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
 
 kernels::TdqkrShape shape_of(const at::Tensor& s_row, const at::Tensor& cores, int64_t m_first,
-                             int64_t m, int64_t m_neg) {
+                             int64_t m, int64_t m_neg, int64_t filter_rank = 0) {
   kernels::TdqkrShape s;
   s.T = s_row.size(0);
   s.H = s_row.size(1);
@@ -24,8 +24,12 @@ kernels::TdqkrShape shape_of(const at::Tensor& s_row, const at::Tensor& cores, i
   s.m_first = m_first;
   s.m = m;
   s.m_neg = m_neg;
+  s.filter_rank = filter_rank;
   return s;
 }
+
+// The rank-R filter is selected by u, v of shape [H, R, r]; [H, r] is the signed rank-1 filter.
+int64_t filter_rank_of(const at::Tensor& u) { return u.dim() == 3 ? u.size(1) : 0; }
 
 void check_args(const at::Tensor& s_row, const at::Tensor& s_col, const at::Tensor& cores,
                 const at::Tensor& u, const at::Tensor& v, int64_t m_first, int64_t m, int64_t m_neg) {
@@ -40,17 +44,27 @@ void check_args(const at::Tensor& s_row, const at::Tensor& s_col, const at::Tens
   TORCH_CHECK(cores.size(0) >= 1, "ultramem::tdqkr: cores must have C >= 1 cores, got shape ",
               detail::shape_str(cores));
   check_sizes(cores, "ultramem::tdqkr: cores", {cores.size(0), H, r, r}, "[C, H, r, r]");
-  check_tensor(u, "ultramem::tdqkr: u", 2, fp);
-  check_sizes(u, "ultramem::tdqkr: u", {H, r}, "[H, r]");
-  check_tensor(v, "ultramem::tdqkr: v", 2, fp);
-  check_sizes(v, "ultramem::tdqkr: v", {H, r}, "[H, r]");
+  if (u.dim() == 3) {  // rank-R filter
+    const int64_t R = u.size(1);
+    TORCH_CHECK(R >= 1 && R <= r, "ultramem::tdqkr: filter_rank R = u.size(1) must be in [1, r = ", r,
+                "] (u, v: [H, R, r]), got u of shape ", detail::shape_str(u));
+    check_tensor(u, "ultramem::tdqkr: u", 3, fp);
+    check_sizes(u, "ultramem::tdqkr: u", {H, R, r}, "[H, R, r]");
+    check_tensor(v, "ultramem::tdqkr: v", 3, fp);
+    check_sizes(v, "ultramem::tdqkr: v", {H, R, r}, "[H, R, r] equal to u's");
+  } else {
+    check_tensor(u, "ultramem::tdqkr: u", 2, fp);
+    check_sizes(u, "ultramem::tdqkr: u", {H, r}, "[H, r]");
+    check_tensor(v, "ultramem::tdqkr: v", 2, fp);
+    check_sizes(v, "ultramem::tdqkr: v", {H, r}, "[H, r]");
+  }
   for (const at::Tensor* t : {&s_col, &cores, &u, &v})
     TORCH_CHECK(t->scalar_type() == s_row.scalar_type(),
                 "ultramem::tdqkr: s_row, s_col, cores, u and v must share one dtype, got ",
                 s_row.scalar_type(), " and ", t->scalar_type());
-  const char* bad = kernels::tdqkr_check_shape(shape_of(s_row, cores, m_first, m, m_neg));
+  const char* bad = kernels::tdqkr_check_shape(shape_of(s_row, cores, m_first, m, m_neg, filter_rank_of(u)));
   TORCH_CHECK(bad == nullptr, "ultramem::tdqkr: ", bad ? bad : "", " (n=", n, ", m_first=", m_first,
-              ", m=", m, ", m_neg=", m_neg, ")");
+              ", m=", m, ", m_neg=", m_neg, ", filter_rank=", filter_rank_of(u), ")");
 }
 
 struct TdqkrFunction : public torch::autograd::Function<TdqkrFunction> {
@@ -62,7 +76,7 @@ struct TdqkrFunction : public torch::autograd::Function<TdqkrFunction> {
     cores = cores.contiguous();
     u = u.contiguous();
     v = v.contiguous();
-    const auto s = shape_of(s_row, cores, m_first, m, m_neg);
+    const auto s = shape_of(s_row, cores, m_first, m, m_neg, filter_rank_of(u));
     at::Tensor scores = at::empty({s.T, s.H * s.m, s.C}, s_row.options());
     at::Tensor index = at::empty({s.T, s.H * s.m}, s_row.options().dtype(at::kLong));
     AT_DISPATCH_FLOATING_TYPES(s_row.scalar_type(), "ultramem::tdqkr", [&] {

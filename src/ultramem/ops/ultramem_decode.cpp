@@ -29,7 +29,7 @@ constexpr int64_t kSmallRowsScores = 16;
 // Per-thread scratch buffers, reused across calls (no allocation once grown).
 template <typename S>
 struct Scratch {
-  std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, scores, pooled, dots, ones, wide, part;
+  std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, scores, pooled, dots, ones, wide, part;  // ones: filter weights
   std::vector<int32_t> irow, icol, rows;
   std::vector<int64_t> index;
 };
@@ -123,8 +123,9 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
     normalise(qr + t * Dk, Dk, qscale, c.rms_norm);
     normalise(qc + t * Dk, Dk, qscale + Dk, c.rms_norm);
   }
-  // TDQKR, stage 1: filter scores against the folded keys, f_side[t, h, i], and the top m_first.
-  const int64_t Hn = c.H * c.n, m1 = (c.m_first > 0 ? c.m_first : c.m);
+  // TDQKR, stage 1: filter scores against the folded keys, f_side[t, h, k, i] (k < R, R = 1 for the
+  // signed rank-1 filter), and the top m_first.
+  const int64_t R = c.filter_vectors(), Hn = c.H * R * c.n, m1 = (c.m_first > 0 ? c.m_first : c.m);
   S* f_row = sized(sc.f_row, T * Hn);
   S* f_col = sized(sc.f_col, T * Hn);
   if (T <= kSmallRowsScores) {
@@ -163,13 +164,18 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   ts.m_first = m1;
   ts.m = c.m;
   ts.m_neg = c.m_neg;
-  kernels::TdqkrShape fs = ts;  // the filter on f as a rank-1 problem with weights 1 (f = 0 + 1 * f exactly)
-  fs.r = 1;
-  S* ones = sized(sc.ones, c.H);
-  std::fill(ones, ones + c.H, S(1));
+  ts.filter_rank = c.filter_rank;
+  // The filter on f as a problem of rank R with identity weights (F_k = sum_a I[k, a] f_a = f_k exactly:
+  // the other terms add zeros).
+  kernels::TdqkrShape fs = ts;
+  fs.r = R;
+  S* eye = sized(sc.ones, c.H * R * R);
+  std::fill(eye, eye + c.H * R * R, S(0));
+  for (int64_t h = 0; h < c.H; ++h)
+    for (int64_t k = 0; k < R; ++k) eye[(h * R + k) * R + k] = S(1);
   int32_t* irow = sized(sc.irow, T * c.H * m1);
   int32_t* icol = sized(sc.icol, T * c.H * m1);
-  kernels::tdqkr_filter<S>(fs, f_row, f_col, ones, ones, irow, icol);
+  kernels::tdqkr_filter<S>(fs, f_row, f_col, eye, eye, irow, icol);
   // Stage 2: exact S_side[t, h, a, i] at the kept rows only (the rescoring reads nothing else), then
   // the exact rescoring with every core.
   const auto kn_row = key_rows<S>(kn, w.keys.kn_scale, 0), kn_col = key_rows<S>(kn, w.keys.kn_scale, 1);
@@ -224,8 +230,9 @@ UltraMemDecodeKeys fold_filter_keys(const at::Tensor& kn_row, const at::Tensor& 
   const auto row = kn_row.permute({0, 2, 1, 3});  // [H, r, n, Dk]
   const auto col = kn_col.permute({0, 2, 1, 3});
   k.kn = torch::stack({row, col}).reshape({2, H * r * n, Dk}).contiguous();
-  const auto w = torch::stack({u, v}).to(kn_row.scalar_type()).view({2, H, r, 1, 1});
-  k.kf = (k.kn.view({2, H, r, n, Dk}) * w).sum(2).reshape({2, H * n, Dk}).contiguous();
+  const int64_t R = u.dim() == 3 ? u.size(1) : 1;
+  const auto w = torch::stack({u, v}).to(kn_row.scalar_type()).view({2, H, R, r, 1, 1});
+  k.kf = (k.kn.view({2, H, 1, r, n, Dk}) * w).sum(3).reshape({2, H * R * n, Dk}).contiguous();
   return k;
 }
 
@@ -255,11 +262,14 @@ at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, 
   check_arg(w.q_scale, "ultramem_decode: q_scale", {2, d.Dk}, {st});
   check_arg(w.cores, "ultramem_decode: cores", {d.C, d.H, d.r, d.r}, {st});
   check_arg(w.keys.kn, "ultramem_decode: keys.kn", {2, d.H * d.r * d.n, d.Dk}, {st, at::kBFloat16, at::kChar});
-  check_arg(w.keys.kf, "ultramem_decode: keys.kf", {2, d.H * d.n, d.Dk}, {st, at::kBFloat16, at::kChar});
+  TORCH_CHECK(d.filter_rank >= 0 && d.filter_rank <= d.r, "ultramem_decode: filter_rank must be in [0, r = ", d.r,
+              "] (0: the signed rank-1 filter), got ", d.filter_rank);
+  const int64_t HRf = d.H * d.filter_vectors() * d.n;  // filter key rows
+  check_arg(w.keys.kf, "ultramem_decode: keys.kf", {2, HRf, d.Dk}, {st, at::kBFloat16, at::kChar});
   if (w.keys.kn.scalar_type() == at::kChar)
     check_arg(w.keys.kn_scale, "ultramem_decode: keys.kn_scale", {2, d.H * d.r * d.n}, {at::kFloat});
   if (w.keys.kf.scalar_type() == at::kChar)
-    check_arg(w.keys.kf_scale, "ultramem_decode: keys.kf_scale", {2, d.H * d.n}, {at::kFloat});
+    check_arg(w.keys.kf_scale, "ultramem_decode: keys.kf_scale", {2, HRf}, {at::kFloat});
   check_arg(w.values, "ultramem_decode: values", {N, d.Dv}, {st, at::kBFloat16, at::kChar});
   check_arg(w.perm, "ultramem_decode: perm", {d.E * N}, {at::kLong});
   check_arg(w.wo, "ultramem_decode: wo", {d.E * d.Dv, d.D}, {st});
@@ -272,9 +282,10 @@ at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, 
   ts.m_first = d.m_first > 0 ? d.m_first : d.m;
   ts.m = d.m;
   ts.m_neg = d.m_neg;
+  ts.filter_rank = d.filter_rank;
   const char* bad = kernels::tdqkr_check_shape(ts);
   TORCH_CHECK(bad == nullptr, "ultramem_decode: ", bad ? bad : "", " (n=", d.n, ", m_first=", ts.m_first, ", m=", d.m,
-              ", m_neg=", d.m_neg, ")");
+              ", m_neg=", d.m_neg, ", filter_rank=", d.filter_rank, ")");
   const int64_t T = x.size(0);
   at::Tensor out = torch::empty({T, d.D}, x.options());
   if (T == 0) return out;
@@ -290,13 +301,13 @@ at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const a
                               const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
                               const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first,
                               int64_t m_neg, bool rms_norm, const c10::optional<at::Tensor>& kn_scale,
-                              const c10::optional<at::Tensor>& kf_scale) {
+                              const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank) {
   TORCH_CHECK(wq.dim() == 2 && wq.size(1) % 2 == 0, "ultramem_decode: wq must be [D, 2*Dk], got shape ", wq.sizes());
   TORCH_CHECK(cores.dim() == 4, "ultramem_decode: cores must be [C, H, r, r], got shape ", cores.sizes());
   TORCH_CHECK(values.dim() == 2 && values.size(1) > 0, "ultramem_decode: values must be [N, Dv], got shape ",
               values.sizes());
-  TORCH_CHECK(kf.dim() == 3 && cores.size(1) > 0 && kf.size(1) % cores.size(1) == 0,
-              "ultramem_decode: kf must be [2, H*n, Dk] with H = cores.size(1), got shape ", kf.sizes());
+  TORCH_CHECK(kn.dim() == 3 && cores.size(1) > 0 && cores.size(2) > 0 && kn.size(1) % (cores.size(1) * cores.size(2)) == 0,
+              "ultramem_decode: kn must be [2, H*r*n, Dk] with H, r from cores [C, H, r, r], got shape ", kn.sizes());
   TORCH_CHECK(wo.dim() == 2 && wo.size(0) % values.size(1) == 0,
               "ultramem_decode: wo must be [E*Dv, D] with Dv = values.size(1), got shape ", wo.sizes());
   UltraMemDims d;
@@ -306,12 +317,13 @@ at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const a
   d.C = cores.size(0);
   d.H = cores.size(1);
   d.r = cores.size(2);
-  d.n = kf.size(1) / d.H;
+  d.n = kn.size(1) / (d.H * d.r);
   d.E = wo.size(0) / d.Dv;
   TORCH_CHECK(d.E >= 1 && d.n * d.n % d.E == 0, "ultramem_decode: E = ", d.E, " does not divide n*n = ", d.n * d.n);
   d.m = m;
   d.m_first = m_first;
   d.m_neg = m_neg;
+  d.filter_rank = filter_rank;
   d.rms_norm = rms_norm;
   UltraMemDecodeWeights w;
   w.wq = wq;
@@ -340,8 +352,11 @@ std::tuple<at::Tensor, at::Tensor> fold_filter_keys_op(const at::Tensor& kn_row,
               "fold_filter_keys: kn_row and kn_col must both be [H, n, r, Dk], got ", kn_row.sizes(), " and ",
               kn_col.sizes());
   const int64_t H = kn_row.size(0), r = kn_row.size(2);
-  TORCH_CHECK(u.dim() == 2 && u.size(0) == H && u.size(1) == r && v.sizes() == u.sizes(),
-              "fold_filter_keys: u and v must be [H, r] = [", H, ", ", r, "], got ", u.sizes(), " and ", v.sizes());
+  const bool rank_r = u.dim() == 3;
+  TORCH_CHECK((u.dim() == 2 || rank_r) && u.size(0) == H && u.size(-1) == r && v.sizes() == u.sizes() &&
+                  (!rank_r || (u.size(1) >= 1 && u.size(1) <= r)),
+              "fold_filter_keys: u and v must be [H, r] = [", H, ", ", r, "] (rank-1 filter) or [H, R, r] with 1 <= R <= r",
+              " (rank-R filter), got ", u.sizes(), " and ", v.sizes());
   auto k = fold_filter_keys(kn_row, kn_col, u, v);
   return {k.kn, k.kf};
 }

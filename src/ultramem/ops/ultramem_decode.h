@@ -3,7 +3,8 @@
 //
 //   q = x @ Wq, its row and col halves normalised with q_scale     (few rows: kernels::matmul_rows)
 //   TDQKR's rank-1 filter against folded keys: f_row = q_row @ Kf_row^T, Kf_row[h, i] = sum_a u[h, a]
-//     Kn_row[h, a, i] (prepared once by fold_filter_keys), so the key scan reads H*n, not H*r*n rows;
+//     Kn_row[h, a, i] (prepared once by fold_filter_keys), so the key scan reads H*n, not H*r*n rows
+//     (the rank-R filter: R folded key sets, H*R*n rows);
 //   the exact S_side[t, h, a, i] only at the m_first kept rows, the exact rescoring with every core,
 //   the pooled lookup over the stored value table (fp32, bf16 or int8), out = pooled @ Wo.
 // Larger batches use BLAS (libtorch's mm) for the three products. The result equals the autograd
@@ -27,8 +28,10 @@ struct UltraMemDims {
   int64_t C = 0, E = 0;           // cores, IVE expansion
   int64_t m = 0, m_first = 0;     // kept candidates per head, first-stage candidates per side
   int64_t m_neg = 0;              // two-sign filter: candidates per side from the negative end (0: rank-1)
+  int64_t filter_rank = 0;        // rank-R filter: R folded key sets (0: the signed rank-1 filter)
   bool rms_norm = true;           // query normalisation: RMS (else LayerNorm), eps 1e-6
   int64_t N() const { return n * n / E; }
+  int64_t filter_vectors() const { return filter_rank > 0 ? filter_rank : 1; }  // key sets in kf
 };
 
 // Keys prepared for the fused forward, once per change of the keys, their scales or the filter.
@@ -36,9 +39,10 @@ struct UltraMemDims {
 // float32 scale per key row (key = q * scale); scores always accumulate in the compute dtype.
 struct UltraMemDecodeKeys {
   at::Tensor kn;        // [2, H*r*n, Dk] normalised keys (row side, col side), rows ordered (h, a, i)
-  at::Tensor kf;        // [2, H*n, Dk]   filter keys: sum_a u[h, a] kn_row[h, a, i]; v for the col side
+  at::Tensor kf;        // [2, H*R*n, Dk] filter keys: sum_a u[h, k, a] kn_row[h, a, i], rows ordered (h, k, i);
+                        //                v for the col side; R = 1 for the signed rank-1 filter
   at::Tensor kn_scale;  // [2, H*r*n] float32 row scales of int8 kn; undefined otherwise
-  at::Tensor kf_scale;  // [2, H*n]   float32 row scales of int8 kf; undefined otherwise
+  at::Tensor kf_scale;  // [2, H*R*n] float32 row scales of int8 kf; undefined otherwise
 };
 
 // Compact copies of prepared keys for inference: format "bf16" (half the bytes of float32) or "int8"
@@ -46,7 +50,8 @@ struct UltraMemDecodeKeys {
 // format or non-finite keys.
 UltraMemDecodeKeys compact_keys(const UltraMemDecodeKeys& keys, const std::string& format);
 
-// kn_row, kn_col: [H, n, r, Dk] normalised keys; u, v: [H, r] rank-1 filter vectors.
+// kn_row, kn_col: [H, n, r, Dk] normalised keys; u, v: [H, r] rank-1 filter vectors, or [H, R, r] the
+// rank-R filter's.
 UltraMemDecodeKeys fold_filter_keys(const at::Tensor& kn_row, const at::Tensor& kn_col, const at::Tensor& u,
                                     const at::Tensor& v);
 
@@ -70,14 +75,15 @@ at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, 
 
 // The same op with the weights as separate tensors, as registered for Python
 // (torch.ops.ultramem.ultramem_decode): D, Dk, Dv, H, r, C, n and E are read from the shapes
-// (wq [D, 2*Dk], cores [C, H, r, r], kf [2, H*n, Dk], values [N, Dv], wo [E*Dv, D]). Compact keys:
-// kn / kf in bfloat16, or int8 with kn_scale [2, H*r*n] / kf_scale [2, H*n] float32 row scales.
+// (wq [D, 2*Dk], cores [C, H, r, r], kn [2, H*r*n, Dk], values [N, Dv], wo [E*Dv, D]); kf is
+// [2, H*n, Dk], or [2, H*R*n, Dk] with filter_rank = R > 0. Compact keys: kn / kf in bfloat16, or int8
+// with kn_scale [2, H*r*n] / kf_scale [2, H*R*n] float32 row scales.
 at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& q_scale,
                               const at::Tensor& cores, const at::Tensor& kn, const at::Tensor& kf,
                               const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
                               const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first,
                               int64_t m_neg, bool rms_norm, const c10::optional<at::Tensor>& kn_scale,
-                              const c10::optional<at::Tensor>& kf_scale);
+                              const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank = 0);
 std::tuple<at::Tensor, at::Tensor> fold_filter_keys_op(const at::Tensor& kn_row, const at::Tensor& kn_col,
                                                        const at::Tensor& u, const at::Tensor& v);
 
