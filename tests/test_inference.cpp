@@ -189,6 +189,24 @@ TEST(FastPath, EmptyBatch) {
   EXPECT_EQ(out.sizes(), (std::vector<int64_t>{0, 24}));
 }
 
+// A permutation entry outside the grid (corrupt weights) is refused by the fast path with the entry
+// named, instead of reading outside the value table.
+TEST(FastPath, CorruptPermutationIsRefused) {
+  auto cfg = layer_config();
+  UltraMem layer(cfg);
+  {
+    torch::NoGradGuard no_grad;
+    layer->perm[7] = cfg.n * cfg.n;
+  }
+  try {
+    fast_forward(layer, torch::randn({2, cfg.D}));
+    ADD_FAILURE() << "no error for a permutation entry outside [0, n*n)";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("perm[7] = " + std::to_string(cfg.n * cfg.n) + " is outside"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(FastPath, KeyCacheFollowsKeyAndScaleUpdates) {
   UltraMem layer(layer_config());
   torch::manual_seed(3);

@@ -480,6 +480,81 @@ class UltraMemDecodeTest(unittest.TestCase):
                                                p["perm"], p["wo"], 4, 6, filter_rank=2)
         with self.assertRaisesRegex(RuntimeError, "filter_rank"):
             self.decode(p, x, cfg, 4, 6, filter_rank=3)
+        bad_perm = p["perm"].clone()
+        bad_perm[5] = 64  # n*n = 64 slots
+        with self.assertRaisesRegex(RuntimeError, r"perm\[5\] = 64 is outside \[0, 64\)"):
+            self.decode(dict(p, perm=bad_perm), x, cfg, 4, 6)
+
+
+class BlockDecodeTest(unittest.TestCase):
+    """The transformer block's no-grad ops against plain PyTorch expressions of the same math."""
+
+    def test_rms_norm(self):
+        gen = torch.Generator().manual_seed(40)
+        for dtype in (torch.float64, torch.float32):
+            for T, D in ((1, 8), (7, 24), (300, 64), (0, 16)):
+                x = torch.randn(T, D, generator=gen, dtype=torch.float64).to(dtype)
+                w = (0.5 + torch.rand(D, generator=gen, dtype=torch.float64)).to(dtype)
+                want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+                torch.testing.assert_close(torch.ops.ultramem.rms_norm(x, w, 1e-5), want, **tol(dtype))
+        with self.assertRaisesRegex(RuntimeError, "rms_norm: weight"):
+            torch.ops.ultramem.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-5)
+
+    def test_swiglu_forward(self):
+        gen = torch.Generator().manual_seed(41)
+        for dtype in (torch.float64, torch.float32):
+            for T, D, h in ((1, 16, 24), (5, 16, 40), (33, 32, 20)):  # few-row kernels and BLAS
+                x = torch.randn(T, D, generator=gen, dtype=torch.float64).to(dtype)
+                w_in = (torch.randn(D, 2 * h, generator=gen, dtype=torch.float64) / D ** 0.5).to(dtype)
+                w_out = (torch.randn(h, D, generator=gen, dtype=torch.float64) / h ** 0.5).to(dtype)
+                g, u = (x @ w_in).chunk(2, -1)
+                want = (torch.nn.functional.silu(g) * u) @ w_out
+                torch.testing.assert_close(torch.ops.ultramem.swiglu_forward(x, w_in, w_out), want, **tol(dtype))
+        with self.assertRaisesRegex(RuntimeError, "swiglu_forward: w_out"):
+            torch.ops.ultramem.swiglu_forward(torch.randn(2, 8), torch.randn(8, 6), torch.randn(4, 8))
+
+    def test_linear_nt(self):
+        gen = torch.Generator().manual_seed(43)
+        for dtype in (torch.float64, torch.float32):
+            for T, K, N in ((1, 32, 300), (16, 24, 40), (17, 24, 40), (64, 8, 1000)):  # kernel and BLAS sides
+                x = torch.randn(T, K, generator=gen, dtype=torch.float64).to(dtype)
+                w = torch.randn(N, K, generator=gen, dtype=torch.float64).to(dtype)
+                torch.testing.assert_close(torch.ops.ultramem.linear_nt(x, w), x @ w.t(), **tol(dtype))
+        with self.assertRaisesRegex(RuntimeError, "linear_nt: w"):
+            torch.ops.ultramem.linear_nt(torch.randn(2, 8), torch.randn(5, 7))
+
+    def test_attention_decode_matches_full_causal_attention(self):
+        # Decoding position by position with the cache gives the last row of full causal attention.
+        gen = torch.Generator().manual_seed(42)
+        for dtype in (torch.float64, torch.float32):
+            B, nh, hd, P = 3, 4, 8, 12
+            D, half = nh * hd, hd // 2
+            wqkv = (torch.randn(D, 3 * D, generator=gen, dtype=torch.float64) / D ** 0.5).to(dtype)
+            wo = (torch.randn(D, D, generator=gen, dtype=torch.float64) / D ** 0.5).to(dtype)
+            inv = 10000.0 ** (-torch.arange(half, dtype=torch.float64) * 2.0 / hd)
+            ang = torch.arange(P, dtype=torch.float64)[:, None] * inv[None, :]
+            cos, sin = ang.cos(), ang.sin()
+            xs = torch.randn(B, P, D, generator=gen, dtype=torch.float64).to(dtype)
+
+            def rope(z, t):  # z [B, nh, T, hd] at positions [0, T)
+                c, s = cos[:t].to(dtype), sin[:t].to(dtype)
+                z1, z2 = z[..., :half], z[..., half:]
+                return torch.cat([z1 * c - z2 * s, z1 * s + z2 * c], -1)
+
+            ck = torch.zeros(B, nh, P, hd, dtype=dtype)
+            cv = torch.zeros(B, nh, P, hd, dtype=dtype)
+            for pos in range(P):
+                got = torch.ops.ultramem.attention_decode(xs[:, pos], wqkv, wo, cos, sin, ck, cv, pos)
+                T = pos + 1
+                q, k, v = (xs[:, :T] @ wqkv).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
+                q, k = rope(q, T) / hd ** 0.5, rope(k, T)
+                mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+                probs = torch.softmax((q @ k.transpose(2, 3)).masked_fill(mask, float("-inf")), -1)
+                want = ((probs @ v).transpose(1, 2).reshape(B, T, D) @ wo)[:, -1]
+                torch.testing.assert_close(got, want, msg=lambda m: "pos %d %s: %s" % (pos, dtype, m), **tol(dtype))
+                torch.testing.assert_close(ck[:, :, pos], k[:, :, -1], **tol(dtype))  # the cache holds the rotated key
+            with self.assertRaisesRegex(RuntimeError, "pos must be in"):
+                torch.ops.ultramem.attention_decode(xs[:, 0], wqkv, wo, cos, sin, ck, cv, P)
 
 
 if __name__ == "__main__":

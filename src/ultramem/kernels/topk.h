@@ -180,6 +180,9 @@ inline void select_top_k(const T* scores, int64_t n, int64_t k, IdFn id_of, int6
   const auto before = [](const Ranked<T>& a, const Ranked<T>& b) {
     return a.score > b.score || (a.score == b.score && a.id < b.id);
   };
+  // At least k survivors by construction (k groups have a maximum >= t0); were that ever broken, the
+  // exact scan keeps the result right instead of sorting past the end.
+  if (int64_t(work.size()) < k) return fallback();
   if (int64_t(work.size()) > k) std::nth_element(work.begin(), work.begin() + k, work.end(), before);
   std::sort(work.begin(), work.begin() + k, before);
   std::copy(work.begin(), work.begin() + k, out);

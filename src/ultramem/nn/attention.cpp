@@ -5,6 +5,8 @@
 #include <cmath>
 #include <limits>
 
+#include "ultramem/ops/block_decode.h"
+
 namespace ultramem::nn {
 
 CausalSelfAttentionImpl::CausalSelfAttentionImpl(const AttentionOptions& o, at::Generator gen)
@@ -39,6 +41,14 @@ torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, int64_t p
   TORCH_CHECK(pos0 >= 0 && pos0 + T <= o_.max_seq_len, "CausalSelfAttention: positions [", pos0, ", ",
               pos0 + T, ") exceed max_seq_len ", o_.max_seq_len);
   TORCH_CHECK(cache_k != nullptr || pos0 == 0, "CausalSelfAttention: pos0 > 0 needs a cache");
+  // Decode (one new token per sequence, no grad): the no-grad op, without per-op overhead.
+  if (cache_k != nullptr && T == 1 && !at::GradMode::is_enabled() && !(o_.dropout > 0 && is_training()) &&
+      (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble) && x.scalar_type() == wqkv.scalar_type() &&
+      cache_k->scalar_type() == x.scalar_type() && cache_k->is_contiguous() && cache_v->is_contiguous()) {
+    TORCH_CHECK(pos0 < cache_k->size(2), "CausalSelfAttention: cache holds ", cache_k->size(2), " positions, need ",
+                pos0 + 1);
+    return ops::attention_decode(x.reshape({B, D}), wqkv, wo, cos_, sin_, *cache_k, *cache_v, pos0).view({B, 1, D});
+  }
   // unbind rather than qkv[i]: its backward stacks once instead of zero-filling per select.
   const auto qkv = x.matmul(wqkv).view({B, T, 3, nh, hd}).permute({2, 0, 3, 1, 4}).unbind(0);  // 3 x [B, nh, T, hd]
   const auto q = rope(qkv[0], pos0) * (1.0 / std::sqrt(double(hd)));  // [B, nh, T, hd]

@@ -1,9 +1,13 @@
 // SwiGLU feed-forward: y = (silu(x W_gate) * (x W_up)) W_down. The gate and up projections are
-// stored side by side in one [D, 2*hidden] matrix so a single matmul computes both.
+// stored side by side in one [D, 2*hidden] matrix so a single matmul computes both. With grad mode
+// off the module runs the no-grad op ops::swiglu_forward (ops/block_decode.h).
 #pragma once
+#include <ATen/core/grad_mode.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
+
+#include "ultramem/ops/block_decode.h"
 
 namespace ultramem::nn {
 
@@ -25,7 +29,12 @@ class SwiGLUImpl : public torch::nn::Module {
   }
 
   // x: [..., D] -> [..., D]
-  torch::Tensor forward(const torch::Tensor& x) { return swiglu(x, w_in, w_out); }
+  torch::Tensor forward(const torch::Tensor& x) {
+    if (!at::GradMode::is_enabled() && x.scalar_type() == w_in.scalar_type() && x.dim() >= 1 &&
+        (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble))
+      return ops::swiglu_forward(x.reshape({-1, x.size(-1)}), w_in, w_out).view(x.sizes());
+    return swiglu(x, w_in, w_out);
+  }
 
   torch::Tensor w_in;   // [D, 2*hidden]  gate | up
   torch::Tensor w_out;  // [hidden, D]

@@ -15,6 +15,7 @@
 #include "ultramem/nn/rmsnorm.h"
 #include "ultramem/nn/swiglu.h"
 #include "ultramem/nn/ultramem.h"
+#include "ultramem/ops/block_decode.h"
 
 namespace ultramem::nn {
 namespace {
@@ -137,7 +138,14 @@ struct TransformerImpl::Impl {
       if (residuals) residuals->push_back(h);
     }
     h = final_norm->forward(h);
-    const auto logits = h.matmul((lm_head.defined() ? lm_head : embedding).t());  // [B, T, V]
+    const auto& head = lm_head.defined() ? lm_head : embedding;  // [V, D]
+    torch::Tensor logits;                                          // [B, T, V]
+    if (!at::GradMode::is_enabled() && h.scalar_type() == head.scalar_type() &&
+        (h.scalar_type() == torch::kFloat || h.scalar_type() == torch::kDouble)) {
+      logits = ops::linear_nt(h.reshape({-1, h.size(-1)}), head).view({h.size(0), h.size(1), head.size(0)});
+    } else {
+      logits = h.matmul(head.t());
+    }
     if (record_aux) {
       aux.clear();
       if (balance.defined()) aux["moe_balance"] = balance;

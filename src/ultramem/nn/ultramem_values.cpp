@@ -211,13 +211,8 @@ torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
       ic.valid = true;
     }
     if (ic.perm_ptr != perm.data_ptr() || ic.perm_version != version_of(perm)) {
-      if (perm.scalar_type() != torch::kLong || !perm.is_contiguous() || perm.numel() != c.n * c.n)
-        throw std::runtime_error("UltraMem: the permutation must be a contiguous int64 tensor [n*n]");
-      const int64_t* p = perm.data_ptr<int64_t>();
-      for (int64_t g = 0; g < c.n * c.n; ++g)
-        if (p[g] < 0 || p[g] >= c.n * c.n)
-          throw std::runtime_error("UltraMem: perm[" + std::to_string(g) + "] = " + std::to_string(p[g]) +
-                                   " is outside [0, n*n); corrupt weights?");
+      const std::string bad = ops::permutation_error(perm, c.n * c.n);
+      if (!bad.empty()) throw std::runtime_error("UltraMem: " + bad + " (n*n slots); corrupt weights?");
       ic.perm_ptr = perm.data_ptr();
       ic.perm_version = version_of(perm);
     }

@@ -19,7 +19,7 @@ using detail::project;
 template <typename S>
 void moe_impl(const S* x, int64_t T, int64_t D, const at::Tensor& router, const at::Tensor& w_in,
               const at::Tensor& w_out, int64_t top_k, S* out, MoeDecodeStats* stats) {
-  const int64_t K = router.size(1), h = w_out.size(1);
+  const int64_t K = router.size(1);
   std::vector<S> logits(T * K);                                 // [T, K]
   project<S>(x, T, D, router, logits.data());
   // Routing: softmax, top-k (ties: smaller expert), renormalised weights; tokens grouped by expert.
@@ -55,16 +55,8 @@ void moe_impl(const S* x, int64_t T, int64_t D, const at::Tensor& router, const 
     if (cnt == 0) continue;
     xe.resize(cnt * D);
     for (int64_t r = 0; r < cnt; ++r) std::copy(x + tokens[e][r] * D, x + (tokens[e][r] + 1) * D, xe.data() + r * D);
-    hid.resize(cnt * 2 * h);
-    project<S>(xe.data(), cnt, D, w_in[e], hid.data());       // [cnt, 2h]: gate | up
-    act.resize(cnt * h);
-    for (int64_t r = 0; r < cnt; ++r)
-      for (int64_t i = 0; i < h; ++i) {
-        const S g = hid[r * 2 * h + i], u = hid[r * 2 * h + h + i];
-        act[r * h + i] = g / (S(1) + std::exp(-g)) * u;          // silu(gate) * up
-      }
     ye.resize(cnt * D);
-    project<S>(act.data(), cnt, h, w_out[e], ye.data());      // [cnt, D]
+    detail::swiglu_rows<S>(xe.data(), cnt, D, w_in[e], w_out[e], hid, act, ye.data());  // [cnt, D]
     for (int64_t r = 0; r < cnt; ++r) {
       S* o = out + tokens[e][r] * D;
       const S w = weights[e][r];

@@ -1,9 +1,11 @@
-// Private to ops/: the dense products of the fused no-grad ops (ultramem_decode, moe_decode).
+// Private to ops/: the dense products of the fused no-grad ops (ultramem_decode, moe_decode, block_decode).
 #pragma once
 #include <torch/torch.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "ultramem/kernels/small_matmul.h"
 
@@ -29,6 +31,24 @@ void project(const S* x, int64_t rows, int64_t K, const torch::Tensor& w, S* out
   const auto o = torch::TensorOptions().dtype(dtype_of<S>());
   torch::Tensor dst = torch::from_blob(out, {rows, N}, o);
   at::mm_out(dst, torch::from_blob(const_cast<S*>(x), {rows, K}, o), w);
+}
+
+// out[rows, D] = (silu(x W_gate) * (x W_up)) W_down for x [rows, D], w_in [D, 2*h] (gate | up),
+// w_out [h, D] (both contiguous, dtype S): the dense FFN and each MoE expert. hid [rows, 2*h] and
+// act [rows, h] are scratch.
+template <typename S>
+void swiglu_rows(const S* x, int64_t rows, int64_t D, const torch::Tensor& w_in, const torch::Tensor& w_out,
+                 std::vector<S>& hid, std::vector<S>& act, S* out) {
+  const int64_t h = w_out.size(0);
+  hid.resize(rows * 2 * h);
+  project<S>(x, rows, D, w_in, hid.data());
+  act.resize(rows * h);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < h; ++i) {
+      const S g = hid[r * 2 * h + i], u = hid[r * 2 * h + h + i];
+      act[r * h + i] = g / (S(1) + std::exp(-g)) * u;  // silu(gate) * up
+    }
+  project<S>(act.data(), rows, h, w_out, out);
 }
 
 }  // namespace ultramem::ops::detail

@@ -2,6 +2,7 @@
 // torch.ops.load_library("libultramem_ops.so") as torch.ops.ultramem.<name>.
 #include <torch/library.h>
 
+#include "ultramem/ops/block_decode.h"
 #include "ultramem/ops/ops.h"
 #include "ultramem/ops/ultramem_decode.h"
 
@@ -19,6 +20,13 @@ TORCH_LIBRARY(ultramem, m) {
         " Tensor? kn_scale=None, Tensor? kf_scale=None, int filter_rank=0)"
         " -> Tensor",
         &ultramem::ops::ultramem_decode_op);
+  // The transformer block's no-grad ops (ops/block_decode.h).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &ultramem::ops::rms_norm);
+  m.def("linear_nt(Tensor x, Tensor w) -> Tensor", &ultramem::ops::linear_nt);
+  m.def("swiglu_forward(Tensor x, Tensor w_in, Tensor w_out) -> Tensor", &ultramem::ops::swiglu_forward);
+  m.def("attention_decode(Tensor x, Tensor wqkv, Tensor wo, Tensor cos, Tensor sin, Tensor(a!) cache_k,"
+        " Tensor(b!) cache_v, int pos) -> Tensor",
+        &ultramem::ops::attention_decode);
   m.def("pooled_lookup(Tensor values, Tensor index, Tensor scores, Tensor perm, int E,"
         " bool sparse_grad=False) -> Tensor",
         &ultramem::ops::pooled_lookup);

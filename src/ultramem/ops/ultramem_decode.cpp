@@ -223,6 +223,17 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
 
 }  // namespace
 
+std::string permutation_error(const at::Tensor& perm, int64_t slots) {
+  if (!perm.defined() || perm.scalar_type() != at::kLong || !perm.is_contiguous() || perm.dim() != 1 ||
+      perm.numel() != slots)
+    return "perm must be a contiguous int64 tensor [" + std::to_string(slots) + "]";
+  const int64_t* p = perm.data_ptr<int64_t>();
+  for (int64_t g = 0; g < slots; ++g)
+    if (p[g] < 0 || p[g] >= slots)
+      return "perm[" + std::to_string(g) + "] = " + std::to_string(p[g]) + " is outside [0, " + std::to_string(slots) + ")";
+  return "";
+}
+
 UltraMemDecodeKeys fold_filter_keys(const at::Tensor& kn_row, const at::Tensor& kn_col, const at::Tensor& u,
                                     const at::Tensor& v) {
   const int64_t H = kn_row.size(0), n = kn_row.size(1), r = kn_row.size(2), Dk = kn_row.size(3);
@@ -337,11 +348,10 @@ at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const a
   if (values_scale) w.values_scale = *values_scale;
   w.perm = perm;
   w.wo = wo;
-  const int64_t* p = nullptr;
-  if (perm.scalar_type() == at::kLong && perm.is_contiguous() && perm.numel() == d.n * d.n) {
-    p = perm.data_ptr<int64_t>();
-    for (int64_t g = 0; g < perm.numel(); ++g)
-      TORCH_CHECK(p[g] >= 0 && p[g] < d.n * d.n, "ultramem_decode: perm[", g, "] = ", p[g], " is outside [0, n*n)");
+  // The shape and dtype are checked (with the argument's name) by ultramem_decode; the range here.
+  if (perm.defined() && perm.scalar_type() == at::kLong && perm.is_contiguous() && perm.numel() == d.n * d.n) {
+    const std::string bad = permutation_error(perm, d.n * d.n);
+    TORCH_CHECK(bad.empty(), "ultramem_decode: ", bad);
   }
   return ultramem_decode(x, w, d);
 }

@@ -66,6 +66,11 @@ struct UltraMemDecodeWeights {
   at::Tensor wo;            // [E*Dv, D]        output projection
 };
 
+// "" when perm is a contiguous int64 tensor [slots] with every entry in [0, slots), else what is wrong
+// (e.g. "perm[12] = 99 is outside [0, 64)"). The callers check once per permutation, not per call:
+// ultramem_decode trusts its perm.
+std::string permutation_error(const at::Tensor& perm, int64_t slots);
+
 // x: [T, D] contiguous float32 or float64 -> [T, D]. When given, *scores_out receives the kept
 // candidates' per-core scores [T, H*m, C] and *index_out their grid addresses [T, H*m] (int64), as
 // ops::tdqkr returns them (for telemetry). A dtype, shape or layout mismatch is a c10::Error naming
