@@ -404,6 +404,43 @@ TYPED_TEST(SmallMatmul, CompactRowTablesMatchReferenceBitwise) {
       }
 }
 
+// Decode attention of one head: every ISA equals the reference bitwise, and the reference is
+// softmax(K q)^T V (independent formula in double).
+TYPED_TEST(SmallMatmul, AttendCachedMatchesReferenceAndSoftmaxFormula) {
+  using T = TypeParam;
+  Rng rng(13);
+  for (int64_t S : {1, 2, 7, 64, 300})
+    for (int64_t hd : {2, 16, 64, 30}) {
+      SCOPED_TRACE("S=" + std::to_string(S) + " hd=" + std::to_string(hd));
+      auto q = normal_vec<T>(hd, rng);
+      for (auto& e : q) e = T(e / std::sqrt(double(hd)));  // scaled as the attention scales it
+      const auto K = normal_vec<T>(S * hd, rng), V = normal_vec<T>(S * hd, rng);
+      std::vector<T> probs(S), want(hd);
+      uk::attend_cached_ref<T>(S, hd, q.data(), K.data(), V.data(), probs.data(), want.data());
+      for (const auto& [name, tab] : isa_tables<T>()) {
+        SCOPED_TRACE(name);
+        std::vector<T> p(S, T(-7)), got(hd, T(-7));
+        tab.attend_cached(S, hd, q.data(), K.data(), V.data(), p.data(), got.data());
+        EXPECT_TRUE(Identical(got, want));
+      }
+      std::vector<double> sc(S);
+      double mx = -1e300, sum = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        for (int64_t d = 0; d < hd; ++d) sc[s] += double(q[d]) * double(K[s * hd + d]);
+        mx = std::max(mx, sc[s]);
+      }
+      for (auto& e : sc) sum += (e = std::exp(e - mx));
+      for (int64_t d = 0; d < hd; ++d) {
+        double o = 0, mag = 0;
+        for (int64_t s = 0; s < S; ++s) {
+          o += sc[s] / sum * double(V[s * hd + d]);
+          mag += std::abs(sc[s] / sum * double(V[s * hd + d]));
+        }
+        ASSERT_NEAR(double(want[d]), o, 1e-5 * (mag + 1.0)) << "d=" << d;
+      }
+    }
+}
+
 TEST(SmallMatmulDeterminism, IndependentOfThreadCount) {
   Rng rng(13);
   const int64_t rows = 6, K = 64, N = 5000;  // large enough for the parallel branch

@@ -118,6 +118,11 @@ void gathered_dots_q(int64_t K, const T* x, const RowTable<T>& b, const int32_t*
   table<T>().gathered_dots_q(K, x, b, rows, count, out);
 }
 
+template <typename T>
+void attend_cached(int64_t S, int64_t hd, const T* q, const T* Kc, const T* Vc, T* probs, T* out) {
+  table<T>().attend_cached(S, hd, q, Kc, Vc, probs, out);
+}
+
 #define UM_INSTANTIATE_PUBLIC(T)                                                                     \
   template void tdqkr_filter<T>(const TdqkrShape&, const T*, const T*, const T*, const T*, int32_t*, \
                                 int32_t*);                                                           \
@@ -142,7 +147,8 @@ void gathered_dots_q(int64_t K, const T* x, const RowTable<T>& b, const int32_t*
   template void matmul_rows_nt<T>(int64_t, int64_t, int64_t, const T*, const T*, T*);                \
   template void gathered_dots<T>(int64_t, const T*, const T*, const int32_t*, int64_t, T*);          \
   template void matmul_rows_nt_q<T>(int64_t, int64_t, int64_t, const T*, const RowTable<T>&, T*);     \
-  template void gathered_dots_q<T>(int64_t, const T*, const RowTable<T>&, const int32_t*, int64_t, T*);
+  template void gathered_dots_q<T>(int64_t, const T*, const RowTable<T>&, const int32_t*, int64_t, T*); \
+  template void attend_cached<T>(int64_t, int64_t, const T*, const T*, const T*, T*, T*);
 UM_INSTANTIATE_PUBLIC(float)
 UM_INSTANTIATE_PUBLIC(double)
 

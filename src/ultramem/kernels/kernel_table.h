@@ -24,6 +24,7 @@ struct KernelTable {
   decltype(&gathered_dots<T>) gathered_dots;
   decltype(&matmul_rows_nt_q<T>) matmul_rows_nt_q;
   decltype(&gathered_dots_q<T>) gathered_dots_q;
+  decltype(&attend_cached<T>) attend_cached;
 };
 
 namespace generic {

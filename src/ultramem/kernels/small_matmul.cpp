@@ -3,6 +3,7 @@
 #include "ultramem/kernels/small_matmul.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -262,7 +263,20 @@ void gathered_dots_q_impl(int64_t K, const T* x, const RowTable<T>& b, const int
 }  // namespace
 
 template <typename T>
+void attend_cached_impl(int64_t S, int64_t hd, const T* q, const T* Kc, const T* Vc, T* probs, T* out) {
+  for (int64_t s = 0; s < S; ++s) dots<T, 1>(q, Kc + s * hd, hd, probs + s, 1);
+  T mx = probs[0];
+  for (int64_t s = 1; s < S; ++s) mx = probs[s] > mx ? probs[s] : mx;
+  T sum = 0;
+  for (int64_t s = 0; s < S; ++s) sum += (probs[s] = std::exp(probs[s] - mx));
+  const T inv = T(1) / sum;
+  std::fill(out, out + hd, T(0));
+  for (int64_t s = 0; s < S; ++s) simd::axpy(out, probs[s] * inv, Vc + s * hd, hd);
+}
+
+template <typename T>
 void fill_small_matmul(KernelTable<T>& t) {
+  t.attend_cached = &attend_cached_impl<T>;
   t.matmul_rows = &matmul_rows_impl<T>;
   t.matmul_rows_nt = &matmul_rows_nt_impl<T>;
   t.gathered_dots = &gathered_dots_impl<T>;
@@ -275,6 +289,24 @@ template void fill_small_matmul<double>(KernelTable<double>&);
 }  // namespace UM_ISA
 
 #if UM_ISA_GENERIC
+template <typename T>
+void attend_cached_ref(int64_t S, int64_t hd, const T* q, const T* Kc, const T* Vc, T* probs, T* out) {
+  matmul_rows_nt_ref<T>(1, hd, S, q, Kc, probs);
+  T mx = probs[0];
+  for (int64_t s = 1; s < S; ++s) mx = probs[s] > mx ? probs[s] : mx;
+  T sum = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    probs[s] = std::exp(probs[s] - mx);
+    sum += probs[s];
+  }
+  const T inv = T(1) / sum;
+  for (int64_t d = 0; d < hd; ++d) {
+    T o = 0;
+    for (int64_t s = 0; s < S; ++s) o += (probs[s] * inv) * Vc[s * hd + d];
+    out[d] = o;
+  }
+}
+
 template <typename T>
 void matmul_rows_ref(int64_t rows, int64_t K, int64_t N, const T* x, const T* w, T* out) {
   for (int64_t t = 0; t < rows; ++t)
@@ -349,6 +381,8 @@ template void matmul_rows_ref<float>(int64_t, int64_t, int64_t, const float*, co
 template void matmul_rows_ref<double>(int64_t, int64_t, int64_t, const double*, const double*, double*);
 template void matmul_rows_nt_ref<float>(int64_t, int64_t, int64_t, const float*, const float*, float*);
 template void matmul_rows_nt_ref<double>(int64_t, int64_t, int64_t, const double*, const double*, double*);
+template void attend_cached_ref<float>(int64_t, int64_t, const float*, const float*, const float*, float*, float*);
+template void attend_cached_ref<double>(int64_t, int64_t, const double*, const double*, const double*, double*, double*);
 #endif  // UM_ISA_GENERIC
 
 }  // namespace ultramem::kernels

@@ -63,6 +63,17 @@ void gathered_dots_q(int64_t K,
 template <typename T>
 void widen_rows(const RowTable<T>& b, int64_t K, int64_t row0, int64_t count, T* dst);
 
+// Decode attention of one head (two few-row products and a softmax): scores[s] = <q, Kc[s]> in the
+// 16-lane dot layout, p = softmax(scores) (max subtracted, exp, sum over s ascending, times 1/sum),
+// out = sum over s ascending of p[s] * Vc[s]. probs is scratch.
+template <typename T>
+void attend_cached(int64_t S, int64_t hd,
+                   const T* q,    // [hd]     query (rotated and scaled)
+                   const T* Kc,   // [S, hd]  cached keys
+                   const T* Vc,   // [S, hd]  cached values
+                   T* probs,      // [S]      scratch
+                   T* out);       // [hd]     out (overwritten)
+
 // Scalar references (plain loops over k ascending / the same 16-lane dot layout).
 template <typename T>
 void matmul_rows_ref(int64_t rows, int64_t K, int64_t N, const T* x, const T* w, T* out);
@@ -72,5 +83,7 @@ template <typename T>
 void gathered_dots_ref(int64_t K, const T* x, const T* b, const int32_t* rows, int64_t count, T* out);
 template <typename T>
 void matmul_rows_nt_q_ref(int64_t rows, int64_t K, int64_t M, const T* x, const RowTable<T>& b, T* out);
+template <typename T>
+void attend_cached_ref(int64_t S, int64_t hd, const T* q, const T* Kc, const T* Vc, T* probs, T* out);
 
 }  // namespace ultramem::kernels

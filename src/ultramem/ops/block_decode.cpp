@@ -7,7 +7,6 @@
 #include <cmath>
 #include <vector>
 
-#include "ultramem/kernels/simd.h"
 #include "ultramem/kernels/small_matmul.h"
 #include "ultramem/ops/check.h"
 #include "ultramem/ops/project.h"
@@ -84,16 +83,9 @@ void attention_impl(const S* x, int64_t B, int64_t D, int64_t nh, const at::Tens
       S* Vc = cv + (b * nh + h) * L * hd;
       std::copy(k, k + hd, Kc + pos * hd);
       std::copy(v, v + hd, Vc + pos * hd);
-      // Inline loops, not the (OpenMP) matrix kernels: a head's problem is tiny and entering a
-      // parallel region per head cost 12% of a batch-64 step.
-      for (int64_t p = 0; p < S_len; ++p) probs[p] = kernels::simd::dot(q, Kc + p * hd, hd);  // scores
-      const S mx = *std::max_element(probs.begin(), probs.end());
-      S sum = 0;
-      for (auto& p : probs) sum += (p = std::exp(p - mx));
-      const S inv = S(1) / sum;
-      S* o = att + b * D + h * hd;  // [hd]
-      std::fill(o, o + hd, S(0));
-      for (int64_t p = 0; p < S_len; ++p) kernels::simd::axpy(o, probs[p] * inv, Vc + p * hd, hd);
+      // One kernel call per head (not the OpenMP matrix kernels: a head's problem is tiny and entering
+      // a parallel region per head cost ~12% of a batch-64 step).
+      kernels::attend_cached<S>(S_len, hd, q, Kc, Vc, probs.data(), att + b * D + h * hd);
     }
   });
   project<S>(att, B, D, wo, out);
