@@ -799,6 +799,25 @@ void DecodeBench::ratios_and_targets() {
           {"sweep", "needs --model-sizes 16,24 (the default model sweep stops at 2^20)"}});
   target("ultramem layer within 1.5x of the dense FFN of equal activated FLOPs, fp32, batch 1", t3, false, 1.5);
   target("fused ultramem forward >= 5x faster than plain libtorch ops, fp32, batch 1..64", t4, true, 5.0);
+  // 6. Whole models against their bandwidth bound (modelled bytes at the measured sequential and gather
+  // rates; the FLOP term is not in the bound yet) and against each other.
+  std::vector<double> t6, t7, t8, t9;
+  for (const auto& r : records_) {
+    if (r.scope != "model" || r.dtype != "fp32" || r.bound_s <= 0) continue;
+    const double over = r.median_s / r.bound_s;
+    if (r.batch == 1 && (r.kind == "ultramem" || r.kind == "dense" || r.kind == "moe")) t6.push_back(over);
+    if (r.kind == "ultramem" && r.batch <= 64) t7.push_back(over);
+    if (r.kind == "moe") t9.push_back(over);
+    if (r.kind == "ultramem" && r.batch <= 64)
+      if (const DecodeRecord* d = find("model", "dense", "fp32", r.batch, r.N)) t8.push_back(r.median_s / d->median_s);
+  }
+  target("whole model (ultramem, dense, moe), fp32, batch 1: latency within 1.3x of its bytes / bandwidth bound", t6,
+         false, 1.3);
+  target("whole ultramem model, fp32, batch 1..64: latency within 1.3x of its bytes / bandwidth bound", t7, false, 1.3);
+  target("whole ultramem model within 1.15x of the dense model of equal activated FLOPs, fp32, batch 1..64", t8, false,
+         1.15);
+  target("whole moe model (routed experts only), fp32: latency within 1.5x of its bytes / bandwidth bound, all batches",
+         t9, false, 1.5);
   target(
       "pooled lookup reads value rows at >= 70% of the random-row gather bandwidth of its table, all batches and "
       "formats",
