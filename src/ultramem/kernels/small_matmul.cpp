@@ -2,6 +2,8 @@
 // the references in the generic build only.
 #include "ultramem/kernels/small_matmul.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -131,14 +133,25 @@ namespace {
 
 constexpr int64_t kColBlock = 512;  // output columns per block (rows x 2 KiB of out stay in L1/L2)
 
+constexpr int64_t kOutBytesInCache = 256 << 10;  // output rows this small stay in L2 over a whole pass
+
 // Row k of w is streamed once per block and added to every output row: out[t, j] sums over k
-// ascending (the reference's order).
+// ascending (the reference's order), whatever the block width. When the output rows are small, each
+// block is as wide as the columns one thread gets, so w is read in long sequential runs: 512-column
+// blocks read a wide w in 2 KB pieces with a stride, which reached only a third of the sequential
+// bandwidth from DRAM (9 vs 28 GB/s at 1 row, [512 x 1536]; docs/performance.md, D.13).
 template <typename T>
 void matmul_rows_impl(int64_t rows, int64_t K, int64_t N, const T* x, const T* w, T* out) {
-  const int64_t blocks = (N + kColBlock - 1) / kColBlock;
+  int64_t width = kColBlock;
+  if (rows * N * int64_t(sizeof(T)) <= kOutBytesInCache) {
+    const bool parallel = rows * K * N >= (int64_t(1) << 22);
+    const int64_t threads = parallel ? std::max(1, omp_get_max_threads()) : 1;
+    width = std::max(kColBlock, ((N + threads - 1) / threads + 15) / 16 * 16);
+  }
+  const int64_t blocks = (N + width - 1) / width;
 #pragma omp parallel for schedule(static) if (blocks > 1 && rows * K * N >= (int64_t(1) << 22))
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t j0 = b * kColBlock, nb = std::min(kColBlock, N - j0);
+    const int64_t j0 = b * width, nb = std::min(width, N - j0);
     for (int64_t t = 0; t < rows; ++t) std::memset(out + t * N + j0, 0, sizeof(T) * nb);
     for (int64_t k = 0; k < K; ++k) {
       const T* wr = w + k * N + j0;
