@@ -672,6 +672,16 @@ void DecodeBench::model_bench(int64_t log2_n) {
       if (auto u = std::dynamic_pointer_cast<nn::UltraMemImpl>(m)) {
         prepare_ultramem(*u, dt);
         row = double(u->value_bytes()) / double(N);
+        if (gather_.count({N, dt}) == 0) {
+          // No layer sweep at this N and format (--models-only): measure the row-gather rate of the
+          // roofline on this model's own table.
+          GatherRef ref;
+          const int64_t probe_row = std::max<int64_t>(64, payload_bytes_of(dt, Dv) / 64 * 64);
+          std::tie(ref.table_plain, ref.table_prefetch) =
+              gather_probe(u->values.data_ptr(), size_t(u->values.nbytes()), N, dt, probe_row, a_.quick ? 0.01 : 0.15,
+                           {{"pages", "value_table"}, {"scope", "model"}});
+          gather_[{N, dt}] = ref;
+        }
       }
     for (const auto& kf : key_formats_) {
       for (const auto& m : model->modules(/*include_self=*/false))
