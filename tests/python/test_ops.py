@@ -75,6 +75,14 @@ class TdqkrTest(unittest.TestCase):
                     seed += 1
                     self.check_case(4, H, r, n, C, m_first, m, dtype, seed)
 
+    def check_against_two_stage(self, what, dtype, s_row, s_col, cores, u, v, m_first, m, m_neg=0):
+        """tdqkr equals the two-stage reference (indices exactly, scores to rounding); returns the indices."""
+        scores, index = tdqkr(s_row, s_col, cores, u, v, m_first, m, m_neg)
+        rs, ri = ref.tdqkr_two_stage(s_row, s_col, cores, u, v, m_first, m, m_neg)
+        self.assertTrue(torch.equal(index, ri), "indices differ from the reference: " + what)
+        torch.testing.assert_close(scores, rs, msg=lambda s: what + ": " + s, **tol(dtype))
+        return index
+
     def test_two_sign_filter(self):
         seed = 500
         for dtype in (torch.float64, torch.float32):
@@ -85,10 +93,7 @@ class TdqkrTest(unittest.TestCase):
                 s_row, s_col, cores, u, v = rand_tdqkr(T, H, r, n, C, dtype, gen)
                 what = "two-sign T=%d H=%d r=%d n=%d C=%d m_first=%d m=%d m_neg=%d %s" % (
                     T, H, r, n, C, m_first, m, m_neg, dtype)
-                scores, index = tdqkr(s_row, s_col, cores, u, v, m_first, m, m_neg)
-                rs, ri = ref.tdqkr_two_stage(s_row, s_col, cores, u, v, m_first, m, m_neg)
-                self.assertTrue(torch.equal(index, ri), "indices differ from the reference: " + what)
-                torch.testing.assert_close(scores, rs, msg=lambda s: what + ": " + s, **tol(dtype))
+                index = self.check_against_two_stage(what, dtype, s_row, s_col, cores, u, v, m_first, m, m_neg)
                 # keyword form, as the schema names it
                 _, index_kw = torch.ops.ultramem.tdqkr(s_row, s_col, cores, u, v, m_first, m, m_neg=m_neg)
                 self.assertTrue(torch.equal(index_kw, index), what)
@@ -104,10 +109,7 @@ class TdqkrTest(unittest.TestCase):
                 u, v = ref.rank_r_filter(cores.double(), R)
                 u, v = u.to(dtype), v.to(dtype)
                 what = "rank-%d T=%d H=%d r=%d n=%d C=%d m_first=%d m=%d %s" % (R, T, H, r, n, C, m_first, m, dtype)
-                scores, index = tdqkr(s_row, s_col, cores, u, v, m_first, m)
-                rs, ri = ref.tdqkr_two_stage(s_row, s_col, cores, u, v, m_first, m)
-                self.assertTrue(torch.equal(index, ri), "indices differ from the reference: " + what)
-                torch.testing.assert_close(scores, rs, msg=lambda s: what + ": " + s, **tol(dtype))
+                self.check_against_two_stage(what, dtype, s_row, s_col, cores, u, v, m_first, m)
 
     def test_rank_r_bad_settings_name_the_field(self):
         gen = torch.Generator().manual_seed(8)

@@ -142,14 +142,14 @@ constexpr int64_t kOutBytesInCache = 256 << 10;  // output rows this small stay 
 // bandwidth from DRAM (9 vs 28 GB/s at 1 row, [512 x 1536]; docs/performance.md, D.13).
 template <typename T>
 void matmul_rows_impl(int64_t rows, int64_t K, int64_t N, const T* x, const T* w, T* out) {
+  const bool parallel = rows * K * N >= (int64_t(1) << 22);
   int64_t width = kColBlock;
   if (rows * N * int64_t(sizeof(T)) <= kOutBytesInCache) {
-    const bool parallel = rows * K * N >= (int64_t(1) << 22);
     const int64_t threads = parallel ? std::max(1, omp_get_max_threads()) : 1;
     width = std::max(kColBlock, ((N + threads - 1) / threads + 15) / 16 * 16);
   }
   const int64_t blocks = (N + width - 1) / width;
-#pragma omp parallel for schedule(static) if (blocks > 1 && rows * K * N >= (int64_t(1) << 22))
+#pragma omp parallel for schedule(static) if (blocks > 1 && parallel)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * width, nb = std::min(width, N - j0);
     for (int64_t t = 0; t < rows; ++t) std::memset(out + t * N + j0, 0, sizeof(T) * nb);

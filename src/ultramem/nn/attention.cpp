@@ -41,12 +41,11 @@ torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, int64_t p
   TORCH_CHECK(pos0 >= 0 && pos0 + T <= o_.max_seq_len, "CausalSelfAttention: positions [", pos0, ", ",
               pos0 + T, ") exceed max_seq_len ", o_.max_seq_len);
   TORCH_CHECK(cache_k != nullptr || pos0 == 0, "CausalSelfAttention: pos0 > 0 needs a cache");
+  TORCH_CHECK(cache_k == nullptr || pos0 + T <= cache_k->size(2), "CausalSelfAttention: cache holds ",
+              cache_k ? cache_k->size(2) : 0, " positions, need ", pos0 + T);
   // Decode (one new token per sequence, no grad): the no-grad op, without per-op overhead.
-  if (cache_k != nullptr && T == 1 && !at::GradMode::is_enabled() && !(o_.dropout > 0 && is_training()) &&
-      (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble) && x.scalar_type() == wqkv.scalar_type() &&
+  if (cache_k != nullptr && T == 1 && !(o_.dropout > 0 && is_training()) && ops::no_grad_op_applies(x, wqkv) &&
       cache_k->scalar_type() == x.scalar_type() && cache_k->is_contiguous() && cache_v->is_contiguous()) {
-    TORCH_CHECK(pos0 < cache_k->size(2), "CausalSelfAttention: cache holds ", cache_k->size(2), " positions, need ",
-                pos0 + 1);
     return ops::attention_decode(x.reshape({B, D}), wqkv, wo, cos_, sin_, *cache_k, *cache_v, pos0).view({B, 1, D});
   }
   // unbind rather than qkv[i]: its backward stacks once instead of zero-filling per select.
@@ -55,8 +54,6 @@ torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, int64_t p
   auto k = rope(qkv[1], pos0);                                         // [B, nh, T, hd]
   auto v = qkv[2];                                                     // [B, nh, T, hd]
   if (cache_k != nullptr) {
-    TORCH_CHECK(pos0 + T <= cache_k->size(2), "CausalSelfAttention: cache holds ", cache_k->size(2),
-                " positions, need ", pos0 + T);
     cache_k->narrow(2, pos0, T).copy_(k);
     cache_v->narrow(2, pos0, T).copy_(v);
     k = cache_k->narrow(2, 0, pos0 + T);

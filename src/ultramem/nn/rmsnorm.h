@@ -1,7 +1,6 @@
 // RMSNorm with a learned per-feature scale (no bias): y = x * rsqrt(mean(x^2) + eps) * weight.
 // With grad mode off it runs the no-grad op ops::rms_norm (ops/block_decode.h).
 #pragma once
-#include <ATen/core/grad_mode.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
@@ -18,8 +17,7 @@ class RMSNormImpl : public torch::nn::Module {
 
   // x: [..., dim] -> [..., dim]
   torch::Tensor forward(const torch::Tensor& x) {
-    if (!at::GradMode::is_enabled() && x.scalar_type() == weight.scalar_type() && x.dim() >= 1 &&
-        (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble))
+    if (x.dim() >= 1 && ops::no_grad_op_applies(x, weight))
       return ops::rms_norm(x.reshape({-1, x.size(-1)}), weight, eps_).view(x.sizes());
     return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps_) * weight;
   }

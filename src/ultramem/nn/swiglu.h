@@ -2,7 +2,6 @@
 // stored side by side in one [D, 2*hidden] matrix so a single matmul computes both. With grad mode
 // off the module runs the no-grad op ops::swiglu_forward (ops/block_decode.h).
 #pragma once
-#include <ATen/core/grad_mode.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
@@ -30,8 +29,7 @@ class SwiGLUImpl : public torch::nn::Module {
 
   // x: [..., D] -> [..., D]
   torch::Tensor forward(const torch::Tensor& x) {
-    if (!at::GradMode::is_enabled() && x.scalar_type() == w_in.scalar_type() && x.dim() >= 1 &&
-        (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble))
+    if (x.dim() >= 1 && ops::no_grad_op_applies(x, w_in))
       return ops::swiglu_forward(x.reshape({-1, x.size(-1)}), w_in, w_out).view(x.sizes());
     return swiglu(x, w_in, w_out);
   }

@@ -140,8 +140,7 @@ struct TransformerImpl::Impl {
     h = final_norm->forward(h);
     const auto& head = lm_head.defined() ? lm_head : embedding;  // [V, D]
     torch::Tensor logits;                                          // [B, T, V]
-    if (!at::GradMode::is_enabled() && h.scalar_type() == head.scalar_type() &&
-        (h.scalar_type() == torch::kFloat || h.scalar_type() == torch::kDouble)) {
+    if (ops::no_grad_op_applies(h, head)) {
       logits = ops::linear_nt(h.reshape({-1, h.size(-1)}), head).view({h.size(0), h.size(1), head.size(0)});
     } else {
       logits = h.matmul(head.t());

@@ -24,7 +24,7 @@ constexpr int64_t kSmallRowsHead = 16;
 // Per-thread scratch, reused across calls (no allocation once grown).
 template <typename S>
 struct Scratch {
-  std::vector<S> qkv, att, probs, hid, act;
+  std::vector<S> qkv, att, hid, act;
 };
 template <typename S>
 Scratch<S>& scratch() {
@@ -35,14 +35,7 @@ Scratch<S>& scratch() {
 template <typename S>
 void rms_norm_impl(const S* x, int64_t T, int64_t D, const S* w, double eps, S* y) {
   at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const S* xr = x + t * D;
-      double ss = 0;
-      for (int64_t i = 0; i < D; ++i) ss += double(xr[i]) * double(xr[i]);
-      const S r = S(1.0 / std::sqrt(ss / double(D) + eps));
-      S* yr = y + t * D;
-      for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * r * w[i];
-    }
+    for (int64_t t = t0; t < t1; ++t) detail::rms_normalise_row(x + t * D, D, w, eps, y + t * D);
   });
 }
 

@@ -7,10 +7,18 @@
 // naming the argument, like the other ops'.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 
 #include <cstdint>
 
 namespace ultramem::ops {
+
+// Whether a module takes its no-grad op for input x and weight w: grad mode off, and x and w of one
+// dtype, float32 or float64 (anything else keeps the autograd expression).
+inline bool no_grad_op_applies(const at::Tensor& x, const at::Tensor& w) {
+  return !at::GradMode::is_enabled() && x.scalar_type() == w.scalar_type() &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
 
 // y = x * rsqrt(mean(x^2) + eps) * weight, over the last dim. x: [T, D] float32/float64 contiguous;
 // weight [D] of x's dtype. The mean of squares accumulates in float64.

@@ -33,6 +33,15 @@ void project(const S* x, int64_t rows, int64_t K, const torch::Tensor& w, S* out
   at::mm_out(dst, torch::from_blob(const_cast<S*>(x), {rows, K}, o), w);
 }
 
+// y[0:D] = x[0:D] * rsqrt(mean(x^2) + eps) * w[0:D], the mean of squares in float64 (y may be x).
+template <typename S>
+void rms_normalise_row(const S* x, int64_t D, const S* w, double eps, S* y) {
+  double ss = 0;
+  for (int64_t i = 0; i < D; ++i) ss += double(x[i]) * double(x[i]);
+  const S r = S(1.0 / std::sqrt(ss / double(D) + eps));
+  for (int64_t i = 0; i < D; ++i) y[i] = x[i] * r * w[i];
+}
+
 // out[rows, D] = (silu(x W_gate) * (x W_up)) W_down for x [rows, D], w_in [D, 2*h] (gate | up),
 // w_out [h, D] (both contiguous, dtype S): the dense FFN and each MoE expert. hid [rows, 2*h] and
 // act [rows, h] are scratch.

@@ -29,7 +29,7 @@ constexpr int64_t kSmallRowsScores = 16;
 // Per-thread scratch buffers, reused across calls (no allocation once grown).
 template <typename S>
 struct Scratch {
-  std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, scores, pooled, dots, ones, wide, part;  // ones: filter weights
+  std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, scores, pooled, dots, eye, wide, part;  // eye: filter weights
   std::vector<int32_t> irow, icol, rows;
   std::vector<int64_t> index;
 };
@@ -49,13 +49,7 @@ V* sized(std::vector<V>& v, int64_t n) {
 template <typename S>
 void normalise(S* x, int64_t Dk, const S* scale, bool rms) {
   constexpr double eps = 1e-6;
-  if (rms) {
-    double ss = 0;
-    for (int64_t i = 0; i < Dk; ++i) ss += double(x[i]) * double(x[i]);
-    const S r = S(1.0 / std::sqrt(ss / double(Dk) + eps));
-    for (int64_t i = 0; i < Dk; ++i) x[i] = x[i] * r * scale[i];
-    return;
-  }
+  if (rms) return detail::rms_normalise_row(x, Dk, scale, eps, x);
   double mean = 0;
   for (int64_t i = 0; i < Dk; ++i) mean += double(x[i]);
   mean /= double(Dk);
@@ -169,7 +163,7 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   // the other terms add zeros).
   kernels::TdqkrShape fs = ts;
   fs.r = R;
-  S* eye = sized(sc.ones, c.H * R * R);
+  S* eye = sized(sc.eye, c.H * R * R);
   std::fill(eye, eye + c.H * R * R, S(0));
   for (int64_t h = 0; h < c.H; ++h)
     for (int64_t k = 0; k < R; ++k) eye[(h * R + k) * R + k] = S(1);

@@ -104,6 +104,11 @@ int64_t payload_bytes_of(const std::string& dtype, int64_t Dv) {
   return dtype == "bf16" ? 2 * Dv : dtype == "int8" ? Dv : 4 * Dv;
 }
 
+// Row size of a gather probe standing for a table of `dtype` rows: the payload, in whole cache lines.
+int64_t probe_row_bytes(const std::string& dtype, int64_t Dv) {
+  return std::max<int64_t>(64, payload_bytes_of(dtype, Dv) / 64 * 64);
+}
+
 // ---- the run ----------------------------------------------------------------------------------------
 
 // Random-row gather GB/s (medians) at one N and row format: on the value table itself, and (fp32
@@ -427,7 +432,7 @@ std::pair<double, double> DecodeBench::gather_probe(const void* table, size_t by
 // Random-row gather on ordinary 4 KiB pages (what a torch-allocated table gets), in a buffer of the
 // table's size: the reference for an fp32 table outside huge pages. Returns {plain, prefetch} GB/s.
 std::pair<double, double> DecodeBench::gather_4k(int64_t N, const std::string& dt) {
-  const int64_t probe_row = std::max<int64_t>(64, payload_bytes_of(dt, a_.Dv) / 64 * 64);
+  const int64_t probe_row = probe_row_bytes(dt, a_.Dv);
   std::pair<double, double> out{0, 0};
   if (!fits(double(N) * probe_row / kGiB + 0.1, {{"bandwidth", "gather_4k"}, {"N", N}, {"dtype", dt}})) return out;
   perf::ProbeBuffer buf(size_t(N) * probe_row, false);
@@ -441,7 +446,7 @@ void DecodeBench::pool_bench(const nn::UltraMemImpl& layer, const std::string& d
   const auto& c = layer.config();
   const int64_t N = c.physical_rows(), Dv = c.Dv, E = c.E, C = c.C, K = c.H * c.m;
   const int64_t payload = payload_bytes_of(dt, Dv);
-  const int64_t probe_row = std::max<int64_t>(64, payload / 64 * 64);
+  const int64_t probe_row = probe_row_bytes(dt, Dv);
   const void* values = layer.values.data_ptr();
   const size_t table_bytes = size_t(layer.values.nbytes());
   const float* scale = dt == "int8" ? layer.values_scale.data_ptr<float>() : nullptr;
@@ -676,9 +681,9 @@ void DecodeBench::model_bench(int64_t log2_n) {
           // No layer sweep at this N and format (--models-only): measure the row-gather rate of the
           // roofline on this model's own table.
           GatherRef ref;
-          const int64_t probe_row = std::max<int64_t>(64, payload_bytes_of(dt, Dv) / 64 * 64);
           std::tie(ref.table_plain, ref.table_prefetch) =
-              gather_probe(u->values.data_ptr(), size_t(u->values.nbytes()), N, dt, probe_row, a_.quick ? 0.01 : 0.15,
+              gather_probe(u->values.data_ptr(), size_t(u->values.nbytes()), N, dt, probe_row_bytes(dt, Dv),
+                           a_.quick ? 0.01 : 0.15,
                            {{"pages", "value_table"}, {"scope", "model"}});
           gather_[{N, dt}] = ref;
         }
