@@ -304,9 +304,11 @@ TYPED_TEST(SmallMatmul, EveryIsaMatchesReferenceBitwise) {
   using T = TypeParam;
   OmpThreads one(1);
   Rng rng(12);
+  // rows >= 4 take the register tiles (and 5, 9 a partial tile), N = 50 two tiles and a streamed tail,
+  // K = 300 two passes over k.
   for (int64_t rows : {1, 2, 3, 4, 5, 8, 9})
-    for (int64_t K : {1, 16, 20, 128, 131})
-      for (int64_t N : {1, 7, 600}) {
+    for (int64_t K : {1, 16, 20, 128, 131, 300})
+      for (int64_t N : {1, 7, 50, 600}) {
         SCOPED_TRACE("rows=" + std::to_string(rows) + " K=" + std::to_string(K) + " N=" + std::to_string(N));
         const auto x = normal_vec<T>(rows * K, rng), w = normal_vec<T>(K * N, rng), b = normal_vec<T>(N * K, rng);
         std::vector<T> want(rows * N), want_nt(rows * N);
@@ -334,6 +336,12 @@ TYPED_TEST(SmallMatmul, EveryIsaMatchesReferenceBitwise) {
               mag += std::abs(double(x[t * K + k]) * double(b[j * K + k]));
             }
             ASSERT_NEAR(double(want_nt[t * N + j]), e, 1e-5 * mag + 1e-12);
+            double f = 0, fmag = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              f += double(x[t * K + k]) * double(w[k * N + j]);
+              fmag += std::abs(double(x[t * K + k]) * double(w[k * N + j]));
+            }
+            ASSERT_NEAR(double(want[t * N + j]), f, 1e-5 * fmag + 1e-12);
           }
       }
 }
@@ -410,7 +418,7 @@ TYPED_TEST(SmallMatmul, AttendCachedMatchesReferenceAndSoftmaxFormula) {
   using T = TypeParam;
   Rng rng(13);
   for (int64_t S : {1, 2, 7, 64, 300})
-    for (int64_t hd : {2, 16, 64, 30}) {
+    for (int64_t hd : {2, 16, 64, 30, 48, 40}) {  // 4-key dots need hd % 16 == 0; outputs go 32 at a time
       SCOPED_TRACE("S=" + std::to_string(S) + " hd=" + std::to_string(hd));
       auto q = normal_vec<T>(hd, rng);
       for (auto& e : q) e = T(e / std::sqrt(double(hd)));  // scaled as the attention scales it
@@ -439,6 +447,26 @@ TYPED_TEST(SmallMatmul, AttendCachedMatchesReferenceAndSoftmaxFormula) {
         ASSERT_NEAR(double(want[d]), o, 1e-5 * (mag + 1.0)) << "d=" << d;
       }
     }
+}
+
+// A row's product does not depend on the rows computed with it (streamed for 1-3 rows, register tiles
+// from 4): what lets a sequence decode to the same bits alone or in a batch.
+TEST(SmallMatmulDeterminism, RowResultIndependentOfBatch) {
+  Rng rng(14);
+  const int64_t K = 300, N = 77;
+  for (const auto& [name, tab] : isa_tables<float>()) {
+    SCOPED_TRACE(name);
+    for (int64_t rows : {2, 3, 4, 7, 13}) {
+      const auto x = normal_vec<float>(rows * K, rng), w = normal_vec<float>(K * N, rng);
+      std::vector<float> all(rows * N), one(N);
+      tab.matmul_rows(rows, K, N, x.data(), w.data(), all.data());
+      for (int64_t t = 0; t < rows; ++t) {
+        tab.matmul_rows(1, K, N, x.data() + t * K, w.data(), one.data());
+        EXPECT_TRUE(Identical(one, std::vector<float>(all.begin() + t * N, all.begin() + (t + 1) * N)))
+            << "rows=" << rows << " t=" << t;
+      }
+    }
+  }
 }
 
 TEST(SmallMatmulDeterminism, IndependentOfThreadCount) {

@@ -2,6 +2,7 @@
 // ISA of the translation unit. Kernel TUs are built with -ffp-contract=off and without fast-math, so
 // every ISA build computes bit-identical results (reductions use a fixed lane layout).
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 namespace ultramem::kernels::simd {
@@ -11,6 +12,13 @@ template <typename T>
 inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// y[0:n] = fma(a, x[0:n], y[0:n]): one rounding per element (the few-row matmul's chain).
+template <typename T>
+inline void fma_axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
 }
 
 // y[0:n] += a * widen(x[0:n]) for values stored as bf16 bits (the upper half of a float32).

@@ -124,7 +124,9 @@ template <>
 inline void dots<float, 4>(const float* x, const float* row, int64_t K, float* out, int64_t ldo) {
   dots_avx2<4>(x, row, K, out, ldo);
 }
+
 #endif
+
 
 }  // namespace
 
@@ -135,28 +137,148 @@ constexpr int64_t kColBlock = 512;  // output columns per block (rows x 2 KiB of
 
 constexpr int64_t kOutBytesInCache = 256 << 10;  // output rows this small stay in L2 over a whole pass
 
-// Row k of w is streamed once per block and added to every output row: out[t, j] sums over k
-// ascending (the reference's order), whatever the block width. When the output rows are small, each
-// block is as wide as the columns one thread gets, so w is read in long sequential runs: 512-column
-// blocks read a wide w in 2 KB pieces with a stride, which reached only a third of the sequential
-// bandwidth from DRAM (9 vs 28 GB/s at 1 row, [512 x 1536]; docs/performance.md, D.13).
+// From this many rows on, matmul_rows keeps a tile of kTileRows x kTileCols outputs in registers.
+constexpr int64_t kTileRows = 4;
+constexpr int64_t kTileCols = 24;
+constexpr int64_t kTileDepth = 256;  // k per pass: a [256 x 24] panel of w stays in L1 across row tiles
+
+// out[t, j0 : j0 + nb] for t < rows, streaming w row by row: each row k of the block is read once and
+// fused into every output row. Used for few rows, where the kernel is bound by reading w: when the
+// output rows are small, each block is as wide as the columns one thread gets, so w is read in long
+// sequential runs (512-column blocks read a wide w in 2 KB pieces with a stride, which reached only a
+// third of the sequential bandwidth from DRAM: 9 vs 28 GB/s at 1 row, [512 x 1536]; D.13).
+template <typename T>
+void stream_block(int64_t rows, int64_t K, int64_t N, int64_t j0, int64_t nb, const T* x, const T* w, T* out) {
+  for (int64_t t = 0; t < rows; ++t) std::memset(out + t * N + j0, 0, sizeof(T) * nb);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* wr = w + k * N + j0;
+    for (int64_t t = 0; t < rows; ++t) simd::fma_axpy(out + t * N + j0, x[t * K + k], wr, nb);
+  }
+}
+
+// A register tile: out[r, c] for r < RB, c < kTileCols continues its chain of fused multiply-adds over
+// k in [k0, k1) (from zero when k0 == 0, else from the value stored by the previous pass, which is the
+// same chain). x is [RB, K] with row stride K, w and out point at the tile's first column.
+template <typename T, int RB>
+inline void tile_pass(int64_t K, int64_t N, int64_t k0, int64_t k1, const T* __restrict x, const T* __restrict w,
+                      T* __restrict out) {
+  T acc[RB][kTileCols];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < kTileCols; ++c) acc[r][c] = k0 == 0 ? T(0) : out[r * N + c];
+  for (int64_t k = k0; k < k1; ++k) {
+    const T* wr = w + k * N;
+    for (int r = 0; r < RB; ++r) {
+      const T a = x[r * K + k];
+#pragma omp simd
+      for (int c = 0; c < kTileCols; ++c) acc[r][c] = std::fma(a, wr[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < kTileCols; ++c) out[r * N + c] = acc[r][c];
+}
+
+#if defined(__AVX2__)
+// The float tile with its 3 x RB accumulators in registers (the same fused chain, so the same bits).
+// With kPrefetch (the first row tile of a pass) it also prefetches the next panel's part of each row
+// k: a panel reads 96 bytes per row with a stride of N floats, which from DRAM ran at 8 GB/s without
+// prefetch and at 17-25 with it (4-8 rows; the rows after the first tile find the panel in L1).
+template <int RB, bool kPrefetch>
+inline void tile_pass_avx2(int64_t K, int64_t N, int64_t k0, int64_t k1, const float* __restrict x,
+                           const float* __restrict w, float* __restrict out) {
+  // The loops are unrolled before vectorisation (GCC unroll pragmas); without them GCC -O3 kept the
+  // accumulators in registers but also stored all of them to the stack on every k (half the speed).
+  __m256 acc[RB][3];
+  if (k0 == 0) {
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 3
+      for (int c = 0; c < 3; ++c) acc[r][c] = _mm256_setzero_ps();
+  } else {
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 3
+      for (int c = 0; c < 3; ++c) acc[r][c] = _mm256_loadu_ps(out + r * N + 8 * c);
+  }
+  const float* wr = w + k0 * N;
+  for (int64_t k = k0; k < k1; ++k, wr += N) {
+    if constexpr (kPrefetch) {
+      const auto next = reinterpret_cast<uintptr_t>(wr + kTileCols);  // may lie past w: prefetches do not fault
+      _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next + 64), _MM_HINT_T0);
+    }
+    __m256 wv[3];
+#pragma GCC unroll 3
+    for (int c = 0; c < 3; ++c) wv[c] = _mm256_loadu_ps(wr + 8 * c);
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * K + k);
+#pragma GCC unroll 3
+      for (int c = 0; c < 3; ++c) acc[r][c] = _mm256_fmadd_ps(a, wv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 3
+    for (int c = 0; c < 3; ++c) _mm256_storeu_ps(out + r * N + 8 * c, acc[r][c]);
+}
+#endif
+
+template <typename T, int RB, bool kPrefetch = false>
+inline void tile(int64_t K, int64_t N, int64_t k0, int64_t k1, const T* x, const T* w, T* out) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) return tile_pass_avx2<RB, kPrefetch>(K, N, k0, k1, x, w, out);
+#endif
+  tile_pass<T, RB>(K, N, k0, k1, x, w, out);
+}
+
+// Columns [j0, j0 + panels * kTileCols) of every row, in passes of kTileDepth over k.
+template <typename T>
+void tiled_block(int64_t rows, int64_t K, int64_t N, int64_t j0, int64_t panels, const T* x, const T* w, T* out) {
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t j = j0 + p * kTileCols;
+    for (int64_t k0 = 0; k0 < K; k0 += kTileDepth) {
+      const int64_t k1 = std::min(K, k0 + kTileDepth);
+      tile<T, kTileRows, true>(K, N, k0, k1, x, w + j, out + j);  // rows >= kTileRows here
+      int64_t t = kTileRows;
+      for (; t + kTileRows <= rows; t += kTileRows) tile<T, kTileRows>(K, N, k0, k1, x + t * K, w + j, out + t * N + j);
+      const T* xt = x + t * K;
+      T* ot = out + t * N + j;
+      switch (rows - t) {
+        case 3: tile<T, 3>(K, N, k0, k1, xt, w + j, ot); break;
+        case 2: tile<T, 2>(K, N, k0, k1, xt, w + j, ot); break;
+        case 1: tile<T, 1>(K, N, k0, k1, xt, w + j, ot); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// out[t, j] is the chain acc = fma(x[t, k], w[k, j], acc) over k ascending from zero, whichever path
+// computes it (streamed for fewer than kTileRows rows, register tiles from there on, the columns past
+// the last whole tile streamed), so the bits depend on neither the row count, the ISA nor the threads.
 template <typename T>
 void matmul_rows_impl(int64_t rows, int64_t K, int64_t N, const T* x, const T* w, T* out) {
   const bool parallel = rows * K * N >= (int64_t(1) << 22);
-  int64_t width = kColBlock;
-  if (rows * N * int64_t(sizeof(T)) <= kOutBytesInCache) {
-    const int64_t threads = parallel ? std::max(1, omp_get_max_threads()) : 1;
-    width = std::max(kColBlock, ((N + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t threads = parallel ? std::max(1, omp_get_max_threads()) : 1;
+  if (rows >= kTileRows && N >= kTileCols) {
+    const int64_t panels = N / kTileCols, tail = N - panels * kTileCols;
+    const int64_t per = (panels + threads - 1) / threads;
+#pragma omp parallel for schedule(static) if (threads > 1)
+    for (int64_t b = 0; b < threads; ++b) {
+      const int64_t p0 = std::min(panels, b * per), p1 = std::min(panels, p0 + per);
+      if (p1 > p0) tiled_block<T>(rows, K, N, p0 * kTileCols, p1 - p0, x, w, out);
+    }
+    if (tail > 0) stream_block<T>(rows, K, N, panels * kTileCols, tail, x, w, out);
+    return;
   }
+  int64_t width = kColBlock;
+  if (rows * N * int64_t(sizeof(T)) <= kOutBytesInCache)
+    width = std::max(kColBlock, ((N + threads - 1) / threads + 15) / 16 * 16);
   const int64_t blocks = (N + width - 1) / width;
 #pragma omp parallel for schedule(static) if (blocks > 1 && parallel)
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t j0 = b * width, nb = std::min(width, N - j0);
-    for (int64_t t = 0; t < rows; ++t) std::memset(out + t * N + j0, 0, sizeof(T) * nb);
-    for (int64_t k = 0; k < K; ++k) {
-      const T* wr = w + k * N + j0;
-      for (int64_t t = 0; t < rows; ++t) simd::axpy(out + t * N + j0, x[t * K + k], wr, nb);
-    }
+    const int64_t j0 = b * width;
+    stream_block<T>(rows, K, N, j0, std::min(width, N - j0), x, w, out);
   }
 }
 
@@ -325,7 +447,7 @@ void matmul_rows_ref(int64_t rows, int64_t K, int64_t N, const T* x, const T* w,
   for (int64_t t = 0; t < rows; ++t)
     for (int64_t j = 0; j < N; ++j) {
       T s = 0;
-      for (int64_t k = 0; k < K; ++k) s += x[t * K + k] * w[k * N + j];
+      for (int64_t k = 0; k < K; ++k) s = std::fma(x[t * K + k], w[k * N + j], s);
       out[t * N + j] = s;
     }
 }

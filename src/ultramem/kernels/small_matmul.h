@@ -7,7 +7,10 @@
 
 namespace ultramem::kernels {
 
-// out[T, N] = x[T, K] @ w[K, N]; out[t, j] = sum over k ascending of x[t, k] * w[k, j].
+// out[T, N] = x[T, K] @ w[K, N]; out[t, j] is the chain acc = fma(x[t, k], w[k, j], acc) over k
+// ascending from zero (one rounding per step). The chain is the same for any row count, so a row's
+// result does not depend on the rows computed with it (a sequence's projections do not depend on the
+// batch it decodes in). Few rows stream w; from 4 rows on, 4 x 24 register tiles (near the FMA peak).
 template <typename T>
 void matmul_rows(int64_t rows, int64_t K, int64_t N,
                  const T* x,   // [rows, K]

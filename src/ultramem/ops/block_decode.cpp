@@ -18,8 +18,6 @@ using detail::check_sizes;
 using detail::check_tensor;
 using detail::project;
 
-// Up to this many rows linear_nt uses the dot-product kernel, above it BLAS (docs/performance.md, D.13).
-constexpr int64_t kSmallRowsHead = 16;
 
 // Per-thread scratch, reused across calls (no allocation once grown).
 template <typename S>
@@ -130,7 +128,7 @@ at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w) {
   check_tensor(w, "linear_nt: w", 2, {x.scalar_type()});
   TORCH_CHECK(w.size(1) == K, "linear_nt: w must be [N, K=", K, "], got ", detail::shape_str(w));
   const int64_t N = w.size(0);
-  if (T > kSmallRowsHead) return at::mm(x, w.t());
+  if (T > detail::kSmallRows) return at::mm(x, w.t());
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor y = torch::empty({T, N}, x.options());
   if (x.scalar_type() == at::kFloat)

@@ -11,9 +11,10 @@
 
 namespace ultramem::ops::detail {
 
-// Below this many rows the few-row kernel beats BLAS for a projection on this project's shapes
-// (measured with D = 512, E*Dv = 1024; docs/performance.md, "Inference path").
-constexpr int64_t kSmallRowsProjection = 8;
+// Up to this many rows the few-row kernels (matmul_rows, matmul_rows_nt) run the decode step's
+// products; from 16 rows on OpenBLAS, whose 16-row tiles then run at or above their speed (measured on
+// the decode model's shapes, K = 64..688, N = 256..8192; docs/performance.md, D.14).
+constexpr int64_t kSmallRows = 15;
 
 template <typename S>
 constexpr torch::Dtype dtype_of() {
@@ -24,7 +25,7 @@ constexpr torch::Dtype dtype_of() {
 template <typename S>
 void project(const S* x, int64_t rows, int64_t K, const torch::Tensor& w, S* out) {
   const int64_t N = w.size(1);
-  if (rows <= kSmallRowsProjection) {
+  if (rows <= kSmallRows) {
     kernels::matmul_rows<S>(rows, K, N, x, w.data_ptr<S>(), out);
     return;
   }

@@ -20,10 +20,6 @@ namespace {
 using detail::dtype_of;
 using detail::project;
 
-// Below this batch size the few-row kernels beat BLAS for key scoring on this project's shapes
-// (measured with Dk = 128, n = 512..4096; docs/performance.md, "Inference path"). The projections use
-// project() (ops/project.h).
-constexpr int64_t kSmallRowsScores = 16;
 
 
 // Per-thread scratch buffers, reused across calls (no allocation once grown).
@@ -122,7 +118,7 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   const int64_t R = c.filter_vectors(), Hn = c.H * R * c.n, m1 = (c.m_first > 0 ? c.m_first : c.m);
   S* f_row = sized(sc.f_row, T * Hn);
   S* f_col = sized(sc.f_col, T * Hn);
-  if (T <= kSmallRowsScores) {
+  if (T <= detail::kSmallRows) {  // few-row kernels below 16 tokens, as project()
     kernels::matmul_rows_nt_q<S>(T, Dk, Hn, qr, key_rows<S>(kf, w.keys.kf_scale, 0), f_row);
     kernels::matmul_rows_nt_q<S>(T, Dk, Hn, qc, key_rows<S>(kf, w.keys.kf_scale, 1), f_col);
   } else if (kf.scalar_type() != st) {
