@@ -74,6 +74,25 @@ ev=$("$um" --threads 1 eval "$kq" --batch-size 2 --max-batches 2 --keys fp32)
 grep -q '"key_format": "fp32"' <<<"$ev" || fail "eval --keys fp32 did not override: $ev"
 "$um" --threads 1 quantize "$ck" --values int8 --keys bf16 --no-eval | grep -q "checkpoint.int8.keys-bf16.safetensors" \
   || fail "quantize --values int8 --keys bf16: default output name"
+# Compact dense matrices: the weights rounded and the format recorded; eval of the result reproduces
+# quantize's loss after; generate decodes with them, and --weights fp32 reads the rounded weights as floats.
+out=$("$um" --threads 1 quantize "$ck" --weights int8 --max-batches 2 2>/dev/null)
+json=$(tail -n 1 <<<"$out")
+for key in '"weights":"int8"' '"weights_before":"fp32"' '"compact_weight_mib"' '"val_loss_delta"'; do
+  grep -qF "$key" <<<"$json" || fail "quantize --weights JSON lacks $key: $json"
+done
+wq="$work/run/checkpoint.weights-int8.safetensors"
+[ -f "$wq" ] || fail "quantize --weights wrote no $wq"
+after=$(grep -o '"val_loss_after":[^,}]*' <<<"$json" | cut -d: -f2)
+ev=$("$um" --threads 1 eval "$wq" --batch-size 8 --max-batches 2)
+grep -q '"weight_format": "int8"' <<<"$ev" || fail "eval of a weights-int8 checkpoint: $ev"
+grep -qF "\"val_loss\": $after," <<<"$ev" || fail "eval of $wq does not reproduce quantize's val_loss_after $after: $ev"
+a=$("$um" --threads 1 generate "$wq" --prompt "Member" --max-tokens 8 --temperature 0 2>/dev/null)
+[ -n "$a" ] || fail "generate from the weights-int8 checkpoint printed nothing"
+"$um" --threads 1 eval "$wq" --batch-size 2 --max-batches 1 --weights fp32 | grep -q '"weight_format": "fp32"' \
+  || fail "eval --weights fp32 did not override"
+expect_error "--weights" "$um" quantize "$ck" --weights fp32
+expect_error "already rounded to int8" "$um" quantize "$wq" --weights bf16 --out "$work/y.safetensors"
 # Another retrieval filter at evaluation than the trained one.
 ev=$("$um" --threads 1 eval "$ck" --batch-size 2 --max-batches 2 --filter two_sign)
 grep -q '"filter": "two_sign"' <<<"$ev" || fail "eval --filter two_sign: $ev"

@@ -22,6 +22,8 @@
 #include "ultramem/nn/model_config.h"
 #include "ultramem/nn/transformer.h"
 #include "ultramem/nn/ultramem.h"
+#include "ultramem/ops/block_decode.h"
+#include "ultramem/ops/moe_decode.h"
 #include "ultramem/checkpoint/checkpoint.h"
 
 namespace fs = std::filesystem;
@@ -439,6 +441,135 @@ TEST(Decode, CachedDecodingMatchesFullForwardOnQuantisedModel) {
     const auto out = ultramem::infer::generate(model, {1, 2, 3}, o, /*eos_id=*/-1);
     EXPECT_EQ(out.size(), 5u);
   }
+}
+
+// =================================================================================================
+// Compact dense matrices (bf16 / int8 weights for the decode ops)
+// =================================================================================================
+
+// Each op with compact matrices equals the same op on the float matrices they stand for (widened), for
+// the few-row kernels (1, 5 rows) and the widened-block BLAS path (20 rows).
+TEST(WeightFormats, CompactMatricesMatchTheirWidenedFloats) {
+  namespace ops = ultramem::ops;
+  torch::manual_seed(11);
+  const int64_t D = 48, h = 40, nh = 3, hd = 16, L = 8, V = 70;
+  for (const std::string fmt : {"bf16", "int8"}) {
+    SCOPED_TRACE(fmt);
+    auto compact_of = [&](const torch::Tensor& w_kn) { return ops::compact_rows(w_kn.t().contiguous(), fmt); };
+    auto float_of = [&](const ops::Matrix& m) { return ops::widen_rows(m).t().contiguous(); };  // back to [K, N]
+    const auto w_in = torch::randn({D, 2 * h}), w_out = torch::randn({h, D}), wqkv = torch::randn({D, 3 * D}) * 0.2,
+               wo = torch::randn({D, D}), head = torch::randn({V, D});
+    const auto c_in = compact_of(w_in), c_out = compact_of(w_out), c_qkv = compact_of(wqkv), c_o = compact_of(wo);
+    const auto c_head = ops::compact_rows(head, fmt);
+    EXPECT_EQ(c_in.w.scalar_type(), fmt == "bf16" ? torch::kBFloat16 : torch::kChar);
+    EXPECT_EQ(c_in.scale.defined(), fmt == "int8");
+    EXPECT_LE(max_diff(ops::widen_rows(c_head), head), (fmt == "bf16" ? 1e-2 : 2e-2) * max_abs(head));
+    for (int64_t rows : {1, 5, 20}) {
+      SCOPED_TRACE(rows);
+      const auto x = torch::randn({rows, D});
+      const auto f1 = ops::swiglu_forward(x, c_in, c_out), f2 = ops::swiglu_forward(x, float_of(c_in), float_of(c_out));
+      EXPECT_LE(max_diff(f1, f2), 1e-5 * max_abs(f2));
+      const auto l1 = ops::linear_nt(x, c_head), l2 = ops::linear_nt(x, ops::widen_rows(c_head));
+      EXPECT_LE(max_diff(l1, l2), 1e-5 * max_abs(l2));
+      const auto cos = torch::randn({L, hd / 2}, torch::kDouble), sin = torch::randn({L, hd / 2}, torch::kDouble);
+      auto k1 = torch::randn({rows, nh, L, hd}), v1 = torch::randn({rows, nh, L, hd});
+      auto k2 = k1.clone(), v2 = v1.clone();
+      const auto a1 = ops::attention_decode(x, c_qkv, c_o, cos, sin, k1, v1, 3);
+      const auto a2 = ops::attention_decode(x, float_of(c_qkv), float_of(c_o), cos, sin, k2, v2, 3);
+      EXPECT_LE(max_diff(a1, a2), 1e-5 * max_abs(a2));
+      EXPECT_LE(max_diff(k1, k2), 1e-5 * max_abs(k2));
+    }
+    // MoE experts: [K, ...] stacks of compact rows.
+    const int64_t E = 3;
+    const auto router = torch::randn({D, E}), e_in = torch::randn({E, D, 2 * h}), e_out = torch::randn({E, h, D});
+    auto stack = [&](const torch::Tensor& w) {  // [E, K, N] -> compact [E, N, K] with [E, N] scales
+      const auto rows = w.transpose(1, 2).contiguous();
+      const auto m = ops::compact_rows(rows.reshape({-1, rows.size(2)}), fmt);
+      return ops::Matrix(m.w.view(rows.sizes()), m.scale.defined() ? m.scale.view({E, rows.size(1)}) : torch::Tensor());
+    };
+    const auto s_in = stack(e_in), s_out = stack(e_out);
+    auto widened = [&](const ops::Matrix& m) {
+      const auto flat = ops::Matrix(m.w.reshape({-1, m.w.size(2)}), m.scale.defined() ? m.scale.reshape({-1}) : torch::Tensor());
+      return ops::widen_rows(flat).view(m.w.sizes()).transpose(1, 2).contiguous();
+    };
+    const auto x = torch::randn({9, D});
+    const auto m1 = ops::moe_decode(x, router, s_in, s_out, 2), m2 = ops::moe_decode(x, router, widened(s_in), widened(s_out), 2);
+    EXPECT_LE(max_diff(m1, m2), 1e-5 * max_abs(m2));
+    // Refused: compact matrices with a float64 input, int8 rows without their scales, a wrong shape.
+    expect_throw_with<c10::Error>([&] { ops::linear_nt(torch::randn({2, D}, torch::kDouble), c_head); }, "float32 input");
+    if (fmt == "int8") expect_throw_with<c10::Error>([&] { ops::linear_nt(torch::randn({2, D}), ops::Matrix(c_head.w)); }, "scale");
+    expect_throw_with<c10::Error>([&] { ops::swiglu_forward(torch::randn({2, D}), c_out, c_in); }, "swiglu_forward: w_in");
+  }
+  EXPECT_THROW(ops::compact_rows(torch::randn({4, 4}), "int4"), std::invalid_argument);
+}
+
+// Parameters of the attention, dense FFN, MoE experts and the head (or the tied embedding).
+std::vector<torch::Tensor> dense_matrices(ultramem::nn::Transformer& model) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : model->named_parameters())
+    for (const char* name : {"wqkv", "attn.wo", "w_in", "w_out", "embedding", "lm_head"})
+      if (p.key().find(name) != std::string::npos) out.push_back(p.value());
+  return out;
+}
+
+// set_weight_format rounds the parameters to the compact rows (idempotent), the decode ops read the
+// compact copies (cached decoding agrees with the full forward), and a parameter changed afterwards is
+// read as float, not from its stale copy.
+TEST(WeightFormats, ModelDecodesWithCompactCopiesAndDropsStaleOnes) {
+  for (const char* ffn : {"dense", "moe"})
+    for (ValueFormat fmt : {ValueFormat::kBFloat16, ValueFormat::kInt8}) {
+      SCOPED_TRACE(std::string(ffn) + " " + ultramem::nn::to_string(fmt));
+      auto cfg = tiny_model();
+      cfg.ffn = {ultramem::nn::parse_ffn_kind(ffn)};
+      cfg.moe.num_experts = 3;
+      cfg.moe.top_k = 2;
+      ultramem::nn::Transformer model(cfg);
+      const auto before = logits_of(model, some_tokens());
+      model->set_weight_format(fmt);
+      EXPECT_EQ(model->weight_format(), fmt);
+      int64_t elems = 0;
+      for (const auto& p : dense_matrices(model)) elems += p.numel();
+      EXPECT_EQ(model->compact_weight_bytes() >= elems * (fmt == ValueFormat::kBFloat16 ? 2 : 1), true);
+      std::vector<torch::Tensor> rounded;
+      for (const auto& p : dense_matrices(model)) rounded.push_back(p.detach().clone());
+      model->set_weight_format(fmt);  // idempotent: the rounded values round to themselves
+      const auto again = dense_matrices(model);
+      for (size_t i = 0; i < again.size(); ++i) EXPECT_TRUE(torch::equal(again[i], rounded[i])) << i;
+      const auto tokens = some_tokens();
+      const auto full = logits_of(model, tokens);
+      EXPECT_GT(max_diff(full, before), 0.0);  // the weights changed
+      // (near-zero logits of a random model: int8 rows of 32 weights move them most)
+      EXPECT_LE(max_diff(full, before), (fmt == ValueFormat::kBFloat16 ? 0.03 : 0.25) * max_abs(before));
+      auto stepped = [&](ultramem::nn::Transformer& m) {
+        torch::NoGradGuard no_grad;
+        auto cache = m->make_cache(2, 32);
+        std::vector<torch::Tensor> parts;
+        parts.push_back(m->forward_cached(tokens.narrow(1, 0, 4), cache));
+        for (int64_t t = 4; t < 12; ++t) parts.push_back(m->forward_cached(tokens.narrow(1, t, 1), cache));
+        return torch::cat(parts, 1);
+      };
+      EXPECT_LE(max_diff(stepped(model), full), 1e-4 * max_abs(full));
+      // The decode ops read the compact rows (the dot kernel), not the rounded floats (the FMA kernel):
+      // the same values, summed in another order.
+      auto copy_of = [&](ultramem::nn::Transformer& from) {
+        ultramem::nn::Transformer to(cfg);
+        torch::NoGradGuard no_grad;
+        const auto src = from->named_parameters();
+        for (auto& p : to->named_parameters()) p.value().copy_(src[p.key()]);
+        to->eval();
+        return to;
+      };
+      auto rounded_floats = copy_of(model);
+      EXPECT_FALSE(torch::equal(stepped(model), stepped(rounded_floats)));
+      // Change every dense matrix in place: the decode ops must read the new floats, exactly as a model
+      // that never had compact copies does.
+      {
+        torch::NoGradGuard no_grad;
+        for (auto& p : dense_matrices(model)) p.mul_(1.25);
+      }
+      auto plain = copy_of(model);
+      EXPECT_TRUE(torch::equal(stepped(model), stepped(plain)));
+    }
 }
 
 TEST(Checkpoints, QuantisedRoundTripKeepsFormatTablesAndLogits) {

@@ -34,6 +34,11 @@ void add_bench_command(CLI::App& app) {
                   "kind ultramem_keys_<format>)")
       ->delimiter(',')
       ->capture_default_str();
+  cmd->add_option("--weights", a.weights,
+                  "Storage of the models' dense matrices (attention, FFN, experts, LM head): fp32,bf16,int8 (compact "
+                  "ones are reported as kind <kind>_weights_<format>; model sweep only)")
+      ->delimiter(',')
+      ->capture_default_str();
   cmd->add_option("--kinds", a.kinds, "What to time: pooled_lookup,ultramem,ultramem_plain,moe,dense,pkm")
       ->delimiter(',')
       ->capture_default_str();

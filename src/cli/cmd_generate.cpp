@@ -27,6 +27,10 @@ void add_generate_command(CLI::App& app) {
                   "Key storage of the memory layers at inference: fp32 (as trained), bf16 or int8 (one scale per key row); "
                   "default: the checkpoint's (quantize --keys), else fp32")
       ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
+  cmd->add_option("--weights", a->weights,
+                  "Storage of the dense matrices (attention, FFN, experts, LM head): fp32, bf16 or int8 (one scale per "
+                  "output row), the weights rounded to it (default: the checkpoint's, see quantize --weights)")
+      ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   cmd->add_flag("--mmap", a->mmap,
                 "Serve the memory value tables from a read-only mapping of the checkpoint file instead of "
                 "loading them (tables larger than RAM; checksum not verified)");

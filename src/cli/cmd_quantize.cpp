@@ -1,4 +1,4 @@
-// `ultramem quantize CHECKPOINT [--values bf16|int8] [--keys bf16|int8]`: flags -> infer::quantize_checkpoint (infer/quantize.h).
+// `ultramem quantize CHECKPOINT [--values bf16|int8] [--keys bf16|int8] [--weights bf16|int8]`: flags -> infer::quantize_checkpoint (infer/quantize.h).
 #include <CLI/CLI.hpp>
 
 #include <memory>
@@ -13,7 +13,7 @@ void add_quantize_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "quantize",
       "Store a checkpoint's memory value tables as bf16 or int8 (symmetric, one float scale per row) and/or "
-      "set compact keys (--keys) for inference, and report the validation-loss change (before, after, delta; also as a JSON line). eval and "
+      "set compact keys (--keys) and/or compact dense matrices (--weights) for inference, and report the validation-loss change (before, after, delta; also as a JSON line). eval and "
       "generate load the result like any checkpoint; training needs the float32 one");
   cmd->add_option("checkpoint", a->checkpoint, "Float32 checkpoint file (.safetensors)")
       ->required()
@@ -23,6 +23,12 @@ void add_quantize_command(CLI::App& app) {
                   "Key format of the inference path, recorded in the checkpoint (eval and generate use it unless "
                   "--keys overrides): bf16 or int8 (one scale per key row), or fp32; the key parameters stay "
                   "float32. Reports each memory layer's key_agreement");
+  cmd->add_option("--weights", a->weights,
+                  "Storage of the dense matrices the decode path reads (attention, FFN, MoE experts, LM head and the "
+                  "embedding tied to it): bf16 or int8 (one scale per output row). The float32 parameters are "
+                  "rounded to it and the format recorded (eval and generate use it unless --weights overrides); a "
+                  "token then reads 2x (bf16) or 4x (int8) fewer weight bytes")
+      ->check(CLI::IsMember({"bf16", "int8"}));
   cmd->add_option("--out", a->out, "Output checkpoint (default: <checkpoint stem>.<format>.safetensors next to it)");
   cmd->add_option("--data", a->data_dir,
                   "Prepared data folder for the loss comparison (default: the run's, as `ultramem eval`; skipped "

@@ -105,6 +105,7 @@ nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
   LoadOptions lo;
   lo.mmap = a.mmap;
   if (!a.keys.empty()) lo.key_format = nn::parse_value_format(a.keys);
+  if (!a.weights.empty()) lo.weight_format = nn::parse_value_format(a.weights);
   if (a.filter.empty() && (a.filter_m_neg != 0 || a.filter_m_first != 0 || a.filter_rank != 0))
     throw std::invalid_argument("--m-neg, --filter-rank and --m-first apply with --filter rank1|two_sign|rank_r");
   lo.filter = a.filter;
@@ -146,6 +147,7 @@ nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
                         {"value_format", nn::to_string(loaded.value_format)},
                         {"value_mib", double(loaded.value_bytes) / double(1 << 20)},
                         {"key_format", nn::to_string(loaded.key_format)},
+                        {"weight_format", nn::to_string(loaded.weight_format)},
                         {"filter", a.filter.empty() ? nlohmann::json("as trained") : nlohmann::json(a.filter)},
                         {"val_loss_fp32_keys", fp32_keys_loss},
                         {"key_loss_change", fp32_keys_loss.is_null() ? nlohmann::json(nullptr)

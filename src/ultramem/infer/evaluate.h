@@ -50,6 +50,7 @@ struct EvalOptions {
   int64_t max_batches = 0;  // at most this many batches (0: the whole split)
   bool mmap = false;        // value tables from a read-only mapping of the file
   std::string keys;  // key storage of the memory layers' fused path: fp32, bf16 or int8; "": the checkpoint's
+  std::string weights;  // storage of the dense matrices (set_weight_format): fp32, bf16 or int8; "": the checkpoint's
   std::string filter;          // retrieval filter override: rank1 | two_sign | rank_r ("": as trained)
   int64_t filter_m_neg = 0;    // two_sign: candidates per side from the negative end (0: m_first / 2)
   int64_t filter_rank = 0;     // rank_r: filter scores per side (0: r)

@@ -82,6 +82,17 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
   if (options.key_format) keys = *options.key_format;
   set_key_format(*model, keys);
   out.key_format = keys;
+  nn::ValueFormat weights = nn::ValueFormat::kFloat32;
+  if (const auto rec = ckpt.metadata.find(kWeightFormatKey); rec != ckpt.metadata.end()) {
+    try {
+      weights = nn::parse_value_format(rec->second);
+    } catch (const std::invalid_argument& e) {
+      fail(path, std::string("metadata weight_format: ") + e.what());
+    }
+  }
+  if (options.weight_format) weights = *options.weight_format;
+  model->set_weight_format(weights);
+  out.weight_format = weights;
   if (!options.filter.empty()) {
     const auto f = nn::parse_retrieval_filter(options.filter);
     for (auto& [name, layer] : ultramem_layers(*model)) {

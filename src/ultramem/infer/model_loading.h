@@ -23,6 +23,11 @@ struct LoadOptions {
   // trained, or bf16 / int8 compact keys. Unset: the checkpoint's recorded format (quantize --keys),
   // fp32 when none is recorded.
   std::optional<nn::ValueFormat> key_format;
+  // Storage of the dense matrices the decode ops read (nn::TransformerImpl::set_weight_format): bf16 or
+  // int8 compact copies, the parameters rounded to match. Unset: the checkpoint's recorded format
+  // (quantize --weights), fp32 when none is recorded. fp32 on a checkpoint recorded compact keeps its
+  // (already rounded) weights and reads them as float32.
+  std::optional<nn::ValueFormat> weight_format;
   // Retrieval filter of the UltraMem layers (UltraMemImpl::set_filter), overriding the trained one:
   // "rank1", "two_sign" with filter_m_neg (0: m_first / 2), or "rank_r" with filter_rank (0: r); and
   // filter_m_first (0: the layer's).
@@ -38,6 +43,7 @@ struct LoadedModel {
   nlohmann::json train_config;        // null when the checkpoint has none
   nn::ValueFormat value_format = nn::ValueFormat::kFloat32;
   nn::ValueFormat key_format = nn::ValueFormat::kFloat32;  // what the model now uses
+  nn::ValueFormat weight_format = nn::ValueFormat::kFloat32;  // what the model now uses
   int64_t value_bytes = 0;            // all UltraMem value tables, per-row scales included
   int64_t mapped_tables = 0;          // value tables served from the mapping (mmap)
   std::vector<std::string> copied;    // mmap: model tensors copied, not mapped (not 64-byte aligned in the

@@ -34,8 +34,12 @@ double mib(int64_t bytes) { return double(bytes) / double(1 << 20); }
 }  // namespace
 
 nlohmann::json quantize_checkpoint(const QuantizeOptions& a) {
-  if (a.values.empty() && a.keys.empty())
-    throw std::invalid_argument("nothing to do: give --values bf16|int8, --keys bf16|int8, or both");
+  if (a.values.empty() && a.keys.empty() && a.weights.empty())
+    throw std::invalid_argument("nothing to do: give --values bf16|int8, --keys bf16|int8 and/or --weights bf16|int8");
+  const std::optional<nn::ValueFormat> weights =
+      a.weights.empty() ? std::nullopt : std::optional<nn::ValueFormat>(nn::parse_value_format(a.weights));
+  if (weights && *weights == nn::ValueFormat::kFloat32)
+    throw std::invalid_argument("--weights: expected bf16 or int8 (rounded weights cannot be restored to fp32)");
   const bool convert_values = !a.values.empty();
   const nn::ValueFormat fmt = convert_values ? nn::parse_value_format(a.values) : nn::ValueFormat::kFloat32;
   if (convert_values && fmt == nn::ValueFormat::kFloat32)
@@ -44,6 +48,7 @@ nlohmann::json quantize_checkpoint(const QuantizeOptions& a) {
       a.keys.empty() ? std::nullopt : std::optional<nn::ValueFormat>(nn::parse_value_format(a.keys));
   std::string tag = convert_values ? nn::to_string(fmt) : "";
   if (keys) tag += std::string(tag.empty() ? "" : ".") + "keys-" + nn::to_string(*keys);
+  if (weights) tag += std::string(tag.empty() ? "" : ".") + "weights-" + nn::to_string(*weights);
   const std::string out = a.out.empty() ? default_out(a.checkpoint, tag) : a.out;
   if (fs::exists(out) && fs::equivalent(out, a.checkpoint))
     throw std::invalid_argument("--out " + out + " is the input checkpoint; write the quantised model elsewhere");
@@ -56,7 +61,7 @@ nlohmann::json quantize_checkpoint(const QuantizeOptions& a) {
   auto loaded = load_model(a.checkpoint, lo);
   auto& model = loaded.model;
   const auto layers = ultramem_layers(*model);
-  if (layers.empty())
+  if (layers.empty() && (convert_values || keys))
     throw std::invalid_argument(a.checkpoint + ": the model has no UltraMem memory layers; nothing to quantise");
   if (convert_values && loaded.value_format != nn::ValueFormat::kFloat32)
     throw std::invalid_argument(a.checkpoint + ": the value tables are already " + nn::to_string(loaded.value_format) +
@@ -92,6 +97,14 @@ nlohmann::json quantize_checkpoint(const QuantizeOptions& a) {
     set_value_format(*model, fmt);
   }
   if (keys) set_key_format(*model, *keys);
+  const nn::ValueFormat weights_before = loaded.weight_format;
+  if (weights) {
+    if (weights_before != nn::ValueFormat::kFloat32 && weights_before != *weights)
+      throw std::invalid_argument(a.checkpoint + ": the weights are already rounded to " + nn::to_string(weights_before) +
+                                  "; quantise the float32 checkpoint");
+    std::cerr << "rounding the dense matrices to " << nn::to_string(*weights) << std::endl;
+    model->set_weight_format(*weights);
+  }
   const int64_t bytes_after = value_bytes(*model);
   nlohmann::json agreement = nlohmann::json::object();
   if (!batches.empty()) {
@@ -110,12 +123,18 @@ nlohmann::json quantize_checkpoint(const QuantizeOptions& a) {
                       {"values", nn::to_string(value_format(*model))},
                       {"keys_before", nn::to_string(keys_before)},
                       {"keys", nn::to_string(key_format(*model))},
+                      {"weights_before", nn::to_string(weights_before)},
+                      {"weights", nn::to_string(model->weight_format())},
+                      {"compact_weight_mib", mib(model->compact_weight_bytes())},
                       {"value_mib_before", mib(bytes_before)},
                       {"value_mib_after", mib(bytes_after)},
                       {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()}};
   std::cout << "value tables: " << mib(bytes_before) << " MiB " << nn::to_string(loaded.value_format) << " -> "
             << mib(bytes_after) << " MiB " << nn::to_string(value_format(*model)) << "\n";
   if (keys) std::cout << "keys: " << nn::to_string(keys_before) << " -> " << nn::to_string(*keys) << "\n";
+  if (weights)
+    std::cout << "dense matrices: " << nn::to_string(weights_before) << " -> " << nn::to_string(*weights) << " ("
+              << mib(model->compact_weight_bytes()) << " MiB read by the decode ops)\n";
   if (!batches.empty()) {
     j["data_dir"] = data_dir;
     j["tokens"] = before.tokens;

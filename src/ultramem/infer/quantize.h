@@ -13,6 +13,7 @@ struct QuantizeOptions {
   std::string checkpoint;
   std::string values;  // "bf16" | "int8" | "" (keep the tables as they are)
   std::string keys;    // "bf16" | "int8" | "fp32" | "" (keep the recorded key format)
+  std::string weights;  // "bf16" | "int8" | "" (keep): the dense matrices' storage (set_weight_format)
   std::string out;
   std::string data_dir;
   bool no_eval = false;
@@ -25,8 +26,8 @@ struct QuantizeOptions {
 // converts the value tables and/or sets the key format, measures again (with compact keys also the
 // share of kept candidates the fp32 keys keep too), writes `out` (default <stem>.<formats>.safetensors
 // next to the input). Progress on stderr, the summary on stdout; returns the summary JSON.
-// std::invalid_argument for neither values nor keys given, fp32 as value target, a model without
-// UltraMem layers, tables already compact.
+// std::invalid_argument for none of values, keys and weights given, fp32 as value or weight target,
+// values or keys for a model without UltraMem layers, tables already compact.
 nlohmann::json quantize_checkpoint(const QuantizeOptions& options);
 
 }  // namespace ultramem::infer

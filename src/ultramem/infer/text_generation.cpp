@@ -28,6 +28,7 @@ nlohmann::json generate_from_checkpoint(const GenerateOptions& a, std::ostream& 
   LoadOptions lo;
   lo.mmap = a.mmap;
   if (!a.keys.empty()) lo.key_format = nn::parse_value_format(a.keys);
+  if (!a.weights.empty()) lo.weight_format = nn::parse_value_format(a.weights);
   lo.warn = [&log](const std::string& s) { log << "note: " << s << std::endl; };
   auto loaded = load_model(a.checkpoint, lo);
   auto& model = loaded.model;
@@ -83,6 +84,7 @@ nlohmann::json generate_from_checkpoint(const GenerateOptions& a, std::ostream& 
       {"value_mib", double(loaded.value_bytes) / double(1 << 20)},
       {"mmap", a.mmap},
       {"key_format", nn::to_string(loaded.key_format)},
+      {"weight_format", nn::to_string(loaded.weight_format)},
       {"stop_reason", timing.stop_reason},
       {"context", ctx}};
   if (timing.stop_reason == "context_full")

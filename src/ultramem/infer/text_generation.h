@@ -17,6 +17,7 @@ struct GenerateOptions {
   SamplingOptions sampling;
   bool mmap = false;       // value tables from a read-only mapping of the file
   std::string keys;  // key storage of the memory layers' fused path: fp32, bf16 or int8; "": the checkpoint's
+  std::string weights;  // storage of the dense matrices (set_weight_format): fp32, bf16 or int8; "": the checkpoint's
 };
 
 // Streams the prompt and its continuation to `text_out` as it is produced; notes and the speed line

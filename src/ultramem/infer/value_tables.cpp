@@ -54,13 +54,15 @@ int64_t value_bytes(torch::nn::Module& model) {
   return b;
 }
 
-void save_weights(const std::string& path, torch::nn::Module& model, const nlohmann::json& model_config,
+void save_weights(const std::string& path, nn::TransformerImpl& model, const nlohmann::json& model_config,
                   const nlohmann::json& train_config) {
   checkpoint::CheckpointWriteOptions o;
   o.rng = false;
   o.train_config = train_config;
   o.metadata[kValueFormatKey] = nn::to_string(value_format(model));
   o.metadata[kKeyFormatKey] = nn::to_string(key_format(model));
+  if (model.weight_format() != nn::ValueFormat::kFloat32)
+    o.metadata[kWeightFormatKey] = nn::to_string(model.weight_format());
   checkpoint::save_checkpoint(path, model, model_config, o);
 }
 

@@ -11,6 +11,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "ultramem/nn/memory_config.h"
+#include "ultramem/nn/transformer.h"
 #include "ultramem/nn/ultramem.h"
 
 namespace ultramem::infer {
@@ -20,6 +21,10 @@ inline constexpr const char* kValueFormatKey = "value_format";
 // Checkpoint metadata key: the key format its fused inference path uses by default (quantize --keys);
 // absent means fp32. The key parameters themselves are always stored in float32.
 inline constexpr const char* kKeyFormatKey = "key_format";
+// Checkpoint metadata key: the storage of the dense matrices the decode ops read (quantize --weights;
+// nn::TransformerImpl::set_weight_format); absent means fp32. The parameters are stored in float32,
+// already rounded to the recorded format.
+inline constexpr const char* kWeightFormatKey = "weight_format";
 
 // The UltraMem layers of `model` with their module names (e.g. "memories.0"), in module order.
 std::vector<std::pair<std::string, nn::UltraMemImpl*>> ultramem_layers(torch::nn::Module& model);
@@ -40,10 +45,11 @@ nn::ValueFormat value_format(torch::nn::Module& model);
 // Bytes of all UltraMem value tables, per-row scales included.
 int64_t value_bytes(torch::nn::Module& model);
 
-// Writes `model`'s weights (no optimizer state, no generator state) with `model_config` and the value
-// and key formats in the metadata (kValueFormatKey, kKeyFormatKey), plus `train_config` when not null. Atomic, like every
-// checkpoint; throws std::runtime_error naming the file on failure.
-void save_weights(const std::string& path, torch::nn::Module& model, const nlohmann::json& model_config,
+// Writes `model`'s weights (no optimizer state, no generator state) with `model_config` and the value,
+// key and weight formats in the metadata (kValueFormatKey, kKeyFormatKey, kWeightFormatKey), plus
+// `train_config` when not null. Atomic, like every checkpoint; throws std::runtime_error naming the
+// file on failure.
+void save_weights(const std::string& path, nn::TransformerImpl& model, const nlohmann::json& model_config,
                   const nlohmann::json& train_config);
 
 }  // namespace ultramem::infer

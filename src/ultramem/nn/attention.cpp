@@ -46,7 +46,8 @@ torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, int64_t p
   // Decode (one new token per sequence, no grad): the no-grad op, without per-op overhead.
   if (cache_k != nullptr && T == 1 && !(o_.dropout > 0 && is_training()) && ops::no_grad_op_applies(x, wqkv) &&
       cache_k->scalar_type() == x.scalar_type() && cache_k->is_contiguous() && cache_v->is_contiguous()) {
-    return ops::attention_decode(x.reshape({B, D}), wqkv, wo, cos_, sin_, *cache_k, *cache_v, pos0).view({B, 1, D});
+    return ops::attention_decode(x.reshape({B, D}), wqkv_c_.get(wqkv), wo_c_.get(wo), cos_, sin_, *cache_k, *cache_v, pos0)
+        .view({B, 1, D});
   }
   // unbind rather than qkv[i]: its backward stacks once instead of zero-filling per select.
   const auto qkv = x.matmul(wqkv).view({B, T, 3, nh, hd}).permute({2, 0, 3, 1, 4}).unbind(0);  // 3 x [B, nh, T, hd]

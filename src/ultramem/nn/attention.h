@@ -5,6 +5,8 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include "ultramem/nn/compact_weight.h"
+
 namespace ultramem::nn {
 
 struct AttentionOptions {
@@ -30,6 +32,13 @@ class CausalSelfAttentionImpl : public torch::nn::Module {
 
   int64_t head_dim() const { return head_dim_; }
 
+  // Compact copies of wqkv and wo for the decode op (nn/compact_weight.h): rounds them in place.
+  void set_weight_format(ValueFormat f) {
+    wqkv_c_.set(wqkv, f, true);
+    wo_c_.set(wo, f, true);
+  }
+  int64_t compact_bytes() const { return wqkv_c_.bytes() + wo_c_.bytes(); }
+
   torch::Tensor wqkv;  // [D, 3*D]  query | key | value projections (heads contiguous inside each)
   torch::Tensor wo;    // [D, D]    output projection
 
@@ -40,6 +49,7 @@ class CausalSelfAttentionImpl : public torch::nn::Module {
   AttentionOptions o_;
   int64_t head_dim_;
   torch::Tensor cos_, sin_;  // [max_seq_len, head_dim / 2] float64, not registered (recomputable)
+  CompactWeight wqkv_c_, wo_c_;  // [3*D, D] and [D, D] compact rows, when a weight format is set
 };
 TORCH_MODULE(CausalSelfAttention);
 

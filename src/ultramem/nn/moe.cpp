@@ -27,7 +27,7 @@ torch::Tensor MoEImpl::forward(const torch::Tensor& x) {
   if (!at::GradMode::is_enabled()) {
     // No grad: the fused op (ops/moe_decode.h), the same routing and experts without autograd.
     ops::MoeDecodeStats st;
-    auto out = ops::moe_decode(xf.contiguous(), router, w_in, w_out, k, &st);
+    auto out = ops::moe_decode(xf.contiguous(), router, w_in_c_.get(w_in), w_out_c_.get(w_out), k, &st);
     const int64_t* cnt = st.counts.data_ptr<int64_t>();
     for (int64_t e = 0; e < K; ++e) load_[e] += cnt[e];
     balance_loss_ = T > 0 ? (st.counts.to(st.mean_probs.scalar_type()) / double(T * k) * st.mean_probs).sum() *

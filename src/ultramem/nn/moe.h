@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "ultramem/nn/compact_weight.h"
 #include "ultramem/nn/model_config.h"
 
 namespace ultramem::nn {
@@ -31,6 +32,14 @@ class MoEImpl : public torch::nn::Module {
 
   const MoEConfig& config() const { return cfg_; }
 
+  // Compact copies of the expert matrices for the no-grad op (nn/compact_weight.h): rounds them in
+  // place. The router stays float (it is small and decides the routing).
+  void set_weight_format(ValueFormat f) {
+    w_in_c_.set(w_in, f, true);
+    w_out_c_.set(w_out, f, true);
+  }
+  int64_t compact_bytes() const { return w_in_c_.bytes() + w_out_c_.bytes(); }
+
   torch::Tensor router;  // [D, K]
   torch::Tensor w_in;    // [K, D, 2*expert_hidden]  per expert: gate | up
   torch::Tensor w_out;   // [K, expert_hidden, D]
@@ -39,6 +48,7 @@ class MoEImpl : public torch::nn::Module {
   MoEConfig cfg_;
   torch::Tensor balance_loss_;  // scalar
   std::vector<int64_t> load_;   // [K]
+  CompactWeight w_in_c_, w_out_c_;  // [K, 2*expert_hidden, D] and [K, D, expert_hidden] rows, when set
 };
 TORCH_MODULE(MoE);
 

@@ -6,6 +6,7 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include "ultramem/nn/compact_weight.h"
 #include "ultramem/ops/block_decode.h"
 
 namespace ultramem::nn {
@@ -30,12 +31,22 @@ class SwiGLUImpl : public torch::nn::Module {
   // x: [..., D] -> [..., D]
   torch::Tensor forward(const torch::Tensor& x) {
     if (x.dim() >= 1 && ops::no_grad_op_applies(x, w_in))
-      return ops::swiglu_forward(x.reshape({-1, x.size(-1)}), w_in, w_out).view(x.sizes());
+      return ops::swiglu_forward(x.reshape({-1, x.size(-1)}), w_in_c_.get(w_in), w_out_c_.get(w_out)).view(x.sizes());
     return swiglu(x, w_in, w_out);
   }
 
+  // Compact copies of w_in and w_out for the no-grad op (nn/compact_weight.h): rounds them in place.
+  void set_weight_format(ValueFormat f) {
+    w_in_c_.set(w_in, f, true);
+    w_out_c_.set(w_out, f, true);
+  }
+  int64_t compact_bytes() const { return w_in_c_.bytes() + w_out_c_.bytes(); }
+
   torch::Tensor w_in;   // [D, 2*hidden]  gate | up
   torch::Tensor w_out;  // [hidden, D]
+
+ private:
+  CompactWeight w_in_c_, w_out_c_;  // [2*hidden, D] and [D, hidden] compact rows, when set
 };
 TORCH_MODULE(SwiGLU);
 

@@ -93,6 +93,7 @@ struct TransformerImpl::Impl {
   std::vector<std::vector<int64_t>> reads_at, writes_at;  // [n_layers] -> memory ids reading / writing there
   std::map<std::string, torch::Tensor> aux;
   std::vector<std::array<double, 3>> pkm_out;  // [memories] sum, sum of squares, count of PKM outputs
+  CompactWeight head_c;                // [V, D] compact rows of the LM head (or the tied embedding), when set
 
   // u: [B, T, D] -> [B, T, D]
   torch::Tensor memory_forward(int64_t k, const torch::Tensor& u) {
@@ -141,7 +142,7 @@ struct TransformerImpl::Impl {
     const auto& head = lm_head.defined() ? lm_head : embedding;  // [V, D]
     torch::Tensor logits;                                          // [B, T, V]
     if (ops::no_grad_op_applies(h, head)) {
-      logits = ops::linear_nt(h.reshape({-1, h.size(-1)}), head).view({h.size(0), h.size(1), head.size(0)});
+      logits = ops::linear_nt(h.reshape({-1, h.size(-1)}), head_c.get(head)).view({h.size(0), h.size(1), head.size(0)});
     } else {
       logits = h.matmul(head.t());
     }
@@ -247,6 +248,29 @@ torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCac
 }
 
 std::map<std::string, torch::Tensor> TransformerImpl::aux_losses() const { return impl_->aux; }
+
+void TransformerImpl::set_weight_format(ValueFormat f) {
+  auto& m = *impl_;
+  for (auto& blk : m.blocks) {
+    blk->attn->set_weight_format(f);
+    if (blk->dense) blk->dense->set_weight_format(f);
+    if (blk->moe) blk->moe->set_weight_format(f);
+  }
+  m.head_c.set(m.lm_head.defined() ? m.lm_head : m.embedding, f, /*transpose=*/false);
+}
+
+ValueFormat TransformerImpl::weight_format() const { return impl_->head_c.format(); }
+
+int64_t TransformerImpl::compact_weight_bytes() const {
+  const auto& m = *impl_;
+  int64_t n = m.head_c.bytes();
+  for (const auto& blk : m.blocks) {
+    n += blk->attn->compact_bytes();
+    if (blk->dense) n += blk->dense->compact_bytes();
+    if (blk->moe) n += blk->moe->compact_bytes();
+  }
+  return n;
+}
 
 void TransformerImpl::after_optimizer_step() {
   for (auto& m : impl_->ultramem) m->refresh_tucker_approx();

@@ -66,6 +66,14 @@ class TransformerImpl : public torch::nn::Module {
 
   const ModelConfig& config() const { return cfg_; }
 
+  // Inference storage of the dense matrices (attention, dense FFN, MoE experts, the LM head and the
+  // embedding tied to it): kBFloat16 or kInt8 (one scale per output row) compact copies that the no-grad
+  // decode ops read, the parameters rounded in place to the same values (nn/compact_weight.h); kFloat32
+  // drops the copies (the parameters keep their rounding). The memory layers and norms are unchanged.
+  void set_weight_format(ValueFormat f);
+  ValueFormat weight_format() const;
+  int64_t compact_weight_bytes() const;  // the compact copies' bytes (0 for kFloat32)
+
  private:
   ModelConfig cfg_;
   // Implementation members are defined by transformer.cpp (blocks, embeddings, memories, ...).

@@ -5,11 +5,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "ultramem/kernels/small_matmul.h"
 #include "ultramem/ops/check.h"
 #include "ultramem/ops/project.h"
+#include "ultramem/ops/value_quant.h"
 
 namespace ultramem::ops {
 namespace {
@@ -49,7 +53,7 @@ void rotate(S* z, int64_t half, const double* c, const double* s) {
 }
 
 template <typename S>
-void attention_impl(const S* x, int64_t B, int64_t D, int64_t nh, const at::Tensor& wqkv, const at::Tensor& wo,
+void attention_impl(const S* x, int64_t B, int64_t D, int64_t nh, const Matrix& wqkv, const Matrix& wo,
                     const double* cos_p, const double* sin_p, S* ck, S* cv, int64_t L, int64_t pos, S* out) {
   const int64_t hd = D / nh, half = hd / 2, S_len = pos + 1;
   auto& sc = scratch<S>();
@@ -99,17 +103,66 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
+namespace {
+
+// Checks a Matrix argument against x's dtype st: float [K, N] (or [N, K] when nt) of dtype st, or
+// compact [N, K] rows (bf16, or int8 with a float32 scale [N]); returns it contiguous with N.
+std::pair<Matrix, int64_t> checked_matrix(const Matrix& m, const char* what, at::ScalarType st, int64_t K, bool nt) {
+  TORCH_CHECK(m.w.defined(), what, " is undefined");
+  if (!m.compact()) {
+    check_tensor(m.w, what, 2, {st});
+    TORCH_CHECK(!m.scale.defined(), what, ": a float matrix takes no scale");
+    const int64_t k_dim = nt ? 1 : 0;
+    TORCH_CHECK(m.w.size(k_dim) == K, what, " must be ", nt ? "[N, K=" : "[K=", K, nt ? "]" : ", N]", ", got ",
+                detail::shape_str(m.w));
+    return {Matrix(m.w.contiguous()), m.w.size(1 - k_dim)};
+  }
+  check_tensor(m.w, what, 2, {at::kBFloat16, at::kChar});
+  TORCH_CHECK(st == at::kFloat, what, ": compact (bf16 / int8) weights need a float32 input, got ", st);
+  TORCH_CHECK(m.w.size(1) == K, what, " (compact rows) must be [N, K=", K, "], got ", detail::shape_str(m.w));
+  const int64_t N = m.w.size(0);
+  if (m.w.scalar_type() == at::kChar) {
+    check_tensor(m.scale, (std::string(what) + " scale").c_str(), 1, {at::kFloat});
+    check_sizes(m.scale, (std::string(what) + " scale").c_str(), {N}, "[N], one per row");
+    return {Matrix(m.w.contiguous(), m.scale.contiguous()), N};
+  }
+  TORCH_CHECK(!m.scale.defined(), what, ": bf16 rows take no scale");
+  return {Matrix(m.w.contiguous()), N};
+}
+
+}  // namespace
+
+Matrix compact_rows(const at::Tensor& rows, const std::string& format) {
+  check_tensor(rows, "compact_rows: rows", 2, {at::kFloat});
+  const at::Tensor rc = rows.contiguous();
+  if (format == "bf16") return Matrix(quantize_values_bf16(rc));
+  if (format == "int8") {
+    auto [q, scale] = quantize_values_int8(rc);
+    return Matrix(q, scale);
+  }
+  throw std::invalid_argument("compact_rows: format must be bf16 or int8, got '" + format + "'");
+}
+
+at::Tensor widen_rows(const Matrix& m) {
+  TORCH_CHECK(m.compact(), "widen_rows: the matrix is not compact (dtype ", m.w.scalar_type(), ")");
+  if (m.w.scalar_type() == at::kBFloat16) return dequantize_values_bf16(m.w);
+  return m.w.to(at::kFloat) * m.scale.unsqueeze(1);  // float(q) * scale, one rounding
+}
+
 at::Tensor swiglu_forward(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_out) {
+  return swiglu_forward(x, Matrix(w_in), Matrix(w_out));
+}
+
+at::Tensor swiglu_forward(const at::Tensor& x, const Matrix& w_in, const Matrix& w_out) {
   check_tensor(x, "swiglu_forward: x", 2, {at::kFloat, at::kDouble});
   const auto st = x.scalar_type();
   const int64_t T = x.size(0), D = x.size(1);
-  check_tensor(w_in, "swiglu_forward: w_in", 2, {st});
-  TORCH_CHECK(w_in.size(0) == D && w_in.size(1) % 2 == 0 && w_in.size(1) > 0,
-              "swiglu_forward: w_in must be [D=", D, ", 2*h], got ", detail::shape_str(w_in));
-  const int64_t h = w_in.size(1) / 2;
-  check_tensor(w_out, "swiglu_forward: w_out", 2, {st});
-  check_sizes(w_out, "swiglu_forward: w_out", {h, D}, "[h, D] with 2*h = w_in.size(1)");
-  const at::Tensor xc = x.contiguous(), ic = w_in.contiguous(), oc = w_out.contiguous();
+  const auto [ic, n_in] = checked_matrix(w_in, "swiglu_forward: w_in", st, D, false);
+  TORCH_CHECK(n_in % 2 == 0 && n_in > 0, "swiglu_forward: w_in must have 2*h outputs (gate | up), got ", n_in);
+  const int64_t h = n_in / 2;
+  const auto [oc, n_out] = checked_matrix(w_out, "swiglu_forward: w_out", st, h, false);
+  TORCH_CHECK(n_out == D, "swiglu_forward: w_out must map h = ", h, " to D = ", D, " outputs, got ", n_out);
+  const at::Tensor xc = x.contiguous();
   at::Tensor y = torch::empty({T, D}, x.options());
   if (T == 0) return y;
   if (st == at::kFloat) {
@@ -122,23 +175,28 @@ at::Tensor swiglu_forward(const at::Tensor& x, const at::Tensor& w_in, const at:
   return y;
 }
 
-at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w) { return linear_nt(x, Matrix(w)); }
+
+at::Tensor linear_nt(const at::Tensor& x, const Matrix& w) {
   check_tensor(x, "linear_nt: x", 2, {at::kFloat, at::kDouble});
   const int64_t T = x.size(0), K = x.size(1);
-  check_tensor(w, "linear_nt: w", 2, {x.scalar_type()});
-  TORCH_CHECK(w.size(1) == K, "linear_nt: w must be [N, K=", K, "], got ", detail::shape_str(w));
-  const int64_t N = w.size(0);
-  if (T > detail::kSmallRows) return at::mm(x, w.t());
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const auto [wc, N] = checked_matrix(w, "linear_nt: w", x.scalar_type(), K, true);
+  const at::Tensor xc = x.contiguous();
   at::Tensor y = torch::empty({T, N}, x.options());
+  if (T == 0) return y;
   if (x.scalar_type() == at::kFloat)
-    kernels::matmul_rows_nt<float>(T, K, N, xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr<float>());
+    detail::project_nt<float>(xc.data_ptr<float>(), T, K, wc.w, wc.scale, y.data_ptr<float>());
   else
-    kernels::matmul_rows_nt<double>(T, K, N, xc.data_ptr<double>(), wc.data_ptr<double>(), y.data_ptr<double>());
+    detail::project_nt<double>(xc.data_ptr<double>(), T, K, wc.w, wc.scale, y.data_ptr<double>());
   return y;
 }
 
 at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& wqkv, const at::Tensor& wo, const at::Tensor& cos,
+                            const at::Tensor& sin, at::Tensor& cache_k, at::Tensor& cache_v, int64_t pos) {
+  return attention_decode(x, Matrix(wqkv), Matrix(wo), cos, sin, cache_k, cache_v, pos);
+}
+
+at::Tensor attention_decode(const at::Tensor& x, const Matrix& wqkv, const Matrix& wo, const at::Tensor& cos,
                             const at::Tensor& sin, at::Tensor& cache_k, at::Tensor& cache_v, int64_t pos) {
   check_tensor(x, "attention_decode: x", 2, {at::kFloat, at::kDouble});
   const auto st = x.scalar_type();
@@ -152,16 +210,16 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& wqkv, const a
   check_sizes(cache_v, "attention_decode: cache_v", {B, nh, L, hd}, "[B, nh, L, hd] equal to cache_k's");
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "attention_decode: the caches must be contiguous");
   TORCH_CHECK(pos >= 0 && pos < L, "attention_decode: pos must be in [0, L = ", L, "), got ", pos);
-  check_tensor(wqkv, "attention_decode: wqkv", 2, {st});
-  check_sizes(wqkv, "attention_decode: wqkv", {D, 3 * D}, "[D, 3*D]");
-  check_tensor(wo, "attention_decode: wo", 2, {st});
-  check_sizes(wo, "attention_decode: wo", {D, D}, "[D, D]");
+  const auto [qc, n_qkv] = checked_matrix(wqkv, "attention_decode: wqkv", st, D, false);
+  TORCH_CHECK(n_qkv == 3 * D, "attention_decode: wqkv must have 3*D = ", 3 * D, " outputs, got ", n_qkv);
+  const auto [oc, n_o] = checked_matrix(wo, "attention_decode: wo", st, D, false);
+  TORCH_CHECK(n_o == D, "attention_decode: wo must have D = ", D, " outputs, got ", n_o);
   for (const at::Tensor* t : {&cos, &sin}) {
     check_tensor(*t, "attention_decode: cos/sin", 2, {at::kDouble});
     TORCH_CHECK(t->size(0) > pos && t->size(1) == hd / 2, "attention_decode: cos and sin must be [P > pos = ", pos,
                 ", hd/2 = ", hd / 2, "], got ", detail::shape_str(*t));
   }
-  const at::Tensor xc = x.contiguous(), qc = wqkv.contiguous(), oc = wo.contiguous();
+  const at::Tensor xc = x.contiguous();
   const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
   at::Tensor out = torch::empty({B, D}, x.options());
   if (B == 0) return out;

@@ -16,9 +16,14 @@ namespace {
 using detail::dtype_of;
 using detail::project;
 
+// Expert e of a [K, ...] matrix stack (float, or compact rows with their [K, N] scales).
+Matrix expert(const Matrix& m, int64_t e) {
+  return m.scale.defined() ? Matrix(m.w[e], m.scale[e]) : Matrix(m.w[e]);
+}
+
 template <typename S>
-void moe_impl(const S* x, int64_t T, int64_t D, const at::Tensor& router, const at::Tensor& w_in,
-              const at::Tensor& w_out, int64_t top_k, S* out, MoeDecodeStats* stats) {
+void moe_impl(const S* x, int64_t T, int64_t D, const at::Tensor& router, const Matrix& w_in,
+              const Matrix& w_out, int64_t top_k, S* out, MoeDecodeStats* stats) {
   const int64_t K = router.size(1);
   std::vector<S> logits(T * K);                                 // [T, K]
   project<S>(x, T, D, router, logits.data());
@@ -56,7 +61,7 @@ void moe_impl(const S* x, int64_t T, int64_t D, const at::Tensor& router, const 
     xe.resize(cnt * D);
     for (int64_t r = 0; r < cnt; ++r) std::copy(x + tokens[e][r] * D, x + (tokens[e][r] + 1) * D, xe.data() + r * D);
     ye.resize(cnt * D);
-    detail::swiglu_rows<S>(xe.data(), cnt, D, w_in[e], w_out[e], hid, act, ye.data());  // [cnt, D]
+    detail::swiglu_rows<S>(xe.data(), cnt, D, expert(w_in, e), expert(w_out, e), hid, act, ye.data());  // [cnt, D]
     for (int64_t r = 0; r < cnt; ++r) {
       S* o = out + tokens[e][r] * D;
       const S w = weights[e][r];
@@ -77,6 +82,11 @@ void moe_impl(const S* x, int64_t T, int64_t D, const at::Tensor& router, const 
 
 at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& router, const at::Tensor& w_in, const at::Tensor& w_out,
                       int64_t top_k, MoeDecodeStats* stats) {
+  return moe_decode(x, router, Matrix(w_in), Matrix(w_out), top_k, stats);
+}
+
+at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& router, const Matrix& w_in, const Matrix& w_out,
+                      int64_t top_k, MoeDecodeStats* stats) {
   using detail::check_tensor;
   const auto fp = {at::kFloat, at::kDouble};
   check_tensor(x, "moe_decode: x", 2, fp);
@@ -86,15 +96,27 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& router, const at::T
   TORCH_CHECK(router.size(0) == D && router.size(1) >= 1, "moe_decode: router must be [D=", D, ", K], got ",
               router.sizes());
   const int64_t K = router.size(1);
-  check_tensor(w_in, "moe_decode: w_in", 3, {st});
-  TORCH_CHECK(w_in.size(0) == K && w_in.size(1) == D && w_in.size(2) % 2 == 0 && w_in.size(2) > 0,
-              "moe_decode: w_in must be [K=", K, ", D=", D, ", 2*h], got ", w_in.sizes());
-  const int64_t h = w_in.size(2) / 2;
-  check_tensor(w_out, "moe_decode: w_out", 3, {st});
-  TORCH_CHECK(w_out.size(0) == K && w_out.size(1) == h && w_out.size(2) == D, "moe_decode: w_out must be [K=", K,
-              ", h=", h, ", D=", D, "], got ", w_out.sizes());
+  // Float [K, D, 2*h] / [K, h, D], or compact rows [K, 2*h, D] / [K, D, h] with [K, N] int8 scales.
+  auto check_stack = [&](const Matrix& m, const char* what, int64_t k_in, int64_t n_out, const char* shape) {
+    const bool compact = m.compact();
+    check_tensor(m.w, what, 3, compact ? std::initializer_list<at::ScalarType>{at::kBFloat16, at::kChar}
+                                       : std::initializer_list<at::ScalarType>{st});
+    const int64_t n = compact ? m.w.size(1) : m.w.size(2), k = compact ? m.w.size(2) : m.w.size(1);
+    TORCH_CHECK(m.w.size(0) == K && k == k_in && (n_out < 0 ? n % 2 == 0 && n > 0 : n == n_out), what,
+                " must be ", compact ? "compact rows " : "", shape, ", got ", m.w.sizes());
+    TORCH_CHECK(!compact || st == at::kFloat, what, ": compact experts need a float32 input");
+    if (m.w.scalar_type() == at::kChar) {
+      check_tensor(m.scale, what, 2, {at::kFloat});
+      TORCH_CHECK(m.scale.size(0) == K && m.scale.size(1) == n, what, " scale must be [K, N], got ", m.scale.sizes());
+    }
+    return n;
+  };
+  const int64_t h = check_stack(w_in, "moe_decode: w_in", D, -1, "[K, D, 2*h] (compact [K, 2*h, D])") / 2;
+  check_stack(w_out, "moe_decode: w_out", h, D, "[K, h, D] (compact [K, D, h])");
   TORCH_CHECK(top_k >= 1 && top_k <= K, "moe_decode: top_k must be in [1, K=", K, "], got ", top_k);
-  const at::Tensor xc = x.contiguous(), rc = router.contiguous(), ic = w_in.contiguous(), oc = w_out.contiguous();
+  const at::Tensor xc = x.contiguous(), rc = router.contiguous();
+  const Matrix ic(w_in.w.contiguous(), w_in.scale.defined() ? w_in.scale.contiguous() : at::Tensor());
+  const Matrix oc(w_out.w.contiguous(), w_out.scale.defined() ? w_out.scale.contiguous() : at::Tensor());
   at::Tensor out = torch::empty({T, D}, x.options());
   if (st == at::kFloat)
     moe_impl<float>(xc.data_ptr<float>(), T, D, rc, ic, oc, top_k, out.data_ptr<float>(), stats);

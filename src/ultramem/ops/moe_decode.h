@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "ultramem/ops/block_decode.h"
+
 namespace ultramem::ops {
 
 struct MoeDecodeStats {
@@ -22,6 +24,10 @@ struct MoeDecodeStats {
 // 1 <= top_k <= K. Returns [T, D]; *stats (when given) receives what the balance loss needs. A dtype
 // or shape mismatch is a c10::Error naming the argument.
 at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& router, const at::Tensor& w_in, const at::Tensor& w_out,
+                      int64_t top_k, MoeDecodeStats* stats = nullptr);
+// The same with expert matrices that may be compact (ops::Matrix): rows [K, 2*h, D] and [K, D, h] in
+// bf16, or int8 with scales [K, 2*h] and [K, D].
+at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& router, const Matrix& w_in, const Matrix& w_out,
                       int64_t top_k, MoeDecodeStats* stats = nullptr);
 
 }  // namespace ultramem::ops

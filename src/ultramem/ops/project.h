@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ultramem/kernels/small_matmul.h"
+#include "ultramem/ops/block_decode.h"
 
 namespace ultramem::ops::detail {
 
@@ -19,6 +20,62 @@ constexpr int64_t kSmallRows = 15;
 template <typename S>
 constexpr torch::Dtype dtype_of() {
   return std::is_same_v<S, float> ? torch::kFloat : torch::kDouble;
+}
+
+// The rows of b [N, K] (S, bfloat16 or int8 with `scale` [N]) as a kernel row table; b contiguous.
+template <typename S>
+kernels::RowTable<S> row_table(const at::Tensor& b, const at::Tensor& scale) {
+  kernels::RowTable<S> t;
+  if (b.scalar_type() == at::kBFloat16) {
+    t.format = kernels::RowFormat::kBf16;
+    t.data = b.data_ptr();
+  } else if (b.scalar_type() == at::kChar) {
+    t.format = kernels::RowFormat::kInt8;
+    t.data = b.data_ptr<int8_t>();
+    t.scale = scale.data_ptr<float>();
+  } else {
+    t.data = b.data_ptr<S>();
+  }
+  return t;
+}
+
+// Per-thread scratch of the compact products above kSmallRows (widened rows, partial products).
+template <typename S>
+std::vector<S>& widen_scratch(int which) {
+  thread_local std::vector<S> buf[2];
+  return buf[which];
+}
+
+// out[rows, N] = x[rows, K] @ b^T for b [N, K] rows (contiguous; S, bfloat16, or int8 with `scale`
+// [N]): up to kSmallRows rows the dot kernel reads b in place; above, BLAS on b (float) or on blocks of
+// 512 rows widened in cache (compact).
+template <typename S>
+void project_nt(const S* x, int64_t rows, int64_t K, const at::Tensor& b, const at::Tensor& scale, S* out) {
+  const int64_t N = b.size(0);
+  if (rows <= kSmallRows) {
+    kernels::matmul_rows_nt_q<S>(rows, K, N, x, row_table<S>(b, scale), out);
+    return;
+  }
+  const auto o = torch::TensorOptions().dtype(dtype_of<S>());
+  const torch::Tensor xt = torch::from_blob(const_cast<S*>(x), {rows, K}, o);
+  if (b.scalar_type() == dtype_of<S>()) {
+    torch::Tensor dst = torch::from_blob(out, {rows, N}, o);
+    at::mm_out(dst, xt, b.t());
+    return;
+  }
+  constexpr int64_t kBlock = 512;
+  std::vector<S>& wide = widen_scratch<S>(0);
+  std::vector<S>& part = widen_scratch<S>(1);
+  wide.resize(kBlock * K);
+  part.resize(rows * kBlock);
+  const auto tab = row_table<S>(b, scale);
+  for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, N - j0);
+    kernels::widen_rows<S>(tab, K, j0, nb, wide.data());
+    torch::Tensor dst = torch::from_blob(part.data(), {rows, nb}, o);
+    at::mm_out(dst, xt, torch::from_blob(wide.data(), {nb, K}, o).t());
+    for (int64_t t = 0; t < rows; ++t) std::copy(part.data() + t * nb, part.data() + (t + 1) * nb, out + t * N + j0);
+  }
 }
 
 // out[rows, N] = x[rows, K] @ w[K, N] (w contiguous, dtype S): the few-row kernel or BLAS.
@@ -34,6 +91,18 @@ void project(const S* x, int64_t rows, int64_t K, const torch::Tensor& w, S* out
   at::mm_out(dst, torch::from_blob(const_cast<S*>(x), {rows, K}, o), w);
 }
 
+// The same for a Matrix: float [K, N] as above, compact [N, K] rows through project_nt.
+template <typename S>
+void project(const S* x, int64_t rows, int64_t K, const Matrix& w, S* out) {
+  if (w.compact())
+    project_nt<S>(x, rows, K, w.w, w.scale, out);
+  else
+    project<S>(x, rows, K, w.w, out);
+}
+
+// Output columns of a checked Matrix: float [K, N] -> N, compact [N, K] -> N.
+inline int64_t out_features(const Matrix& m) { return m.compact() ? m.w.size(0) : m.w.size(1); }
+
 // y[0:D] = x[0:D] * rsqrt(mean(x^2) + eps) * w[0:D], the mean of squares in float64 (y may be x).
 template <typename S>
 void rms_normalise_row(const S* x, int64_t D, const S* w, double eps, S* y) {
@@ -44,12 +113,13 @@ void rms_normalise_row(const S* x, int64_t D, const S* w, double eps, S* y) {
 }
 
 // out[rows, D] = (silu(x W_gate) * (x W_up)) W_down for x [rows, D], w_in [D, 2*h] (gate | up),
-// w_out [h, D] (both contiguous, dtype S): the dense FFN and each MoE expert. hid [rows, 2*h] and
+// w_out [h, D] (both contiguous, dtype S, or compact rows [2*h, D] and [D, h]): the dense FFN and each
+// MoE expert. hid [rows, 2*h] and
 // act [rows, h] are scratch.
 template <typename S>
-void swiglu_rows(const S* x, int64_t rows, int64_t D, const torch::Tensor& w_in, const torch::Tensor& w_out,
+void swiglu_rows(const S* x, int64_t rows, int64_t D, const Matrix& w_in, const Matrix& w_out,
                  std::vector<S>& hid, std::vector<S>& act, S* out) {
-  const int64_t h = w_out.size(0);
+  const int64_t h = out_features(w_in) / 2;
   hid.resize(rows * 2 * h);
   project<S>(x, rows, D, w_in, hid.data());
   act.resize(rows * h);

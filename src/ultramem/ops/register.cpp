@@ -22,11 +22,15 @@ TORCH_LIBRARY(ultramem, m) {
         &ultramem::ops::ultramem_decode_op);
   // The transformer block's no-grad ops (ops/block_decode.h).
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &ultramem::ops::rms_norm);
-  m.def("linear_nt(Tensor x, Tensor w) -> Tensor", &ultramem::ops::linear_nt);
-  m.def("swiglu_forward(Tensor x, Tensor w_in, Tensor w_out) -> Tensor", &ultramem::ops::swiglu_forward);
+  // (the float-tensor overloads; compact matrices are the C++ API's ops::Matrix)
+  using T = at::Tensor;
+  m.def("linear_nt(Tensor x, Tensor w) -> Tensor", static_cast<T (*)(const T&, const T&)>(&ultramem::ops::linear_nt));
+  m.def("swiglu_forward(Tensor x, Tensor w_in, Tensor w_out) -> Tensor",
+        static_cast<T (*)(const T&, const T&, const T&)>(&ultramem::ops::swiglu_forward));
   m.def("attention_decode(Tensor x, Tensor wqkv, Tensor wo, Tensor cos, Tensor sin, Tensor(a!) cache_k,"
         " Tensor(b!) cache_v, int pos) -> Tensor",
-        &ultramem::ops::attention_decode);
+        static_cast<T (*)(const T&, const T&, const T&, const T&, const T&, T&, T&, int64_t)>(
+            &ultramem::ops::attention_decode));
   m.def("pooled_lookup(Tensor values, Tensor index, Tensor scores, Tensor perm, int E,"
         " bool sparse_grad=False) -> Tensor",
         &ultramem::ops::pooled_lookup);

@@ -25,7 +25,7 @@ using detail::project;
 // Per-thread scratch buffers, reused across calls (no allocation once grown).
 template <typename S>
 struct Scratch {
-  std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, scores, pooled, dots, eye, wide, part;  // eye: filter weights
+  std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, scores, pooled, dots, eye;  // eye: filter weights
   std::vector<int32_t> irow, icol, rows;
   std::vector<int64_t> index;
 };
@@ -65,22 +65,10 @@ void check_arg(const at::Tensor& t, const char* what, std::initializer_list<int6
   TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
 }
 
-// Side `side` (0 row, 1 col) of a [2, rows, Dk] key table in any stored format, for the kernels.
-template <typename S>
-kernels::RowTable<S> key_rows(const at::Tensor& keys, const at::Tensor& scale, int64_t side) {
-  const int64_t rows = keys.size(1), Dk = keys.size(2), offset = side * rows * Dk;
-  kernels::RowTable<S> t;
-  if (keys.scalar_type() == at::kBFloat16) {
-    t.format = kernels::RowFormat::kBf16;
-    t.data = reinterpret_cast<const uint16_t*>(keys.data_ptr()) + offset;
-  } else if (keys.scalar_type() == at::kChar) {
-    t.format = kernels::RowFormat::kInt8;
-    t.data = keys.data_ptr<int8_t>() + offset;
-    t.scale = scale.data_ptr<float>() + side * rows;
-  } else {
-    t.data = keys.data_ptr<S>() + offset;
-  }
-  return t;
+// Side `side` (0 row, 1 col) of a [2, rows, Dk] key table in any stored format, and its row scales
+// (int8) or an undefined tensor.
+std::pair<at::Tensor, at::Tensor> key_side(const at::Tensor& keys, const at::Tensor& scale, int64_t side) {
+  return {keys[side], scale.defined() ? scale[side] : at::Tensor()};
 }
 
 template <typename S>
@@ -118,32 +106,10 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   const int64_t R = c.filter_vectors(), Hn = c.H * R * c.n, m1 = (c.m_first > 0 ? c.m_first : c.m);
   S* f_row = sized(sc.f_row, T * Hn);
   S* f_col = sized(sc.f_col, T * Hn);
-  if (T <= detail::kSmallRows) {  // few-row kernels below 16 tokens, as project()
-    kernels::matmul_rows_nt_q<S>(T, Dk, Hn, qr, key_rows<S>(kf, w.keys.kf_scale, 0), f_row);
-    kernels::matmul_rows_nt_q<S>(T, Dk, Hn, qc, key_rows<S>(kf, w.keys.kf_scale, 1), f_col);
-  } else if (kf.scalar_type() != st) {
-    // Compact keys, many tokens: blocks of key rows widened in cache, each scored by one BLAS product.
-    constexpr int64_t kBlock = 512;
-    S* wide = sized(sc.wide, kBlock * Dk);
-    S* part = sized(sc.part, T * kBlock);
-    const auto o = torch::TensorOptions().dtype(st);
-    for (int side = 0; side < 2; ++side) {
-      const auto tab = key_rows<S>(kf, w.keys.kf_scale, side);
-      const torch::Tensor qt = torch::from_blob(side == 0 ? qr : qc, {T, Dk}, o);
-      S* f = side == 0 ? f_row : f_col;
-      for (int64_t j0 = 0; j0 < Hn; j0 += kBlock) {
-        const int64_t nb = std::min(kBlock, Hn - j0);
-        kernels::widen_rows<S>(tab, Dk, j0, nb, wide);
-        torch::Tensor dst = torch::from_blob(part, {T, nb}, o);
-        at::mm_out(dst, qt, torch::from_blob(wide, {nb, Dk}, o).t());
-        for (int64_t t = 0; t < T; ++t) std::copy(part + t * nb, part + (t + 1) * nb, f + t * Hn + j0);
-      }
-    }
-  } else {
-    const auto o = torch::TensorOptions().dtype(st);
-    torch::Tensor d_row = torch::from_blob(f_row, {T, Hn}, o), d_col = torch::from_blob(f_col, {T, Hn}, o);
-    at::mm_out(d_row, torch::from_blob(qr, {T, Dk}, o), kf[0].t());
-    at::mm_out(d_col, torch::from_blob(qc, {T, Dk}, o), kf[1].t());
+  // [T, Dk] @ kf[side]^T (float or compact key rows): the few-row kernel or BLAS, as project().
+  for (int side = 0; side < 2; ++side) {
+    const auto [rows, scale] = key_side(kf, w.keys.kf_scale, side);
+    detail::project_nt<S>(side == 0 ? qr : qc, T, Dk, rows, scale, side == 0 ? f_row : f_col);
   }
   kernels::TdqkrShape ts;
   ts.T = T;
@@ -168,7 +134,9 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   kernels::tdqkr_filter<S>(fs, f_row, f_col, eye, eye, irow, icol);
   // Stage 2: exact S_side[t, h, a, i] at the kept rows only (the rescoring reads nothing else), then
   // the exact rescoring with every core.
-  const auto kn_row = key_rows<S>(kn, w.keys.kn_scale, 0), kn_col = key_rows<S>(kn, w.keys.kn_scale, 1);
+  const auto [kn_r, kn_rs] = key_side(kn, w.keys.kn_scale, 0);
+  const auto [kn_c, kn_cs] = key_side(kn, w.keys.kn_scale, 1);
+  const auto kn_row = detail::row_table<S>(kn_r, kn_rs), kn_col = detail::row_table<S>(kn_c, kn_cs);
   S* dots = sized(sc.dots, m1);
   int32_t* rows = sized(sc.rows, m1);
   auto exact = [&](const S* qs, const kernels::RowTable<S>& table, const int32_t* kept, S* S_side) {

@@ -159,6 +159,7 @@ class DecodeBench {
   std::map<std::tuple<int64_t, int64_t, std::string>, double> pool_eff_;  // (N, batch, dtype) -> efficiency
   std::vector<std::string> formats_;                                      // value formats to run, in order
   std::vector<std::string> key_formats_;                                  // key formats of the fused cases
+  std::vector<std::string> weight_formats_;                               // dense-matrix formats of the models
 };
 
 void DecodeBench::finalize_args() {
@@ -172,6 +173,9 @@ void DecodeBench::finalize_args() {
   for (const auto& k : a_.keys) check_format(k);
   for (const char* f : {"fp32", "bf16", "int8"})
     if (std::find(a_.keys.begin(), a_.keys.end(), f) != a_.keys.end()) key_formats_.push_back(f);
+  for (const auto& w : a_.weights) check_format(w);
+  for (const char* f : {"fp32", "bf16", "int8"})
+    if (std::find(a_.weights.begin(), a_.weights.end(), f) != a_.weights.end()) weight_formats_.push_back(f);
   if (a_.layers_only && a_.models_only)
     throw std::invalid_argument("bench decode: --layers-only and --models-only exclude each other");
   if (a_.repeats < 1) throw std::invalid_argument("bench decode: --repeats must be >= 1");
@@ -256,6 +260,7 @@ void DecodeBench::context_line() {
   j["model_log2_sizes"] = a_.model_log2_sizes;
   j["values"] = formats_;
   j["keys"] = key_formats_;
+  j["weights"] = weight_formats_;
   j["kinds"] = a_.kinds;
   j["repeats"] = a_.repeats;
   emit_(j);
@@ -643,7 +648,8 @@ void DecodeBench::model_bench(int64_t log2_n) {
     emit_(j);
   }
   auto run_model = [&](const std::string& kind, const std::string& dt, nn::Transformer& model,
-                       const nn::ModelConfig& mc, double row_bytes, double key_bytes = 4.0) {
+                       const nn::ModelConfig& mc, double row_bytes, double key_bytes = 4.0,
+                       double weight_bytes = 4.0) {
     model->eval();
     for (int64_t B : a_.model_batches) {
       const double cache_gib = double(mc.n_layers) * 2 * B * (a_.context + 2) * mc.d_model * 4 / kGiB;
@@ -659,8 +665,17 @@ void DecodeBench::model_bench(int64_t log2_n) {
             model->forward_cached(tokens.narrow(0, (i * B) % (tokens.size(0) - B + 1), B), cache);
           },
           a_.repeats, a_.case_seconds, a_.min_case_seconds);
-      record("model", kind, dt, B, N, Dv, t, perf::model_traffic(mc, B, a_.context, row_bytes, key_bytes),
+      record("model", kind, dt, B, N, Dv, t, perf::model_traffic(mc, B, a_.context, row_bytes, key_bytes, weight_bytes),
              json::object(), double(B) * nn::model_info(mc).flops_per_token);
+    }
+  };
+  // The same model with its dense matrices compact (last: set_weight_format rounds the weights).
+  auto run_compact_weights = [&](const std::string& kind, const std::string& dt, nn::Transformer& model,
+                                 const nn::ModelConfig& mc, double row_bytes) {
+    for (const auto& wf : weight_formats_) {
+      if (wf == "fp32") continue;
+      model->set_weight_format(nn::parse_value_format(wf));
+      run_model(kind + "_weights_" + wf, dt, model, mc, row_bytes, 4.0, wf == "bf16" ? 2.0 : 1.0 + 4.0 / double(mc.d_model));
     }
   };
   const double backbone_gib = double(sizes.dense_cost.params) * 4 / kGiB;
@@ -693,6 +708,9 @@ void DecodeBench::model_bench(int64_t log2_n) {
         if (auto u = std::dynamic_pointer_cast<nn::UltraMemImpl>(m)) u->set_key_format(nn::parse_value_format(kf));
       run_model(ultramem_kind(kf), dt, model, sizes.ultramem, row, key_elem_bytes(kf, um.Dk));
     }
+    for (const auto& m : model->modules(/*include_self=*/false))
+      if (auto u = std::dynamic_pointer_cast<nn::UltraMemImpl>(m)) u->set_key_format(nn::ValueFormat::kFloat32);
+    run_compact_weights("ultramem", dt, model, sizes.ultramem, row);
   }
   const double pkm_gib = backbone_gib + double(N) * Dv * 4 / kGiB + double(N) * 8 / kGiB + 0.3;
   if (want("pkm") && fits(pkm_gib, {{"case", "model"}, {"kind", "pkm"}, {"N", N}})) {
@@ -703,10 +721,12 @@ void DecodeBench::model_bench(int64_t log2_n) {
       fits(double(sizes.moe_cost.params) * 4 / kGiB + 0.3, {{"case", "model"}, {"kind", "moe"}, {"N", N}})) {
     nn::Transformer model(sizes.moe);
     run_model("moe", "fp32", model, sizes.moe, 0);
+    run_compact_weights("moe", "fp32", model, sizes.moe, 0);
   }
   if (want("dense")) {
     nn::Transformer model(sizes.dense);
     run_model("dense", "fp32", model, sizes.dense, 0);
+    run_compact_weights("dense", "fp32", model, sizes.dense, 0);
   }
 }
 
@@ -857,6 +877,13 @@ void DecodeBench::ratios_and_targets() {
       if (const DecodeRecord* d = find("model", "dense", "fp32", r.batch, r.N)) t8.push_back(r.median_s / d->median_s);
   }
   target("whole model (ultramem, dense, moe), fp32, batch 1: latency within 1.3x of its roofline", t6, false, 1.3);
+  std::vector<double> t6q;
+  for (const auto& r : records_)
+    if (r.scope == "model" && r.dtype == "fp32" && r.bound_s > 0 && r.batch == 1 &&
+        (r.kind == "ultramem_weights_int8" || r.kind == "dense_weights_int8" || r.kind == "moe_weights_int8"))
+      t6q.push_back(r.median_s / r.bound_s);
+  target("whole model (ultramem, dense, moe), int8 weights, batch 1: latency within 1.3x of its roofline", t6q, false,
+         1.3);
   target("whole ultramem model, fp32, batch 1..64: latency within 1.3x of its roofline", t7, false, 1.3);
   target("whole ultramem model within 1.15x of the dense model of equal activated FLOPs, fp32, batch 1..64", t8, false,
          1.15);

@@ -35,6 +35,9 @@ struct DecodeBenchOptions {
   // Key formats of the fused UltraMem cases (UltraMemImpl::set_key_format); compact ones are timed as
   // kind "ultramem_keys_<format>".
   std::vector<std::string> keys = {"fp32", "int8"};
+  // Storage of the models' dense matrices (TransformerImpl::set_weight_format); compact ones are timed
+  // as kind "<kind>_weights_<format>" (UltraMem with fp32 keys), in the model sweep only.
+  std::vector<std::string> weights = {"fp32", "int8"};
   std::vector<std::string> kinds = {"pooled_lookup", "ultramem", "ultramem_plain", "moe", "dense", "pkm"};
   bool layers_only = false, models_only = false, quick = false;
   int repeats = 15;

@@ -224,13 +224,13 @@ Traffic dense_traffic(int64_t D, int64_t hidden, int64_t B, double elem_bytes) {
 }
 
 Traffic model_traffic(const nn::ModelConfig& c, int64_t B, int64_t context, double value_row_bytes,
-                      double key_elem_bytes) {
+                      double key_elem_bytes, double weight_elem_bytes) {
   Traffic t;
   const double D = double(c.d_model), L = double(c.n_layers), V = double(c.vocab_size);
-  double elems = V * D;                           // the head reads the whole (tied or own) table
-  if (!c.tie_embeddings) elems += double(B) * D;  // plus the B embedding rows
-  elems += L * 4 * D * D;                         // attention projections
-  elems += (2 * L + 1) * D;                       // norms
+  double elems = V * D;                                // the head reads the whole (tied or own) table
+  double float_elems = c.tie_embeddings ? 0.0 : double(B) * D;  // the B embedding rows (untied: float)
+  elems += L * 4 * D * D;                              // attention projections
+  float_elems += (2 * L + 1) * D;                      // norms
   for (int64_t b = 0; b < c.n_layers; ++b) {
     const auto kind = c.ffn_kind(b);
     if (kind == nn::FfnKind::Dense) elems += 3 * D * double(c.ffn_hidden);
@@ -239,7 +239,8 @@ Traffic model_traffic(const nn::ModelConfig& c, int64_t B, int64_t context, doub
       elems += m.dense_bytes / 4.0;
     }
   }
-  t.dense_bytes = elems * 4.0 + L * double(B) * 2.0 * double(context + 1) * D * 4.0;  // + KV cache
+  t.dense_bytes = elems * weight_elem_bytes + float_elems * 4.0 +
+                  L * double(B) * 2.0 * double(context + 1) * D * 4.0;  // + KV cache
   for (size_t k = 0; k < c.memory_placement.size(); ++k) {
     const Traffic m = c.memory_kind == nn::MemoryKind::UltraMem
                           ? ultramem_traffic(c.ultramem_layer_config(int64_t(k)), B, value_row_bytes, 4.0, key_elem_bytes)

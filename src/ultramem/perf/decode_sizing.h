@@ -86,8 +86,10 @@ Traffic moe_traffic(int64_t D, int64_t K, int64_t k, int64_t hidden, int64_t B, 
 Traffic dense_traffic(int64_t D, int64_t hidden, int64_t B, double elem_bytes = 4);
 // A whole model's decode step at `context` cached positions: every non-memory, non-expert parameter,
 // the touched experts, the memory layers' dense parts and rows, and the KV cache (fp32).
+// weight_elem_bytes: bytes per element of the matrices set_weight_format compacts (LM head, attention,
+// dense FFN, experts): 4, 2 (bf16) or about 1 (int8 with a row scale).
 Traffic model_traffic(const nn::ModelConfig& c, int64_t B, int64_t context, double value_row_bytes,
-                      double key_elem_bytes = 4);
+                      double key_elem_bytes = 4, double weight_elem_bytes = 4);
 
 nlohmann::json cost_to_json(const Cost& c);
 nlohmann::json layer_sizes_to_json(const LayerSizes& s);
