@@ -9,6 +9,11 @@ um="$1"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
+# json_has WHAT JSON KEY...: every KEY (a fixed string) occurs in JSON.
+json_has() {
+  local what="$1" json="$2"; shift 2
+  for key in "$@"; do grep -qF -- "$key" <<<"$json" || fail "$what JSON lacks $key: $json"; done
+}
 expect_error() {
   local needle="$1"; shift
   if out=$("$@" 2>&1); then fail "expected an error from: $*"; fi
@@ -61,9 +66,7 @@ b=$("$um" --threads 1 generate "$work/run/checkpoint.int8.safetensors" --prompt 
 # and the loss change reported.
 out=$("$um" --threads 1 quantize "$ck" --keys int8 --max-batches 2 2>/dev/null)
 json=$(tail -n 1 <<<"$out")
-for key in '"keys":"int8"' '"key_agreement"' '"val_loss_delta"' '"values":"fp32"'; do
-  grep -qF "$key" <<<"$json" || fail "quantize --keys JSON lacks $key: $json"
-done
+json_has "quantize --keys" "$json" '"keys":"int8"' '"key_agreement"' '"val_loss_delta"' '"values":"fp32"'
 kq="$work/run/checkpoint.keys-int8.safetensors"
 [ -f "$kq" ] || fail "quantize --keys wrote no $kq"
 ev=$("$um" --threads 1 eval "$kq" --batch-size 2 --max-batches 2)
@@ -78,9 +81,7 @@ grep -q '"key_format": "fp32"' <<<"$ev" || fail "eval --keys fp32 did not overri
 # quantize's loss after; generate decodes with them, and --weights fp32 reads the rounded weights as floats.
 out=$("$um" --threads 1 quantize "$ck" --weights int8 --max-batches 2 2>/dev/null)
 json=$(tail -n 1 <<<"$out")
-for key in '"weights":"int8"' '"weights_before":"fp32"' '"compact_weight_mib"' '"val_loss_delta"'; do
-  grep -qF "$key" <<<"$json" || fail "quantize --weights JSON lacks $key: $json"
-done
+json_has "quantize --weights" "$json" '"weights":"int8"' '"weights_before":"fp32"' '"compact_weight_mib"' '"val_loss_delta"'
 wq="$work/run/checkpoint.weights-int8.safetensors"
 [ -f "$wq" ] || fail "quantize --weights wrote no $wq"
 after=$(grep -o '"val_loss_after":[^,}]*' <<<"$json" | cut -d: -f2)

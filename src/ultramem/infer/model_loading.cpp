@@ -71,28 +71,22 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
   }
   checkpoint::load_model_state(ckpt, *model, nn::model_config_to_json(model->config()));
   model->eval();
-  nn::ValueFormat keys = nn::ValueFormat::kFloat32;
-  if (const auto rec = ckpt.metadata.find(kKeyFormatKey); rec != ckpt.metadata.end()) {
+  // A format: the option, else the one recorded in the metadata under `key`, else fp32.
+  auto format_of = [&](const char* key, const std::optional<nn::ValueFormat>& option) {
+    if (option) return *option;
+    const auto rec = ckpt.metadata.find(key);
+    if (rec == ckpt.metadata.end()) return nn::ValueFormat::kFloat32;
     try {
-      keys = nn::parse_value_format(rec->second);
+      return nn::parse_value_format(rec->second);
     } catch (const std::invalid_argument& e) {
-      fail(path, std::string("metadata key_format: ") + e.what());
+      fail(path, std::string("metadata ") + key + ": " + e.what());
     }
-  }
-  if (options.key_format) keys = *options.key_format;
-  set_key_format(*model, keys);
-  out.key_format = keys;
-  nn::ValueFormat weights = nn::ValueFormat::kFloat32;
-  if (const auto rec = ckpt.metadata.find(kWeightFormatKey); rec != ckpt.metadata.end()) {
-    try {
-      weights = nn::parse_value_format(rec->second);
-    } catch (const std::invalid_argument& e) {
-      fail(path, std::string("metadata weight_format: ") + e.what());
-    }
-  }
-  if (options.weight_format) weights = *options.weight_format;
-  model->set_weight_format(weights);
-  out.weight_format = weights;
+    return nn::ValueFormat::kFloat32;  // not reached: fail throws
+  };
+  out.key_format = format_of(kKeyFormatKey, options.key_format);
+  set_key_format(*model, out.key_format);
+  out.weight_format = format_of(kWeightFormatKey, options.weight_format);
+  model->set_weight_format(out.weight_format);
   if (!options.filter.empty()) {
     const auto f = nn::parse_retrieval_filter(options.filter);
     for (auto& [name, layer] : ultramem_layers(*model)) {
