@@ -572,6 +572,40 @@ TEST(WeightFormats, ModelDecodesWithCompactCopiesAndDropsStaleOnes) {
     }
 }
 
+// Batched generation: a sequence decoded alone through generate_batch takes the path generate takes
+// (same tokens); duplicates in one batch decode alike, greedy or sampled (each sequence draws from its
+// own generator); prompts of different lengths are fed their own tokens until they end.
+TEST(Generate, BatchedPromptsDecodeLikeAloneAndAlike) {
+  ultramem::nn::Transformer model(tiny_model());
+  const std::vector<int64_t> p1 = {1, 2, 3, 4, 5}, p2 = {7, 9};
+  for (double temperature : {0.0, 1.0}) {
+    SCOPED_TRACE(temperature);
+    ultramem::infer::SamplingOptions o;
+    o.temperature = temperature;
+    o.seed = 5;
+    o.max_tokens = 6;
+    const auto alone = ultramem::infer::generate(model, p1, o, /*eos_id=*/-1);
+    const auto one = ultramem::infer::generate_batch(model, {p1}, o, -1);
+    EXPECT_EQ(one.tokens[0], alone);
+    const auto r = ultramem::infer::generate_batch(model, {p1, p2, p1}, o, -1);
+    ASSERT_EQ(r.tokens.size(), 3u);
+    EXPECT_EQ(r.tokens[0], r.tokens[2]);
+    for (int b = 0; b < 3; ++b) {
+      EXPECT_EQ(r.tokens[b].size(), 6u) << b;
+      EXPECT_EQ(r.stop_reasons[b], "max_tokens") << b;
+    }
+    // p2 (2 tokens) sets the prefill; p1 is fed its last three prompt tokens in the steps after it.
+    EXPECT_EQ(r.steps, 5 - 2 + 6 - 1);
+  }
+  ultramem::infer::SamplingOptions zero;
+  zero.max_tokens = 0;
+  const auto none = ultramem::infer::generate_batch(model, {p1, p2}, zero, -1);
+  EXPECT_TRUE(none.tokens[0].empty() && none.tokens[1].empty());
+  EXPECT_EQ(none.stop_reasons[1], "max_tokens");
+  EXPECT_THROW(ultramem::infer::generate_batch(model, {}, zero, -1), std::invalid_argument);
+  EXPECT_THROW(ultramem::infer::generate_batch(model, {p1, {}}, zero, -1), std::invalid_argument);
+}
+
 TEST(Checkpoints, QuantisedRoundTripKeepsFormatTablesAndLogits) {
   TempDir dir;
   const auto tokens = some_tokens();

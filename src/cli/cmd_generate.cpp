@@ -1,4 +1,4 @@
-// `ultramem generate CHECKPOINT --prompt TEXT`: flags -> infer::generate_from_checkpoint
+// `ultramem generate CHECKPOINT --prompt TEXT | --prompts-file FILE`: flags -> infer::generate_from_checkpoint
 // (infer/text_generation.h).
 #include <CLI/CLI.hpp>
 
@@ -16,7 +16,13 @@ void add_generate_command(CLI::App& app) {
                                              "streaming the text as it is produced; speed (tokens/s, first "
                                              "and later decode steps) is printed to stderr");
   cmd->add_option("checkpoint", a->checkpoint, "Checkpoint file (.safetensors)")->required()->check(CLI::ExistingFile);
-  cmd->add_option("--prompt", a->prompt, "Text to continue")->required();
+  auto* prompt = cmd->add_option("--prompt", a->prompt, "Text to continue");
+  auto* file = cmd->add_option("--prompts-file", a->prompts_file,
+                               "Several prompts, one per line ('-': standard input), decoded together in batches; "
+                               "prints one JSON line per prompt (index, prompt, completion, tokens, stop_reason)");
+  prompt->excludes(file);
+  file->excludes(prompt);
+  cmd->add_option("--batch", a->batch, "With --prompts-file: prompts decoded together per batch")->capture_default_str();
   cmd->add_option("--data", a->data_dir, "Prepared data folder holding the tokenizer (default: the run folder's tokenizer)");
   cmd->add_option("--max-tokens", a->sampling.max_tokens, "Tokens to generate at most")->capture_default_str();
   cmd->add_option("--temperature", a->sampling.temperature, "Sampling temperature (0 = greedy)")->capture_default_str();
@@ -34,7 +40,10 @@ void add_generate_command(CLI::App& app) {
   cmd->add_flag("--mmap", a->mmap,
                 "Serve the memory value tables from a read-only mapping of the checkpoint file instead of "
                 "loading them (tables larger than RAM; checksum not verified)");
-  cmd->callback([a] { infer::generate_from_checkpoint(*a, std::cout, std::cerr); });
+  cmd->callback([a, prompt, file] {
+    if (prompt->count() == 0 && file->count() == 0) throw CLI::RequiredError("--prompt or --prompts-file");
+    infer::generate_from_checkpoint(*a, std::cout, std::cerr);
+  });
 }
 
 }  // namespace ultramem::cli

@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <stdexcept>
 #include <string>
@@ -77,6 +78,78 @@ std::vector<int64_t> generate(nn::Transformer& model, std::vector<int64_t> promp
   }
   if (timing) timing->stop_reason = stop;
   return out;
+}
+
+BatchResult generate_batch(nn::Transformer& model, std::vector<std::vector<int64_t>> prompts, const SamplingOptions& o,
+                           int64_t eos_id) {
+  o.validate();
+  const int64_t B = static_cast<int64_t>(prompts.size());
+  if (B == 0) throw std::invalid_argument("generate_batch: no prompts");
+  torch::InferenceMode guard;
+  model->eval();
+  const int64_t ctx = model->config().max_seq_len;
+  int64_t common = ctx;
+  for (int64_t b = 0; b < B; ++b) {
+    auto& p = prompts[b];
+    if (p.empty()) throw std::invalid_argument("generate_batch: prompt " + std::to_string(b) + " holds no token");
+    if (static_cast<int64_t>(p.size()) > ctx) p.erase(p.begin(), p.end() - ctx);
+    common = std::min<int64_t>(common, static_cast<int64_t>(p.size()));
+  }
+  BatchResult r;
+  r.tokens.resize(B);
+  r.stop_reasons.assign(B, "");
+  std::vector<torch::Generator> gens;
+  for (int64_t b = 0; b < B; ++b) gens.push_back(at::detail::createCPUGenerator(o.seed));
+  std::vector<int64_t> next(B);  // the token each sequence is fed next (a stopped one: its last, ignored)
+  for (int64_t b = 0; b < B; ++b) next[b] = prompts[b].back();
+  int64_t active = B;
+  // After n tokens of every sequence are in the cache, sequence b's logits at n - 1 predict its token
+  // n: a prompt token (forced) or a sampled one (emitted, or the end of the sequence).
+  auto advance = [&](const torch::Tensor& logits, int64_t n) {  // logits [B, V] at position n - 1
+    for (int64_t b = 0; b < B; ++b) {
+      if (!r.stop_reasons[b].empty()) continue;
+      const auto& p = prompts[b];
+      if (n < static_cast<int64_t>(p.size())) {
+        next[b] = p[n];
+        continue;
+      }
+      auto& out = r.tokens[b];
+      if (static_cast<int64_t>(out.size()) >= o.max_tokens) {
+        r.stop_reasons[b] = "max_tokens";
+      } else {
+        const int64_t id = sample_token(logits[b], o, gens[b]);
+        if (id == eos_id) {
+          r.stop_reasons[b] = "eos";
+        } else {
+          out.push_back(id);
+          next[b] = id;
+          if (static_cast<int64_t>(out.size()) >= o.max_tokens) r.stop_reasons[b] = "max_tokens";
+        }
+      }
+      if (!r.stop_reasons[b].empty()) --active;
+    }
+  };
+  using Clock = std::chrono::steady_clock;
+  auto t0 = Clock::now();
+  auto cache = model->make_cache(B, ctx);
+  std::vector<int64_t> first(B * common);
+  for (int64_t b = 0; b < B; ++b) std::copy(prompts[b].begin(), prompts[b].begin() + common, first.begin() + b * common);
+  auto logits = model->forward_cached(torch::tensor(first, torch::kLong).view({B, common}), cache);
+  advance(logits.select(1, common - 1), common);
+  r.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  t0 = Clock::now();
+  while (active > 0) {
+    if (cache.length >= ctx) {
+      for (auto& s : r.stop_reasons)
+        if (s.empty()) s = "context_full";
+      break;
+    }
+    logits = model->forward_cached(torch::tensor(next, torch::kLong).view({B, 1}), cache);
+    ++r.steps;
+    advance(logits.select(1, 0), cache.length);
+  }
+  r.decode_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return r;
 }
 
 }  // namespace ultramem::infer

@@ -40,4 +40,20 @@ std::vector<int64_t> generate(nn::Transformer& model, std::vector<int64_t> promp
                               int64_t eos_id, const std::function<void(int64_t)>& on_token = {},
                               GenerateTiming* timing = nullptr);
 
+// Several prompts continued together, one batch through the decode path per step. All sequences share
+// the cache's length: the first min(prompt lengths) tokens are one prefill, after which every step
+// feeds each sequence its next prompt token while it has one and its sampled token after. Each
+// sequence samples with its own generator seeded with o.seed (the draws it would make alone) and stops
+// on its own (eos, max_tokens, context_full); a stopped sequence is fed its last token (its outputs
+// ignored) until all have stopped.
+// Returns the new ids per prompt; stop_reasons (when given) receives each sequence's reason.
+struct BatchResult {
+  std::vector<std::vector<int64_t>> tokens;  // [B] new ids per prompt
+  std::vector<std::string> stop_reasons;     // [B] "eos", "max_tokens" or "context_full"
+  int64_t steps = 0;                         // batched decode steps after the prefill
+  double prefill_seconds = 0, decode_seconds = 0;
+};
+BatchResult generate_batch(nn::Transformer& model, std::vector<std::vector<int64_t>> prompts, const SamplingOptions& o,
+                           int64_t eos_id);
+
 }  // namespace ultramem::infer

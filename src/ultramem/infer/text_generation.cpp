@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <fstream>
 #include <iostream>
+#include <stdexcept>
 #include <numeric>
 #include <vector>
 
@@ -19,6 +21,76 @@ double median(std::vector<double> v) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
+}
+
+// Documents are separated by EOS in the training data, so EOS first marks a document start.
+std::vector<int64_t> encode_prompt(const data::Tokenizer& tok, const std::string& text) {
+  std::vector<int64_t> ids = {tok.eos_id()};
+  for (int32_t id : tok.encode(text)) ids.push_back(id);
+  return ids;
+}
+
+// The prompts of a file (or stdin), one per line, empty lines skipped.
+std::vector<std::string> read_prompts(const std::string& path) {
+  std::ifstream file;
+  if (path != "-") {
+    file.open(path);
+    if (!file) throw std::runtime_error(path + ": cannot open the prompts file");
+  }
+  std::istream& in = path == "-" ? std::cin : file;
+  std::vector<std::string> out;
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (!line.empty()) out.push_back(line);
+  }
+  if (out.empty()) throw std::invalid_argument((path == "-" ? std::string("standard input") : path) + ": no prompts");
+  return out;
+}
+
+nlohmann::json generate_lines(const GenerateOptions& a, nn::Transformer& model, const data::Tokenizer& tok,
+                              const LoadedModel& loaded, std::ostream& text_out, std::ostream& log) {
+  if (a.batch < 1) throw std::invalid_argument("--batch must be >= 1, got " + std::to_string(a.batch));
+  const auto prompts = read_prompts(a.prompts_file);
+  int64_t tokens = 0, steps = 0;
+  double prefill_s = 0, decode_s = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (size_t i0 = 0; i0 < prompts.size(); i0 += size_t(a.batch)) {
+    const size_t i1 = std::min(prompts.size(), i0 + size_t(a.batch));
+    std::vector<std::vector<int64_t>> ids;
+    for (size_t i = i0; i < i1; ++i) ids.push_back(encode_prompt(tok, prompts[i]));
+    const auto r = generate_batch(model, ids, a.sampling, tok.eos_id());
+    for (size_t i = i0; i < i1; ++i) {
+      const auto& out = r.tokens[i - i0];
+      const std::vector<int32_t> ids32(out.begin(), out.end());
+      text_out << nlohmann::json{{"index", i},
+                                 {"prompt", prompts[i]},
+                                 {"completion", tok.decode(ids32)},
+                                 {"tokens", out.size()},
+                                 {"stop_reason", r.stop_reasons[i - i0]}}
+                      .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+               << std::endl;
+      tokens += int64_t(out.size());
+    }
+    steps += r.steps;
+    prefill_s += r.prefill_seconds;
+    decode_s += r.decode_seconds;
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const nlohmann::json stats = {{"prompts", prompts.size()},
+                                {"batch", a.batch},
+                                {"tokens", tokens},
+                                {"seconds", seconds},
+                                {"tokens_per_second", seconds > 0 ? double(tokens) / seconds : 0.0},
+                                {"decode_steps", steps},
+                                {"prefill_ms", 1e3 * prefill_s},
+                                {"decode_ms", 1e3 * decode_s},
+                                {"value_format", nn::to_string(loaded.value_format)},
+                                {"key_format", nn::to_string(loaded.key_format)},
+                                {"weight_format", nn::to_string(loaded.weight_format)}};
+  log << "generate: " << tokens << " tokens for " << prompts.size() << " prompts in " << seconds << " s ("
+      << stats["tokens_per_second"].get<double>() << " tokens/s, batches of up to " << a.batch << ")\n"
+      << stats.dump() << std::endl;
+  return stats;
 }
 
 }  // namespace
@@ -44,9 +116,8 @@ nlohmann::json generate_from_checkpoint(const GenerateOptions& a, std::ostream& 
   if (tok.vocab_size() != model->config().vocab_size)
     throw std::invalid_argument("the tokenizer's vocabulary (" + std::to_string(tok.vocab_size()) +
                                 ") differs from the checkpoint's vocab_size");
-  // Documents are separated by EOS in the training data, so EOS first marks a document start.
-  std::vector<int64_t> prompt = {tok.eos_id()};
-  for (int32_t id : tok.encode(a.prompt)) prompt.push_back(id);
+  if (!a.prompts_file.empty()) return generate_lines(a, model, tok, loaded, text_out, log);
+  const std::vector<int64_t> prompt = encode_prompt(tok, a.prompt);
 
   std::vector<int32_t> produced;
   std::string shown;

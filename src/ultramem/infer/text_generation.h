@@ -14,6 +14,10 @@ struct GenerateOptions {
   std::string checkpoint;  // checkpoint file
   std::string data_dir;    // prepared data holding the tokenizer ("" : the run folder's tokenizer, else the run's data)
   std::string prompt;      // text to continue
+  // Several prompts instead, one per line of this file ("-": standard input; empty lines skipped),
+  // decoded together in batches of `batch` (generate_batch); one JSON line per prompt on text_out.
+  std::string prompts_file;
+  int64_t batch = 16;
   SamplingOptions sampling;
   bool mmap = false;       // value tables from a read-only mapping of the file
   std::string keys;  // key storage of the memory layers' fused path: fp32, bf16 or int8; "": the checkpoint's
@@ -22,7 +26,8 @@ struct GenerateOptions {
 
 // Streams the prompt and its continuation to `text_out` as it is produced; notes and the speed line
 // (with the JSON statistics, including stop_reason: eos, max_tokens or context_full) go to `log`.
-// Returns the statistics.
+// Returns the statistics. With prompts_file: for each prompt, in order, a JSON line {"index", "prompt",
+// "completion", "tokens", "stop_reason"} on text_out, and the batch statistics on `log`.
 nlohmann::json generate_from_checkpoint(const GenerateOptions& options, std::ostream& text_out, std::ostream& log);
 
 }  // namespace ultramem::infer
