@@ -34,10 +34,12 @@ class CompactWeight {
     param.copy_(transpose ? widened.transpose(-2, -1) : widened);
     version_ = param._version();
   }
-  // The matrix the decode ops take: the compact rows while `param` is unchanged since set(), else the
-  // parameter itself.
+  // The matrix the decode ops take: the compact rows while `param` is unchanged since set() (same
+  // version, still float32), else the parameter itself.
   ops::Matrix get(const torch::Tensor& param) const {
-    if (format_ == ValueFormat::kFloat32 || !m_.w.defined() || param._version() != version_) return ops::Matrix(param);
+    if (format_ == ValueFormat::kFloat32 || !m_.w.defined() || param._version() != version_ ||
+        param.scalar_type() != torch::kFloat32)
+      return ops::Matrix(param);
     return m_;
   }
   ValueFormat format() const { return format_; }

@@ -114,8 +114,7 @@ void rms_normalise_row(const S* x, int64_t D, const S* w, double eps, S* y) {
 
 // out[rows, D] = (silu(x W_gate) * (x W_up)) W_down for x [rows, D], w_in [D, 2*h] (gate | up),
 // w_out [h, D] (both contiguous, dtype S, or compact rows [2*h, D] and [D, h]): the dense FFN and each
-// MoE expert. hid [rows, 2*h] and
-// act [rows, h] are scratch.
+// MoE expert. hid [rows, 2*h] and act [rows, h] are scratch.
 template <typename S>
 void swiglu_rows(const S* x, int64_t rows, int64_t D, const Matrix& w_in, const Matrix& w_out,
                  std::vector<S>& hid, std::vector<S>& act, S* out) {
