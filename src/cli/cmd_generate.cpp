@@ -13,8 +13,9 @@ namespace ultramem::cli {
 void add_generate_command(CLI::App& app) {
   auto a = std::make_shared<infer::GenerateOptions>();
   auto* cmd = app.add_subcommand("generate", "Continue a prompt with a trained model (KV-cache decoding), "
-                                             "streaming the text as it is produced; speed (tokens/s, first "
-                                             "and later decode steps) is printed to stderr");
+                                             "streaming the text as it is produced, or several prompts "
+                                             "(--prompts-file) decoded together in batches; speed (tokens/s, "
+                                             "first and later decode steps) is printed to stderr");
   cmd->add_option("checkpoint", a->checkpoint, "Checkpoint file (.safetensors)")->required()->check(CLI::ExistingFile);
   auto* prompt = cmd->add_option("--prompt", a->prompt, "Text to continue");
   auto* file = cmd->add_option("--prompts-file", a->prompts_file,

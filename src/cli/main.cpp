@@ -1,7 +1,9 @@
 // The `ultramem` command line tool: one subcommand per job (see `ultramem --help`).
 #include <CLI/CLI.hpp>
 #include <torch/version.h>
+#include <unistd.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <stdexcept>
@@ -34,6 +36,15 @@ std::string first_command_word(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // OpenMP's threads (libgomp: the kernels and libtorch's parallel loops) spin after each parallel
+  // region by default, while OpenBLAS runs its own threads: on a machine with few cores they take each
+  // other's time (a batch-64 decode step took 2.4x longer with 2 threads than with one; with passive
+  // waiting it is 1.7x faster; docs/performance.md, D.14). libgomp reads OMP_WAIT_POLICY when it is
+  // loaded, so the process restarts itself once with it set to passive unless the user set it.
+  if (std::getenv("OMP_WAIT_POLICY") == nullptr) {
+    ::setenv("OMP_WAIT_POLICY", "passive", 1);
+    ::execv("/proc/self/exe", argv);  // returns only on failure: go on with the default policy
+  }
   CLI::App app{
       "ultramem: UltraMem ultra-sparse memory layers for transformers (CPU, libtorch).\n"
       "Typical flow: prepare -> info -> train -> eval / generate."};
