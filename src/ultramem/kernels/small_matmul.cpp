@@ -202,7 +202,8 @@ inline void tile_pass_avx2(int64_t K, int64_t N, int64_t k0, int64_t k1, const f
   const float* wr = w + k0 * N;
   for (int64_t k = k0; k < k1; ++k, wr += N) {
     if constexpr (kPrefetch) {
-      const auto next = reinterpret_cast<uintptr_t>(wr + kTileCols);  // may lie past w: prefetches do not fault
+      // The address may lie past w (integer arithmetic, no pointer past the end): prefetches do not fault.
+      const auto next = reinterpret_cast<uintptr_t>(wr) + kTileCols * sizeof(float);
       _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(next + 64), _MM_HINT_T0);
     }
