@@ -56,6 +56,12 @@ c0=$(sed -n 1p <<<"$lines" | grep -o '"completion":"[^"]*"'); c2=$(sed -n 3p <<<
 [ "$c0" = "$c2" ] || fail "--prompts-file: the same prompt decoded differently: $c0 vs $c2"
 "$um" --threads 1 generate "$work/run/checkpoint.safetensors" --prompts-file - --max-tokens 2 <<<"The" 2>/dev/null \
   | grep -q '"index":0' || fail "--prompts-file - (stdin)"
+# The skip-window prefetch (memory placed 1:2) leaves the greedy text as it is and is reported.
+pf=$("$um" --threads 1 generate "$work/run/checkpoint.safetensors" --prompts-file "$work/prompts.txt" --batch 2 \
+  --max-tokens 6 --temperature 0 --value-prefetch 65536 2>"$work/pf.err")
+[ "$pf" = "$lines" ] || fail "--value-prefetch changed the text: $pf vs $lines"
+grep -q '"value_prefetch_bytes":65536' "$work/pf.err" || fail "--value-prefetch not reported: $(cat "$work/pf.err")"
+expect_error "value-prefetch" "$um" generate "$work/run/checkpoint.safetensors" --prompt x --value-prefetch -1
 expect_error "--prompt or --prompts-file" "$um" generate "$work/run/checkpoint.safetensors"
 expect_error "no prompts" "$um" generate "$work/run/checkpoint.safetensors" --prompts-file /dev/null
 

@@ -264,6 +264,40 @@ TEST(FastPath, TelemetryMatchesAutogradPath) {
   EXPECT_EQ(c->stats().tokens, 0);
 }
 
+// The two-phase forward (retrieve at the read block, lookup at the write block) is the one-phase
+// forward split in two: the same result bit for bit, with or without the prefetch, in every value
+// format; misuse is refused.
+TEST(FastPath, TwoPhaseEqualsOnePhaseBitForBit) {
+  torch::manual_seed(5);
+  const auto x = torch::randn({3, 4, 24});
+  for (ValueFormat fmt : {ValueFormat::kFloat32, ValueFormat::kBFloat16, ValueFormat::kInt8}) {
+    SCOPED_TRACE(ultramem::nn::to_string(fmt));
+    UltraMem layer(layer_config());
+    layer->set_value_format(fmt);
+    const auto one = fast_forward(layer, x);
+    torch::NoGradGuard no_grad;
+    ASSERT_TRUE(layer->two_phase_applies());
+    for (int64_t bytes : {int64_t(0), int64_t(100), int64_t(1) << 20}) {
+      const auto pending = layer->retrieve(x, bytes);
+      EXPECT_EQ(pending.index.sizes(), (std::vector<int64_t>{12, 2 * 5}));
+      const auto two = layer->lookup(pending);
+      ASSERT_EQ(two.sizes(), x.sizes());
+      EXPECT_TRUE(torch::equal(one, two)) << "prefetch bytes " << bytes;
+    }
+    EXPECT_EQ(layer->lookup(layer->retrieve(x.narrow(0, 0, 0), 1 << 20)).numel(), 0);
+    // An index outside the E*N grid is refused, not read.
+    auto bad = layer->retrieve(x, 0);
+    bad.index = bad.index.clone();
+    bad.index[0][0] = 16 * 16;
+    EXPECT_THROW(layer->lookup(bad), c10::Error);
+    EXPECT_THROW(layer->lookup(ultramem::nn::UltraMemImpl::PendingLookup()), c10::Error);
+  }
+  UltraMem layer(layer_config());
+  torch::AutoGradMode on(true);
+  EXPECT_FALSE(layer->two_phase_applies());
+  EXPECT_THROW(layer->retrieve(x, 0), std::logic_error);
+}
+
 // =================================================================================================
 // Value formats
 // =================================================================================================
@@ -440,6 +474,33 @@ TEST(Decode, CachedDecodingMatchesFullForwardOnQuantisedModel) {
     o.max_tokens = 5;
     const auto out = ultramem::infer::generate(model, {1, 2, 3}, o, /*eos_id=*/-1);
     EXPECT_EQ(out.size(), 5u);
+  }
+}
+
+// Prefetch in the skip window: the tiny model's memories are placed 1:2 and 2:3, so each runs its
+// retrieval one block before its lookup; the logits, cached decode steps and telemetry are those of
+// the memories run whole (prefetch off), bit for bit.
+TEST(Decode, SkipWindowPrefetchLeavesLogitsUnchanged) {
+  ultramem::nn::Transformer model(tiny_model());
+  EXPECT_EQ(model->value_prefetch(), ultramem::nn::TransformerImpl::kDefaultValuePrefetchBytes);
+  EXPECT_THROW(model->set_value_prefetch(-1), std::invalid_argument);
+  const auto tokens = some_tokens();
+  auto run = [&](int64_t bytes) {
+    model->set_value_prefetch(bytes);
+    model->telemetry();  // empty the windows
+    std::vector<torch::Tensor> out{logits_of(model, tokens)};
+    torch::NoGradGuard no_grad;
+    auto cache = model->make_cache(2, 32);
+    out.push_back(model->forward_cached(tokens.narrow(1, 0, 4), cache));
+    for (int64_t t = 4; t < 8; ++t) out.push_back(model->forward_cached(tokens.narrow(1, t, 1), cache));
+    return std::make_pair(out, model->telemetry());
+  };
+  const auto [off, t_off] = run(0);
+  for (int64_t bytes : {int64_t(64), ultramem::nn::TransformerImpl::kDefaultValuePrefetchBytes}) {
+    const auto [on, t_on] = run(bytes);
+    ASSERT_EQ(on.size(), off.size());
+    for (size_t i = 0; i < on.size(); ++i) EXPECT_TRUE(torch::equal(on[i], off[i])) << "output " << i;
+    EXPECT_EQ(t_on.dump(), t_off.dump());
   }
 }
 

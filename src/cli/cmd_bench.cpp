@@ -42,6 +42,12 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--kinds", a.kinds, "What to time: pooled_lookup,ultramem,ultramem_plain,moe,dense,pkm")
       ->delimiter(',')
       ->capture_default_str();
+  cmd->add_option("--value-prefetch", a.value_prefetch,
+                  "Skip-window prefetch compared with none: the UltraMem models (memory placed i:j, i < j) are also "
+                  "timed prefetching this many bytes of value rows between retrieval and lookup, in alternation with "
+                  "no prefetch (kind ultramem_prefetch, ratio model:prefetch_off_over_on); 0: no comparison")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cmd->add_flag("--layers-only", a.layers_only, "Only the layer (and pooled lookup) sweep");
   cmd->add_flag("--models-only", a.models_only, "Only the whole-model sweep");
   cmd->add_option("--repeats", a.repeats, "Timed calls per case (median, min, max)")->capture_default_str();

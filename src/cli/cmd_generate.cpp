@@ -38,6 +38,11 @@ void add_generate_command(CLI::App& app) {
                   "Storage of the dense matrices (attention, FFN, experts, LM head): fp32, bf16 or int8 (one scale per "
                   "output row), the weights rounded to it (default: the checkpoint's, see quantize --weights)")
       ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
+  cmd->add_option("--value-prefetch", a->value_prefetch,
+                  "Bytes of value rows a memory placed i:j (i < j) prefetches after its retrieval at block i, for "
+                  "its lookup at block j (default 0: off; it measured no gain with tables in RAM, see "
+                  "docs/performance.md D.15)")
+      ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--mmap", a->mmap,
                 "Serve the memory value tables from a read-only mapping of the checkpoint file instead of "
                 "loading them (tables larger than RAM; checksum not verified)");

@@ -86,7 +86,8 @@ nlohmann::json generate_lines(const GenerateOptions& a, nn::Transformer& model, 
                                 {"decode_ms", 1e3 * decode_s},
                                 {"value_format", nn::to_string(loaded.value_format)},
                                 {"key_format", nn::to_string(loaded.key_format)},
-                                {"weight_format", nn::to_string(loaded.weight_format)}};
+                                {"weight_format", nn::to_string(loaded.weight_format)},
+                                {"value_prefetch_bytes", loaded.model->value_prefetch()}};
   log << "generate: " << tokens << " tokens for " << prompts.size() << " prompts in " << seconds << " s ("
       << stats["tokens_per_second"].get<double>() << " tokens/s, batches of up to " << a.batch << ")\n"
       << stats.dump() << std::endl;
@@ -104,6 +105,7 @@ nlohmann::json generate_from_checkpoint(const GenerateOptions& a, std::ostream& 
   lo.warn = [&log](const std::string& s) { log << "note: " << s << std::endl; };
   auto loaded = load_model(a.checkpoint, lo);
   auto& model = loaded.model;
+  if (a.value_prefetch >= 0) model->set_value_prefetch(a.value_prefetch);
   // The run folder's own tokenizer, else the prepared data's.
   std::string tok_path = a.data_dir.empty() ? checkpoint::run_tokenizer_path(a.checkpoint) : std::string();
   if (tok_path.empty())
@@ -156,6 +158,7 @@ nlohmann::json generate_from_checkpoint(const GenerateOptions& a, std::ostream& 
       {"mmap", a.mmap},
       {"key_format", nn::to_string(loaded.key_format)},
       {"weight_format", nn::to_string(loaded.weight_format)},
+      {"value_prefetch_bytes", model->value_prefetch()},
       {"stop_reason", timing.stop_reason},
       {"context", ctx}};
   if (timing.stop_reason == "context_full")

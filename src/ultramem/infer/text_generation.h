@@ -22,6 +22,9 @@ struct GenerateOptions {
   bool mmap = false;       // value tables from a read-only mapping of the file
   std::string keys;  // key storage of the memory layers' fused path: fp32, bf16 or int8; "": the checkpoint's
   std::string weights;  // storage of the dense matrices (set_weight_format): fp32, bf16 or int8; "": the checkpoint's
+  // Bytes of value rows each memory placed i:j (i < j) prefetches between its retrieval and its lookup
+  // (TransformerImpl::set_value_prefetch); 0: off; -1: the model's default.
+  int64_t value_prefetch = -1;
 };
 
 // Streams the prompt and its continuation to `text_out` as it is produced; notes and the speed line

@@ -205,6 +205,18 @@ const char* pool_check_shape(const PoolShape& s) {
   return nullptr;
 }
 
+void pooled_lookup_prefetch(const PoolShape& s, const void* values, int64_t row_bytes, const float* row_scale,
+                            const int64_t* index, const int64_t* perm, int64_t max_bytes) {
+  const int64_t hits = s.T * s.K, N = s.N;
+  const auto* base = static_cast<const unsigned char*>(values);
+  int64_t bytes = 0;
+  for (int64_t e = 0; e < hits && bytes < max_bytes; ++e, bytes += row_bytes) {
+    const int64_t row = perm[index[e]] % N;
+    simd::prefetch_bytes(base + row * row_bytes, row_bytes);
+    if (row_scale) __builtin_prefetch(row_scale + row, 0, 1);
+  }
+}
+
 void group_hits_by_row(const PoolShape& s, const int64_t* index, const int64_t* perm, RowGroups& out) {
   const int64_t total = s.T * s.K, N = s.N;
   std::vector<uint32_t> row(total), row_tmp(total);

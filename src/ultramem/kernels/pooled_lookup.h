@@ -52,6 +52,19 @@ void pooled_lookup_forward_int8(const PoolShape& s,
                                 const int64_t* perm,      // [E*N]
                                 T* out);                  // [T, E*Dv] out
 
+// Prefetches the value rows a forward over `index` will read (and, int8, their row scales), for a
+// lookup that runs later: a memory placed i:j knows its rows after block i's retrieval and reads them
+// after block j. Resolves the permutation (those lines stay cached for the forward too) and issues
+// one prefetch per 64-byte line of each row, in hit order, until `max_bytes` of rows were requested;
+// reads nothing else and writes nothing. values: the stored table, row_bytes per row.
+void pooled_lookup_prefetch(const PoolShape& s,
+                            const void* values,      // [N, row_bytes] any stored format
+                            int64_t row_bytes,
+                            const float* row_scale,  // [N] int8 row scales, or nullptr
+                            const int64_t* index,    // [T, K]
+                            const int64_t* perm,     // [E*N]
+                            int64_t max_bytes);
+
 // Gradient w.r.t. scores: dscores[t,k,c] = <values[row, slice c], dout[t, p*Dv + slice c]>. Overwrites.
 template <typename T>
 void pooled_lookup_backward_scores(const PoolShape& s,

@@ -94,6 +94,7 @@ struct TransformerImpl::Impl {
   std::map<std::string, torch::Tensor> aux;
   std::vector<std::array<double, 3>> pkm_out;  // [memories] sum, sum of squares, count of PKM outputs
   CompactWeight head_c;                // [V, D] compact rows of the LM head (or the tied embedding), when set
+  int64_t prefetch_bytes = TransformerImpl::kDefaultValuePrefetchBytes;  // set_value_prefetch
 
   // u: [B, T, D] -> [B, T, D]
   torch::Tensor memory_forward(int64_t k, const torch::Tensor& u) {
@@ -116,6 +117,14 @@ struct TransformerImpl::Impl {
     torch::Tensor h = torch::embedding(embedding, tokens);  // [B, T, D]
     if (residuals) residuals->push_back(h);
     std::vector<torch::Tensor> mem_out(ultramem.size() + pkm.size());  // pending memory outputs
+    // Memories split around their skip window (set_value_prefetch): retrieval at the read block, lookup
+    // at the write block.
+    std::vector<UltraMemImpl::PendingLookup> pending(ultramem.size());
+    std::vector<char> split(ultramem.size(), 0);
+    for (size_t k = 0; k < ultramem.size(); ++k) {
+      const auto& pl = c.memory_placement[k];
+      split[k] = prefetch_bytes > 0 && pl.write_block > pl.read_block && ultramem[k]->two_phase_applies();
+    }
     torch::Tensor balance;
     for (size_t b = 0; b < blocks.size(); ++b) {
       auto& blk = blocks[b];
@@ -124,7 +133,12 @@ struct TransformerImpl::Impl {
       h = h + branch(a);
       if (blk->ffn_norm) {
         const auto u = blk->ffn_norm->forward(h);  // [B, T, D], the FFN input memories read
-        for (int64_t k : reads_at[b]) mem_out[k] = memory_forward(k, u);
+        for (int64_t k : reads_at[b]) {
+          if (!ultramem.empty() && split[k])
+            pending[k] = ultramem[k]->retrieve(u, prefetch_bytes);
+          else
+            mem_out[k] = memory_forward(k, u);
+        }
         if (blk->dense) {
           h = h + branch(blk->dense->forward(u));
         } else if (blk->moe) {
@@ -133,6 +147,10 @@ struct TransformerImpl::Impl {
         }
       }
       for (int64_t k : writes_at[b]) {
+        if (!ultramem.empty() && split[k]) {
+          mem_out[k] = ultramem[k]->lookup(pending[k]);
+          pending[k] = UltraMemImpl::PendingLookup();
+        }
         h = h + branch(mem_out[k]);
         mem_out[k] = torch::Tensor();
       }
@@ -260,6 +278,13 @@ void TransformerImpl::set_weight_format(ValueFormat f) {
 }
 
 ValueFormat TransformerImpl::weight_format() const { return impl_->head_c.format(); }
+
+void TransformerImpl::set_value_prefetch(int64_t bytes) {
+  if (bytes < 0) throw std::invalid_argument("set_value_prefetch: bytes must be >= 0 (0: off), got " + std::to_string(bytes));
+  impl_->prefetch_bytes = bytes;
+}
+
+int64_t TransformerImpl::value_prefetch() const { return impl_->prefetch_bytes; }
 
 int64_t TransformerImpl::compact_weight_bytes() const {
   const auto& m = *impl_;

@@ -74,6 +74,17 @@ class TransformerImpl : public torch::nn::Module {
   ValueFormat weight_format() const;
   int64_t compact_weight_bytes() const;  // the compact copies' bytes (0 for kFloat32)
 
+  // Prefetch in the skip window: in a no-grad forward an UltraMem layer placed i:j with i < j (local
+  // value table) runs its retrieval at block i, prefetches up to `bytes` of the value rows it will read,
+  // and runs its lookup at block j (UltraMemImpl::retrieve / lookup); the result is the same bit for
+  // bit. 0 turns it off: the memory then runs whole at block i. Throws std::invalid_argument for < 0.
+  // Off by default: with the tables in RAM it measured 0.97-1.01x of off on this project's CPU (the
+  // lookup is 1-6% of a step; docs/performance.md, D.15); it is there for tables whose rows come from
+  // slower storage.
+  static constexpr int64_t kDefaultValuePrefetchBytes = 0;
+  void set_value_prefetch(int64_t bytes);
+  int64_t value_prefetch() const;
+
  private:
   ModelConfig cfg_;
   // Implementation members are defined by transformer.cpp (blocks, embeddings, memories, ...).

@@ -111,6 +111,22 @@ class UltraMemImpl : public torch::nn::Module {
   void set_value_table(torch::Tensor values, torch::Tensor scale, bool read_only);
   bool values_read_only() const { return values_read_only_; }
 
+  // The no-grad forward in two phases, for a memory whose output is added some blocks after its input
+  // is read (placement i:j with i < j): retrieve() at block i (query, TDQKR), lookup() at block j
+  // (pooled lookup, output projection). With prefetch_bytes > 0 retrieve() also prefetches up to that
+  // many bytes of the value rows the lookup will read, so that the blocks in between hide their memory
+  // latency. lookup(retrieve(x, b)) equals forward(x) bit for bit. Needs grad mode off and the local
+  // table (two_phase_applies()); otherwise std::logic_error.
+  struct PendingLookup {
+    torch::Tensor scores;       // [T, H*m, C] kept candidates' per-core scores
+    torch::Tensor index;        // [T, H*m] int64 their grid addresses
+    torch::Tensor u;            // [T, D] the input, kept for the telemetry (track_stats) only
+    std::vector<int64_t> lead;  // the output's shape: x's leading dims, then D
+  };
+  bool two_phase_applies() const;
+  PendingLookup retrieve(const torch::Tensor& x, int64_t prefetch_bytes);
+  torch::Tensor lookup(const PendingLookup& pending);
+
   // Drops the cached normalised keys; the next no-grad forward recomputes them. The cache is also
   // dropped by train()/eval() and by refresh_tucker_approx() (once per optimizer step), which covers
   // optimizers that write parameters through raw pointers (no version bump); call this after any
@@ -144,6 +160,10 @@ class UltraMemImpl : public torch::nn::Module {
   std::pair<torch::Tensor, torch::Tensor> key_scores(const torch::Tensor& u) const;
   // The no-grad fast path (ops::ultramem_decode); u: [T, D] contiguous -> [T, D].
   torch::Tensor forward_inference(const torch::Tensor& u);
+  // The fused op's weights and dims for compute dtype st (normalised keys from the cache, rebuilt when
+  // stale); throws std::invalid_argument for an input dtype the layer cannot compute in.
+  struct DecodeArgs;
+  DecodeArgs decode_args(torch::ScalarType st);
   // Throws std::logic_error when the value table cannot be trained (format, read-only memory).
   void check_trainable() const;
   // Runs `convert` (a Module::to) keeping a bf16 / int8 value table and its scales as they are.

@@ -172,16 +172,21 @@ void UltraMemImpl::set_value_table(torch::Tensor v, torch::Tensor scale, bool re
 
 // ---- the fast path: the fused op (ops/ultramem_decode.h) ----------------------------------------
 
-torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
+struct UltraMemImpl::DecodeArgs {
+  ops::UltraMemDecodeWeights w;
+  ops::UltraMemDims d;
+};
+
+UltraMemImpl::DecodeArgs UltraMemImpl::decode_args(torch::ScalarType st) {
   const auto& c = cfg_;
-  const auto st = u.scalar_type();
   if (st != torch::kFloat && st != torch::kDouble)
     throw std::invalid_argument(std::string("UltraMem: input dtype must be float32 or float64, got ") +
                                 c10::toString(st));
   if (format_ == ValueFormat::kFloat32 && values.scalar_type() != st)
     throw std::invalid_argument(std::string("UltraMem: the value table is ") + c10::toString(values.scalar_type()) +
                                 ", the layer computes in " + c10::toString(st));
-  ops::UltraMemDecodeWeights w;
+  DecodeArgs a;
+  auto& w = a.w;
   {
     // Normalised and folded keys, cached; the permutation's range checked once.
     auto& ic = *infer_;
@@ -225,7 +230,7 @@ torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
   if (format_ == ValueFormat::kInt8) w.values_scale = values_scale;
   w.perm = perm;
   w.wo = wo.detach();
-  ops::UltraMemDims d;
+  auto& d = a.d;
   d.D = c.D;
   d.Dk = c.Dk;
   d.Dv = c.Dv;
@@ -239,11 +244,48 @@ torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
   d.m_neg = c.filter_negatives();
   d.filter_rank = c.filter_vectors();
   d.rms_norm = c.qk_norm == NormKind::RMS;
-  if (!c.track_stats) return ops::ultramem_decode(u, w, d);
+  return a;
+}
+
+torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
+  const auto a = decode_args(u.scalar_type());
+  if (!cfg_.track_stats) return ops::ultramem_decode(u, a.w, a.d);
   torch::Tensor scores, index;
-  auto out = ops::ultramem_decode(u, w, d, &scores, &index);
+  auto out = ops::ultramem_decode(u, a.w, a.d, &scores, &index);
   record_stats(u, scores, index, out);
   return out;
+}
+
+bool UltraMemImpl::two_phase_applies() const { return !at::GradMode::is_enabled() && !value_lookup_; }
+
+UltraMemImpl::PendingLookup UltraMemImpl::retrieve(const torch::Tensor& x, int64_t prefetch_bytes) {
+  if (!two_phase_applies())
+    throw std::logic_error("UltraMem::retrieve: the two-phase forward needs grad mode off and the local value table "
+                           "(no set_value_lookup); use forward()");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == cfg_.D, "UltraMem: input must have shape [..., D=", cfg_.D, "], got ",
+              x.sizes());
+  TORCH_CHECK(x.scalar_type() == wq.scalar_type(), "UltraMem: input dtype ", x.scalar_type(), " differs from the layer's ",
+              wq.scalar_type());
+  PendingLookup p;
+  p.lead = x.sizes().vec();
+  const auto u = x.reshape({-1, cfg_.D}).contiguous();
+  const auto a = decode_args(u.scalar_type());
+  auto r = ops::ultramem_retrieve(u, a.w, a.d);
+  if (prefetch_bytes > 0) ops::ultramem_prefetch_values(r, a.w, a.d, prefetch_bytes);
+  p.scores = std::move(r.scores);
+  p.index = std::move(r.index);
+  if (cfg_.track_stats) p.u = u;
+  return p;
+}
+
+torch::Tensor UltraMemImpl::lookup(const PendingLookup& p) {
+  if (!two_phase_applies())
+    throw std::logic_error("UltraMem::lookup: the two-phase forward needs grad mode off and the local value table");
+  TORCH_CHECK(p.index.defined() && p.scores.defined(), "UltraMem::lookup: no retrieval pending (call retrieve first)");
+  const auto a = decode_args(p.scores.scalar_type());
+  auto out = ops::ultramem_lookup({p.scores, p.index}, a.w, a.d);
+  if (cfg_.track_stats && p.u.defined()) record_stats(p.u, p.scores, p.index, out);
+  return out.view(p.lead);
 }
 
 }  // namespace ultramem::nn

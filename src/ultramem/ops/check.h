@@ -21,12 +21,12 @@ inline void check_tensor(const at::Tensor& t, const char* what, int64_t dim,
   TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK(!t.is_sparse(), what, " must be a dense (strided) tensor");
   bool ok = false;
-  std::string names;
-  for (auto d : dtypes) {
-    ok = ok || t.scalar_type() == d;
-    names += (names.empty() ? "" : " or ") + std::string(c10::toString(d));
+  for (auto d : dtypes) ok = ok || t.scalar_type() == d;
+  if (!ok) {  // the message is built only on failure: the decode ops check every call
+    std::string names;
+    for (auto d : dtypes) names += (names.empty() ? "" : " or ") + std::string(c10::toString(d));
+    TORCH_CHECK(false, what, " must have dtype ", names, ", got ", t.scalar_type());
   }
-  TORCH_CHECK(ok, what, " must have dtype ", names, ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == dim, what, " must have ", dim, " dimensions, got shape ", shape_str(t));
 }
 

@@ -25,9 +25,8 @@ using detail::project;
 // Per-thread scratch buffers, reused across calls (no allocation once grown).
 template <typename S>
 struct Scratch {
-  std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, scores, pooled, dots, eye;  // eye: filter weights
+  std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, pooled, dots, eye;  // eye: filter weights
   std::vector<int32_t> irow, icol, rows;
-  std::vector<int64_t> index;
 };
 template <typename S>
 Scratch<S>& scratch() {
@@ -59,9 +58,14 @@ void normalise(S* x, int64_t Dk, const S* scale, bool rms) {
 void check_arg(const at::Tensor& t, const char* what, std::initializer_list<int64_t> sizes,
                std::initializer_list<at::ScalarType> dtypes) {
   detail::check_tensor(t, what, int64_t(sizes.size()), dtypes);
-  std::string expected = "[";
-  for (int64_t s : sizes) expected += (expected.size() > 1 ? ", " : "") + std::to_string(s);
-  detail::check_sizes(t, what, sizes, (expected + "]").c_str());
+  bool ok = true;
+  int64_t d = 0;
+  for (int64_t s : sizes) ok = ok && t.size(d++) == s;
+  if (!ok) {  // the message is built only on failure
+    std::string expected = "[";
+    for (int64_t s : sizes) expected += (expected.size() > 1 ? ", " : "") + std::to_string(s);
+    detail::check_sizes(t, what, sizes, (expected + "]").c_str());
+  }
   TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
 }
 
@@ -71,15 +75,15 @@ std::pair<at::Tensor, at::Tensor> key_side(const at::Tensor& keys, const at::Ten
   return {keys[side], scale.defined() ? scale[side] : at::Tensor()};
 }
 
+// Query, TDQKR filter, exact scores of the kept rows and rescoring: the kept candidates of every token.
 template <typename S>
-void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, const UltraMemDims& c,
-                 at::Tensor* scores_out, at::Tensor* index_out) {
-  const int64_t Dk = c.Dk, HRn = c.H * c.r * c.n, K = c.H * c.m, N = c.N();
-  const auto st = dtype_of<S>();
+void retrieve_impl(const S* u, int64_t T, const UltraMemDecodeWeights& w, const UltraMemDims& c,
+                   S* scores,        // [T, H*m, C] out
+                   int64_t* index) {  // [T, H*m] out
+  const int64_t Dk = c.Dk, HRn = c.H * c.r * c.n;
 
   const torch::Tensor kn = w.keys.kn, kf = w.keys.kf;
   const torch::Tensor wq_c = w.wq.contiguous();
-  const torch::Tensor wo_c = w.wo.contiguous();
   const torch::Tensor qs = w.q_scale.contiguous(), cores_c = w.cores.contiguous();
 
   auto& sc = scratch<S>();
@@ -88,9 +92,6 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   S* qc = sized(sc.qc, T * Dk);
   S* s_row = sized(sc.s_row, T * HRn);
   S* s_col = sized(sc.s_col, T * HRn);
-  S* scores = sized(sc.scores, T * K * c.C);
-  int64_t* index = sized(sc.index, T * K);
-  S* pooled = sized(sc.pooled, T * c.E * c.Dv);
 
   // Query and its two normalised halves.
   project<S>(u, T, c.D, wq_c, q);
@@ -155,7 +156,17 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   exact(qr, kn_row, irow, s_row);
   exact(qc, kn_col, icol, s_col);
   kernels::tdqkr_rescore<S>(ts, s_row, s_col, cores_c.data_ptr<S>(), irow, icol, scores, index);
-  // Pooled lookup over the stored table.
+}
+
+// The pooled lookup of the kept candidates over the stored table (fp32, bf16 or int8), then out = pooled Wo.
+template <typename S>
+void lookup_impl(const S* scores,        // [T, H*m, C]
+                 const int64_t* index,   // [T, H*m]
+                 int64_t T, const UltraMemDecodeWeights& w, const UltraMemDims& c,
+                 S* out) {               // [T, D] out
+  const int64_t K = c.H * c.m, N = c.N();
+  const auto st = dtype_of<S>();
+  S* pooled = sized(scratch<S>().pooled, T * c.E * c.Dv);
   kernels::PoolShape ps;
   ps.T = T;
   ps.K = K;
@@ -169,14 +180,12 @@ void decode_impl(const S* u, int64_t T, S* out, const UltraMemDecodeWeights& w, 
   } else if (w.values.scalar_type() == at::kBFloat16) {
     kernels::pooled_lookup_forward_bf16<S>(ps, reinterpret_cast<const uint16_t*>(w.values.data_ptr()), index, scores,
                                            pp, pooled);
-  } else {  // int8, checked by ultramem_decode
+  } else {  // int8 (check_weights)
     kernels::pooled_lookup_forward_int8<S>(ps, w.values.data_ptr<int8_t>(), w.values_scale.data_ptr<float>(), index,
                                            scores, pp, pooled);
   }
   // Output projection.
-  project<S>(pooled, T, c.E * c.Dv, wo_c, out);
-  if (scores_out) *scores_out = torch::from_blob(scores, {T, K, c.C}, torch::TensorOptions().dtype(st)).clone();
-  if (index_out) *index_out = torch::from_blob(index, {T, K}, torch::TensorOptions().dtype(torch::kLong)).clone();
+  project<S>(pooled, T, c.E * c.Dv, w.wo.contiguous(), out);
 }
 
 }  // namespace
@@ -222,10 +231,10 @@ UltraMemDecodeKeys compact_keys(const UltraMemDecodeKeys& keys, const std::strin
   return out;
 }
 
-at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d,
-                           at::Tensor* scores_out, at::Tensor* index_out) {
-  check_arg(x, "ultramem_decode: x", {x.dim() == 2 ? x.size(0) : -1, d.D}, {at::kFloat, at::kDouble});
-  const auto st = x.scalar_type();
+namespace {
+
+// The weights against the dims and the compute dtype st; c10::Error naming the argument.
+void check_weights(const UltraMemDecodeWeights& w, const UltraMemDims& d, at::ScalarType st) {
   const int64_t N = d.N();
   check_arg(w.wq, "ultramem_decode: wq", {d.D, 2 * d.Dk}, {st});
   check_arg(w.q_scale, "ultramem_decode: q_scale", {2, d.Dk}, {st});
@@ -255,13 +264,92 @@ at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, 
   const char* bad = kernels::tdqkr_check_shape(ts);
   TORCH_CHECK(bad == nullptr, "ultramem_decode: ", bad ? bad : "", " (n=", d.n, ", m_first=", ts.m_first, ", m=", d.m,
               ", m_neg=", d.m_neg, ", filter_rank=", d.filter_rank, ")");
-  const int64_t T = x.size(0);
-  at::Tensor out = torch::empty({T, d.D}, x.options());
-  if (T == 0) return out;
-  if (st == at::kFloat)
-    decode_impl<float>(x.data_ptr<float>(), T, out.data_ptr<float>(), w, d, scores_out, index_out);
+}
+
+
+// The two phases without their checks (ultramem_decode checks once for both).
+UltraMemRetrieval retrieve_unchecked(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d) {
+  const int64_t T = x.size(0), K = d.H * d.m;
+  UltraMemRetrieval r;
+  r.scores = torch::empty({T, K, d.C}, x.options());
+  r.index = torch::empty({T, K}, x.options().dtype(torch::kLong));
+  if (T == 0) return r;
+  if (x.scalar_type() == at::kFloat)
+    retrieve_impl<float>(x.data_ptr<float>(), T, w, d, r.scores.data_ptr<float>(), r.index.data_ptr<int64_t>());
   else
-    decode_impl<double>(x.data_ptr<double>(), T, out.data_ptr<double>(), w, d, scores_out, index_out);
+    retrieve_impl<double>(x.data_ptr<double>(), T, w, d, r.scores.data_ptr<double>(), r.index.data_ptr<int64_t>());
+  return r;
+}
+
+at::Tensor lookup_unchecked(const UltraMemRetrieval& r, const UltraMemDecodeWeights& w, const UltraMemDims& d) {
+  const int64_t T = r.index.size(0);
+  at::Tensor out = torch::empty({T, d.D}, r.scores.options());
+  if (T == 0) return out;
+  if (r.scores.scalar_type() == at::kFloat)
+    lookup_impl<float>(r.scores.data_ptr<float>(), r.index.data_ptr<int64_t>(), T, w, d, out.data_ptr<float>());
+  else
+    lookup_impl<double>(r.scores.data_ptr<double>(), r.index.data_ptr<int64_t>(), T, w, d, out.data_ptr<double>());
+  return out;
+}
+
+void check_input(const at::Tensor& x, const UltraMemDims& d) {
+  check_arg(x, "ultramem_decode: x", {x.dim() == 2 ? x.size(0) : -1, d.D}, {at::kFloat, at::kDouble});
+}
+
+// A retrieval against the dims: scores [T, H*m, C] float32/float64, index [T, H*m] int64 with entries in
+// [0, E*N) (the lookup reads the permutation at them).
+void check_retrieval(const UltraMemRetrieval& r, const UltraMemDims& d) {
+  TORCH_CHECK(r.scores.defined() && (r.scores.scalar_type() == at::kFloat || r.scores.scalar_type() == at::kDouble),
+              "ultramem_lookup: scores must be float32 or float64");
+  check_arg(r.index, "ultramem_lookup: index", {r.index.dim() == 2 ? r.index.size(0) : -1, d.H * d.m}, {at::kLong});
+  check_arg(r.scores, "ultramem_lookup: scores", {r.index.size(0), d.H * d.m, d.C}, {r.scores.scalar_type()});
+  const int64_t* g = r.index.data_ptr<int64_t>();
+  const int64_t slots = d.E * d.N();
+  for (int64_t e = 0; e < r.index.numel(); ++e)
+    TORCH_CHECK(g[e] >= 0 && g[e] < slots, "ultramem_lookup: index entry ", g[e], " is outside [0, ", slots, ")");
+}
+
+}  // namespace
+
+UltraMemRetrieval ultramem_retrieve(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d) {
+  check_input(x, d);
+  check_weights(w, d, x.scalar_type());
+  return retrieve_unchecked(x, w, d);
+}
+
+void ultramem_prefetch_values(const UltraMemRetrieval& r, const UltraMemDecodeWeights& w, const UltraMemDims& d,
+                              int64_t max_bytes) {
+  check_retrieval(r, d);
+  check_arg(w.values, "ultramem_decode: values", {d.N(), d.Dv}, {r.scores.scalar_type(), at::kBFloat16, at::kChar});
+  check_arg(w.perm, "ultramem_decode: perm", {d.E * d.N()}, {at::kLong});
+  const bool int8 = w.values.scalar_type() == at::kChar;
+  if (int8) check_arg(w.values_scale, "ultramem_decode: values_scale", {d.N()}, {at::kFloat});
+  kernels::PoolShape ps;
+  ps.T = r.index.size(0);
+  ps.K = d.H * d.m;
+  ps.N = d.N();
+  ps.Dv = d.Dv;
+  ps.E = d.E;
+  ps.C = d.C;
+  kernels::pooled_lookup_prefetch(ps, w.values.data_ptr(), d.Dv * int64_t(w.values.element_size()),
+                                  int8 ? w.values_scale.data_ptr<float>() : nullptr, r.index.data_ptr<int64_t>(),
+                                  w.perm.data_ptr<int64_t>(), max_bytes);
+}
+
+at::Tensor ultramem_lookup(const UltraMemRetrieval& r, const UltraMemDecodeWeights& w, const UltraMemDims& d) {
+  check_retrieval(r, d);
+  check_weights(w, d, r.scores.scalar_type());
+  return lookup_unchecked(r, w, d);
+}
+
+at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d,
+                           at::Tensor* scores_out, at::Tensor* index_out) {
+  check_input(x, d);
+  check_weights(w, d, x.scalar_type());
+  auto r = retrieve_unchecked(x, w, d);
+  at::Tensor out = lookup_unchecked(r, w, d);
+  if (scores_out) *scores_out = r.scores;
+  if (index_out) *index_out = r.index;
   return out;
 }
 

@@ -78,6 +78,21 @@ std::string permutation_error(const at::Tensor& perm, int64_t slots);
 at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d,
                            at::Tensor* scores_out = nullptr, at::Tensor* index_out = nullptr);
 
+// The op in its two phases, for a memory whose output is added some blocks after its input is read
+// (placement i:j): the retrieval at block i, the lookup at block j, and between them a prefetch of the
+// value rows the lookup will read. ultramem_decode(x) = ultramem_lookup(ultramem_retrieve(x)).
+struct UltraMemRetrieval {
+  at::Tensor scores;  // [T, H*m, C] compute dtype: the kept candidates' per-core scores
+  at::Tensor index;   // [T, H*m] int64: their grid addresses, in [0, E*N)
+};
+UltraMemRetrieval ultramem_retrieve(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d);
+// Prefetches (into the cache, nothing is computed) the value rows and row scales the lookup of `r` reads,
+// in hit order, until max_bytes of rows were requested.
+void ultramem_prefetch_values(const UltraMemRetrieval& r, const UltraMemDecodeWeights& w, const UltraMemDims& d,
+                              int64_t max_bytes);
+// -> [T, D]. Checks r against d (shapes, dtypes, index entries in [0, E*N)).
+at::Tensor ultramem_lookup(const UltraMemRetrieval& r, const UltraMemDecodeWeights& w, const UltraMemDims& d);
+
 // The same op with the weights as separate tensors, as registered for Python
 // (torch.ops.ultramem.ultramem_decode): D, Dk, Dv, H, r, C, n and E are read from the shapes
 // (wq [D, 2*Dk], cores [C, H, r, r], kn [2, H*r*n, Dk], values [N, Dv], wo [E*Dv, D]); kf is

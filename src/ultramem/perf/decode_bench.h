@@ -39,6 +39,11 @@ struct DecodeBenchOptions {
   // as kind "<kind>_weights_<format>" (UltraMem with fp32 keys), in the model sweep only.
   std::vector<std::string> weights = {"fp32", "int8"};
   std::vector<std::string> kinds = {"pooled_lookup", "ultramem", "ultramem_plain", "moe", "dense", "pkm"};
+  // Skip-window prefetch (TransformerImpl::set_value_prefetch) compared with none: the UltraMem models
+  // (fp32 keys and weights) are timed with this many bytes of prefetch and without, in alternation (kind
+  // "ultramem_prefetch", ratio model:prefetch_off_over_on). 0: no comparison. The other model cases
+  // run with the model's default (off).
+  int64_t value_prefetch = int64_t(1) << 20;
   bool layers_only = false, models_only = false, quick = false;
   int repeats = 15;
   double case_seconds = 1.5;      // time budget per case once 3 repeats ran

@@ -22,6 +22,9 @@ namespace ultramem::perf {
 namespace {
 
 std::string series_name(const DecodeRecord& r) { return r.dtype == "fp32" ? r.kind : r.kind + " " + r.dtype; }
+// The prefetch comparison (kind ultramem_prefetch) is read from its ratio line; charted it would draw
+// over the ultramem series it equals to a few percent.
+bool charted(const DecodeRecord& r) { return r.kind != "ultramem_prefetch"; }
 
 std::string block_name(size_t i) { return "$d" + std::to_string(i); }
 
@@ -63,6 +66,7 @@ std::vector<std::string> plot_decode_records(const std::vector<DecodeRecord>& re
      << "set ylabel 'latency per step (us, median; bars: min..max)'\n";
   std::set<std::string> scopes, names;
   for (const auto& r : records) {
+    if (!charted(r)) continue;
     scopes.insert(r.scope);
     names.insert(series_name(r));
   }
@@ -80,7 +84,7 @@ std::vector<std::string> plot_decode_records(const std::vector<DecodeRecord>& re
     for (const auto& f : figures) {
       std::map<int64_t, std::map<std::string, std::vector<const DecodeRecord*>>> panels;
       for (const auto& r : records)
-        if (r.scope == scope) panels[f.panel_of(r)][series_name(r)].push_back(&r);
+        if (r.scope == scope && charted(r)) panels[f.panel_of(r)][series_name(r)].push_back(&r);
       if (panels.empty()) continue;
       const int n = int(panels.size()), cols = n <= 1 ? 1 : n <= 4 ? 2 : 3, rows = (n + cols - 1) / cols;
       gp << "set output '" << f.file << "'\n"

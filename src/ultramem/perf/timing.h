@@ -16,4 +16,13 @@ struct Timing {
 // call(i) must use input i (callers rotate their inputs).
 Timing time_calls(const std::function<void(int64_t)>& call, int repeats, double budget, double min_seconds);
 
+// Two variants of one case timed in alternation (a then b, then b then a, ...) under the same rules, so
+// that the drift of a shared machine falls on both: their timings and the median over pairs of a / b.
+struct PairedTiming {
+  Timing a, b;
+  double ratio = 0;  // median over pairs of time(a) / time(b)
+};
+PairedTiming time_calls_paired(const std::function<void(int64_t)>& a, const std::function<void(int64_t)>& b,
+                               int repeats, double budget, double min_seconds);
+
 }  // namespace ultramem::perf
