@@ -18,6 +18,7 @@
 #include "ultramem/infer/sampling.h"
 #include "ultramem/infer/value_tables.h"
 #include "ultramem/io/safetensors.h"
+#include "ultramem/kernels/small_matmul.h"
 #include "ultramem/kernels/value_quant.h"
 #include "ultramem/nn/model_config.h"
 #include "ultramem/nn/transformer.h"
@@ -525,20 +526,36 @@ TEST(WeightFormats, CompactMatricesMatchTheirWidenedFloats) {
     EXPECT_EQ(c_in.w.scalar_type(), fmt == "bf16" ? torch::kBFloat16 : torch::kChar);
     EXPECT_EQ(c_in.scale.defined(), fmt == "int8");
     EXPECT_LE(max_diff(ops::widen_rows(c_head), head), (fmt == "bf16" ? 1e-2 : 2e-2) * max_abs(head));
+    // bf16 rows are widened exactly: the float ops' results up to rounding. int8 rows meet activations
+    // rounded to 8 bits per block of 32 (kernels::matmul_rows_q8), up to half a step (1/254 of the
+    // block's max |x|) per input, through one or two products: within 3% of the float ops.
+    const double tol = fmt == "bf16" ? 1e-5 : 3e-2;
     for (int64_t rows : {1, 5, 20}) {
       SCOPED_TRACE(rows);
       const auto x = torch::randn({rows, D});
       const auto f1 = ops::swiglu_forward(x, c_in, c_out), f2 = ops::swiglu_forward(x, float_of(c_in), float_of(c_out));
-      EXPECT_LE(max_diff(f1, f2), 1e-5 * max_abs(f2));
+      EXPECT_LE(max_diff(f1, f2), tol * max_abs(f2));
       const auto l1 = ops::linear_nt(x, c_head), l2 = ops::linear_nt(x, ops::widen_rows(c_head));
-      EXPECT_LE(max_diff(l1, l2), 1e-5 * max_abs(l2));
+      EXPECT_LE(max_diff(l1, l2), tol * max_abs(l2));
+      if (fmt == "int8") {  // exactly the float product of the quantised activations, up to rounding
+        const int64_t Kp = ultramem::kernels::q8_padded(D), nb = Kp / ultramem::kernels::kQ8Block;
+        std::vector<int8_t> q(rows * Kp);
+        std::vector<float> sc(rows * nb);
+        ultramem::kernels::quantise_q8_rows(rows, D, x.data_ptr<float>(), q.data(), sc.data());
+        auto xq = torch::empty({rows, D});
+        for (int64_t t = 0; t < rows; ++t)
+          for (int64_t k = 0; k < D; ++k) xq[t][k] = float(q[t * Kp + k]) * sc[t * nb + k / 32];
+        const auto l3 = xq.to(torch::kDouble).matmul(ops::widen_rows(c_head).to(torch::kDouble).t());
+        EXPECT_LE(max_diff(l1.to(torch::kDouble), l3), 1e-5 * max_abs(l3));
+        EXPECT_GT(max_diff(l1, l2), 0.0);  // and not the float product itself
+      }
       const auto cos = torch::randn({L, hd / 2}, torch::kDouble), sin = torch::randn({L, hd / 2}, torch::kDouble);
       auto k1 = torch::randn({rows, nh, L, hd}), v1 = torch::randn({rows, nh, L, hd});
       auto k2 = k1.clone(), v2 = v1.clone();
       const auto a1 = ops::attention_decode(x, c_qkv, c_o, cos, sin, k1, v1, 3);
       const auto a2 = ops::attention_decode(x, float_of(c_qkv), float_of(c_o), cos, sin, k2, v2, 3);
-      EXPECT_LE(max_diff(a1, a2), 1e-5 * max_abs(a2));
-      EXPECT_LE(max_diff(k1, k2), 1e-5 * max_abs(k2));
+      EXPECT_LE(max_diff(a1, a2), tol * max_abs(a2));
+      EXPECT_LE(max_diff(k1, k2), tol * max_abs(k2));
     }
     // MoE experts: [K, ...] stacks of compact rows.
     const int64_t E = 3;
@@ -555,7 +572,7 @@ TEST(WeightFormats, CompactMatricesMatchTheirWidenedFloats) {
     };
     const auto x = torch::randn({9, D});
     const auto m1 = ops::moe_decode(x, router, s_in, s_out, 2), m2 = ops::moe_decode(x, router, widened(s_in), widened(s_out), 2);
-    EXPECT_LE(max_diff(m1, m2), 1e-5 * max_abs(m2));
+    EXPECT_LE(max_diff(m1, m2), tol * max_abs(m2));
     // Refused: compact matrices with a float64 input, int8 rows without their scales, a wrong shape.
     expect_throw_with<c10::Error>([&] { ops::linear_nt(torch::randn({2, D}, torch::kDouble), c_head); }, "float32 input");
     if (fmt == "int8") expect_throw_with<c10::Error>([&] { ops::linear_nt(torch::randn({2, D}), ops::Matrix(c_head.w)); }, "scale");
@@ -609,7 +626,16 @@ TEST(WeightFormats, ModelDecodesWithCompactCopiesAndDropsStaleOnes) {
         for (int64_t t = 4; t < 12; ++t) parts.push_back(m->forward_cached(tokens.narrow(1, t, 1), cache));
         return torch::cat(parts, 1);
       };
-      EXPECT_LE(max_diff(stepped(model), full), 1e-4 * max_abs(full));
+      // int8: the activations are rounded to 8 bits (kernels::matmul_rows_q8), so a float rounding
+      // difference between the prefill's and the steps' attention can move a value by one step, and in
+      // the MoE then flip a near-tie of the router for a token: the mean stays within a few percent.
+      const auto step_diff = (stepped(model) - full).abs();
+      if (fmt == ValueFormat::kBFloat16)
+        EXPECT_LE(step_diff.max().item<double>(), 1e-4 * max_abs(full));
+      else if (std::string(ffn) == "dense")
+        EXPECT_LE(step_diff.max().item<double>(), 3e-2 * max_abs(full));
+      else
+        EXPECT_LE(step_diff.mean().item<double>(), 3e-2 * max_abs(full));
       // The decode ops read the compact rows (the dot kernel), not the rounded floats (the FMA kernel):
       // the same values, summed in another order.
       auto copy_of = [&](ultramem::nn::Transformer& from) {

@@ -412,6 +412,76 @@ TYPED_TEST(SmallMatmul, CompactRowTablesMatchReferenceBitwise) {
       }
 }
 
+// int8 weights against int8-quantised activations: the quantisation's definition, every ISA equal to the
+// reference bit for bit (rows that take the 4-, 2- and 1-row paths, K with and without a partial block,
+// one and two threads), and the product within the quantisation's error of the float product of the
+// widened weights.
+TEST(SmallMatmulQ8, QuantisationIsPerBlockMaxAbsOver127) {
+  const int64_t K = 40, Kp = uk::q8_padded(K);
+  ASSERT_EQ(Kp, 64);
+  std::vector<float> x(2 * K, 0.0f);
+  for (int64_t i = 0; i < K; ++i) x[i] = float(i) - 10.5f;  // row 0; row 1 stays zero
+  std::vector<int8_t> q(2 * Kp, int8_t(99));
+  std::vector<float> s(2 * 2, -1.0f);
+  uk::quantise_q8_rows(2, K, x.data(), q.data(), s.data());
+  EXPECT_EQ(s[0], 20.5f / 127.0f);  // block 0 holds -10.5 .. 20.5
+  for (int64_t b = 0; b < 2; ++b) {
+    float amax = 0;
+    for (int64_t i = b * 32; i < std::min<int64_t>(K, b * 32 + 32); ++i) amax = std::max(amax, std::fabs(x[i]));
+    EXPECT_EQ(s[b], amax / 127.0f);
+    for (int64_t i = b * 32; i < b * 32 + 32; ++i) {
+      const int want = i < K ? int(std::nearbyint(x[i] * (127.0f / amax))) : 0;
+      ASSERT_EQ(int(q[i]), want) << "i=" << i;
+      if (i < K) ASSERT_LE(std::fabs(float(q[i]) * s[b] - x[i]), 0.5f * s[b] * 1.0001f);
+    }
+  }
+  for (int64_t i = 0; i < Kp; ++i) ASSERT_EQ(int(q[Kp + i]), 0);
+  EXPECT_EQ(s[2], 0.0f);
+  EXPECT_EQ(s[3], 0.0f);
+}
+
+TEST(SmallMatmulQ8, EveryIsaEqualsReferenceAndIsNearTheFloatProduct) {
+  Rng rng(21);
+  for (int threads : {1, 2})
+    for (int64_t rows : {1, 2, 3, 4, 7, 15})
+      for (int64_t K : {32, 20, 70, 256, 688})
+        for (int64_t M : {1, 5, 300, 1100}) {
+          SCOPED_TRACE("threads=" + std::to_string(threads) + " rows=" + std::to_string(rows) + " K=" +
+                       std::to_string(K) + " M=" + std::to_string(M));
+          OmpThreads t(threads);
+          const auto x = normal_vec<float>(rows * K, rng);
+          const auto wf = normal_vec<float>(M * K, rng);
+          std::vector<int8_t> w(M * K);
+          for (int64_t e = 0; e < M * K; ++e) w[e] = int8_t(std::clamp(std::lround(wf[e] * 40.0f), -127L, 127L));
+          std::vector<float> scale(M);
+          for (int64_t j = 0; j < M; ++j) scale[j] = 0.01f + 0.001f * float(j % 13);
+          std::vector<float> want(rows * M);
+          uk::matmul_rows_q8_ref(rows, K, M, x.data(), w.data(), scale.data(), want.data());
+          for (const auto& [name, tab] : isa_tables<float>()) {
+            SCOPED_TRACE(name);
+            ASSERT_NE(tab.matmul_rows_q8, nullptr);
+            std::vector<float> got(rows * M, -7.0f);
+            tab.matmul_rows_q8(rows, K, M, x.data(), w.data(), scale.data(), got.data());
+            ASSERT_TRUE(Identical(got, want));
+          }
+          // Each x value is off by at most half a step (amax / 254) of its block.
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < M; ++j) {
+              double f = 0, bound = 0;
+              for (int64_t b = 0; b * 32 < K; ++b) {
+                double amax = 0;
+                for (int64_t k = b * 32; k < std::min<int64_t>(K, b * 32 + 32); ++k)
+                  amax = std::max(amax, std::fabs(double(x[r * K + k])));
+                for (int64_t k = b * 32; k < std::min<int64_t>(K, b * 32 + 32); ++k) {
+                  f += double(x[r * K + k]) * double(w[j * K + k]) * scale[j];
+                  bound += amax / 254.0 * std::fabs(double(w[j * K + k]) * scale[j]);
+                }
+              }
+              ASSERT_NEAR(double(want[r * M + j]), f, 1.001 * bound + 1e-5 * std::fabs(f) + 1e-6);
+            }
+        }
+}
+
 // Decode attention of one head: every ISA equals the reference bitwise, and the reference is
 // softmax(K q)^T V (independent formula in double).
 TYPED_TEST(SmallMatmul, AttendCachedMatchesReferenceAndSoftmaxFormula) {

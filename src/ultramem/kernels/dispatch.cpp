@@ -123,6 +123,11 @@ void attend_cached(int64_t S, int64_t hd, const T* q, const T* Kc, const T* Vc, 
   table<T>().attend_cached(S, hd, q, Kc, Vc, probs, out);
 }
 
+void matmul_rows_q8(int64_t rows, int64_t K, int64_t M, const float* x, const int8_t* w, const float* w_scale,
+                    float* out) {
+  table<float>().matmul_rows_q8(rows, K, M, x, w, w_scale, out);
+}
+
 #define UM_INSTANTIATE_PUBLIC(T)                                                                     \
   template void tdqkr_filter<T>(const TdqkrShape&, const T*, const T*, const T*, const T*, int32_t*, \
                                 int32_t*);                                                           \

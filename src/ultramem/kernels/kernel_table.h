@@ -25,6 +25,7 @@ struct KernelTable {
   decltype(&matmul_rows_nt_q<T>) matmul_rows_nt_q;
   decltype(&gathered_dots_q<T>) gathered_dots_q;
   decltype(&attend_cached<T>) attend_cached;
+  decltype(&kernels::matmul_rows_q8) matmul_rows_q8 = nullptr;  // float tables only
 };
 
 namespace generic {

@@ -410,6 +410,73 @@ void attend_cached_impl(int64_t S, int64_t hd, const T* q, const T* Kc, const T*
   for (int64_t s = 0; s < S; ++s) simd::axpy(out, probs[s] * inv, Vc + s * hd, hd);
 }
 
+// ---- int8 rows against int8-quantised activations ------------------------------------------------
+
+// Per-thread quantised activations of the current call.
+struct Q8Rows {
+  std::vector<int8_t> q;   // [rows, Kp]
+  std::vector<uint8_t> a;  // [rows, Kp] |q|
+  std::vector<float> s;    // [rows, Kp / kQ8Block]
+};
+
+#if defined(__AVX2__)
+// Dots of TB quantised x rows with weight row w (Kp / 32 blocks; the last block of w read from `tail`
+// when K is not a multiple of 32).
+template <int TB>
+inline void q8_dots_avx2(const Q8Rows& x, int64_t t0, int64_t K, const int8_t* w, float w_scale, float* out,
+                         int64_t ldo) {
+  const int64_t Kp = q8_padded(K), nb = Kp / kQ8Block;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+  alignas(32) int8_t tail[kQ8Block] = {};
+  if (K % kQ8Block) std::memcpy(tail, w + (nb - 1) * kQ8Block, size_t(K % kQ8Block));
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i wv = (b + 1 < nb || K % kQ8Block == 0)
+                           ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kQ8Block))
+                           : _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+    for (int t = 0; t < TB; ++t) {
+      const int64_t off = (t0 + t) * Kp + b * kQ8Block;
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + off));
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.a.data() + off));
+      const __m256i p16 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(wv, xq));  // |x| * (w * sign x), pairs
+      const __m256i p32 = _mm256_madd_epi16(p16, ones);                        // lane l: positions 4l..4l+3
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(x.s[(t0 + t) * nb + b]), acc[t]);
+    }
+  }
+  for (int t = 0; t < TB; ++t) {
+    const __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));  // a_l + a_{l+4}
+    const __m128 v2 = _mm_add_ps(v, _mm_movehl_ps(v, v));                                        // (0+2), (1+3)
+    out[t * ldo] = _mm_cvtss_f32(_mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1))) * w_scale;
+  }
+}
+
+void matmul_rows_q8_impl(int64_t rows, int64_t K, int64_t M, const float* x, const int8_t* w, const float* w_scale,
+                         float* out) {
+  thread_local Q8Rows qx;
+  const int64_t Kp = q8_padded(K);
+  qx.q.resize(rows * Kp);
+  qx.a.resize(rows * Kp);
+  qx.s.resize(rows * (Kp / kQ8Block));
+  quantise_q8_rows(rows, K, x, qx.q.data(), qx.s.data());
+  for (int64_t i = 0; i < rows * Kp; ++i) qx.a[i] = uint8_t(qx.q[i] < 0 ? -qx.q[i] : qx.q[i]);
+  constexpr int64_t kRowBlock = 256;
+  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  const Q8Rows& xs = qx;  // read by every thread of the loop below
+#pragma omp parallel for schedule(static) if (blocks > 1 && rows * K * M >= (int64_t(1) << 22))
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t j1 = std::min(M, (blk + 1) * kRowBlock);
+    for (int64_t j = blk * kRowBlock; j < j1; ++j) {
+      if (j + 4 < j1) simd::prefetch_bytes(w + (j + 4) * K, K);
+      int64_t t = 0;
+      for (; t + 4 <= rows; t += 4) q8_dots_avx2<4>(xs, t, K, w + j * K, w_scale[j], out + t * M + j, M);
+      for (; t + 2 <= rows; t += 2) q8_dots_avx2<2>(xs, t, K, w + j * K, w_scale[j], out + t * M + j, M);
+      for (; t < rows; ++t) q8_dots_avx2<1>(xs, t, K, w + j * K, w_scale[j], out + t * M + j, M);
+    }
+  }
+}
+#endif
+
 template <typename T>
 void fill_small_matmul(KernelTable<T>& t) {
   t.attend_cached = &attend_cached_impl<T>;
@@ -418,6 +485,13 @@ void fill_small_matmul(KernelTable<T>& t) {
   t.gathered_dots = &gathered_dots_impl<T>;
   t.matmul_rows_nt_q = &matmul_rows_nt_q_impl<T>;
   t.gathered_dots_q = &gathered_dots_q_impl<T>;
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(__AVX2__)
+    t.matmul_rows_q8 = &matmul_rows_q8_impl;
+#else
+    t.matmul_rows_q8 = &matmul_rows_q8_ref;  // the reference is the portable kernel
+#endif
+  }
 }
 template void fill_small_matmul<float>(KernelTable<float>&);
 template void fill_small_matmul<double>(KernelTable<double>&);
@@ -425,6 +499,42 @@ template void fill_small_matmul<double>(KernelTable<double>&);
 }  // namespace UM_ISA
 
 #if UM_ISA_GENERIC
+void quantise_q8_rows(int64_t rows, int64_t K, const float* x, int8_t* q, float* s) {
+  const int64_t Kp = q8_padded(K), nb = Kp / kQ8Block;
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t i0 = b * kQ8Block, i1 = std::min(K, i0 + kQ8Block);
+      float amax = 0;
+      for (int64_t i = i0; i < i1; ++i) amax = std::max(amax, std::fabs(x[t * K + i]));
+      const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+      s[t * nb + b] = amax / 127.0f;
+      for (int64_t i = i0; i < i0 + kQ8Block; ++i)
+        q[t * Kp + i] = i < i1 ? int8_t(std::nearbyint(x[t * K + i] * inv)) : int8_t(0);
+    }
+}
+
+void matmul_rows_q8_ref(int64_t rows, int64_t K, int64_t M, const float* x, const int8_t* w, const float* w_scale,
+                        float* out) {
+  const int64_t Kp = q8_padded(K), nb = Kp / kQ8Block;
+  std::vector<int8_t> q(rows * Kp);
+  std::vector<float> s(rows * nb);
+  quantise_q8_rows(rows, K, x, q.data(), s.data());
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t j = 0; j < M; ++j) {
+      float acc[8] = {};
+      for (int64_t b = 0; b < nb; ++b)
+        for (int l = 0; l < 8; ++l) {
+          int32_t lane = 0;
+          for (int i = 0; i < 4; ++i) {
+            const int64_t k = b * kQ8Block + 4 * l + i;
+            if (k < K) lane += int32_t(q[t * Kp + k]) * int32_t(w[j * K + k]);
+          }
+          acc[l] = std::fma(float(lane), s[t * nb + b], acc[l]);
+        }
+      out[t * M + j] = (((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))) * w_scale[j];
+    }
+}
+
 template <typename T>
 void attend_cached_ref(int64_t S, int64_t hd, const T* q, const T* Kc, const T* Vc, T* probs, T* out) {
   matmul_rows_nt_ref<T>(1, hd, S, q, Kc, probs);

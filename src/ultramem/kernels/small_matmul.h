@@ -66,6 +66,32 @@ void gathered_dots_q(int64_t K,
 template <typename T>
 void widen_rows(const RowTable<T>& b, int64_t K, int64_t row0, int64_t count, T* dst);
 
+// ---- int8 rows against int8 activations (int8 dense weights at few rows) ------------------------
+// Widening int8 weights to float costs more instructions than reading them (about 4 weights per
+// cycle), so the int8-weight products quantise the activations too and take integer dot products.
+// Each row of x is cut into blocks of kQ8Block values, K padded with zeros to a multiple of it; a block
+// with amax = max|x| is stored as s = amax / 127 and q = x * (127 / amax) rounded to nearest even
+// (amax = 0: s = 0, q = 0).
+constexpr int64_t kQ8Block = 32;
+inline int64_t q8_padded(int64_t K) { return (K + kQ8Block - 1) / kQ8Block * kQ8Block; }
+void quantise_q8_rows(int64_t rows, int64_t K,
+                      const float* x,  // [rows, K]
+                      int8_t* q,       // [rows, q8_padded(K)] out
+                      float* s);       // [rows, q8_padded(K) / kQ8Block] out
+
+// out[t, j] = w_scale[j] * sum over blocks b of s[t, b] * (q[t, b] . w[j, b]). Each block's dot is exact
+// in integers, as 8 lane sums (lane l: positions 4l..4l+3 of the block); lane l accumulates over the
+// blocks acc_l = fma(float(lane sum), s[t, b], acc_l); the lanes are added as
+// ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)), then multiplied by w_scale[j]. w entries must lie
+// in [-127, 127] (ops::compact_rows's int8).
+void matmul_rows_q8(int64_t rows, int64_t K, int64_t M,
+                    const float* x,        // [rows, K]
+                    const int8_t* w,       // [M, K]
+                    const float* w_scale,  // [M]
+                    float* out);           // [rows, M] out (overwritten)
+void matmul_rows_q8_ref(int64_t rows, int64_t K, int64_t M, const float* x, const int8_t* w, const float* w_scale,
+                        float* out);
+
 // Decode attention of one head (two few-row products and a softmax): scores[s] = <q, Kc[s]> in the
 // 16-lane dot layout, p = softmax(scores) (max subtracted, exp, sum over s ascending, times 1/sum),
 // out = sum over s ascending of p[s] * Vc[s]. probs is scratch.

@@ -185,7 +185,7 @@ at::Tensor linear_nt(const at::Tensor& x, const Matrix& w) {
   at::Tensor y = torch::empty({T, N}, x.options());
   if (T == 0) return y;
   if (x.scalar_type() == at::kFloat)
-    detail::project_nt<float>(xc.data_ptr<float>(), T, K, wc.w, wc.scale, y.data_ptr<float>());
+    detail::project_nt<float>(xc.data_ptr<float>(), T, K, wc.w, wc.scale, y.data_ptr<float>(), /*q8=*/true);
   else
     detail::project_nt<double>(xc.data_ptr<double>(), T, K, wc.w, wc.scale, y.data_ptr<double>());
   return y;

@@ -48,10 +48,20 @@ std::vector<S>& widen_scratch(int which) {
 
 // out[rows, N] = x[rows, K] @ b^T for b [N, K] rows (contiguous; S, bfloat16, or int8 with `scale`
 // [N]): up to kSmallRows rows the dot kernel reads b in place; above, BLAS on b (float) or on blocks of
-// 512 rows widened in cache (compact).
+// 512 rows widened in cache (compact). With q8, float32 x and int8 b, x is quantised to int8 too and the
+// product taken in integer dots (kernels::matmul_rows_q8) at every row count, so that an int8-weight
+// model computes alike in decode, prefill and evaluation: the dense int8 weights. Key scoring keeps
+// the widened dots (its indices are compared with the float keys').
 template <typename S>
-void project_nt(const S* x, int64_t rows, int64_t K, const at::Tensor& b, const at::Tensor& scale, S* out) {
+void project_nt(const S* x, int64_t rows, int64_t K, const at::Tensor& b, const at::Tensor& scale, S* out,
+                bool q8 = false) {
   const int64_t N = b.size(0);
+  if constexpr (std::is_same_v<S, float>) {
+    if (q8 && b.scalar_type() == at::kChar) {
+      kernels::matmul_rows_q8(rows, K, N, x, b.data_ptr<int8_t>(), scale.data_ptr<float>(), out);
+      return;
+    }
+  }
   if (rows <= kSmallRows) {
     kernels::matmul_rows_nt_q<S>(rows, K, N, x, row_table<S>(b, scale), out);
     return;
@@ -95,7 +105,7 @@ void project(const S* x, int64_t rows, int64_t K, const torch::Tensor& w, S* out
 template <typename S>
 void project(const S* x, int64_t rows, int64_t K, const Matrix& w, S* out) {
   if (w.compact())
-    project_nt<S>(x, rows, K, w.w, w.scale, out);
+    project_nt<S>(x, rows, K, w.w, w.scale, out, /*q8=*/true);
   else
     project<S>(x, rows, K, w.w, out);
 }
