@@ -526,18 +526,19 @@ TEST(WeightFormats, CompactMatricesMatchTheirWidenedFloats) {
     EXPECT_EQ(c_in.w.scalar_type(), fmt == "bf16" ? torch::kBFloat16 : torch::kChar);
     EXPECT_EQ(c_in.scale.defined(), fmt == "int8");
     EXPECT_LE(max_diff(ops::widen_rows(c_head), head), (fmt == "bf16" ? 1e-2 : 2e-2) * max_abs(head));
-    // bf16 rows are widened exactly: the float ops' results up to rounding. int8 rows meet activations
-    // rounded to 8 bits per block of 32 (kernels::matmul_rows_q8), up to half a step (1/254 of the
-    // block's max |x|) per input, through one or two products: within 3% of the float ops.
+    // bf16 rows are widened exactly: the float ops' results up to rounding. int8 rows up to 16 rows meet
+    // activations rounded to 8 bits per block of 32 (kernels::matmul_rows_q8), up to half a step (1/254
+    // of the block's max |x|) per input, through one or two products: within 3% of the float ops.
     const double tol = fmt == "bf16" ? 1e-5 : 3e-2;
     for (int64_t rows : {1, 5, 20}) {
       SCOPED_TRACE(rows);
+      const double tol_r = rows <= 16 ? tol : 1e-5;  // from 17 rows int8 rows are widened for BLAS
       const auto x = torch::randn({rows, D});
       const auto f1 = ops::swiglu_forward(x, c_in, c_out), f2 = ops::swiglu_forward(x, float_of(c_in), float_of(c_out));
-      EXPECT_LE(max_diff(f1, f2), tol * max_abs(f2));
+      EXPECT_LE(max_diff(f1, f2), tol_r * max_abs(f2));
       const auto l1 = ops::linear_nt(x, c_head), l2 = ops::linear_nt(x, ops::widen_rows(c_head));
-      EXPECT_LE(max_diff(l1, l2), tol * max_abs(l2));
-      if (fmt == "int8") {  // exactly the float product of the quantised activations, up to rounding
+      EXPECT_LE(max_diff(l1, l2), tol_r * max_abs(l2));
+      if (fmt == "int8" && rows <= 16) {  // the float product of the quantised activations, up to rounding
         const int64_t Kp = ultramem::kernels::q8_padded(D), nb = Kp / ultramem::kernels::kQ8Block;
         std::vector<int8_t> q(rows * Kp);
         std::vector<float> sc(rows * nb);
@@ -554,8 +555,8 @@ TEST(WeightFormats, CompactMatricesMatchTheirWidenedFloats) {
       auto k2 = k1.clone(), v2 = v1.clone();
       const auto a1 = ops::attention_decode(x, c_qkv, c_o, cos, sin, k1, v1, 3);
       const auto a2 = ops::attention_decode(x, float_of(c_qkv), float_of(c_o), cos, sin, k2, v2, 3);
-      EXPECT_LE(max_diff(a1, a2), tol * max_abs(a2));
-      EXPECT_LE(max_diff(k1, k2), tol * max_abs(k2));
+      EXPECT_LE(max_diff(a1, a2), tol_r * max_abs(a2));
+      EXPECT_LE(max_diff(k1, k2), tol_r * max_abs(k2));
     }
     // MoE experts: [K, ...] stacks of compact rows.
     const int64_t E = 3;

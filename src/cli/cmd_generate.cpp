@@ -36,7 +36,8 @@ void add_generate_command(CLI::App& app) {
       ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   cmd->add_option("--weights", a->weights,
                   "Storage of the dense matrices (attention, FFN, experts, LM head): fp32, bf16 or int8 (one scale per "
-                  "output row; their inputs rounded to int8 per block of 32 too), the weights rounded to it "
+                  "output row; at up to 16 tokens their inputs rounded to int8 per block of 32 too), the weights "
+                  "rounded to it "
                   "(default: the checkpoint's, see quantize --weights)")
       ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   cmd->add_option("--value-prefetch", a->value_prefetch,

@@ -25,8 +25,9 @@ void add_quantize_command(CLI::App& app) {
                   "float32. Reports each memory layer's key_agreement");
   cmd->add_option("--weights", a->weights,
                   "Storage of the dense matrices the decode path reads (attention, FFN, MoE experts, LM head and the "
-                  "embedding tied to it): bf16 or int8 (one scale per output row; the products then round their "
-                  "inputs to int8 per block of 32 too and take integer dot products). The float32 parameters are "
+                  "embedding tied to it): bf16 or int8 (one scale per output row; products of up to 16 tokens then "
+                  "round their inputs to int8 per block of 32 too and take integer dot products). The float32 "
+                  "parameters are "
                   "rounded to it and the format recorded (eval and generate use it unless --weights overrides); a "
                   "token then reads 2x (bf16) or 4x (int8) fewer weight bytes")
       ->check(CLI::IsMember({"bf16", "int8"}));

@@ -70,7 +70,8 @@ class TransformerImpl : public torch::nn::Module {
   // embedding tied to it): kBFloat16 or kInt8 (one scale per output row) compact copies that the no-grad
   // decode ops read, the parameters rounded in place to the same values (nn/compact_weight.h); kFloat32
   // drops the copies (the parameters keep their rounding). The memory layers and norms are unchanged.
-  // With int8 the no-grad products also round their inputs to int8 per block of 32 (ops::Matrix).
+  // With int8 the no-grad products of up to 16 rows also round their inputs to int8 per block of 32
+  // (ops::Matrix).
   void set_weight_format(ValueFormat f);
   ValueFormat weight_format() const;
   int64_t compact_weight_bytes() const;  // the compact copies' bytes (0 for kFloat32)

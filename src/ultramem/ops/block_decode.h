@@ -19,9 +19,9 @@ namespace ultramem::ops {
 // linear_nt [N, K], y = x @ w^T), or compact for inference: [N, K] rows, one per output, of bfloat16
 // (dtype kBFloat16) or int8 (kChar) with one float32 scale per row in `scale` [N] (y = x @ w^T, row j
 // read as q[j] * scale[j]). bf16 rows are read in place by the few-row kernels (up to 15 rows) and
-// widened block by block for BLAS above. int8 rows meet their input rounded to int8 per block of 32
-// and are taken in integer dot products at every row count (kernels::matmul_rows_q8, as CPU int8
-// engines do; docs/performance.md, D.15). Made by compact_rows.
+// widened block by block for BLAS above. int8 rows up to 16 rows meet their input rounded to int8 per
+// block of 32 and are taken in integer dot products (kernels::matmul_rows_q8, as CPU int8 engines do;
+// docs/performance.md, D.15), and are widened for BLAS above. Made by compact_rows.
 struct Matrix {
   Matrix() = default;
   Matrix(at::Tensor w_) : w(std::move(w_)) {}  // NOLINT: a float matrix converts implicitly

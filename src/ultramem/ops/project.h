@@ -17,6 +17,11 @@ namespace ultramem::ops::detail {
 // the decode model's shapes, K = 64..688, N = 256..8192; docs/performance.md, D.14).
 constexpr int64_t kSmallRows = 15;
 
+// Up to this many rows int8 dense weights take integer dot products (kernels::matmul_rows_q8); above,
+// the widened rows and BLAS. Measured on the decode model (docs/performance.md, D.15): whole models with
+// int8 weights 1.15-1.3x faster at batch 16 with the integer dots, 0.83-0.9x at batch 64.
+constexpr int64_t kQ8Rows = 16;
+
 template <typename S>
 constexpr torch::Dtype dtype_of() {
   return std::is_same_v<S, float> ? torch::kFloat : torch::kDouble;
@@ -48,16 +53,16 @@ std::vector<S>& widen_scratch(int which) {
 
 // out[rows, N] = x[rows, K] @ b^T for b [N, K] rows (contiguous; S, bfloat16, or int8 with `scale`
 // [N]): up to kSmallRows rows the dot kernel reads b in place; above, BLAS on b (float) or on blocks of
-// 512 rows widened in cache (compact). With q8, float32 x and int8 b, x is quantised to int8 too and the
-// product taken in integer dots (kernels::matmul_rows_q8) at every row count, so that an int8-weight
-// model computes alike in decode, prefill and evaluation: the dense int8 weights. Key scoring keeps
-// the widened dots (its indices are compared with the float keys').
+// 512 rows widened in cache (compact). With q8, float32 x, int8 b and up to kQ8Rows rows, x is quantised
+// to int8 too and the product taken in integer dots (kernels::matmul_rows_q8): the dense int8 weights
+// at decode batches. Key scoring keeps the widened dots (its indices are compared with the float
+// keys').
 template <typename S>
 void project_nt(const S* x, int64_t rows, int64_t K, const at::Tensor& b, const at::Tensor& scale, S* out,
                 bool q8 = false) {
   const int64_t N = b.size(0);
   if constexpr (std::is_same_v<S, float>) {
-    if (q8 && b.scalar_type() == at::kChar) {
+    if (q8 && rows <= kQ8Rows && b.scalar_type() == at::kChar) {
       kernels::matmul_rows_q8(rows, K, N, x, b.data_ptr<int8_t>(), scale.data_ptr<float>(), out);
       return;
     }
