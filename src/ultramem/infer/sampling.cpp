@@ -37,51 +37,8 @@ int64_t sample_token(const torch::Tensor& logits, const SamplingOptions& o, torc
   return torch::multinomial(probs, 1, /*replacement=*/false, gen).item<int64_t>();
 }
 
-std::vector<int64_t> generate(nn::Transformer& model, std::vector<int64_t> prompt, const SamplingOptions& o,
-                              int64_t eos_id, const std::function<void(int64_t)>& on_token, GenerateTiming* timing) {
-  o.validate();
-  if (prompt.empty()) throw std::invalid_argument("generate: the prompt must hold at least one token");
-  torch::InferenceMode guard;
-  model->eval();
-  const int64_t ctx = model->config().max_seq_len;
-  if (static_cast<int64_t>(prompt.size()) > ctx) prompt.erase(prompt.begin(), prompt.end() - ctx);
-  torch::Generator gen = at::detail::createCPUGenerator(o.seed);
-  auto cache = model->make_cache(1, ctx);
-  using Clock = std::chrono::steady_clock;
-  auto since = [](Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); };
-  auto t0 = Clock::now();
-  auto logits = model->forward_cached(torch::tensor(prompt, torch::kLong).view({1, -1}), cache);
-  int64_t id = sample_token(logits[0][logits.size(1) - 1], o, gen);
-  if (timing) {
-    timing->prompt_tokens = static_cast<int64_t>(prompt.size());
-    timing->prompt_seconds = since(t0);
-    timing->step_seconds.clear();
-  }
-  std::vector<int64_t> out;
-  std::string stop = "max_tokens";
-  while (static_cast<int64_t>(out.size()) < o.max_tokens) {
-    if (id == eos_id) {
-      stop = "eos";
-      break;
-    }
-    out.push_back(id);
-    if (on_token) on_token(id);
-    if (static_cast<int64_t>(out.size()) >= o.max_tokens) break;
-    if (cache.length >= ctx) {
-      stop = "context_full";
-      break;
-    }
-    t0 = Clock::now();
-    logits = model->forward_cached(torch::tensor({id}, torch::kLong).view({1, 1}), cache);
-    id = sample_token(logits[0][logits.size(1) - 1], o, gen);
-    if (timing) timing->step_seconds.push_back(since(t0));
-  }
-  if (timing) timing->stop_reason = stop;
-  return out;
-}
-
 BatchResult generate_batch(nn::Transformer& model, std::vector<std::vector<int64_t>> prompts, const SamplingOptions& o,
-                           int64_t eos_id) {
+                           int64_t eos_id, const std::function<void(int64_t, int64_t)>& on_token) {
   o.validate();
   const int64_t B = static_cast<int64_t>(prompts.size());
   if (B == 0) throw std::invalid_argument("generate_batch: no prompts");
@@ -122,6 +79,7 @@ BatchResult generate_batch(nn::Transformer& model, std::vector<std::vector<int64
           r.stop_reasons[b] = "eos";
         } else {
           out.push_back(id);
+          if (on_token) on_token(b, id);
           next[b] = id;
           if (static_cast<int64_t>(out.size()) >= o.max_tokens) r.stop_reasons[b] = "max_tokens";
         }
@@ -137,19 +95,36 @@ BatchResult generate_batch(nn::Transformer& model, std::vector<std::vector<int64
   auto logits = model->forward_cached(torch::tensor(first, torch::kLong).view({B, common}), cache);
   advance(logits.select(1, common - 1), common);
   r.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  t0 = Clock::now();
   while (active > 0) {
     if (cache.length >= ctx) {
       for (auto& s : r.stop_reasons)
         if (s.empty()) s = "context_full";
       break;
     }
+    t0 = Clock::now();
     logits = model->forward_cached(torch::tensor(next, torch::kLong).view({B, 1}), cache);
     ++r.steps;
     advance(logits.select(1, 0), cache.length);
+    r.step_seconds.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    r.decode_seconds += r.step_seconds.back();
   }
-  r.decode_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return r;
+}
+
+std::vector<int64_t> generate(nn::Transformer& model, std::vector<int64_t> prompt, const SamplingOptions& o,
+                              int64_t eos_id, const std::function<void(int64_t)>& on_token, GenerateTiming* timing) {
+  if (prompt.empty()) throw std::invalid_argument("generate: the prompt must hold at least one token");
+  const int64_t used = std::min<int64_t>(static_cast<int64_t>(prompt.size()), model->config().max_seq_len);
+  std::function<void(int64_t, int64_t)> each;
+  if (on_token) each = [&on_token](int64_t, int64_t id) { on_token(id); };
+  BatchResult r = generate_batch(model, {std::move(prompt)}, o, eos_id, each);
+  if (timing) {
+    timing->prompt_tokens = used;
+    timing->prompt_seconds = r.prefill_seconds;
+    timing->step_seconds = std::move(r.step_seconds);
+    timing->stop_reason = r.stop_reasons[0];
+  }
+  return std::move(r.tokens[0]);
 }
 
 }  // namespace ultramem::infer

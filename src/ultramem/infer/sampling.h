@@ -35,7 +35,7 @@ struct GenerateTiming {
 // emitted), max_tokens are produced, or the model's context is full. A prompt longer than the context
 // keeps its last tokens. Calls on_token for each new id as it is produced; returns the new ids. Runs
 // under torch::InferenceMode (no autograd state; memory layers take their no-grad fast path). Fills
-// *timing when given.
+// *timing when given. It is generate_batch with one prompt.
 std::vector<int64_t> generate(nn::Transformer& model, std::vector<int64_t> prompt, const SamplingOptions& o,
                               int64_t eos_id, const std::function<void(int64_t)>& on_token = {},
                               GenerateTiming* timing = nullptr);
@@ -45,15 +45,17 @@ std::vector<int64_t> generate(nn::Transformer& model, std::vector<int64_t> promp
 // feeds each sequence its next prompt token while it has one and its sampled token after. Each
 // sequence samples with its own generator seeded with o.seed (the draws it would make alone) and stops
 // on its own (eos, max_tokens, context_full); a stopped sequence is fed its last token (its outputs
-// ignored) until all have stopped.
-// Returns the new ids per prompt; stop_reasons (when given) receives each sequence's reason.
+// ignored) until all have stopped. Calls on_token(b, id) for each new id of sequence b as it is
+// produced. Returns the new ids per prompt, each sequence's stop reason and the timing.
 struct BatchResult {
   std::vector<std::vector<int64_t>> tokens;  // [B] new ids per prompt
   std::vector<std::string> stop_reasons;     // [B] "eos", "max_tokens" or "context_full"
   int64_t steps = 0;                         // batched decode steps after the prefill
-  double prefill_seconds = 0, decode_seconds = 0;
+  double prefill_seconds = 0;                // the prefill forward and the first sampling
+  double decode_seconds = 0;                 // the decode steps, all together
+  std::vector<double> step_seconds;          // [steps] each decode step (forward + sampling), in order
 };
 BatchResult generate_batch(nn::Transformer& model, std::vector<std::vector<int64_t>> prompts, const SamplingOptions& o,
-                           int64_t eos_id);
+                           int64_t eos_id, const std::function<void(int64_t seq, int64_t id)>& on_token = {});
 
 }  // namespace ultramem::infer
