@@ -80,7 +80,7 @@ class TransformerImpl : public torch::nn::Module {
   // value table) runs its retrieval at block i, prefetches up to `bytes` of the value rows it will read,
   // and runs its lookup at block j (UltraMemImpl::retrieve / lookup); the result is the same bit for
   // bit. 0 turns it off: the memory then runs whole at block i. Throws std::invalid_argument for < 0.
-  // Off by default: with the tables in RAM it measured 0.97-1.01x of off on this project's CPU (the
+  // Off by default: with the tables in RAM it measured 0.96-1.03x of off on this project's CPU (the
   // lookup is 1-6% of a step; docs/performance.md, D.15); it is there for tables whose rows come from
   // slower storage.
   static constexpr int64_t kDefaultValuePrefetchBytes = 0;
