@@ -578,6 +578,11 @@ TEST(WeightFormats, CompactMatricesMatchTheirWidenedFloats) {
     expect_throw_with<c10::Error>([&] { ops::linear_nt(torch::randn({2, D}, torch::kDouble), c_head); }, "float32 input");
     if (fmt == "int8") expect_throw_with<c10::Error>([&] { ops::linear_nt(torch::randn({2, D}), ops::Matrix(c_head.w)); }, "scale");
     expect_throw_with<c10::Error>([&] { ops::swiglu_forward(torch::randn({2, D}), c_out, c_in); }, "swiglu_forward: w_in");
+    // A scale with bf16 or float expert stacks is refused, as with single matrices.
+    const auto stray = torch::ones({E, 2 * h});
+    if (fmt == "bf16")
+      expect_throw_with<c10::Error>([&] { ops::moe_decode(x, router, ops::Matrix(s_in.w, stray), s_out, 2); }, "take no scale");
+    expect_throw_with<c10::Error>([&] { ops::moe_decode(x, router, ops::Matrix(e_in, stray), e_out, 2); }, "takes no scale");
   }
   EXPECT_THROW(ops::compact_rows(torch::randn({4, 4}), "int4"), std::invalid_argument);
 }

@@ -108,6 +108,8 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& router, const Matri
     if (m.w.scalar_type() == at::kChar) {
       check_tensor(m.scale, what, 2, {at::kFloat});
       TORCH_CHECK(m.scale.size(0) == K && m.scale.size(1) == n, what, " scale must be [K, N], got ", m.scale.sizes());
+    } else {
+      TORCH_CHECK(!m.scale.defined(), what, compact ? ": bf16 rows take no scale" : ": a float matrix takes no scale");
     }
     return n;
   };
