@@ -12,6 +12,7 @@ PACKAGES=(
   zlib1g-dev
   python3-torch python3-numpy
   gnuplot-nox
+  libcpp-httplib-dev
 )
 
 SUDO=""
@@ -33,4 +34,23 @@ else
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Node.js and the npm packages of the `ultramem serve` tests (tests/serve: the openai SDK, pinned by
+# tests/serve/package-lock.json). Installs nodejs and npm with apt-get if either is missing, as
+# scripts/fetch_corpus.sh does; runs `npm ci` only when tests/serve/node_modules/openai is missing.
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+  echo "setup.sh: node $(node --version) present"
+else
+  echo "setup.sh: node or npm not found; installing nodejs and npm with apt-get"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if [ -d "$repo_root/tests/serve/node_modules/openai" ]; then
+  echo "setup.sh: npm packages of tests/serve present"
+else
+  echo "setup.sh: installing the npm packages of tests/serve (npm ci)"
+  npm ci --no-audit --no-fund --prefix "$repo_root/tests/serve"
 fi

@@ -12,6 +12,7 @@ void add_info_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_eval_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
+void add_serve_command(CLI::App& app);
 void add_quantize_command(CLI::App& app);
 void add_consolidate_command(CLI::App& app);
 void add_layer_demo_command(CLI::App& app);

@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
   }
   CLI::App app{
       "ultramem: UltraMem ultra-sparse memory layers for transformers (CPU, libtorch).\n"
-      "Typical flow: prepare -> info -> train -> eval / generate."};
+      "Typical flow: prepare -> info -> train -> eval / generate / serve."};
   app.require_subcommand(1);
   app.fallthrough();  // global options (--threads) also after the subcommand
   app.set_version_flag("--version", version_line(), "Print version, git revision, kernel ISA and libtorch version");
@@ -60,6 +60,7 @@ int main(int argc, char** argv) {
   ultramem::cli::add_train_command(app);
   ultramem::cli::add_eval_command(app);
   ultramem::cli::add_generate_command(app);
+  ultramem::cli::add_serve_command(app);
   ultramem::cli::add_quantize_command(app);
   ultramem::cli::add_consolidate_command(app);
   ultramem::cli::add_layer_demo_command(app);

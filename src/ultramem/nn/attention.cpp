@@ -74,4 +74,27 @@ torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x, int64_t p
   return out.matmul(wo);
 }
 
+torch::Tensor CausalSelfAttentionImpl::forward_slots(const torch::Tensor& x, const std::vector<int64_t>& slots,
+                                                     const std::vector<int64_t>& positions, torch::Tensor& cache_k,
+                                                     torch::Tensor& cache_v) {
+  const int64_t B = x.size(0), D = o_.d_model;
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "CausalSelfAttention::forward_slots: x must be [B, 1, D]");
+  TORCH_CHECK(int64_t(slots.size()) == B && int64_t(positions.size()) == B,
+              "CausalSelfAttention::forward_slots: slots and positions must hold B = ", B, " entries");
+  if (!(o_.dropout > 0 && is_training()) && ops::no_grad_op_applies(x, wqkv) &&
+      cache_k.scalar_type() == x.scalar_type() && cache_k.is_contiguous() && cache_v.is_contiguous()) {
+    return ops::attention_decode(x.reshape({B, D}), wqkv_c_.get(wqkv), wo_c_.get(wo), cos_, sin_, cache_k, cache_v,
+                                 slots, positions)
+        .view({B, 1, D});
+  }
+  std::vector<torch::Tensor> rows;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < cache_k.size(0), "CausalSelfAttention::forward_slots: slot ", slots[b],
+                " outside the cache's ", cache_k.size(0), " rows");
+    auto k = cache_k.narrow(0, slots[b], 1), v = cache_v.narrow(0, slots[b], 1);
+    rows.push_back(forward(x.narrow(0, b, 1), positions[b], &k, &v));
+  }
+  return torch::cat(rows, 0);
+}
+
 }  // namespace ultramem::nn

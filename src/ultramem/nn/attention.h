@@ -5,6 +5,8 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
+#include <vector>
+
 #include "ultramem/nn/compact_weight.h"
 
 namespace ultramem::nn {
@@ -29,6 +31,13 @@ class CausalSelfAttentionImpl : public torch::nn::Module {
   // [pos0, pos0 + T) and the queries attend to every cached position up to their own.
   torch::Tensor forward(const torch::Tensor& x, int64_t pos0 = 0, torch::Tensor* cache_k = nullptr,
                         torch::Tensor* cache_v = nullptr);
+
+  // Continuous batching: x [B, 1, D], one token per sequence; sequence b is row slots[b] of the caches
+  // (cache_k, cache_v: [S, n_heads, max_len, head_dim]) and its token sits at positions[b]. Writes each
+  // new key and value there and attends over [0, positions[b]] of its row. -> [B, 1, D]. Under no grad
+  // (float32/float64) the decode op (ops::attention_decode with slots); otherwise forward() row by row.
+  torch::Tensor forward_slots(const torch::Tensor& x, const std::vector<int64_t>& slots,
+                              const std::vector<int64_t>& positions, torch::Tensor& cache_k, torch::Tensor& cache_v);
 
   int64_t head_dim() const { return head_dim_; }
 

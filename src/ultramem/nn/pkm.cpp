@@ -6,6 +6,7 @@
 
 #include "ultramem/nn/dtype_guard.h"
 #include "ultramem/ops/ops.h"
+#include "ultramem/ops/runtime.h"
 
 namespace ultramem::nn {
 
@@ -40,6 +41,14 @@ torch::Tensor PKMImpl::forward(const torch::Tensor& x) {
   lead.pop_back();
   const auto u = x.reshape({-1, c.D});
   const int64_t T = u.size(0);
+  // Serving (ultramem::batch_invariant()): libtorch's products may round a row differently with other
+  // rows around it, and this layer has no fused no-grad op yet, so a no-grad forward runs row by row.
+  if (T > 1 && !at::GradMode::is_enabled() && batch_invariant()) {
+    std::vector<torch::Tensor> rows;
+    for (int64_t t = 0; t < T; ++t) rows.push_back(forward(u.narrow(0, t, 1)));
+    lead.push_back(c.D);
+    return torch::cat(rows, 0).view(lead);
+  }
   auto q = u.matmul(wq);  // [T, H*2*Dk], or [T, 2*Dk] when shared
   if (bn) q = bn->forward(q);
   q = c.shared_query ? q.view({T, 1, 2, c.Dk}).expand({T, c.H, 2, c.Dk}) : q.view({T, c.H, 2, c.Dk});

@@ -110,8 +110,11 @@ struct TransformerImpl::Impl {
 
   // tokens [B, T] at positions [pos0, pos0 + T) -> logits [B, T, V]. With `cache` the attention
   // reads and extends it; with `residuals` the stream after the embedding and every block is kept.
+  // slots / positions (with a cache, one token per sequence): each sequence's cache row and position
+  // (decode_slots); otherwise every sequence is cache row b and starts at pos0.
   torch::Tensor run(const ModelConfig& c, bool training, const torch::Tensor& tokens, int64_t pos0, KVCache* cache,
-                    std::vector<torch::Tensor>* residuals, bool record_aux) {
+                    std::vector<torch::Tensor>* residuals, bool record_aux,
+                    const std::vector<int64_t>* slots = nullptr, const std::vector<int64_t>* positions = nullptr) {
     const double p = training ? c.dropout : 0.0;
     auto branch = [&](const torch::Tensor& x) { return p > 0 ? torch::dropout(x, p, true) : x; };
     torch::Tensor h = torch::embedding(embedding, tokens);  // [B, T, D]
@@ -128,8 +131,10 @@ struct TransformerImpl::Impl {
     torch::Tensor balance;
     for (size_t b = 0; b < blocks.size(); ++b) {
       auto& blk = blocks[b];
-      const auto a = cache ? blk->attn->forward(blk->attn_norm->forward(h), pos0, &cache->k[b], &cache->v[b])
-                           : blk->attn->forward(blk->attn_norm->forward(h));
+      const auto a = !cache  ? blk->attn->forward(blk->attn_norm->forward(h))
+                     : slots ? blk->attn->forward_slots(blk->attn_norm->forward(h), *slots, *positions, cache->k[b],
+                                                        cache->v[b])
+                             : blk->attn->forward(blk->attn_norm->forward(h), pos0, &cache->k[b], &cache->v[b]);
       h = h + branch(a);
       if (blk->ffn_norm) {
         const auto u = blk->ffn_norm->forward(h);  // [B, T, D], the FFN input memories read
@@ -263,6 +268,54 @@ torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCac
   auto logits = impl_->run(cfg_, is_training(), tokens, cache.length, &cache, nullptr, /*record_aux=*/false);
   cache.length += tokens.size(1);
   return logits;
+}
+
+torch::Tensor TransformerImpl::decode_slots(const torch::Tensor& tokens, KVCache& cache, const std::vector<int64_t>& slots,
+                                            const std::vector<int64_t>& positions) {
+  const std::string who = "Transformer::decode_slots";
+  if (int64_t(cache.k.size()) != cfg_.n_layers || int64_t(cache.v.size()) != cfg_.n_layers)
+    throw std::invalid_argument(who + ": cache has " + std::to_string(cache.k.size()) + " layers, the model " +
+                                std::to_string(cfg_.n_layers) + " (use make_cache)");
+  if (!tokens.defined() || tokens.dim() != 1)
+    throw std::invalid_argument(who + ": tokens must be [B] int64 (one token per sequence)");
+  const int64_t B = tokens.size(0), S = cache.k[0].size(0);
+  const int64_t capacity = std::min<int64_t>(cache.k[0].size(2), cfg_.max_seq_len);
+  if (int64_t(slots.size()) != B || int64_t(positions.size()) != B)
+    throw std::invalid_argument(who + ": " + std::to_string(B) + " tokens but " + std::to_string(slots.size()) +
+                                " slots and " + std::to_string(positions.size()) + " positions");
+  std::vector<char> taken(S, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    if (slots[b] < 0 || slots[b] >= S || taken[slots[b]])
+      throw std::invalid_argument(who + ": slot " + std::to_string(slots[b]) + " of sequence " + std::to_string(b) +
+                                  " is outside [0, " + std::to_string(S) + ") or given twice");
+    taken[slots[b]] = 1;
+    if (positions[b] < 0 || positions[b] >= capacity)
+      throw std::invalid_argument(who + ": position " + std::to_string(positions[b]) + " of sequence " +
+                                  std::to_string(b) + " is outside the cache's " + std::to_string(capacity) +
+                                  " positions (the sequence is full)");
+  }
+  const auto tok = tokens.view({B, 1});
+  check_tokens(tok, cfg_.vocab_size, 1, who, "one token per sequence");
+  torch::NoGradGuard no_grad;
+  auto logits = impl_->run(cfg_, is_training(), tok, 0, &cache, nullptr, /*record_aux=*/false, &slots, &positions);
+  return logits.view({B, logits.size(2)});
+}
+
+KVCache TransformerImpl::slot_view(KVCache& cache, int64_t slot, int64_t length) {
+  KVCache view;
+  if (cache.k.empty()) throw std::invalid_argument("Transformer::slot_view: the cache holds no layer");
+  if (slot < 0 || slot >= cache.k[0].size(0))
+    throw std::invalid_argument("Transformer::slot_view: slot " + std::to_string(slot) + " outside [0, " +
+                                std::to_string(cache.k[0].size(0)) + ")");
+  if (length < 0 || length > cache.k[0].size(2))
+    throw std::invalid_argument("Transformer::slot_view: length " + std::to_string(length) + " outside [0, " +
+                                std::to_string(cache.k[0].size(2)) + "]");
+  for (size_t l = 0; l < cache.k.size(); ++l) {
+    view.k.push_back(cache.k[l].narrow(0, slot, 1));
+    view.v.push_back(cache.v[l].narrow(0, slot, 1));
+  }
+  view.length = length;
+  return view;
 }
 
 std::map<std::string, torch::Tensor> TransformerImpl::aux_losses() const { return impl_->aux; }

@@ -43,6 +43,17 @@ class TransformerImpl : public torch::nn::Module {
   torch::Tensor forward_cached(const torch::Tensor& tokens, KVCache& cache);
   KVCache make_cache(int64_t batch, int64_t max_len) const;
 
+  // Continuous batching: one decode step of B sequences that each own a row ("slot") of `cache` (made
+  // with make_cache(S, L), S slots) and have their own length. tokens [B] int64; sequence b feeds
+  // tokens[b] at position positions[b] (< L: the tokens it already has in its slot) of slot slots[b]
+  // (distinct, < S). Returns logits [B, vocab]. cache.length is not used. No autograd state is kept.
+  // A row's logits are the bits it would get alone when ultramem::batch_invariant() is on (ops/runtime.h).
+  torch::Tensor decode_slots(const torch::Tensor& tokens, KVCache& cache, const std::vector<int64_t>& slots,
+                             const std::vector<int64_t>& positions);
+  // Row `slot` of `cache` as a batch-1 cache of `length` filled positions sharing its storage: prefill
+  // one sequence into its slot with forward_cached.
+  static KVCache slot_view(KVCache& cache, int64_t slot, int64_t length = 0);
+
   // The residual stream of a forward pass: [n_layers + 1] tensors [B, T, D], the embeddings and the
   // stream after each block (memory outputs written after a block included). For tests and analysis;
   // does not touch aux_losses().

@@ -54,8 +54,11 @@ void rotate(S* z, int64_t half, const double* c, const double* s) {
 
 template <typename S>
 void attention_impl(const S* x, int64_t B, int64_t D, int64_t nh, const Matrix& wqkv, const Matrix& wo,
-                    const double* cos_p, const double* sin_p, S* ck, S* cv, int64_t L, int64_t pos, S* out) {
-  const int64_t hd = D / nh, half = hd / 2, S_len = pos + 1;
+                    const double* cos, const double* sin, S* ck, S* cv, int64_t L, const int64_t* slot,
+                    const int64_t* pos, S* out) {
+  const int64_t hd = D / nh, half = hd / 2;
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, pos[b] + 1);
   auto& sc = scratch<S>();
   sc.qkv.resize(B * 3 * D);
   sc.att.resize(B * D);
@@ -63,24 +66,25 @@ void attention_impl(const S* x, int64_t B, int64_t D, int64_t nh, const Matrix& 
   S* att = sc.att.data();
   project<S>(x, B, D, wqkv, qkv);  // [B, 3*D]: q | k | v, heads contiguous inside each
   const S q_scale = S(1.0 / std::sqrt(double(hd)));
-  // Each (sequence, head): rotate q and k, append k and v to the cache, attend over [0, pos].
-  at::parallel_for(0, B * nh, std::max<int64_t>(1, 4096 / std::max<int64_t>(S_len * hd, 1)), [&](int64_t j0, int64_t j1) {
-    std::vector<S> probs(S_len);
+  // Each (sequence, head): rotate q and k at the sequence's position, append k and v to its cache slot,
+  // attend over [0, pos].
+  at::parallel_for(0, B * nh, std::max<int64_t>(1, 4096 / std::max<int64_t>(longest * hd, 1)), [&](int64_t j0, int64_t j1) {
+    std::vector<S> probs(longest);
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t b = j / nh, h = j % nh;
+      const int64_t b = j / nh, h = j % nh, p = pos[b];
       S* q = qkv + b * 3 * D + h * hd;
       S* k = q + D;
       const S* v = q + 2 * D;
-      rotate(q, half, cos_p, sin_p);
-      rotate(k, half, cos_p, sin_p);
+      rotate(q, half, cos + p * half, sin + p * half);
+      rotate(k, half, cos + p * half, sin + p * half);
       for (int64_t i = 0; i < hd; ++i) q[i] *= q_scale;
-      S* Kc = ck + (b * nh + h) * L * hd;  // [L, hd]
-      S* Vc = cv + (b * nh + h) * L * hd;
-      std::copy(k, k + hd, Kc + pos * hd);
-      std::copy(v, v + hd, Vc + pos * hd);
+      S* Kc = ck + (slot[b] * nh + h) * L * hd;  // [L, hd]
+      S* Vc = cv + (slot[b] * nh + h) * L * hd;
+      std::copy(k, k + hd, Kc + p * hd);
+      std::copy(v, v + hd, Vc + p * hd);
       // One kernel call per head (not the OpenMP matrix kernels: a head's problem is tiny and entering
       // a parallel region per head cost ~12% of a batch-64 step).
-      kernels::attend_cached<S>(S_len, hd, q, Kc, Vc, probs.data(), att + b * D + h * hd);
+      kernels::attend_cached<S>(p + 1, hd, q, Kc, Vc, probs.data(), att + b * D + h * hd);
     }
   });
   project<S>(att, B, D, wo, out);
@@ -198,39 +202,61 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& wqkv, const a
 
 at::Tensor attention_decode(const at::Tensor& x, const Matrix& wqkv, const Matrix& wo, const at::Tensor& cos,
                             const at::Tensor& sin, at::Tensor& cache_k, at::Tensor& cache_v, int64_t pos) {
+  TORCH_CHECK(x.dim() == 2 && cache_k.dim() == 4 && cache_k.size(0) == x.size(0), "attention_decode: cache_k must be [B=",
+              x.dim() == 2 ? x.size(0) : -1, ", nh, L, hd], got ", detail::shape_str(cache_k));
+  const int64_t B = x.size(0);
+  std::vector<int64_t> slots(B), positions(B, pos);
+  for (int64_t b = 0; b < B; ++b) slots[b] = b;
+  return attention_decode(x, wqkv, wo, cos, sin, cache_k, cache_v, slots, positions);
+}
+
+at::Tensor attention_decode(const at::Tensor& x, const Matrix& wqkv, const Matrix& wo, const at::Tensor& cos,
+                            const at::Tensor& sin, at::Tensor& cache_k, at::Tensor& cache_v, at::IntArrayRef slots,
+                            at::IntArrayRef positions) {
   check_tensor(x, "attention_decode: x", 2, {at::kFloat, at::kDouble});
   const auto st = x.scalar_type();
   const int64_t B = x.size(0), D = x.size(1);
   check_tensor(cache_k, "attention_decode: cache_k", 4, {st});
-  const int64_t nh = cache_k.size(1), L = cache_k.size(2), hd = cache_k.size(3);
-  TORCH_CHECK(cache_k.size(0) == B && nh >= 1 && nh * hd == D && hd % 2 == 0,
-              "attention_decode: cache_k must be [B=", B, ", nh, L, hd] with nh * hd = D = ", D,
-              " and hd even, got ", detail::shape_str(cache_k));
+  const int64_t S = cache_k.size(0), nh = cache_k.size(1), L = cache_k.size(2), hd = cache_k.size(3);
+  TORCH_CHECK(nh >= 1 && nh * hd == D && hd % 2 == 0, "attention_decode: cache_k must be [S, nh, L, hd] with nh * hd = D = ",
+              D, " and hd even, got ", detail::shape_str(cache_k));
   check_tensor(cache_v, "attention_decode: cache_v", 4, {st});
-  check_sizes(cache_v, "attention_decode: cache_v", {B, nh, L, hd}, "[B, nh, L, hd] equal to cache_k's");
+  check_sizes(cache_v, "attention_decode: cache_v", {S, nh, L, hd}, "[S, nh, L, hd] equal to cache_k's");
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "attention_decode: the caches must be contiguous");
-  TORCH_CHECK(pos >= 0 && pos < L, "attention_decode: pos must be in [0, L = ", L, "), got ", pos);
+  TORCH_CHECK(int64_t(slots.size()) == B && int64_t(positions.size()) == B, "attention_decode: slots and positions must hold B = ",
+              B, " entries, got ", slots.size(), " and ", positions.size());
   const auto [qc, n_qkv] = checked_matrix(wqkv, "attention_decode: wqkv", st, D, false);
   TORCH_CHECK(n_qkv == 3 * D, "attention_decode: wqkv must have 3*D = ", 3 * D, " outputs, got ", n_qkv);
   const auto [oc, n_o] = checked_matrix(wo, "attention_decode: wo", st, D, false);
   TORCH_CHECK(n_o == D, "attention_decode: wo must have D = ", D, " outputs, got ", n_o);
+  int64_t P = L;
   for (const at::Tensor* t : {&cos, &sin}) {
     check_tensor(*t, "attention_decode: cos/sin", 2, {at::kDouble});
-    TORCH_CHECK(t->size(0) > pos && t->size(1) == hd / 2, "attention_decode: cos and sin must be [P > pos = ", pos,
-                ", hd/2 = ", hd / 2, "], got ", detail::shape_str(*t));
+    TORCH_CHECK(t->size(1) == hd / 2, "attention_decode: cos and sin must be [P, hd/2 = ", hd / 2, "], got ",
+                detail::shape_str(*t));
+    P = std::min(P, t->size(0));
+  }
+  std::vector<char> taken(S, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < S, "attention_decode: slot ", slots[b], " of sequence ", b,
+                " is outside the cache's S = ", S, " slots");
+    TORCH_CHECK(!taken[slots[b]], "attention_decode: slot ", slots[b], " is given to two sequences");
+    taken[slots[b]] = 1;
+    TORCH_CHECK(positions[b] >= 0 && positions[b] < P, "attention_decode: position ", positions[b], " of sequence ", b,
+                " must be in [0, ", P, ") (the cache's length L and the rotary tables' P)");
   }
   const at::Tensor xc = x.contiguous();
   const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
   at::Tensor out = torch::empty({B, D}, x.options());
   if (B == 0) return out;
-  const double* cp = cc.data_ptr<double>() + pos * (hd / 2);
-  const double* sp = sc.data_ptr<double>() + pos * (hd / 2);
   if (st == at::kFloat)
-    attention_impl<float>(xc.data_ptr<float>(), B, D, nh, qc, oc, cp, sp, cache_k.data_ptr<float>(),
-                          cache_v.data_ptr<float>(), L, pos, out.data_ptr<float>());
+    attention_impl<float>(xc.data_ptr<float>(), B, D, nh, qc, oc, cc.data_ptr<double>(), sc.data_ptr<double>(),
+                          cache_k.data_ptr<float>(), cache_v.data_ptr<float>(), L, slots.data(), positions.data(),
+                          out.data_ptr<float>());
   else
-    attention_impl<double>(xc.data_ptr<double>(), B, D, nh, qc, oc, cp, sp, cache_k.data_ptr<double>(),
-                           cache_v.data_ptr<double>(), L, pos, out.data_ptr<double>());
+    attention_impl<double>(xc.data_ptr<double>(), B, D, nh, qc, oc, cc.data_ptr<double>(), sc.data_ptr<double>(),
+                           cache_k.data_ptr<double>(), cache_v.data_ptr<double>(), L, slots.data(), positions.data(),
+                           out.data_ptr<double>());
   return out;
 }
 

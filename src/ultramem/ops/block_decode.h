@@ -8,6 +8,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/util/ArrayRef.h>
 
 #include <cstdint>
 #include <string>
@@ -75,5 +76,16 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& wqkv, const a
 // The same with compact wqkv and wo ([3*D, D] and [D, D] rows) or float ones.
 at::Tensor attention_decode(const at::Tensor& x, const Matrix& wqkv, const Matrix& wo, const at::Tensor& cos,
                             const at::Tensor& sin, at::Tensor& cache_k, at::Tensor& cache_v, int64_t pos);
+// Continuous batching: sequence b has its own cache slot and position. cache_k and cache_v are
+// [S, nh, L, hd] (S slots); the token of row b is rotated at positions[b], written to
+// cache_k[slots[b], :, positions[b]] and attends over [0, positions[b]] of its slot.
+//   slots      [B]   distinct, in [0, S)
+//   positions  [B]   in [0, min(L, P))
+// The uniform form above is this one with slots 0..B-1 and every position `pos`. A row's result does
+// not depend on the other rows (each head attends alone; the projections are per row: see
+// ultramem::set_batch_invariant in ops/runtime.h).
+at::Tensor attention_decode(const at::Tensor& x, const Matrix& wqkv, const Matrix& wo, const at::Tensor& cos,
+                            const at::Tensor& sin, at::Tensor& cache_k, at::Tensor& cache_v, at::IntArrayRef slots,
+                            at::IntArrayRef positions);
 
 }  // namespace ultramem::ops

@@ -10,6 +10,16 @@ int default_threads();
 // Debian's libtorch starts with one thread whatever the core count, so every entry point calls this.
 void set_threads(int n);
 
+// Batch invariance of the no-grad decode ops (off by default). On: every dense product of the decode
+// ops (attention, FFN, MoE experts, the memory layers' query, key scoring and output, the LM head) runs
+// its rows through the few-row kernels in chunks (kSmallRows rows; int8 integer dots kQ8Rows), whose
+// result for a row does not depend on the other rows, instead of BLAS above those counts, whose
+// blocking may round a row differently with the batch around it. A sequence then decodes the same bits
+// alone and in any batch: the server's promise (infer::Scheduler turns it on). Measured cost in
+// docs/serving.md.
+void set_batch_invariant(bool on);
+bool batch_invariant();
+
 // The kernel build this process runs: "avx2" or "generic" (ULTRAMEM_ISA=generic forces the latter).
 const char* kernel_isa();
 
