@@ -1,6 +1,8 @@
 // Checks that `ultramem serve` frees a streamed request's sequence when the client goes away: starts a
-// streamed completion, reads its first server-sent event, aborts the connection, then waits for the
-// Prometheus gauge ultramem_active_sequences to read 0, and checks the server still answers.
+// long streamed completion (ignore_eos, max_tokens 1000: the server must run with a context of more
+// than 1000 tokens), reads its first server-sent event, aborts the connection, then waits for the
+// Prometheus gauge ultramem_active_sequences to read 0 and the counter
+// ultramem_sequences_total{reason="cancelled"} to have grown, and checks the server still answers.
 //
 // Usage: node sse_disconnect.mjs BASE_URL MODEL_ID      (BASE_URL like http://127.0.0.1:8080/v1)
 // Exit status: 0 when every check passes; 1 (with the reason on stderr) at the first failure.
@@ -28,13 +30,21 @@ async function activeSequences() {
   return Number(m[1]);
 }
 
+// Reads ultramem_sequences_total{reason="cancelled"} (0 when no sequence was cancelled yet).
+async function cancelledSequences() {
+  const text = await (await fetch(metricsURL, { signal: AbortSignal.timeout(5_000) })).text();
+  const m = text.match(/^ultramem_sequences_total\{reason="cancelled"\}\s+(\S+)/m);
+  return m ? Number(m[1]) : 0;
+}
+
 async function main() {
+  const cancelledBefore = await cancelledSequences();
   // Start a streamed completion and read up to the end of its first event ("data: {...}\n\n").
   const controller = new AbortController();
   const res = await fetch(`${baseURL}/completions`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ model, prompt: 'The people', max_tokens: 24, temperature: 0, stream: true }),
+    body: JSON.stringify({ model, prompt: 'The people', max_tokens: 1000, ignore_eos: true, temperature: 0, stream: true }),
     signal: controller.signal,
   });
   if (res.status !== 200) throw new Error(`streamed completion: HTTP ${res.status}: ${(await res.text()).slice(0, 200)}`);
@@ -52,8 +62,8 @@ async function main() {
   check(event.startsWith('data: {'), `first event is not "data: {json}": ${JSON.stringify(event)}`);
   const chunk = JSON.parse(event.slice('data: '.length));
   check(chunk.object === 'text_completion', `first event's object is ${JSON.stringify(chunk.object)}`);
-  // Informational only: a fast server may already have finished all 24 tokens.
   const before = await activeSequences();
+  check(before >= 1, `ultramem_active_sequences is ${before} while the 1000-token stream runs`);
   console.log(`ok   read the first event; ultramem_active_sequences = ${before} before the abort`);
 
   // Drop the connection, then wait for the server to notice and free the sequence.
@@ -67,6 +77,10 @@ async function main() {
     active = await activeSequences();
   }
   console.log(`ok   ultramem_active_sequences = 0 after the abort (${GAUGE_TIMEOUT_MS - (deadline - Date.now())} ms)`);
+  const cancelled = await cancelledSequences();
+  check(cancelled === cancelledBefore + 1,
+    `ultramem_sequences_total{reason="cancelled"} went from ${cancelledBefore} to ${cancelled}, want one more`);
+  console.log('ok   the sequence was cancelled, not run to its end');
 
   // The server still serves a plain request.
   const after = await fetch(`${baseURL}/completions`, {

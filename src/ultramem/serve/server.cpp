@@ -1,8 +1,10 @@
 #include "ultramem/serve/server.h"
 
 #include <httplib.h>
-#include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <atomic>
 #include <chrono>
@@ -449,6 +451,15 @@ const std::string& Server::model_name() const { return impl_->name; }
 void Server::run() { impl_->http.listen_after_bind(); }
 void Server::stop() { impl_->stop(); }
 
+namespace {
+int g_signal_pipe[2] = {-1, -1};
+extern "C" void on_stop_signal(int sig) {
+  const char c = static_cast<char>(sig);
+  if (::write(g_signal_pipe[1], &c, 1) < 0) {
+  }
+}
+}  // namespace
+
 int serve_model(const ServeOptions& options, std::ostream& log) {
   options.validate();
   namespace fs = std::filesystem;
@@ -469,30 +480,35 @@ int serve_model(const ServeOptions& options, std::ostream& log) {
   if (o.name.empty()) o.name = fs::path(checkpoint::run_dir_of(checkpoint)).filename().string();
   if (o.name.empty()) o.name = fs::path(checkpoint).stem().string();
 
-  // SIGTERM / SIGINT go to one watcher thread (blocked in every other thread, set before any starts).
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGTERM);
-  sigaddset(&sigs, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  // SIGTERM / SIGINT: the handler writes the signal's number to a pipe that a watcher thread reads
+  // (any thread may take the signal: libraries start threads before main, so blocking it is not enough).
+  if (::pipe(g_signal_pipe) != 0) throw std::runtime_error("serve: cannot create the signal pipe");
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
   signal(SIGPIPE, SIG_IGN);
   Server server(loaded.model.ptr(), tok, o, log);
   log << "serve: " << o.name << " (" << nn::to_string(loaded.value_format) << " values, context "
       << (o.ctx > 0 ? o.ctx : loaded.model->config().max_seq_len) << ", batch " << o.max_batch << ") listening on http://"
       << o.host << ":" << server.port() << std::endl;
-  std::atomic<bool> signalled{false};
   std::thread watcher([&] {
-    int sig = 0;
-    sigwait(&sigs, &sig);
-    if (signalled.exchange(true)) return;  // woken by run()'s end below
+    char sig = 0;
+    while (::read(g_signal_pipe[0], &sig, 1) < 0 && errno == EINTR) {
+    }
+    if (sig == 0) return;  // woken by run()'s end below
     log << "serve: " << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << ": draining (up to " << o.drain_seconds << " s)"
         << std::endl;
     server.stop();
   });
   server.run();
-  // run() returned without a signal (listening failed): wake the watcher.
-  if (!signalled.exchange(true)) pthread_kill(watcher.native_handle(), SIGTERM);
+  const char wake = 0;  // run() returned: wake the watcher if no signal did
+  if (::write(g_signal_pipe[1], &wake, 1) < 0) {
+  }
   watcher.join();
+  signal(SIGTERM, SIG_DFL);
+  signal(SIGINT, SIG_DFL);
   log << "serve: stopped" << std::endl;
   return 0;
 }
