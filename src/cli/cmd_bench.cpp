@@ -1,10 +1,12 @@
-// `ultramem bench decode`: flags -> perf::run_decode_bench (perf/decode_bench.h).
+// `ultramem bench decode`: flags -> perf::run_decode_bench (perf/decode_bench.h); `ultramem bench serve`: flags ->
+// perf::run_serve_bench (perf/serve_bench.h).
 #include <CLI/CLI.hpp>
 
 #include <memory>
 
 #include "commands.h"
 #include "ultramem/perf/decode_bench.h"
+#include "ultramem/perf/serve_bench.h"
 
 namespace ultramem::cli {
 
@@ -65,6 +67,33 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--Dk", a.Dk, "UltraMem key dim")->capture_default_str();
   cmd->add_option("--Dv", a.Dv, "Value dim (UltraMem and PKM)")->capture_default_str();
   cmd->callback([args] { perf::run_decode_bench(*args); });
+
+  auto sargs = std::make_shared<perf::ServeBenchOptions>();
+  auto& s = *sargs;
+  auto* serve = bench->add_subcommand(
+      "serve",
+      "Served tokens/s and request latency (p50/p99, time to first token) of `ultramem serve` (in process, "
+      "127.0.0.1) at 1..64 concurrent streaming clients, for an UltraMem model (random weights, --config's "
+      "shape) and its MoE and dense siblings of equal compute, next to the decode step's tokens/s at the same "
+      "batch measured in the same run; ratios and targets as JSON lines. docs/serving.md");
+  serve->add_option("--streams", s.streams, "Concurrent clients (each also a decode batch size)")
+      ->capture_default_str()
+      ->delimiter(',');
+  serve->add_option("--kinds", s.kinds, "Models: ultramem, moe, dense")->capture_default_str()->delimiter(',');
+  serve->add_option("--config", s.config, "Model shape: backbone and the first UltraMem layer")
+      ->capture_default_str()
+      ->check(CLI::ExistingFile);
+  serve->add_option("--data", s.data_dir, "Prepared data holding the tokenizer (ultramem prepare)")
+      ->capture_default_str();
+  serve->add_option("--max-tokens", s.max_tokens, "Tokens each request generates (past eos)")->capture_default_str();
+  serve->add_option("--requests", s.requests_per_stream, "Requests each client sends one after another")
+      ->capture_default_str();
+  serve->add_option("--max-batch", s.max_batch, "The server's batch slots")->capture_default_str();
+  serve->add_option("--repeats", s.repeats, "Decode-step timing repeats")->capture_default_str();
+  serve->add_flag("--quick", s.quick, "Streams 1 and 4, 8 tokens, one request each (seconds)");
+  serve->add_option("--out", s.out, "Also write the JSON lines to this file");
+  serve->add_option("--plot", s.plot_dir, "Write serve_tokens_per_second.png (gnuplot) into this directory");
+  serve->callback([sargs] { perf::run_serve_bench(*sargs); });
 }
 
 }  // namespace ultramem::cli
