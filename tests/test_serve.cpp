@@ -4,13 +4,18 @@
 // process on 127.0.0.1 (completions, streaming, chat, errors, 429, a client that leaves mid-stream,
 // drain).
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
 #include <httplib.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <torch/torch.h>
 
 #include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <future>
+#include <numeric>
 #include <thread>
 
 #include "ultramem/data/tokenizer.h"
@@ -292,6 +297,68 @@ TEST(Scheduler, ShutdownWithoutDrainCancels) {
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   EXPECT_EQ(s.shutdown(0), 1);
   EXPECT_EQ(c.ends[0].reason, "cancelled");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Sampling: one uniform per token walked along the kept probabilities
+
+TEST(Sampling, DrawsFollowTheKeptProbabilities) {
+  const std::vector<float> logits = {0.5f, 2.0f, 1.0f, -1.0f, 1.5f};
+  auto expected = [&](double t, int64_t top_k, double top_p) {
+    std::vector<double> p(logits.size());
+    std::vector<float> sorted = logits;
+    std::sort(sorted.rbegin(), sorted.rend());
+    double total = 0;
+    for (size_t i = 0; i < p.size(); ++i) {
+      const bool kept = top_k == 0 || logits[i] >= sorted[top_k - 1];
+      p[i] = kept ? std::exp(logits[i] / t) : 0;
+      total += p[i];
+    }
+    for (auto& x : p) x /= total;
+    if (top_p < 1) {  // drop a token when the more likely ones hold top_p already
+      std::vector<size_t> order(p.size());
+      std::iota(order.begin(), order.end(), 0);
+      std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return p[a] > p[b]; });
+      double before = 0, kept = 0;
+      std::vector<double> q(p.size(), 0);
+      for (size_t r = 0; r < order.size(); ++r) {
+        if (r == 0 || before < top_p) q[order[r]] = p[order[r]], kept += p[order[r]];
+        before += p[order[r]];
+      }
+      for (auto& x : q) x /= kept;
+      p = q;
+    }
+    return p;
+  };
+  struct Case {
+    double t;
+    int64_t k;
+    double p;
+  };
+  for (const Case& c : {Case{1.0, 0, 1.0}, Case{0.5, 3, 1.0}, Case{1.0, 0, 0.7}, Case{2.0, 2, 0.9}}) {
+    SCOPED_TRACE("t=" + std::to_string(c.t) + " k=" + std::to_string(c.k) + " p=" + std::to_string(c.p));
+    ultramem::infer::SamplingOptions o;
+    o.temperature = c.t;
+    o.top_k = c.k;
+    o.top_p = c.p;
+    auto gen = at::detail::createCPUGenerator(11);
+    const int n = 40000;
+    std::vector<int> count(logits.size(), 0);
+    for (int i = 0; i < n; ++i) ++count[ultramem::infer::sample_token(logits.data(), 5, o, gen)];
+    const auto want = expected(c.t, c.k, c.p);
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_NEAR(double(count[i]) / n, want[i], 0.01) << "token " << i;
+      if (want[i] == 0) EXPECT_EQ(count[i], 0) << "token " << i;
+    }
+  }
+  // The same seed, the same draws; the tensor form is the raw one.
+  ultramem::infer::SamplingOptions o;
+  auto g1 = at::detail::createCPUGenerator(3), g2 = at::detail::createCPUGenerator(3);
+  const auto t = torch::tensor(logits);
+  for (int i = 0; i < 50; ++i)
+    EXPECT_EQ(ultramem::infer::sample_token(logits.data(), 5, o, g1), ultramem::infer::sample_token(t, o, g2));
+  o.temperature = 0;
+  EXPECT_EQ(ultramem::infer::sample_token(logits.data(), 5, o, g1), 1);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -585,30 +652,31 @@ TEST_F(HttpServer, QueueFullAndClientThatLeaves) {
   o.max_batch = 1;
   o.max_queue = 0;
   start(o, 4096);
-  // A long stream holds the one slot; it leaves once told to.
-  std::atomic<bool> leave{false};
-  std::atomic<int> chunks{0};
-  std::thread leaver([&] {
-    httplib::Client c("127.0.0.1", server_->port());
-    httplib::Request req;
-    req.method = "POST";
-    req.path = "/v1/completions";
-    req.body = json({{"prompt", "The people"}, {"max_tokens", 4000}, {"ignore_eos", true}, {"stream", true}}).dump();
-    req.set_header("Content-Type", "application/json");
-    req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) {
-      ++chunks;
-      return !leave;
-    };
-    c.send(req);
-  });
-  while (chunks == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  // A long stream (raw socket) holds the one slot; it reads the first bytes, and closes once told to.
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(server_->port()));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const std::string body = json({{"prompt", "The people"}, {"max_tokens", 4000}, {"ignore_eos", true}, {"stream", true}}).dump();
+  const std::string request = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                              "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  ASSERT_EQ(::send(fd, request.data(), request.size(), MSG_NOSIGNAL), ssize_t(request.size()));
+  char buf[4096];
+  std::string got;
+  while (got.find("data: {") == std::string::npos) {  // the headers and the first event
+    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    ASSERT_GT(n, 0);
+    got.append(buf, size_t(n));
+  }
   auto busy = client_->Post("/v1/completions", json({{"prompt", "x"}, {"max_tokens", 2}}).dump(), "application/json");
   ASSERT_TRUE(busy);
   EXPECT_EQ(busy->status, 429) << busy->body;
   EXPECT_EQ(busy->get_header_value("Retry-After"), "1");
   EXPECT_EQ(json::parse(busy->body)["error"]["type"], "rate_limit_error");
-  leave = true;
-  leaver.join();
+  ::close(fd);  // the client leaves mid-stream
   // The stream's sequence is cancelled long before its 4000 tokens.
   for (int i = 0; i < 500 && metric("ultramem_active_sequences") != 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));

@@ -1,13 +1,24 @@
 #include "ultramem/infer/sampling.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
 namespace ultramem::infer {
+namespace {
+std::vector<float>& thread_local_scratch() {
+  thread_local std::vector<float> v;
+  return v;
+}
+}  // namespace
 
 void SamplingOptions::validate() const {
   if (!(temperature >= 0)) throw std::invalid_argument("temperature: must be >= 0 (0 = greedy)");
@@ -17,24 +28,65 @@ void SamplingOptions::validate() const {
 }
 
 int64_t sample_token(const torch::Tensor& logits, const SamplingOptions& o, torch::Generator& gen) {
-  auto l = logits.detach().to(torch::kFloat).reshape({-1});  // [V]
-  if (o.temperature == 0) return l.argmax().item<int64_t>();
-  l = l / o.temperature;
-  if (o.top_k > 0 && o.top_k < l.size(0)) {
-    const auto kth = std::get<0>(l.topk(o.top_k)).min();
-    l = l.masked_fill(l < kth, -std::numeric_limits<float>::infinity());
+  const auto l = logits.detach().to(torch::kFloat).contiguous().reshape({-1});  // [V]
+  return sample_token(l.data_ptr<float>(), l.size(0), o, gen);
+}
+
+int64_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, torch::Generator& gen) {
+  if (V < 1) throw std::invalid_argument("sample_token: no logits");
+  if (o.temperature == 0) return std::max_element(logits, logits + V) - logits;
+  thread_local std::vector<float> z;
+  thread_local std::vector<double> p;
+  thread_local std::vector<int64_t> order;
+  z.resize(V);
+  const float inv_t = static_cast<float>(o.temperature);
+  for (int64_t i = 0; i < V; ++i) z[i] = logits[i] / inv_t;
+  float kth = -std::numeric_limits<float>::infinity();  // keep z >= kth
+  if (o.top_k > 0 && o.top_k < V) {
+    std::vector<float>& tmp = thread_local_scratch();
+    tmp.assign(z.begin(), z.end());
+    std::nth_element(tmp.begin(), tmp.begin() + (o.top_k - 1), tmp.end(), std::greater<float>());
+    kth = tmp[o.top_k - 1];
   }
-  auto probs = torch::softmax(l, 0);
+  const float zmax = *std::max_element(z.begin(), z.end());
+  p.resize(V);
+  double total = 0;
+  for (int64_t i = 0; i < V; ++i) {
+    p[i] = z[i] >= kth ? std::exp(double(z[i] - zmax)) : 0.0;
+    total += p[i];
+  }
   if (o.top_p < 1.0) {
-    auto [sorted, order] = probs.sort(0, /*descending=*/true);
-    const auto cum = sorted.cumsum(0);
-    // drop a token when the mass before it already reaches top_p (the first token always stays)
-    const auto drop_sorted = (cum - sorted) >= o.top_p;
-    const auto drop = torch::zeros_like(drop_sorted).scatter(0, order, drop_sorted);
-    probs = probs.masked_fill(drop, 0);
-    probs = probs / probs.sum();
+    // Drop a token when the mass of the more likely ones already reaches top_p (the first always stays).
+    order.resize(V);
+    for (int64_t i = 0; i < V; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return p[a] > p[b]; });
+    double before = 0;
+    const double cut = o.top_p * total;
+    for (int64_t r = 0; r < V; ++r) {
+      const int64_t i = order[r];
+      const double pi = p[i];
+      if (r > 0 && before >= cut) p[i] = 0;
+      before += pi;
+    }
+    total = 0;
+    for (int64_t i = 0; i < V; ++i) total += p[i];
   }
-  return torch::multinomial(probs, 1, /*replacement=*/false, gen).item<int64_t>();
+  uint64_t bits;
+  {
+    auto* g = gen.get<at::CPUGeneratorImpl>();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    bits = g->random64();
+  }
+  const double u = double(bits >> 11) * (1.0 / 9007199254740992.0) * total;  // [0, total)
+  double cum = 0;
+  int64_t last = -1;
+  for (int64_t i = 0; i < V; ++i) {
+    if (p[i] <= 0) continue;
+    cum += p[i];
+    last = i;
+    if (u < cum) return i;
+  }
+  return last >= 0 ? last : std::max_element(logits, logits + V) - logits;  // rounding at the very end
 }
 
 BatchResult generate_batch(nn::Transformer& model, std::vector<std::vector<int64_t>> prompts, const SamplingOptions& o,
@@ -92,8 +144,8 @@ BatchResult generate_batch(nn::Transformer& model, std::vector<std::vector<int64
   auto cache = model->make_cache(B, ctx);
   std::vector<int64_t> first(B * common);
   for (int64_t b = 0; b < B; ++b) std::copy(prompts[b].begin(), prompts[b].begin() + common, first.begin() + b * common);
-  auto logits = model->forward_cached(torch::tensor(first, torch::kLong).view({B, common}), cache);
-  advance(logits.select(1, common - 1), common);
+  auto logits = model->forward_cached(torch::tensor(first, torch::kLong).view({B, common}), cache, /*last_only=*/true);
+  advance(logits.select(1, 0), common);
   r.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   while (active > 0) {
     if (cache.length >= ctx) {

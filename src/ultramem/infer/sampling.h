@@ -20,8 +20,14 @@ struct SamplingOptions {
   void validate() const;     // std::invalid_argument naming the field
 };
 
-// One token id drawn from logits [V] under `o` (temperature, then top-k, then top-p).
+// One token id drawn from logits [V] under `o` (temperature, then top-k, then top-p). Greedy: the first
+// largest logit. Otherwise the kept tokens' probabilities softmax(logits / temperature) (top-k keeps the
+// logits >= the k-th largest, ties included; top-p the smallest most-likely set whose mass reaches top_p)
+// and one uniform draw of 53 bits from `gen` walked along their cumulative sum in token order: one
+// random number per token, so a sequence's draws depend on its seed and its logits alone.
 int64_t sample_token(const torch::Tensor& logits, const SamplingOptions& o, torch::Generator& gen);
+// The same on a raw row: logits [V] float32. Thread-safe for distinct generators.
+int64_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, torch::Generator& gen);
 
 // Wall-clock timing of one generate() call.
 struct GenerateTiming {

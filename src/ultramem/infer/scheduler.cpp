@@ -156,13 +156,8 @@ void Scheduler::finish(Sequence& s, const std::string& reason, const std::string
   s.ended = true;  // the loop removes it and frees its slot
 }
 
-bool Scheduler::advance(Sequence& s, const torch::Tensor& logits) {
+bool Scheduler::advance(Sequence& s, int64_t id) {
   const auto& o = s.req.sampling;
-  if (s.generated >= o.max_tokens) {
-    finish(s, "max_tokens");
-    return false;
-  }
-  const int64_t id = sample_token(logits, o, s.gen);
   if (id == eos_id_ && s.req.stop_at_eos) {
     finish(s, "eos");
     return false;
@@ -208,8 +203,10 @@ void Scheduler::prefill(Sequence& s) {
     return;
   }
   nn::KVCache view = nn::TransformerImpl::slot_view(cache_, s.slot, 0);
-  const auto logits = model_->forward_cached(torch::tensor(s.req.prompt, torch::kLong).view({1, T}), view);  // [1, T, V]
-  advance(s, logits[0][T - 1]);
+  const auto logits =
+      model_->forward_cached(torch::tensor(s.req.prompt, torch::kLong).view({1, T}), view, /*last_only=*/true);  // [1, 1, V]
+  const auto last = logits[0][0].to(torch::kFloat).contiguous();                                                // [V]
+  advance(s, sample_token(last.data_ptr<float>(), last.size(0), s.req.sampling, s.gen));
   std::lock_guard<std::mutex> lock(mu_);
   stats_.prompt_tokens += T;
   stats_.prefill_seconds += seconds_since(t0);
@@ -224,10 +221,18 @@ void Scheduler::step() {
     slots[b] = active_[b]->slot;
     positions[b] = active_[b]->length;
   }
-  const auto logits = model_->decode_slots(torch::tensor(tokens, torch::kLong), cache_, slots, positions);  // [B, V]
+  const auto logits =
+      model_->decode_slots(torch::tensor(tokens, torch::kLong), cache_, slots, positions).to(torch::kFloat).contiguous();
+  // Sampling in parallel (each sequence draws from its own generator), then the callbacks in order.
+  const int64_t V = logits.size(1);
+  const float* rows = logits.data_ptr<float>();
+  std::vector<int64_t> ids(B);
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) ids[b] = sample_token(rows + b * V, V, active_[b]->req.sampling, active_[b]->gen);
+  });
   for (int64_t b = 0; b < B; ++b) {
     ++active_[b]->length;
-    advance(*active_[b], logits[b]);
+    advance(*active_[b], ids[b]);
   }
   const double dt = seconds_since(t0);
   std::lock_guard<std::mutex> lock(mu_);

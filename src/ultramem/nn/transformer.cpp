@@ -114,7 +114,8 @@ struct TransformerImpl::Impl {
   // (decode_slots); otherwise every sequence is cache row b and starts at pos0.
   torch::Tensor run(const ModelConfig& c, bool training, const torch::Tensor& tokens, int64_t pos0, KVCache* cache,
                     std::vector<torch::Tensor>* residuals, bool record_aux,
-                    const std::vector<int64_t>* slots = nullptr, const std::vector<int64_t>* positions = nullptr) {
+                    const std::vector<int64_t>* slots = nullptr, const std::vector<int64_t>* positions = nullptr,
+                    bool last_only = false) {
     const double p = training ? c.dropout : 0.0;
     auto branch = [&](const torch::Tensor& x) { return p > 0 ? torch::dropout(x, p, true) : x; };
     torch::Tensor h = torch::embedding(embedding, tokens);  // [B, T, D]
@@ -161,6 +162,7 @@ struct TransformerImpl::Impl {
       }
       if (residuals) residuals->push_back(h);
     }
+    if (last_only) h = h.narrow(1, h.size(1) - 1, 1);  // [B, 1, D]
     h = final_norm->forward(h);
     const auto& head = lm_head.defined() ? lm_head : embedding;  // [V, D]
     torch::Tensor logits;                                          // [B, T, V]
@@ -248,7 +250,7 @@ KVCache TransformerImpl::make_cache(int64_t batch, int64_t max_len) const {
   return cache;
 }
 
-torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCache& cache) {
+torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCache& cache, bool last_only) {
   const std::string who = "Transformer::forward_cached";
   if (int64_t(cache.k.size()) != cfg_.n_layers || int64_t(cache.v.size()) != cfg_.n_layers)
     throw std::invalid_argument(who + ": cache has " + std::to_string(cache.k.size()) + " layers, the model " +
@@ -265,7 +267,8 @@ torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCac
     throw std::invalid_argument(who + ": batch " + std::to_string(tokens.size(0)) + " differs from the cache's " +
                                 std::to_string(cache.k[0].size(0)));
   torch::NoGradGuard no_grad;
-  auto logits = impl_->run(cfg_, is_training(), tokens, cache.length, &cache, nullptr, /*record_aux=*/false);
+  auto logits = impl_->run(cfg_, is_training(), tokens, cache.length, &cache, nullptr, /*record_aux=*/false, nullptr,
+                           nullptr, last_only);
   cache.length += tokens.size(1);
   return logits;
 }

@@ -39,8 +39,10 @@ class TransformerImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& tokens);
 
   // Incremental decoding: tokens [B, t] continue the sequences in `cache`; returns logits of the
-  // new positions [B, t, vocab]. No autograd state is kept (call under NoGradGuard/InferenceMode).
-  torch::Tensor forward_cached(const torch::Tensor& tokens, KVCache& cache);
+  // new positions [B, t, vocab], or with last_only of the last one [B, 1, vocab] (a prefill that samples
+  // from its last position skips the LM head of the others). No autograd state is kept (call under
+  // NoGradGuard/InferenceMode).
+  torch::Tensor forward_cached(const torch::Tensor& tokens, KVCache& cache, bool last_only = false);
   KVCache make_cache(int64_t batch, int64_t max_len) const;
 
   // Continuous batching: one decode step of B sequences that each own a row ("slot") of `cache` (made

@@ -52,7 +52,8 @@ std::vector<S>& widen_scratch(int which) {
   return buf[which];
 }
 
-// With ops::batch_invariant() every row count takes the row kernels, in chunks (runtime.h).
+// With ultramem::batch_invariant() every row count takes the row kernels (each row's result is the same
+// whatever rows are around it: runtime.h).
 // out[rows, N] = x[rows, K] @ b^T for b [N, K] rows (contiguous; S, bfloat16, or int8 with `scale`
 // [N]): up to kSmallRows rows the dot kernel reads b in place; above, BLAS on b (float) or on blocks of
 // 512 rows widened in cache (compact). With q8, float32 x, int8 b and up to kQ8Rows rows, x is quantised
@@ -66,16 +67,12 @@ void project_nt(const S* x, int64_t rows, int64_t K, const at::Tensor& b, const 
   const bool invariant = batch_invariant();
   if constexpr (std::is_same_v<S, float>) {
     if (q8 && b.scalar_type() == at::kChar && (rows <= kQ8Rows || invariant)) {
-      for (int64_t r0 = 0; r0 < rows; r0 += kQ8Rows)  // chunks: one call when rows <= kQ8Rows
-        kernels::matmul_rows_q8(std::min(kQ8Rows, rows - r0), K, N, x + r0 * K, b.data_ptr<int8_t>(),
-                                scale.data_ptr<float>(), out + r0 * N);
+      kernels::matmul_rows_q8(rows, K, N, x, b.data_ptr<int8_t>(), scale.data_ptr<float>(), out);
       return;
     }
   }
   if (rows <= kSmallRows || invariant) {
-    const auto tab = row_table<S>(b, scale);
-    for (int64_t r0 = 0; r0 < rows; r0 += kSmallRows)
-      kernels::matmul_rows_nt_q<S>(std::min(kSmallRows, rows - r0), K, N, x + r0 * K, tab, out + r0 * N);
+    kernels::matmul_rows_nt_q<S>(rows, K, N, x, row_table<S>(b, scale), out);
     return;
   }
   const auto o = torch::TensorOptions().dtype(dtype_of<S>());
@@ -105,8 +102,7 @@ template <typename S>
 void project(const S* x, int64_t rows, int64_t K, const torch::Tensor& w, S* out) {
   const int64_t N = w.size(1);
   if (rows <= kSmallRows || batch_invariant()) {
-    for (int64_t r0 = 0; r0 < rows; r0 += kSmallRows)  // chunks: one call when rows <= kSmallRows
-      kernels::matmul_rows<S>(std::min(kSmallRows, rows - r0), K, N, x + r0 * K, w.data_ptr<S>(), out + r0 * N);
+    kernels::matmul_rows<S>(rows, K, N, x, w.data_ptr<S>(), out);
     return;
   }
   const auto o = torch::TensorOptions().dtype(dtype_of<S>());

@@ -12,9 +12,9 @@ void set_threads(int n);
 
 // Batch invariance of the no-grad decode ops (off by default). On: every dense product of the decode
 // ops (attention, FFN, MoE experts, the memory layers' query, key scoring and output, the LM head) runs
-// its rows through the few-row kernels in chunks (kSmallRows rows; int8 integer dots kQ8Rows), whose
-// result for a row does not depend on the other rows, instead of BLAS above those counts, whose
-// blocking may round a row differently with the batch around it. A sequence then decodes the same bits
+// through the few-row kernels at every row count (float dots and FMA chains, or int8 integer dots, per
+// row in a fixed order: a row's result does not depend on the other rows) instead of BLAS above 15
+// rows (16 for int8), whose blocking may round a row differently with the batch around it. A sequence then decodes the same bits
 // alone and in any batch: the server's promise (infer::Scheduler turns it on). Measured cost in
 // docs/serving.md.
 void set_batch_invariant(bool on);

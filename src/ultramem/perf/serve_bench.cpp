@@ -57,6 +57,7 @@ struct RequestTiming {
   double first_token = 0;  // request sent -> first event with text
   int64_t tokens = 0;      // completion_tokens of the usage chunk
   int status = 0;
+  std::string error;  // what went wrong, when something did
 };
 
 RequestTiming stream_request(httplib::Client& c, const std::string& body) {
@@ -76,6 +77,8 @@ RequestTiming stream_request(httplib::Client& c, const std::string& body) {
   auto res = c.send(req);
   t.seconds = seconds_since(t0);
   t.status = res ? res->status : -1;
+  if (!res) t.error = "no response: " + httplib::to_string(res.error());
+  else if (res->status != 200) t.error = "HTTP " + std::to_string(res->status) + ": " + buf.substr(0, 300);
   // The usage chunk is the last payload before [DONE].
   const size_t done = buf.rfind("data: [DONE]");
   if (done != std::string::npos && done > 2) {
@@ -88,16 +91,24 @@ RequestTiming stream_request(httplib::Client& c, const std::string& body) {
   return t;
 }
 
-// Two counters of the server's /metrics.
-std::pair<int64_t, int64_t> steps_and_rows(int port) {
+// Counters of the server's /metrics.
+struct ServerCounters {
+  double steps = 0, rows = 0, step_seconds = 0, prefill_seconds = 0;
+};
+ServerCounters server_counters(int port) {
   httplib::Client c("127.0.0.1", port);
   auto res = c.Get("/metrics");
-  if (!res) return {0, 0};
-  auto read = [&](const std::string& name) -> int64_t {
+  ServerCounters s;
+  if (!res) return s;
+  auto read = [&](const std::string& name) -> double {
     const size_t at = res->body.find("\n" + name + " ");
-    return at == std::string::npos ? 0 : std::stoll(res->body.substr(at + name.size() + 2));
+    return at == std::string::npos ? 0 : std::stod(res->body.substr(at + name.size() + 2));
   };
-  return {read("ultramem_decode_steps_total"), read("ultramem_decode_step_rows_total")};
+  s.steps = read("ultramem_decode_steps_total");
+  s.rows = read("ultramem_decode_step_rows_total");
+  s.step_seconds = read("ultramem_step_seconds_sum");
+  s.prefill_seconds = read("ultramem_prefill_seconds_total");
+  return s;
 }
 
 struct Row {
@@ -198,28 +209,25 @@ void run_serve_bench(const ServeBenchOptions& options) {
     const nn::ModelConfig& mc = kind == "ultramem" ? sizes.ultramem : kind == "moe" ? sizes.moe : sizes.dense;
     auto model = nn::Transformer(mc);
     model->eval();
-    // The decode step alone at each batch (as `bench decode` times it: every sequence at one position),
-    // with the default products and with the batch-invariant ones the server uses.
-    std::map<int64_t, std::pair<double, double>> decode;  // streams -> (tokens/s default, invariant)
-    {
+    // The decode step alone at batch B (as `bench decode` times it: every sequence at one position),
+    // with the default products and with the batch-invariant ones the server uses: tokens/s of each.
+    auto time_decode = [&](int64_t B) {
       torch::NoGradGuard no_grad;
-      for (int64_t B : a.streams) {
-        auto cache = std::make_shared<nn::KVCache>(model->make_cache(B, ctx));
-        const auto tokens = torch::randint(0, mc.vocab_size, {std::max<int64_t>(1024, 4 * B), 1},
-                                           at::detail::createCPUGenerator(5 + B), torch::kLong);
-        auto step = [&](int64_t i) {
-          cache->length = mid;
-          model->forward_cached(tokens.narrow(0, (i * B) % (tokens.size(0) - B + 1), B), *cache);
-        };
-        const bool before = batch_invariant();
-        set_batch_invariant(false);
-        const auto plain = time_calls(step, a.repeats, a.case_seconds, 0.1);
-        set_batch_invariant(true);
-        const auto inv = time_calls(step, a.repeats, a.case_seconds, 0.1);
-        set_batch_invariant(before);
-        decode[B] = {double(B) / plain.median, double(B) / inv.median};
-      }
-    }
+      auto cache = std::make_shared<nn::KVCache>(model->make_cache(B, ctx));
+      const auto tokens = torch::randint(0, mc.vocab_size, {std::max<int64_t>(1024, 4 * B), 1},
+                                         at::detail::createCPUGenerator(5 + B), torch::kLong);
+      auto step = [&](int64_t i) {
+        cache->length = mid;
+        model->forward_cached(tokens.narrow(0, (i * B) % (tokens.size(0) - B + 1), B), *cache);
+      };
+      const bool before = batch_invariant();
+      set_batch_invariant(false);
+      const auto plain = time_calls(step, a.repeats, a.case_seconds, 0.1);
+      set_batch_invariant(true);
+      const auto inv = time_calls(step, a.repeats, a.case_seconds, 0.1);
+      set_batch_invariant(before);
+      return std::make_pair(double(B) / plain.median, double(B) / inv.median);
+    };
     serve::ServeOptions so;
     so.model = kind;
     so.name = kind;
@@ -237,8 +245,11 @@ void run_serve_bench(const ServeBenchOptions& options) {
       stream_request(warm, json({{"prompt", kPrompts[0]}, {"max_tokens", 2}, {"stream", true}}).dump());
     }
     for (int64_t S : a.streams) {
+      // The machine drifts: the decode step is timed just before and just after the served phase, and
+      // the served rate is compared with their mean.
+      const auto pre = time_decode(S);
       std::vector<std::vector<RequestTiming>> per_client(S);
-      const auto [steps0, rows0] = steps_and_rows(port);
+      const auto c0 = server_counters(port);
       const auto t0 = Clock::now();
       std::vector<std::thread> clients;
       for (int64_t c = 0; c < S; ++c)
@@ -259,18 +270,26 @@ void run_serve_bench(const ServeBenchOptions& options) {
         });
       for (auto& t : clients) t.join();
       const double wall = seconds_since(t0);
-      const auto [steps1, rows1] = steps_and_rows(port);
+      const auto c1 = server_counters(port);
+      const double steps = c1.steps - c0.steps;
       std::vector<double> latency, ttft;
       int64_t tokens = 0, failed = 0;
+      std::string first_error;
       for (const auto& pc : per_client)
         for (const auto& t : pc) {
-          if (t.status != 200 || t.tokens != a.max_tokens) ++failed;
+          if (t.status != 200 || t.tokens != a.max_tokens) {
+            ++failed;
+            if (first_error.empty())
+              first_error = t.error.empty() ? std::to_string(t.tokens) + " of " + std::to_string(a.max_tokens) + " tokens"
+                                            : t.error;
+          }
           tokens += t.tokens;
           latency.push_back(t.seconds);
           ttft.push_back(t.first_token);
         }
       const double served = double(tokens) / wall;
-      const auto [dec, dec_inv] = decode[S];
+      const auto post = time_decode(S);
+      const double dec = 0.5 * (pre.first + post.first), dec_inv = 0.5 * (pre.second + post.second);
       rows.push_back({kind, S, served, dec, dec_inv});
       emit({{"case", "serve"},
             {"kind", kind},
@@ -284,13 +303,19 @@ void run_serve_bench(const ServeBenchOptions& options) {
             {"latency_p99_ms", 1e3 * percentile(latency, 0.99)},
             {"first_token_p50_ms", 1e3 * percentile(ttft, 0.5)},
             {"first_token_p99_ms", 1e3 * percentile(ttft, 0.99)},
-            {"mean_step_batch", steps1 > steps0 ? double(rows1 - rows0) / double(steps1 - steps0) : 0.0},
+            {"mean_step_batch", steps > 0 ? (c1.rows - c0.rows) / steps : 0.0},
+            // Where the scheduler thread's time went: batched decode steps (forward and sampling, the
+            // callbacks included) and prompt prefills, as fractions of the wall time.
+            {"server_step_share", (c1.step_seconds - c0.step_seconds) / wall},
+            {"server_prefill_share", (c1.prefill_seconds - c0.prefill_seconds) / wall},
+            {"server_step_ms", steps > 0 ? 1e3 * (c1.step_seconds - c0.step_seconds) / steps : 0.0},
             {"decode_tokens_per_second", dec},
+            {"decode_tokens_per_second_before_after", {pre.first, post.first}},
             {"decode_invariant_tokens_per_second", dec_inv},
             {"ratio", {{"served_over_decode", served / dec}, {"invariant_over_decode", dec_inv / dec}}}});
       if (failed > 0)
-        throw std::runtime_error("bench serve: " + std::to_string(failed) + " requests of " + kind + " at " +
-                                 std::to_string(S) + " streams failed or came back short");
+        std::cerr << "bench serve: " << failed << " requests of " << kind << " at " << S
+                  << " streams failed or came back short; the first: " << first_error << std::endl;
     }
     server.stop();
     runner.join();

@@ -96,6 +96,7 @@ struct Server::Impl {
   std::unique_ptr<infer::Scheduler> sched;
   httplib::Server http;
   int port = 0;
+  int listen_fd = -1;
   std::atomic<bool> draining{false};
   std::atomic<int64_t> in_flight{0};
   std::atomic<uint64_t> request_counter{0};
@@ -120,6 +121,13 @@ struct Server::Impl {
     http.set_keep_alive_max_count(1000);
     http.set_keep_alive_timeout(2);
     routes();
+    // cpp-httplib 0.11 listens with a backlog of 5: 64 clients connecting at once overflow it (SYNs
+    // dropped and retried a second later, or connections reset). Remember the listening socket and
+    // widen its backlog after the bind (listen() again updates it).
+    http.set_socket_options([this](socket_t sock) {
+      httplib::default_socket_options(sock);
+      listen_fd = sock;
+    });
     if (opt.port == 0) {
       port = http.bind_to_any_port(opt.host);
       if (port <= 0) throw std::runtime_error("serve: cannot bind " + opt.host + " to a free port");
@@ -129,6 +137,7 @@ struct Server::Impl {
                                  " (in use, or not an address of this machine)");
       port = opt.port;
     }
+    if (listen_fd >= 0) ::listen(listen_fd, 1024);
   }
 
   void log_line(const json& j) {
