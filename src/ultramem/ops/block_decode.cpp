@@ -204,6 +204,8 @@ at::Tensor attention_decode(const at::Tensor& x, const Matrix& wqkv, const Matri
                             const at::Tensor& sin, at::Tensor& cache_k, at::Tensor& cache_v, int64_t pos) {
   TORCH_CHECK(x.dim() == 2 && cache_k.dim() == 4 && cache_k.size(0) == x.size(0), "attention_decode: cache_k must be [B=",
               x.dim() == 2 ? x.size(0) : -1, ", nh, L, hd], got ", detail::shape_str(cache_k));
+  TORCH_CHECK(pos >= 0 && pos < cache_k.size(2), "attention_decode: pos must be in [0, L = ", cache_k.size(2), "), got ",
+              pos);
   const int64_t B = x.size(0);
   std::vector<int64_t> slots(B), positions(B, pos);
   for (int64_t b = 0; b < B; ++b) slots[b] = b;
