@@ -90,6 +90,8 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str();
   serve->add_option("--max-batch", s.max_batch, "The server's batch slots")->capture_default_str();
   serve->add_option("--repeats", s.repeats, "Decode-step timing repeats")->capture_default_str();
+  serve->add_flag("--stream,!--no-stream", s.stream,
+                  "Streamed requests (server-sent events; default) or whole answers (no time to first token)");
   serve->add_flag("--quick", s.quick, "Streams 1 and 4, 8 tokens, one request each (seconds)");
   serve->add_option("--out", s.out, "Also write the JSON lines to this file");
   serve->add_option("--plot", s.plot_dir, "Write serve_tokens_per_second.png (gnuplot) into this directory");

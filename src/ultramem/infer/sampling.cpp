@@ -51,8 +51,8 @@ int64_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, t
   const float zmax = *std::max_element(z.begin(), z.end());
   p.resize(V);
   double total = 0;
-  for (int64_t i = 0; i < V; ++i) {
-    p[i] = z[i] >= kth ? std::exp(double(z[i] - zmax)) : 0.0;
+  for (int64_t i = 0; i < V; ++i) {  // float exp (about 4x cheaper than double), summed in double
+    p[i] = z[i] >= kth ? double(std::exp(z[i] - zmax)) : 0.0;
     total += p[i];
   }
   if (o.top_p < 1.0) {

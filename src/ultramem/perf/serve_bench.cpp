@@ -18,6 +18,7 @@
 
 #include "ultramem/data/prepared.h"
 #include "ultramem/data/tokenizer.h"
+#include "ultramem/infer/sampling.h"
 #include "ultramem/io/gnuplot.h"
 #include "ultramem/nn/model_info.h"
 #include "ultramem/nn/transformer.h"
@@ -79,6 +80,12 @@ RequestTiming stream_request(httplib::Client& c, const std::string& body) {
   t.status = res ? res->status : -1;
   if (!res) t.error = "no response: " + httplib::to_string(res.error());
   else if (res->status != 200) t.error = "HTTP " + std::to_string(res->status) + ": " + buf.substr(0, 300);
+  if (buf.rfind("data: ", 0) != 0) {  // a whole answer: no first token to time
+    t.first_token = 0;
+    const auto j = json::parse(buf, nullptr, false);
+    if (j.is_object() && j.contains("usage")) t.tokens = j["usage"].value("completion_tokens", 0);
+    return t;
+  }
   // The usage chunk is the last payload before [DONE].
   const size_t done = buf.rfind("data: [DONE]");
   if (done != std::string::npos && done > 2) {
@@ -187,6 +194,17 @@ void run_serve_bench(const ServeBenchOptions& options) {
   backbone.vocab_size = tok->vocab_size();
   backbone.max_seq_len = ctx;
   const auto sizes = derive_model_sizes(backbone, um, placement, mid);
+  // One sampled token (temperature 1, the vocabulary of the run): part of every served step per sequence.
+  double sample_us = 0;
+  {
+    const auto logits = torch::randn({backbone.vocab_size});
+    infer::SamplingOptions so;
+    so.temperature = 1.0;
+    auto gen = at::detail::createCPUGenerator(1);
+    sample_us = 1e6 * time_calls([&](int64_t) { infer::sample_token(logits.data_ptr<float>(), logits.size(0), so, gen); },
+                                 a.repeats, 0.2, 0.05)
+                          .median;
+  }
   emit({{"config",
          {{"case", "serve"},
           {"shape", a.config},
@@ -200,6 +218,8 @@ void run_serve_bench(const ServeBenchOptions& options) {
           {"decode_position", mid},
           {"max_batch", a.max_batch},
           {"threads", at::get_num_threads()},
+          {"stream", a.stream},
+          {"sample_token_us", sample_us},
           {"ultramem_cost", cost_to_json(sizes.ultramem_cost)},
           {"moe_cost", cost_to_json(sizes.moe_cost)},
           {"dense_cost", cost_to_json(sizes.dense_cost)}}}});
@@ -263,7 +283,7 @@ void run_serve_bench(const ServeBenchOptions& options) {
                                {"temperature", 1.0},
                                {"seed", i},
                                {"ignore_eos", true},
-                               {"stream", true},
+                               {"stream", a.stream},
                                {"stream_options", {{"include_usage", true}}}};
             per_client[c].push_back(stream_request(cl, body.dump()));
           }

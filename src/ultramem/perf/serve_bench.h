@@ -21,6 +21,8 @@ struct ServeBenchOptions {
   int64_t max_batch = 64;            // the server's batch slots
   int repeats = 15;                  // decode-step timing repeats (perf::time_calls)
   double case_seconds = 1.0;         // decode-step timing budget per case
+  bool stream = true;                // streamed requests (server-sent events, a write per token); false:
+                                     // whole answers (no time to first token)
   bool quick = false;                // streams 1 and 4, 8 tokens, one request each: seconds
   std::string out;                   // also write the JSON lines here
   std::string plot_dir;              // write serve_tokens_per_second.png (+ .gp) here
