@@ -29,21 +29,21 @@ set title 'ultramem bench serve: generated tokens/s vs concurrent streams (solid
 set xlabel 'concurrent streams (decode batch)'
 set ylabel 'tokens/s'
 $d0 << EOD
-1 1003.18 986.087
-4 2401.1 3900.43
-16 3363.09 5504.98
-64 2849.5 6979.62
+1 1034.66 1200.52
+4 2859.67 4513.26
+16 3716.41 6362.15
+64 3226.29 7577.79
 EOD
 $d1 << EOD
-1 674.329 873.74
-4 1370.45 1489.34
-16 2472.34 3244.94
-64 3229.77 5365.77
+1 639.616 692.115
+4 955.117 1274.25
+16 2365.81 2830.02
+64 3302.42 6098.07
 EOD
 $d2 << EOD
-1 575.348 511.937
-4 1416.54 2052.41
-16 2523.9 4603.35
-64 2878.98 5544.38
+1 817.912 640.03
+4 2150.24 3290.41
+16 2445.56 4439.38
+64 2765.16 5628.97
 EOD
 plot $d0 using 1:2 with linespoints linestyle 1 title 'dense served', $d0 using 1:3 with linespoints linestyle 1 dashtype 2 title 'dense decode step', $d1 using 1:2 with linespoints linestyle 2 title 'moe served', $d1 using 1:3 with linespoints linestyle 2 dashtype 2 title 'moe decode step', $d2 using 1:2 with linespoints linestyle 3 title 'ultramem served', $d2 using 1:3 with linespoints linestyle 3 dashtype 2 title 'ultramem decode step'
