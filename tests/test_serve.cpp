@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <future>
 #include <numeric>
+#include <random>
 #include <thread>
 
 #include "ultramem/data/tokenizer.h"
@@ -434,6 +435,57 @@ TEST(OpenAiApi, RequestsAreParsedAndBadOnesNamed) {
   EXPECT_EQ(body["error"]["type"], "invalid_request_error");
   EXPECT_EQ(body["error"]["param"], "n");
   EXPECT_TRUE(body["error"]["code"].is_null());
+}
+
+// Mutated bodies (bytes flipped, cut, repeated; values swapped for other JSON types) are parsed or
+// refused with an ApiError: never another exception, never a crash.
+TEST(OpenAiApi, MutatedBodiesAreParsedOrRefusedNeverCrash) {
+  const std::vector<std::pair<std::string, bool>> seeds = {
+      {R"({"model":"m","prompt":"hi there","max_tokens":5,"temperature":0.5,"top_p":0.9,"top_k":7,"seed":3,"stop":["a","b"],"n":2,"stream":true,"stream_options":{"include_usage":true}})", false},
+      {R"({"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi"}]}],"max_completion_tokens":3,"stop":"x"})", true},
+  };
+  const std::vector<std::string> values = {"null", "true", "-1", "0", "1e400", "3.5", "\"s\"", "[]", "{}", "[1]", "[{}]",
+                                           "{\"type\":5}", "18446744073709551615", "-9223372036854775809"};
+  std::mt19937_64 rng(7);
+  int parsed = 0, refused = 0;
+  for (int i = 0; i < 6000; ++i) {
+    const auto& [seed, chat] = seeds[size_t(i) % seeds.size()];
+    std::string body = seed;
+    const int edits = 1 + int(rng() % 3);
+    for (int e = 0; e < edits && !body.empty(); ++e) {
+      const size_t at = rng() % body.size();
+      switch (rng() % 5) {
+        case 0: body[at] = char(rng() % 256); break;                                    // flip a byte
+        case 1: body.resize(at); break;                                                   // cut
+        case 2: body.insert(at, body.substr(at, rng() % 16)); break;                      // repeat a piece
+        case 3: {                                                                          // a value of another type
+          const size_t colon = body.find(':', at);
+          if (colon == std::string::npos) break;
+          size_t end = colon + 1;
+          int depth = 0;
+          while (end < body.size() && (depth > 0 || (body[end] != ',' && body[end] != '}'))) {
+            if (body[end] == '[' || body[end] == '{') ++depth;
+            if (body[end] == ']' || body[end] == '}') --depth;
+            ++end;
+          }
+          body.replace(colon + 1, end - colon - 1, values[rng() % values.size()]);
+          break;
+        }
+        default: body.erase(at, rng() % 8); break;                                        // drop a piece
+      }
+    }
+    try {
+      ultramem::serve::parse_completion_request(body, chat);
+      ++parsed;
+    } catch (const ultramem::serve::ApiError& e) {
+      EXPECT_EQ(e.status, 400) << body;
+      ++refused;
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "not an ApiError: " << e.what() << " for " << body;
+    }
+  }
+  EXPECT_GT(parsed, 100);
+  EXPECT_GT(refused, 1000);
 }
 
 TEST(OpenAiApi, StopTextCutsAtTheFirstStopAndHoldsPartialOnes) {

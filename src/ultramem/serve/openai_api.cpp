@@ -75,7 +75,7 @@ CompletionRequest parse_completion_request(const std::string& body_text, bool ch
   json body;
   try {
     body = json::parse(body_text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     throw ApiError(400, std::string("the request body is not valid JSON: ") + e.what());
   }
   if (!body.is_object()) throw ApiError(400, std::string("the request body must be a JSON object, got ") + body.type_name());
@@ -102,9 +102,11 @@ CompletionRequest parse_completion_request(const std::string& body_text, bool ch
         cm.content = content->get<std::string>();
       } else if (content && content->is_array()) {  // [{type: "text", text}] parts
         for (const json& part : *content) {
-          if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") || !part["text"].is_string())
+          const json* type = part.is_object() ? field(part, "type") : nullptr;
+          const json* text = part.is_object() ? field(part, "text") : nullptr;
+          if (!type || !type->is_string() || *type != "text" || !text || !text->is_string())
             throw bad(where + ".content", where + ".content parts must be {type: 'text', text}: only text is served");
-          cm.content += part["text"].get<std::string>();
+          cm.content += text->get<std::string>();
         }
       } else {
         throw bad(where + ".content", where + ".content must be a string");
