@@ -123,8 +123,9 @@ struct TransformerImpl::Impl {
     std::vector<torch::Tensor> mem_out(ultramem.size() + pkm.size());  // pending memory outputs
     // Memories split around their skip window (set_value_prefetch): retrieval at the read block, lookup
     // at the write block.
-    std::vector<UltraMemImpl::PendingLookup> pending(ultramem.size());
-    std::vector<char> split(ultramem.size(), 0);
+    // (Indexed like mem_out: every memory has an entry, a PKM's stays unsplit.)
+    std::vector<UltraMemImpl::PendingLookup> pending(mem_out.size());
+    std::vector<char> split(mem_out.size(), 0);
     for (size_t k = 0; k < ultramem.size(); ++k) {
       const auto& pl = c.memory_placement[k];
       split[k] = prefetch_bytes > 0 && pl.write_block > pl.read_block && ultramem[k]->two_phase_applies();
@@ -140,7 +141,7 @@ struct TransformerImpl::Impl {
       if (blk->ffn_norm) {
         const auto u = blk->ffn_norm->forward(h);  // [B, T, D], the FFN input memories read
         for (int64_t k : reads_at[b]) {
-          if (!ultramem.empty() && split[k])
+          if (split[k])
             pending[k] = ultramem[k]->retrieve(u, prefetch_bytes);
           else
             mem_out[k] = memory_forward(k, u);
@@ -153,7 +154,7 @@ struct TransformerImpl::Impl {
         }
       }
       for (int64_t k : writes_at[b]) {
-        if (!ultramem.empty() && split[k]) {
+        if (split[k]) {
           mem_out[k] = ultramem[k]->lookup(pending[k]);
           pending[k] = UltraMemImpl::PendingLookup();
         }

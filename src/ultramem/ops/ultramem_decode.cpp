@@ -158,22 +158,27 @@ void retrieve_impl(const S* u, int64_t T, const UltraMemDecodeWeights& w, const 
   kernels::tdqkr_rescore<S>(ts, s_row, s_col, cores_c.data_ptr<S>(), irow, icol, scores, index);
 }
 
+// The pooled lookup's shape for T tokens of a layer with dims d.
+kernels::PoolShape pool_shape(int64_t T, const UltraMemDims& d) {
+  kernels::PoolShape ps;
+  ps.T = T;
+  ps.K = d.H * d.m;
+  ps.N = d.N();
+  ps.Dv = d.Dv;
+  ps.E = d.E;
+  ps.C = d.C;
+  return ps;
+}
+
 // The pooled lookup of the kept candidates over the stored table (fp32, bf16 or int8), then out = pooled Wo.
 template <typename S>
 void lookup_impl(const S* scores,        // [T, H*m, C]
                  const int64_t* index,   // [T, H*m]
                  int64_t T, const UltraMemDecodeWeights& w, const UltraMemDims& c,
                  S* out) {               // [T, D] out
-  const int64_t K = c.H * c.m, N = c.N();
   const auto st = dtype_of<S>();
   S* pooled = sized(scratch<S>().pooled, T * c.E * c.Dv);
-  kernels::PoolShape ps;
-  ps.T = T;
-  ps.K = K;
-  ps.N = N;
-  ps.Dv = c.Dv;
-  ps.E = c.E;
-  ps.C = c.C;
+  const kernels::PoolShape ps = pool_shape(T, c);
   const int64_t* pp = w.perm.data_ptr<int64_t>();
   if (w.values.scalar_type() == st) {
     kernels::pooled_lookup_forward<S>(ps, w.values.data_ptr<S>(), index, scores, pp, pooled);
@@ -266,7 +271,6 @@ void check_weights(const UltraMemDecodeWeights& w, const UltraMemDims& d, at::Sc
               ", m_neg=", d.m_neg, ", filter_rank=", d.filter_rank, ")");
 }
 
-
 // The two phases without their checks (ultramem_decode checks once for both).
 UltraMemRetrieval retrieve_unchecked(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d) {
   const int64_t T = x.size(0), K = d.H * d.m;
@@ -324,14 +328,7 @@ void ultramem_prefetch_values(const UltraMemRetrieval& r, const UltraMemDecodeWe
   check_arg(w.perm, "ultramem_decode: perm", {d.E * d.N()}, {at::kLong});
   const bool int8 = w.values.scalar_type() == at::kChar;
   if (int8) check_arg(w.values_scale, "ultramem_decode: values_scale", {d.N()}, {at::kFloat});
-  kernels::PoolShape ps;
-  ps.T = r.index.size(0);
-  ps.K = d.H * d.m;
-  ps.N = d.N();
-  ps.Dv = d.Dv;
-  ps.E = d.E;
-  ps.C = d.C;
-  kernels::pooled_lookup_prefetch(ps, w.values.data_ptr(), d.Dv * int64_t(w.values.element_size()),
+  kernels::pooled_lookup_prefetch(pool_shape(r.index.size(0), d), w.values.data_ptr(), d.Dv * int64_t(w.values.element_size()),
                                   int8 ? w.values_scale.data_ptr<float>() : nullptr, r.index.data_ptr<int64_t>(),
                                   w.perm.data_ptr<int64_t>(), max_bytes);
 }
