@@ -2,7 +2,8 @@
 # `ultramem serve` end to end on 127.0.0.1 with a tiny trained model: curl (completions, streaming, chat,
 # the error cases), the official OpenAI JavaScript client (tests/serve/openai_client.mjs), a load test
 # (64 concurrent clients x 8 requests, outputs equal to the same requests one at a time), a client that
-# leaves mid-stream, bad flags, and SIGTERM (in-flight request finishes, exit status 0).
+# leaves mid-stream, bad flags, SIGTERM (in-flight request finishes, exit status 0), and
+# `bench serve --quick`.
 # Usage: serve_smoke.sh PATH/TO/ultramem     (node and tests/serve/node_modules: scripts/setup.sh)
 set -euo pipefail
 um="$1"
@@ -45,6 +46,28 @@ if out=$("$um" serve "$work/run" --max-batch 0 2>&1); then fail "--max-batch 0 a
 grep -q -- "--max-batch" <<<"$out" || fail "--max-batch 0: $out"
 if out=$("$um" serve "$work/nothing" 2>&1); then fail "a missing model accepted"; fi
 grep -qi "nothing" <<<"$out" || fail "missing model: $out"
+
+# `bench serve --quick` on a tiny shape: JSON lines with the served and decode rates, every request
+# answered in full, the chart; a bad --streams is refused.
+"$um" --threads 1 bench serve --quick --config "$here/../configs/tiny-ultramem.json" --data "$work/data" \
+  --plot "$work/bench" > "$work/bench.jsonl" 2>"$work/bench.err" || fail "bench serve --quick: $(cat "$work/bench.err")"
+python3 - "$work/bench.jsonl" <<'PY' || fail "bench serve --quick output"
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+cfg = [l["config"] for l in lines if "config" in l]
+assert len(cfg) == 1 and cfg[0]["vocab"] == 300 and cfg[0]["sample_token_us"] > 0, cfg
+cases = [l for l in lines if l.get("case") == "serve"]
+assert sorted((c["kind"], c["streams"]) for c in cases) == sorted(
+    (k, s) for k in ("ultramem", "moe", "dense") for s in (1, 4)), cases
+for c in cases:
+    assert c["failed_requests"] == 0 and c["completion_tokens"] == 8 * c["streams"], c
+    assert c["served_tokens_per_second"] > 0 and c["decode_tokens_per_second"] > 0, c
+    assert c["ratio"]["served_over_decode"] > 0 and 0 < c["server_step_share"] <= 1.5, c
+    assert c["latency_p50_ms"] <= c["latency_p99_ms"] and c["first_token_p50_ms"] > 0, c
+PY
+[ -s "$work/bench/serve_tokens_per_second.png" ] || fail "bench serve --plot wrote no chart"
+if out=$("$um" bench serve --streams 0 2>&1); then fail "bench serve --streams 0 accepted"; fi
+grep -q -- "--streams" <<<"$out" || fail "bench serve --streams 0: $out"
 
 start_server() {
   "$um" --threads 2 serve "$work/run" --port 0 --max-batch 64 --max-queue 512 "$@" 2>"$work/serve.log" &
