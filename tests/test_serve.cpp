@@ -752,7 +752,12 @@ TEST_F(HttpServer, StopDrainsInFlightRequests) {
     const json body = {{"prompt", "The people"}, {"max_tokens", 300}, {"ignore_eos", true}};
     return c.Post("/v1/completions", body.dump(), "application/json");
   });
-  while (metric("ultramem_active_sequences") == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  bool seen = false;  // the request is running (300 tokens: a few hundred ms at least)
+  for (int i = 0; i < 5000 && !seen; ++i) {
+    seen = metric("ultramem_active_sequences") == 1;
+    if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_TRUE(seen) << "the request never showed as active";
   std::thread stopper([&] { server_->stop(); });
   auto res = pending.get();
   stopper.join();
