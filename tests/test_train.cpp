@@ -525,6 +525,68 @@ TEST(Checkpoint, CorruptTruncatedAndWrongConfigAreClearErrors) {
       {path, "model config differs", "d_model", "ffn_hidden"});
 }
 
+// zlib's crc32 returns its initial value for a null buffer, so an empty tensor used to restart the
+// checksum and a corrupt byte in any tensor stored before it went unnoticed.
+TEST(Checkpoint, EmptyTensorDoesNotResetTheChecksum) {
+  TempDir dir("empty");
+  auto model = train::as_trainable(nn::Transformer(tiny_model_config()));
+  const std::string path = dir.file("c.safetensors");
+  checkpoint::save_checkpoint(path, model->module(), model->config_json());
+  auto ck = checkpoint::read_checkpoint(path);
+  ck.model["zzz_empty"] = torch::empty({0});
+  const std::string with_empty = dir.file("e.safetensors");
+  checkpoint::save_checkpoint(with_empty, ck);
+  ASSERT_NO_THROW(checkpoint::read_checkpoint(with_empty));
+  // The data region of the tensor stored just before the empty one (safetensors: an 8-byte header length,
+  // the JSON header, then the data; data_offsets relative to its start).
+  std::ifstream in(with_empty, std::ios::binary);
+  uint64_t header_len = 0;
+  in.read(reinterpret_cast<char*>(&header_len), 8);
+  std::string header(header_len, '\0');
+  in.read(header.data(), static_cast<std::streamsize>(header_len));
+  in.close();
+  const auto h = nlohmann::json::parse(header);
+  ASSERT_TRUE(h.contains("model.zzz_empty"));
+  const int64_t empty_at = h["model.zzz_empty"]["data_offsets"][0];
+  int64_t begin = -1, end = -1;
+  for (const auto& [name, e] : h.items()) {
+    if (name == "__metadata__") continue;
+    const int64_t b = e["data_offsets"][0], en = e["data_offsets"][1];
+    if (en <= empty_at && en > b && en > end) begin = b, end = en;
+  }
+  ASSERT_GE(begin, 0) << "no tensor with data is stored before the empty one";
+  {
+    std::fstream f(with_empty, std::ios::in | std::ios::out | std::ios::binary);
+    const auto at = static_cast<std::streamoff>(8 + header_len + uint64_t(begin + end) / 2);
+    f.seekg(at);
+    char ch;
+    f.read(&ch, 1);
+    ch = static_cast<char>(ch ^ 0x21);
+    f.seekp(at);
+    f.write(&ch, 1);
+  }
+  expect_throw_with<std::runtime_error>([&] { checkpoint::read_checkpoint(with_empty); }, {with_empty, "checksum"});
+}
+
+// A sharded checkpoint's manifest names plain files next to the main file; a name with a folder or ".."
+// is refused before anything is read.
+TEST(Checkpoint, ShardManifestNamesCannotLeaveTheFolder) {
+  TempDir dir("manifest");
+  auto model = train::as_trainable(nn::Transformer(tiny_model_config()));
+  for (const std::string name : {"../evil.safetensors", "/etc/passwd", "sub/x.safetensors", "..", ""}) {
+    SCOPED_TRACE(name);
+    checkpoint::CheckpointWriteOptions o;
+    o.shards = {{"world", 1},
+                {"step", 1},
+                {"files", {{{"file", name}, {"checksum", "crc32:00000000"}}}},
+                {"tensors", nlohmann::json::object()}};
+    const std::string path = dir.file("m.safetensors");
+    checkpoint::save_checkpoint(path, model->module(), model->config_json(), o);
+    expect_throw_with<std::runtime_error>([&] { checkpoint::read_checkpoint(path); },
+                                          {path, "not a plain file name"});
+  }
+}
+
 TEST(Checkpoint, InterruptedWriteLeavesPreviousCheckpointIntact) {
   TempDir dir("atomic");
   auto model = train::as_trainable(nn::Transformer(tiny_model_config()));

@@ -46,6 +46,9 @@ const char* dtype_name(at::ScalarType t) {
 }
 
 uint32_t crc_update(uint32_t crc, const void* data, size_t n) {
+  // zlib returns its initial value (0) for a null buffer whatever `crc` is: an empty tensor (null data)
+  // would restart the sum and leave everything before it unprotected.
+  if (n == 0) return crc;
   return static_cast<uint32_t>(::crc32_z(crc, static_cast<const Bytef*>(data), n));
 }
 
@@ -59,7 +62,11 @@ uint32_t crc_update(uint32_t crc, const std::string& s) {
 // CRC-32 (zlib) over, for every tensor in file order: name, dtype, shape ("2,3"), each NUL-terminated,
 // then the raw little-endian bytes; then every metadata entry except "checksum" in key order as
 // key NUL value NUL.
-std::string checksum(const NamedTensors& tensors, const std::map<std::string, std::string>& meta) {
+//
+// legacy: the sum as written before the fix above, which restarted at an empty tensor with null data;
+// files holding an empty tensor written then are still accepted (read_verified).
+std::string checksum(const NamedTensors& tensors, const std::map<std::string, std::string>& meta,
+                     bool legacy = false) {
   uint32_t crc = static_cast<uint32_t>(::crc32_z(0L, Z_NULL, 0));
   for (const auto& [name, t0] : tensors) {
     const at::Tensor t = t0.contiguous();
@@ -68,7 +75,9 @@ std::string checksum(const NamedTensors& tensors, const std::map<std::string, st
     crc = crc_update(crc, name);
     crc = crc_update(crc, dtype_name(t.scalar_type()));
     crc = crc_update(crc, shape);
-    crc = crc_update(crc, t.data_ptr(), static_cast<size_t>(t.numel() * t.element_size()));
+    const size_t bytes = static_cast<size_t>(t.numel() * t.element_size());
+    crc = legacy && bytes == 0 ? static_cast<uint32_t>(::crc32_z(crc, static_cast<const Bytef*>(t.data_ptr()), 0))
+                               : crc_update(crc, t.data_ptr(), bytes);
   }
   for (const auto& [k, v] : meta) {
     if (k == "checksum") continue;
@@ -263,7 +272,9 @@ VerifiedFile read_verified(const std::string& path, const char* format) {
   check_format(path, f.meta, format);
   const std::string stored = need_meta(path, f.meta, "checksum");
   const std::string actual = checksum(f.tensors, f.meta);
-  if (stored != actual)
+  bool has_empty = false;
+  for (const auto& nt : f.tensors) has_empty = has_empty || nt.second.numel() == 0;
+  if (stored != actual && !(has_empty && stored == checksum(f.tensors, f.meta, /*legacy=*/true)))
     fail(path, "checksum mismatch (stored " + stored + ", computed " + actual + "): the file is corrupt");
   return f;
 }
@@ -325,12 +336,23 @@ void read_shards(const std::string& path, const json& manifest, const Checkpoint
   if (world < 1 || static_cast<int64_t>(files.size()) != world) bad("'files' must list one file per rank");
   c.shard_world = world;
   const std::filesystem::path dir = std::filesystem::path(path).parent_path();
+  // Every entry names a plain file next to the main file: nothing in the manifest may point elsewhere.
+  for (size_t j = 0; j < files.size(); ++j) {
+    const json& e = files[j];
+    if (!e.is_object() || !e.contains("file") || !e.at("file").is_string() || !e.contains("checksum") ||
+        !e.at("checksum").is_string())
+      bad("file entry " + std::to_string(j) + " must be {\"file\": name, \"checksum\": string}");
+    const std::string name = e.at("file").get<std::string>();
+    if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+        name.find('\\') != std::string::npos || name.find('\0') != std::string::npos)
+      bad("file entry " + std::to_string(j) + " '" + name +
+          "' is not a plain file name next to the checkpoint (no folders, no '..')");
+  }
   std::map<int64_t, VerifiedFile> loaded;
   auto shard = [&](int64_t j) -> VerifiedFile& {
     auto it = loaded.find(j);
     if (it != loaded.end()) return it->second;
     const json& e = files.at(static_cast<size_t>(j));
-    if (!e.is_object() || !e.contains("file") || !e.contains("checksum")) bad("file entry " + std::to_string(j));
     const std::string fp = (dir / e.at("file").get<std::string>()).string();
     if (!std::filesystem::exists(fp))
       fail(path, "shard file " + fp + " of rank " + std::to_string(j) + " is missing (a sharded checkpoint needs "
