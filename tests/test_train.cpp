@@ -4,6 +4,7 @@
 // gradient accumulation, metrics).
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -614,6 +615,27 @@ TEST(Checkpoint, InterruptedWriteLeavesPreviousCheckpointIntact) {
   const auto third = checkpoint::read_checkpoint(path);
   const auto name = model->module().named_parameters().begin()->key();
   EXPECT_TRUE(torch::equal(third.model.at(name), first.model.at(name) * 2.0));
+}
+
+// A kill during a save leaves a full-size temporary; the next save removes those of dead processes and
+// leaves a live process's alone.
+TEST(Checkpoint, NextSaveRemovesTemporariesOfDeadProcesses) {
+  TempDir dir("stale");
+  auto model = train::as_trainable(nn::Transformer(tiny_model_config()));
+  const std::string path = dir.file("checkpoint.safetensors");
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) ::_exit(0);
+  ASSERT_EQ(::waitpid(child, nullptr, 0), child);  // a pid that no longer runs
+  const std::string dead = path + ".tmp." + std::to_string(child);
+  const std::string live = path + ".tmp." + std::to_string(::getppid());
+  const std::string other = dir.file("other.safetensors.tmp." + std::to_string(child));
+  for (const auto& f : {dead, live, other}) std::ofstream(f, std::ios::binary) << "partial";
+  checkpoint::save_checkpoint(path, model->module(), model->config_json());
+  EXPECT_FALSE(fs::exists(dead));
+  EXPECT_TRUE(fs::exists(live));
+  EXPECT_TRUE(fs::exists(other));  // another file's temporary is not this save's business
+  ASSERT_NO_THROW(checkpoint::read_checkpoint(path));
 }
 
 // ---------------------------------------------------------------------------------------------------

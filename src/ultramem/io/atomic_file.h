@@ -8,7 +8,8 @@ namespace ultramem::io {
 
 // Writes the concatenation of `parts` to `path` atomically: writes `path + ".tmp.<pid>"`, flushes and
 // fsyncs it, renames it over `path`, then fsyncs the directory (best effort). A reader sees either the
-// old file or the complete new one. Throws std::runtime_error naming the file on any failure.
+// old file or the complete new one. Throws std::runtime_error naming the file on any failure. First
+// removes the `path + ".tmp.<pid>"` files of processes that no longer exist (killed during a write).
 void write_file_atomically(const std::string& path, const std::vector<std::string_view>& parts);
 
 // The whole content of `path` (binary). Throws std::runtime_error naming the file when it cannot be read.
