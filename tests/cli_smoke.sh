@@ -43,6 +43,17 @@ expect_error "exists: pass --resume" "$um" train "$work/model.json" --data "$wor
 grep -q '"val_loss"' "$work/run/metrics.jsonl" || fail "metrics.jsonl has no val_loss"
 
 "$um" eval "$work/run/checkpoint.safetensors" --batch-size 2 --seq-len 32 | grep -q '"bits_per_byte"' || fail "eval"
+# Every numeric flag meets the same validation as the config: nothing is silently replaced by a default.
+for bad in "--steps 0|steps" "--lr -1|lr" "--lr nan|--lr" "--batch-size 0|batch_size" "--batch-size -4|batch_size" \
+           "--grad-accum 0|grad_accum" "--eval-every -5|eval_every" "--stop-at -3|--stop-at" "--seed -7|seed" \
+           "--dist-timeout 0|--dist-timeout" "--dist-timeout -5|--dist-timeout"; do
+  flags="${bad%%|*}"; needle="${bad##*|}"
+  # shellcheck disable=SC2086
+  expect_error "$needle" "$um" train "$work/model.json" --data "$work/data" --out "$work/never" $flags
+done
+[ ! -e "$work/never" ] || fail "a refused train flag still created its run folder"
+expect_error "--seed" "$um" generate "$work/run/checkpoint.safetensors" --prompt "The" --seed -1
+expect_error "--seq-len" "$um" eval "$work/run/checkpoint.safetensors" --seq-len -5
 gen=$("$um" generate "$work/run/checkpoint.safetensors" --prompt "The people" --max-tokens 10 --seed 3)
 [ -n "$gen" ] || fail "generate printed nothing"
 # Several prompts, batched: one JSON line per non-empty line, in order; the duplicate prompt decodes to

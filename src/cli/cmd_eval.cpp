@@ -18,7 +18,9 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("checkpoint", a->checkpoint, "Checkpoint file (.safetensors)")->required()->check(CLI::ExistingFile);
   cmd->add_option("--data", a->data_dir, "Prepared data folder (default: the one the run was trained on)");
   cmd->add_option("--batch-size", a->batch_size, "Sequences per batch")->capture_default_str();
-  cmd->add_option("--seq-len", a->seq_len, "Tokens per sequence (0 = the model's max_seq_len)")->capture_default_str();
+  cmd->add_option("--seq-len", a->seq_len, "Tokens per sequence (0 = the model's max_seq_len)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-batches", a->max_batches, "Evaluate at most this many batches (0 = the whole split)")
       ->capture_default_str();
   cmd->add_option("--keys", a->keys,

@@ -29,7 +29,9 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--temperature", a->sampling.temperature, "Sampling temperature (0 = greedy)")->capture_default_str();
   cmd->add_option("--top-k", a->sampling.top_k, "Sample among the k most likely tokens (0 = all)")->capture_default_str();
   cmd->add_option("--top-p", a->sampling.top_p, "Nucleus sampling mass (1 = off)")->capture_default_str();
-  cmd->add_option("--seed", a->sampling.seed, "Sampling seed")->capture_default_str();
+  cmd->add_option("--seed", a->sampling.seed, "Sampling seed (a non-negative integer)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--keys", a->keys,
                   "Key storage of the memory layers at inference: fp32 (as trained), bf16 or int8 (one scale per key row); "
                   "default: the checkpoint's (quantize --keys), else fp32")

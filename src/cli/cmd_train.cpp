@@ -2,7 +2,10 @@
 // train/run.h).
 #include <CLI/CLI.hpp>
 
+#include <cmath>
 #include <cstdlib>
+#include <optional>
+#include <stdexcept>
 #include <iostream>
 #include <memory>
 
@@ -16,22 +19,27 @@ namespace {
 
 struct TrainArgs {
   dist::TrainJob job;
-  // Shortcuts for common TrainConfig keys (applied only when given).
-  int64_t steps = 0, batch_size = 0, seq_len = 0, grad_accum = 0, eval_every = -1, log_every = -1;
-  double lr = 0;
-  int64_t seed = -1;
+  // Shortcuts for common TrainConfig keys: each given one becomes an override as it is, so it meets the
+  // config's own validation (--steps 0 is refused, not replaced by the default).
+  std::optional<int64_t> steps, batch_size, seq_len, grad_accum, eval_every, log_every, seed;
+  std::optional<double> lr;
 };
 
 void run_train(TrainArgs a) {
   auto& o = a.job.overrides;
-  if (a.steps > 0) o["steps"] = a.steps;
-  if (a.batch_size > 0) o["batch_size"] = a.batch_size;
-  if (a.seq_len > 0) o["seq_len"] = a.seq_len;
-  if (a.grad_accum > 0) o["grad_accum"] = a.grad_accum;
-  if (a.eval_every >= 0) o["eval_every"] = a.eval_every;
-  if (a.log_every >= 0) o["log_every"] = a.log_every;
-  if (a.lr > 0) o["lr"] = a.lr;
-  if (a.seed >= 0) o["seed"] = a.seed;
+  auto put = [&o](const char* key, const auto& v) {
+    if (v) o[key] = *v;
+  };
+  put("steps", a.steps);
+  put("batch_size", a.batch_size);
+  put("seq_len", a.seq_len);
+  put("grad_accum", a.grad_accum);
+  put("eval_every", a.eval_every);
+  put("log_every", a.log_every);
+  put("seed", a.seed);
+  if (a.lr && !std::isfinite(*a.lr))  // JSON has no NaN or infinity to carry it to the config
+    throw std::invalid_argument("--lr: must be finite and > 0, got " + std::to_string(*a.lr));
+  put("lr", a.lr);
   if (const int code = dist::run_train_job(a.job); code != 0) {
     std::cout.flush();
     std::exit(code);
@@ -63,7 +71,8 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--log-every", a->log_every, "Steps between progress lines");
   cmd->add_option("--seed", a->seed, "Training seed (data order)");
   cmd->add_flag("--resume", j.resume, "Continue from the output folder's checkpoint");
-  cmd->add_option("--stop-at", j.stop_at, "Stop (with a checkpoint) after this step; resume later");
+  cmd->add_option("--stop-at", j.stop_at, "Stop (with a checkpoint) after this step; resume later")
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--compare", j.compare, "Run folders whose final validation loss to print next to this one");
   add_dist_options(cmd, j.launch);
   cmd->callback([a] { run_train(*a); });

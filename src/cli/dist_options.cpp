@@ -18,6 +18,7 @@ void add_dist_options(CLI::App* cmd, dist::LaunchArgs& a) {
   cmd->add_option("--world-size", a.rendezvous.world_size, "Ranks in the run (env WORLD_SIZE)")->group(g);
   cmd->add_option("--dist-timeout", a.rendezvous.timeout_seconds,
                   "Seconds after which a missing, dead or hung rank is an error (env ULTRAMEM_DIST_TIMEOUT; default 300)")
+      ->check(CLI::PositiveNumber)
       ->group(g);
   cmd->add_option("--dist-iface", a.rendezvous.interface, "Network interface for Gloo (env GLOO_SOCKET_IFNAME)")
       ->group(g);
