@@ -190,9 +190,10 @@ TEST(Scheduler, SequenceAloneEqualsAmongFifteenOthersAndGenerate) {
       Scheduler s(model, /*eos_id=*/-1, {});
       for (int64_t b = 0; b < 16; ++b) ASSERT_GE(s.submit(collecting(together, b, prompts[b], sampling(b, 1.0, 12))), 0);
       wait_for(together, 16);
-      for (int64_t b : {0, 5, 11}) {  // alone: one at a time
+      size_t done = 0;
+      for (int64_t b : {0, 5, 11}) {  // alone: one at a time (counted before the submit it waits for)
         ASSERT_GE(s.submit(collecting(alone, b, prompts[b], sampling(b, 1.0, 12))), 0);
-        wait_for(alone, alone.ends.size() + 1);
+        wait_for(alone, ++done);
       }
     }
     for (int64_t b : {0, 5, 11}) {
