@@ -13,12 +13,6 @@
 #include <string>
 
 namespace ultramem::infer {
-namespace {
-std::vector<float>& thread_local_scratch() {
-  thread_local std::vector<float> v;
-  return v;
-}
-}  // namespace
 
 void SamplingOptions::validate() const {
   if (!(temperature >= 0)) throw std::invalid_argument("temperature: must be >= 0 (0 = greedy)");
@@ -35,7 +29,7 @@ int64_t sample_token(const torch::Tensor& logits, const SamplingOptions& o, torc
 int64_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, torch::Generator& gen) {
   if (V < 1) throw std::invalid_argument("sample_token: no logits");
   if (o.temperature == 0) return std::max_element(logits, logits + V) - logits;
-  thread_local std::vector<float> z;
+  thread_local std::vector<float> z, kth_scratch;
   thread_local std::vector<double> p;
   thread_local std::vector<int64_t> order;
   z.resize(V);
@@ -43,10 +37,9 @@ int64_t sample_token(const float* logits, int64_t V, const SamplingOptions& o, t
   for (int64_t i = 0; i < V; ++i) z[i] = logits[i] / inv_t;
   float kth = -std::numeric_limits<float>::infinity();  // keep z >= kth
   if (o.top_k > 0 && o.top_k < V) {
-    std::vector<float>& tmp = thread_local_scratch();
-    tmp.assign(z.begin(), z.end());
-    std::nth_element(tmp.begin(), tmp.begin() + (o.top_k - 1), tmp.end(), std::greater<float>());
-    kth = tmp[o.top_k - 1];
+    kth_scratch.assign(z.begin(), z.end());
+    std::nth_element(kth_scratch.begin(), kth_scratch.begin() + (o.top_k - 1), kth_scratch.end(), std::greater<float>());
+    kth = kth_scratch[o.top_k - 1];
   }
   const float zmax = *std::max_element(z.begin(), z.end());
   p.resize(V);

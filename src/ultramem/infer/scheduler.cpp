@@ -38,7 +38,7 @@ void Scheduler::Options::validate() const {
   if (ctx < 0) throw std::invalid_argument("ctx: must be >= 0 (0: the model's max_seq_len), got " + std::to_string(ctx));
   if (prefill_tokens < 1)
     throw std::invalid_argument("prefill_tokens: must be >= 1, got " + std::to_string(prefill_tokens));
-  if (threads < 0) throw std::invalid_argument("threads: must be >= 0 (0: all cores), got " + std::to_string(threads));
+  if (threads < 0) throw std::invalid_argument("threads: must be >= 0 (0: the constructing thread's), got " + std::to_string(threads));
 }
 
 Scheduler::Scheduler(nn::Transformer model, int64_t eos_id, Options o) : model_(std::move(model)), eos_id_(eos_id), opt_(o) {
@@ -156,12 +156,8 @@ void Scheduler::finish(Sequence& s, const std::string& reason, const std::string
   s.ended = true;  // the loop removes it and frees its slot
 }
 
-bool Scheduler::advance(Sequence& s, int64_t id) {
-  const auto& o = s.req.sampling;
-  if (id == eos_id_ && s.req.stop_at_eos) {
-    finish(s, "eos");
-    return false;
-  }
+void Scheduler::advance(Sequence& s, int64_t id) {
+  if (id == eos_id_ && s.req.stop_at_eos) return finish(s, "eos");
   ++s.generated;
   if (s.generated == 1) s.first_token = Clock::now();
   s.next = id;
@@ -173,22 +169,11 @@ bool Scheduler::advance(Sequence& s, int64_t id) {
   try {
     if (s.req.on_token) keep = s.req.on_token(id);
   } catch (const std::exception& e) {
-    finish(s, "error", std::string("on_token: ") + e.what());
-    return false;
+    return finish(s, "error", std::string("on_token: ") + e.what());
   }
-  if (!keep) {
-    finish(s, "stop");
-    return false;
-  }
-  if (s.generated >= o.max_tokens) {
-    finish(s, "max_tokens");
-    return false;
-  }
-  if (s.length >= ctx_) {
-    finish(s, "context_full");
-    return false;
-  }
-  return true;
+  if (!keep) return finish(s, "stop");
+  if (s.generated >= s.req.sampling.max_tokens) return finish(s, "max_tokens");
+  if (s.length >= ctx_) return finish(s, "context_full");
 }
 
 void Scheduler::prefill(Sequence& s) {

@@ -108,8 +108,8 @@ class Scheduler {
   void loop();
   void prefill(Sequence& s);
   void step();
-  // Emits s's sampled token `id` or ends s (eos, stop, max_tokens, context_full). False when s ended.
-  bool advance(Sequence& s, int64_t id);
+  // Emits s's sampled token `id` or ends s (eos, stop, max_tokens, context_full).
+  void advance(Sequence& s, int64_t id);
   void finish(Sequence& s, const std::string& reason, const std::string& error = "");
 
   nn::Transformer model_;

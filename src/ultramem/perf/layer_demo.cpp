@@ -8,16 +8,9 @@
 
 #include "ultramem/nn/ultramem.h"
 #include "ultramem/ops/runtime.h"
+#include "ultramem/perf/timing.h"
 
 namespace ultramem::perf {
-namespace {
-
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-}  // namespace
 
 void run_layer_demo(const LayerDemoOptions& a, std::ostream& out) {
   using ultramem::nn::UltraMem;

@@ -31,8 +31,6 @@ namespace ultramem::perf {
 namespace {
 
 using nlohmann::json;
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 const std::vector<std::string> kPrompts = {
     "The people of this nation",

@@ -6,8 +6,6 @@
 
 namespace ultramem::perf {
 namespace {
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 double median_of(std::vector<double> t) {
   std::sort(t.begin(), t.end());

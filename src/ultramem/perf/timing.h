@@ -1,9 +1,14 @@
 // Timing of repeated calls for the benchmarks: robust medians on a shared, noisy machine.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <functional>
 
 namespace ultramem::perf {
+
+using Clock = std::chrono::steady_clock;
+// Seconds from t0 to now.
+inline double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 struct Timing {
   double median = 0, min = 0, max = 0;  // seconds per call

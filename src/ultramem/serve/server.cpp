@@ -52,9 +52,8 @@ namespace {
 // One choice of a request, as the scheduler thread fills it in.
 struct ChoiceState {
   int64_t seq = -1;                // scheduler sequence id
-  std::vector<int32_t> ids;        // generated token ids
+  std::vector<int32_t> ids;        // generated token ids (the completion's tokens)
   std::unique_ptr<StopText> text;
-  int64_t generated = 0;
   bool ended = false;
   std::string end_reason, error;
 };
@@ -80,6 +79,13 @@ std::string random_hex(int n) {
 uint64_t random_seed() {
   static thread_local std::mt19937_64 rng{std::random_device{}()};
   return rng() >> 1;  // fits int64, as a seed a client could send
+}
+
+// The message of a choice that ended without its text ("" when it ended normally).
+std::string failure_of(const std::string& end_reason, const std::string& error) {
+  if (end_reason == "error") return "generation failed: " + error;
+  if (end_reason == "cancelled") return "generation cancelled (server shutdown)";
+  return "";
 }
 
 std::string sse(const json& j) { return "data: " + j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n"; }
@@ -251,7 +257,6 @@ struct Server::Impl {
           std::lock_guard<std::mutex> lock(st->mu);
           auto& c = st->choices[i];
           c.ids.push_back(static_cast<int32_t>(tid));
-          ++c.generated;
           if (st->first_token_seconds == 0) st->first_token_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
           const std::string out = c.text->push(tok->decode(c.ids));
           if (stream && !out.empty()) {
@@ -266,12 +271,9 @@ struct Server::Impl {
           c.ended = true;
           c.end_reason = e.reason;
           c.error = e.error;
-          c.generated = e.generated;
           if (stream) {
-            if (e.reason == "cancelled" || e.reason == "error") {
-              st->events.push_back(sse(error_body(ApiError(
-                  503, e.reason == "error" ? "generation failed: " + e.error : "generation cancelled (server shutdown)",
-                  "", "server_error"))));
+            if (const std::string f = failure_of(e.reason, e.error); !f.empty()) {
+              st->events.push_back(sse(error_body(ApiError(503, f, "", "server_error"))));
             } else {
               const std::string rest = c.text->finish();
               st->events.push_back(sse(chunk_body(id, created, name, i, rest, finish_reason(e.reason), chat)));
@@ -281,12 +283,11 @@ struct Server::Impl {
           st->cv.notify_all();
         };
         const int64_t seq = sched->submit(std::move(sr));
+        if (seq < 0 && (draining || sched->closed()))
+          throw ApiError(503, "the server is shutting down", "", "server_error");
         if (seq < 0)
-          throw ApiError(draining || sched->closed() ? 503 : 429,
-                         draining || sched->closed() ? "the server is shutting down"
-                                                     : "the server is busy: its queue of " +
-                                                           std::to_string(opt.max_queue) + " waiting sequences is full",
-                         "", draining ? "server_error" : "rate_limit_error");
+          throw ApiError(429, "the server is busy: its queue of " + std::to_string(opt.max_queue) +
+                                  " waiting sequences is full", "", "rate_limit_error");
         std::lock_guard<std::mutex> lock(st->mu);
         st->choices[i].seq = seq;
         ++submitted;
@@ -313,11 +314,10 @@ struct Server::Impl {
       std::string failure;
       for (int64_t i = 0; i < r.n; ++i) {
         auto& c = st->choices[i];
-        if (c.end_reason == "cancelled" || c.end_reason == "error")
-          failure = c.end_reason == "error" ? "generation failed: " + c.error : "generation cancelled (server shutdown)";
+        if (const std::string f = failure_of(c.end_reason, c.error); !f.empty()) failure = f;
         c.text->finish();
         choices.push_back({i, c.text->text(), finish_reason(c.end_reason)});
-        usage.completion_tokens += c.generated;
+        usage.completion_tokens += static_cast<int64_t>(c.ids.size());
       }
       if (!failure.empty())
         reply_error(res, ApiError(503, failure, "", "server_error"));
@@ -340,36 +340,28 @@ struct Server::Impl {
         [this, st, n, include_usage, id, created, chat, base, finished, endpoint, t0](size_t, httplib::DataSink& sink) {
           std::unique_lock<std::mutex> lock(st->mu);
           auto last_write = Clock::now();
+          // Writes without holding the request's lock. A failed write (the client went away) ends the
+          // stream; the releaser below then cancels its sequences.
+          auto write = [&](const char* data, size_t size) {
+            lock.unlock();
+            const bool ok = sink.write(data, size);
+            lock.lock();
+            last_write = Clock::now();
+            return ok;
+          };
           while (true) {
             st->cv.wait_for(lock, std::chrono::milliseconds(500), [&] { return !st->events.empty() || st->ended == n; });
             while (!st->events.empty()) {
               const std::string ev = std::move(st->events.front());
               st->events.pop_front();
-              lock.unlock();
-              const bool ok = sink.write(ev.data(), ev.size());
-              lock.lock();
-              if (!ok) {  // the client went away: free its sequences
-                lock.unlock();
-                cancel_all(*st);
-                return false;
-              }
-              last_write = Clock::now();
+              if (!write(ev.data(), ev.size())) return false;
             }
             if (st->ended == n) break;
-            if (Clock::now() - last_write > std::chrono::seconds(2)) {  // a comment probes the connection
-              lock.unlock();
-              const bool ok = sink.write(": keep-alive\n\n", 14);
-              lock.lock();
-              if (!ok) {
-                lock.unlock();
-                cancel_all(*st);
-                return false;
-              }
-              last_write = Clock::now();
-            }
+            // A comment probes the connection when nothing was sent for a while.
+            if (Clock::now() - last_write > std::chrono::seconds(2) && !write(": keep-alive\n\n", 14)) return false;
           }
           Usage usage = base;
-          for (const auto& c : st->choices) usage.completion_tokens += c.generated;
+          for (const auto& c : st->choices) usage.completion_tokens += static_cast<int64_t>(c.ids.size());
           const double ttft = st->first_token_seconds;
           lock.unlock();
           std::string tail;
