@@ -708,7 +708,7 @@ TEST_F(HttpServer, QueueFullAndClientThatLeaves) {
   ultramem::serve::ServeOptions o;
   o.max_batch = 1;
   o.max_queue = 0;
-  start(o, 4096);
+  start(o, 16384);  // a 16000-token stream outlasts the 429 check even on a loaded machine
   // A long stream (raw socket) holds the one slot; it reads the first bytes, and closes once told to.
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   ASSERT_GE(fd, 0);
@@ -717,7 +717,7 @@ TEST_F(HttpServer, QueueFullAndClientThatLeaves) {
   addr.sin_port = htons(static_cast<uint16_t>(server_->port()));
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  const std::string body = json({{"prompt", "The people"}, {"max_tokens", 4000}, {"ignore_eos", true}, {"stream", true}}).dump();
+  const std::string body = json({{"prompt", "The people"}, {"max_tokens", 16000}, {"ignore_eos", true}, {"stream", true}}).dump();
   const std::string request = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                               "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
   ASSERT_EQ(::send(fd, request.data(), request.size(), MSG_NOSIGNAL), ssize_t(request.size()));
@@ -734,7 +734,7 @@ TEST_F(HttpServer, QueueFullAndClientThatLeaves) {
   EXPECT_EQ(busy->get_header_value("Retry-After"), "1");
   EXPECT_EQ(json::parse(busy->body)["error"]["type"], "rate_limit_error");
   ::close(fd);  // the client leaves mid-stream
-  // The stream's sequence is cancelled long before its 4000 tokens.
+  // The stream's sequence is cancelled long before its 16000 tokens.
   for (int i = 0; i < 500 && metric("ultramem_active_sequences") != 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   EXPECT_EQ(metric("ultramem_active_sequences"), 0);
