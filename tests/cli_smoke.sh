@@ -52,8 +52,23 @@ for bad in "--steps 0|steps" "--lr -1|lr" "--lr nan|--lr" "--batch-size 0|batch_
   expect_error "$needle" "$um" train "$work/model.json" --data "$work/data" --out "$work/never" $flags
 done
 [ ! -e "$work/never" ] || fail "a refused train flag still created its run folder"
+for bad in "--nproc 0|--nproc" "--nproc -2|--nproc" "--nnodes 0|--nnodes" "--node-rank -1|--node-rank" \
+           "--world-size 0|--world-size" "--rank -1|--rank"; do
+  flags="${bad%%|*}"; needle="${bad##*|}"
+  # shellcheck disable=SC2086
+  expect_error "$needle" "$um" train "$work/model.json" --data "$work/data" --out "$work/never" $flags
+done
+[ ! -e "$work/never" ] || fail "a refused train flag still created its run folder"
 expect_error "--seed" "$um" generate "$work/run/checkpoint.safetensors" --prompt "The" --seed -1
+expect_error "--batch" "$um" generate "$work/run/checkpoint.safetensors" --prompt "The" --batch 0
 expect_error "--seq-len" "$um" eval "$work/run/checkpoint.safetensors" --seq-len -5
+expect_error "--max-batches" "$um" eval "$work/run/checkpoint.safetensors" --max-batches -1
+expect_error "--max-batches" "$um" quantize "$work/run/checkpoint.safetensors" --values int8 --max-batches -1
+expect_error "--seq-len" "$um" quantize "$work/run/checkpoint.safetensors" --values int8 --seq-len -1
+expect_error "--seed" "$um" prepare --input "$work/corpus" --out "$work/never" --seed -1
+expect_error "--context" "$um" info "$work/model.json" --context -1
+expect_error "--threads" "$um" --threads 0 info "$work/model.json"
+[ ! -e "$work/never" ] || fail "a refused flag still created a folder"
 gen=$("$um" generate "$work/run/checkpoint.safetensors" --prompt "The people" --max-tokens 10 --seed 3)
 [ -n "$gen" ] || fail "generate printed nothing"
 # Several prompts, batched: one JSON line per non-empty line, in order; the duplicate prompt decodes to
@@ -79,6 +94,12 @@ expect_error "no prompts" "$um" generate "$work/run/checkpoint.safetensors" --pr
 # Bad input: each fails with a message naming the problem.
 echo '{"name": "x", "vocab_size": 300, "d_modle": 32}' > "$work/bad_key.json"
 expect_error "d_modle" "$um" info "$work/bad_key.json"
+# Sizes far beyond any machine are refused at once, naming the field (n_layers 2^63-1 used to hang info,
+# train and eval); a valid model whose training would not fit in memory is refused with the size it needs.
+echo '{"name": "x", "vocab_size": 300, "d_model": 32, "n_layers": 9223372036854775807, "n_heads": 2}' > "$work/huge.json"
+expect_error "n_layers: must be <= 1024" timeout 60 "$um" info "$work/huge.json"
+expect_error "of activations" "$um" train "$work/model.json" --data "$work/data" --out "$work/never" --batch-size 1000000
+[ ! -e "$work/never/checkpoint.safetensors" ] || fail "a run refused for its memory wrote a checkpoint"
 expect_error "nonsense" "$um" train "$work/model.json" --data "$work/data" --out "$work/bad" --set nonsense=1
 expect_error "manifest" "$um" train "$work/model.json" --data "$work/nowhere" --out "$work/bad2"
 cp "$work/run/checkpoint.safetensors" "$work/trunc.safetensors"

@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <chrono>
 #include <cmath>
+#include <limits>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -320,6 +322,90 @@ TEST(ModelConfigJson, WrongTypesNameTheirPath) {
                                            "moe: expected an object");
   expect_throw_with<std::invalid_argument>([&] { model_config_from_json(with([](json& j) { j["seed"] = -1; })); },
                                            "seed: expected a non-negative integer");
+}
+
+// Issue 16: sizes have upper bounds checked before anything loops over or multiplies them. A config with
+// n_layers 2^63-1 used to hang (validate looped over every layer), E = 2^62 hung in sqrt_E(), E = 0 divided
+// by zero, ffn_hidden 2^63-1 passed and model_info printed a wrapped count.
+TEST(ModelConfigJson, AbsurdSizesAreRefusedQuicklyNamingTheField) {
+  const json base = model_config_to_json(shipped("tiny-ultramem"));
+  auto with = [&](const std::function<void(json&)>& edit) {
+    json j = base;
+    edit(j);
+    return j;
+  };
+  const int64_t huge = std::numeric_limits<int64_t>::max();
+  const auto start = std::chrono::steady_clock::now();
+  expect_throw_with<std::invalid_argument>([&] { model_config_from_json(with([&](json& j) { j["n_layers"] = huge; })); },
+                                           "ModelConfig.n_layers: must be <= 1024");
+  expect_throw_with<std::invalid_argument>(
+      [&] { model_config_from_json(with([&](json& j) { j["ffn_hidden"] = huge; })); }, "ModelConfig.ffn_hidden");
+  expect_throw_with<std::invalid_argument>(
+      [&] { model_config_from_json(with([&](json& j) { j["d_model"] = int64_t(1) << 40; })); }, "ModelConfig.d_model");
+  expect_throw_with<std::invalid_argument>(
+      [&] { model_config_from_json(with([&](json& j) { j["max_seq_len"] = huge; })); }, "ModelConfig.max_seq_len");
+  expect_throw_with<std::invalid_argument>(
+      [&] { model_config_from_json(with([&](json& j) { j["memory"]["ultramem"]["E"] = int64_t(1) << 62; })); },
+      "UltraMemConfig.E: must be <=");
+  expect_throw_with<std::invalid_argument>(
+      [&] { model_config_from_json(with([&](json& j) { j["memory"]["ultramem"]["E"] = 0; })); },
+      "UltraMemConfig.E: must be >= 1");
+  expect_throw_with<std::invalid_argument>(
+      [&] { model_config_from_json(with([&](json& j) { j["memory"]["ultramem"]["Dv"] = huge; })); },
+      "UltraMemConfig.Dv");
+  expect_throw_with<std::invalid_argument>(
+      [&] {
+        model_config_from_json(with([&](json& j) {
+          j["ffn"] = "moe";
+          j["moe"]["num_experts"] = huge;
+        }));
+      },
+      "ModelConfig.moe.num_experts");
+  // Every field within its bound, the whole over 2^40 parameters: refused with the count.
+  expect_throw_with<std::invalid_argument>(
+      [&] {
+        model_config_from_json(with([&](json& j) {
+          j["vocab_size"] = ModelConfig::kMaxVocabSize;
+          j["d_model"] = ModelConfig::kMaxWidth;
+          j["n_heads"] = 512;
+        }));
+      },
+      "ModelConfig.size: the model would have");
+  // Bounds checks, not loops: all of the above in well under the seconds a loop over 2^63 would take.
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 30.0);
+  // The largest sizes the bounds allow still count their parameters without wrapping.
+  ModelConfig big = shipped("tiny-dense");
+  big.n_layers = ModelConfig::kMaxLayers;
+  big.d_model = 4096;
+  big.n_heads = 32;
+  big.ffn_hidden = ModelConfig::kMaxHidden;
+  big.ffn = {FfnKind::Dense};
+  const int64_t ffn_params = int64_t(3) * 4096 * ModelConfig::kMaxHidden * 1024;  // 1.3e13
+  EXPECT_GT(count_parameters(big), ffn_params);
+  EXPECT_LT(count_parameters(big), ffn_params + (int64_t(1) << 40));
+  expect_throw_with<std::invalid_argument>([&] { big.validate(); }, "ModelConfig.size");
+}
+
+// A config that is valid but whose training would not fit in this machine's memory is refused with the
+// size it would need; a small one passes.
+TEST(ModelConfigJson, ModelsThatDoNotFitInMemoryAreRefusedWithTheSize) {
+  ModelConfig big = shipped("tiny-dense");
+  big.n_layers = 512;
+  big.d_model = 8192;
+  big.n_heads = 64;
+  big.ffn_hidden = 32768;
+  const ModelInfo info = model_info(big);  // ~0.5 T parameters: valid, far beyond any machine this runs on
+  expect_throw_with<std::invalid_argument>(
+      [&] { check_fits_in_memory("training big", training_memory(big, info, 8, 128)); },
+      "training big needs about");
+  expect_throw_with<std::invalid_argument>(
+      [&] { check_fits_in_memory("training big", training_memory(big, info, 8, 128)); }, "of memory and swap");
+  const ModelConfig tiny = shipped("tiny-dense");
+  EXPECT_NO_THROW(check_fits_in_memory("training tiny", training_memory(tiny, model_info(tiny), 8, 128)));
+  // Activations grow with the batch: a tiny model at an absurd batch is refused too.
+  const MemoryNeed wide = training_memory(tiny, model_info(tiny), 1 << 20, 1 << 12);
+  EXPECT_GT(wide.activations, 1e13);
+  expect_throw_with<std::invalid_argument>([&] { check_fits_in_memory("training tiny", wide); }, "of activations");
 }
 
 TEST(ModelConfigJson, InvalidValuesNameTheField) {

@@ -22,7 +22,8 @@ void add_eval_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-batches", a->max_batches, "Evaluate at most this many batches (0 = the whole split)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--keys", a->keys,
                   "Key storage of the memory layers: fp32 (as trained), bf16 or int8 (one scale per key row; default: "
                   "the checkpoint's, see quantize --keys); "

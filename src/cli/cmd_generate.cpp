@@ -23,7 +23,9 @@ void add_generate_command(CLI::App& app) {
                                "prints one JSON line per prompt (index, prompt, completion, tokens, stop_reason)");
   prompt->excludes(file);
   file->excludes(prompt);
-  cmd->add_option("--batch", a->batch, "With --prompts-file: prompts decoded together per batch")->capture_default_str();
+  cmd->add_option("--batch", a->batch, "With --prompts-file: prompts decoded together per batch")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--data", a->data_dir, "Prepared data folder holding the tokenizer (default: the run folder's tokenizer)");
   cmd->add_option("--max-tokens", a->sampling.max_tokens, "Tokens to generate at most")->capture_default_str();
   cmd->add_option("--temperature", a->sampling.temperature, "Sampling temperature (0 = greedy)")->capture_default_str();

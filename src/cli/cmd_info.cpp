@@ -24,7 +24,8 @@ void add_info_command(CLI::App& app) {
               "into embedding, attention, dense FFN, experts and memory parts");
   cmd->add_option("config", a->config, "Model config, or run config with \"model\" (JSON)")->required()->check(CLI::ExistingFile);
   cmd->add_option("--context", a->context, "Keys per query for attention FLOPs (0 = max_seq_len/2)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--json", a->json, "Print JSON instead of a table");
   cmd->callback([a] {
     const auto cfg = nn::load_model_config(a->config);

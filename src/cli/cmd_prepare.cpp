@@ -37,7 +37,9 @@ void add_prepare_command(CLI::App& app) {
   cmd->add_option("--vocab", o->vocab_size, "Tokenizer vocabulary size")->capture_default_str();
   cmd->add_option("--val-fraction", o->val_fraction, "Fraction of documents held out for validation")
       ->capture_default_str();
-  cmd->add_option("--seed", o->seed, "Split and tokenizer seed")->capture_default_str();
+  cmd->add_option("--seed", o->seed, "Split and tokenizer seed (a non-negative integer)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--force", o->force, "Rebuild even when the outputs could be reused");
   cmd->callback([o] {
     fetch_default_corpus_if_missing(*o);

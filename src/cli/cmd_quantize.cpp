@@ -37,9 +37,12 @@ void add_quantize_command(CLI::App& app) {
                   "with a note when the default is missing)");
   cmd->add_flag("--no-eval", a->no_eval, "Skip the validation-loss comparison");
   cmd->add_option("--batch-size", a->batch_size, "Sequences per evaluation batch")->capture_default_str();
-  cmd->add_option("--seq-len", a->seq_len, "Tokens per sequence (0 = the model's max_seq_len)")->capture_default_str();
+  cmd->add_option("--seq-len", a->seq_len, "Tokens per sequence (0 = the model's max_seq_len)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-batches", a->max_batches, "Evaluate at most this many batches (0 = the whole split)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->callback([a] { infer::quantize_checkpoint(*a); });
 }
 

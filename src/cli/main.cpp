@@ -53,7 +53,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", version_line(), "Print version, git revision, kernel ISA and libtorch version");
   int threads = ultramem::default_threads();
   app.add_option("--threads", threads, "Threads for libtorch and the kernels (default: all cores)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::Range(1, 4096));
   app.parse_complete_callback([&] { ultramem::set_threads(threads); });
   ultramem::cli::add_prepare_command(app);
   ultramem::cli::add_info_command(app);

@@ -9,6 +9,7 @@
 #include "ultramem/io/safetensors.h"
 #include "ultramem/ops/huge_page_tensor.h"
 #include "ultramem/nn/model_config.h"
+#include "ultramem/nn/model_info.h"
 #include "ultramem/checkpoint/checkpoint.h"
 
 namespace ultramem::infer {
@@ -28,6 +29,8 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
   // filled in) lets checkpoints written before a config key existed load with that key's default.
   ckpt.model_config = nn::model_config_to_json(cfg);
   cfg.ultramem.init_values = false;  // the tables come from the checkpoint: do not fill them first
+  nn::check_fits_in_memory("the model of " + path,
+                           nn::inference_memory(nn::model_info(cfg), /*without_value_tables=*/options.mmap));
   nn::Transformer model(cfg);
 
   // Value tables as stored: mapped ones are installed as they are (read-only), bf16 / int8 ones as

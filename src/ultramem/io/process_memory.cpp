@@ -30,4 +30,8 @@ int64_t peak_resident_bytes() {
 
 int64_t available_bytes() { return proc_kib_field("/proc/meminfo", "MemAvailable:"); }
 
+int64_t total_memory_bytes() {
+  return proc_kib_field("/proc/meminfo", "MemTotal:") + proc_kib_field("/proc/meminfo", "SwapTotal:");
+}
+
 }  // namespace ultramem::io

@@ -14,6 +14,10 @@ void require_positive(const std::string& who, const std::string& field, int64_t 
   if (v < 1) fail(who, field, "must be >= 1, got " + std::to_string(v));
 }
 
+void require_at_most(const std::string& who, const std::string& field, int64_t v, int64_t limit) {
+  if (v > limit) fail(who, field, "must be <= " + std::to_string(limit) + ", got " + std::to_string(v));
+}
+
 }  // namespace
 
 NormKind parse_norm_kind(const std::string& s) {
@@ -91,7 +95,15 @@ void UltraMemConfig::validate() const {
   require_positive(who, "m", m);
   require_positive(who, "num_layers", num_layers);
   require_positive(who, "stats_window", stats_window);
-  if (n > 65536) fail(who, "n", "must be <= 65536, got " + std::to_string(n));
+  // Upper bounds before anything loops over or multiplies these (sqrt_E() counts up to sqrt(E)).
+  require_at_most(who, "n", n, 65536);
+  require_at_most(who, "E", E, kMaxExpansion);
+  require_at_most(who, "Dk", Dk, kMaxDim);
+  require_at_most(who, "Dv", Dv, kMaxDim);
+  require_at_most(who, "r", r, kMaxRank);
+  require_at_most(who, "C", C, Dv);
+  require_at_most(who, "H", H, kMaxHeads);
+  require_at_most(who, "stats_window", stats_window, int64_t(1) << 30);
   if (sqrt_E() * sqrt_E() != E) fail(who, "E", "must be a square number (1, 4, 9, ...), got " + std::to_string(E));
   if (n % sqrt_E() != 0)
     fail(who, "n", "must be a multiple of sqrt(E) = " + std::to_string(sqrt_E()) +
@@ -148,7 +160,10 @@ void PKMConfig::validate() const {
   require_positive(who, "Dv", Dv);
   require_positive(who, "H", H);
   require_positive(who, "m", m);
-  if (n > 65536) fail(who, "n", "must be <= 65536, got " + std::to_string(n));
+  require_at_most(who, "n", n, 65536);
+  require_at_most(who, "Dk", Dk, UltraMemConfig::kMaxDim);
+  require_at_most(who, "Dv", Dv, UltraMemConfig::kMaxDim);
+  require_at_most(who, "H", H, UltraMemConfig::kMaxHeads);
   if (m > n) fail(who, "m", "must be <= n = " + std::to_string(n) + " (top-m per side), got " + std::to_string(m));
   if (value_std < 0) fail(who, "value_std", "must be >= 0 (0 means Dv^-0.5)");
 }

@@ -74,7 +74,7 @@ struct UltraMemConfig {
   bool init_values = true;
 
   int64_t sqrt_E() const;                                   // integer square root of E
-  int64_t physical_rows() const { return n * n / E; }       // N
+  int64_t physical_rows() const { return E > 0 ? n * n / E : 0; }  // N (0 for an invalid E < 1)
   int64_t first_stage_m() const { return m_first > 0 ? m_first : m; }
   // The kernels' m_neg (kernels::TdqkrShape): 0 for the paper's filter.
   int64_t filter_negatives() const {
@@ -84,6 +84,11 @@ struct UltraMemConfig {
   int64_t filter_vectors() const {
     return filter != RetrievalFilter::kRankR ? 0 : (filter_rank > 0 ? filter_rank : r);
   }
+  // Upper bounds of validate() (n <= 65536 besides): with them no size product overflows int64_t.
+  static constexpr int64_t kMaxExpansion = int64_t(1) << 16;  // E
+  static constexpr int64_t kMaxDim = int64_t(1) << 16;        // Dk, Dv
+  static constexpr int64_t kMaxRank = 64;                     // r
+  static constexpr int64_t kMaxHeads = 1024;                  // H
   void validate() const;
 };
 

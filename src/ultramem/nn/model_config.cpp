@@ -307,8 +307,9 @@ UltraMemConfig ModelConfig::ultramem_layer_config(int64_t k) const {
   c.D = d_model;
   c.num_layers = n_layers;
   c.seed = seed + 1 + static_cast<uint64_t>(k);
-  c.sparse_value_grad =
-      ultramem_sparse_value_grad.value_or(c.physical_rows() * c.Dv >= kSparseValueGradMinEntries);
+  // In double: this runs before validate() has bounded n and Dv.
+  c.sparse_value_grad = ultramem_sparse_value_grad.value_or(double(c.physical_rows()) * double(c.Dv) >=
+                                                            double(kSparseValueGradMinEntries));
   return c;
 }
 
@@ -316,7 +317,8 @@ PKMConfig ModelConfig::pkm_layer_config(int64_t k) const {
   PKMConfig c = pkm;
   c.D = d_model;
   c.seed = seed + 1 + static_cast<uint64_t>(k);
-  c.sparse_value_grad = pkm_sparse_value_grad.value_or(c.n * c.n * c.Dv >= kSparseValueGradMinEntries);
+  c.sparse_value_grad = pkm_sparse_value_grad.value_or(double(c.n) * double(c.n) * double(c.Dv) >=
+                                                       double(kSparseValueGradMinEntries));
   return c;
 }
 
@@ -330,6 +332,19 @@ void ModelConfig::validate() const {
   positive("n_heads", n_heads);
   positive("max_seq_len", max_seq_len);
   positive("ffn_hidden", ffn_hidden);
+  // Upper bounds first, so that nothing below loops over or multiplies an absurd size: with these, every
+  // parameter count of model_info fits in int64_t, and the total is checked against kMaxParameters.
+  auto at_most = [](const char* field, int64_t v, int64_t limit) {
+    if (v > limit) fail(field, "must be <= " + std::to_string(limit) + ", got " + std::to_string(v));
+  };
+  at_most("vocab_size", vocab_size, kMaxVocabSize);
+  at_most("d_model", d_model, kMaxWidth);
+  at_most("n_layers", n_layers, kMaxLayers);
+  at_most("max_seq_len", max_seq_len, kMaxSeqLen);
+  at_most("ffn_hidden", ffn_hidden, kMaxHidden);
+  at_most("moe.num_experts", moe.num_experts, kMaxExperts);
+  at_most("moe.expert_hidden", moe.expert_hidden, kMaxHidden);
+  at_most("memory_placement", int64_t(memory_placement.size()), kMaxLayers);
   if (d_model % n_heads != 0)
     fail("n_heads", "must divide d_model = " + std::to_string(d_model) + ", got " + std::to_string(n_heads));
   if ((d_model / n_heads) % 2 != 0)
@@ -368,6 +383,11 @@ void ModelConfig::validate() const {
     else
       validate_layer(pkm_layer_config(0), "pkm");
   }
+  const int64_t params = count_parameters(*this);
+  if (params > kMaxParameters)
+    fail("size", "the model would have " + std::to_string(params) + " parameters (" +
+                     std::to_string(params / (int64_t(1) << 28)) + " GiB in fp32); the limit is " +
+                     std::to_string(kMaxParameters));
 }
 
 ModelConfig model_config_from_json(const json& j) {

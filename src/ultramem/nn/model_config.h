@@ -60,6 +60,15 @@ struct ModelConfig {
 
   // Value tables with at least this many entries (rows * Dv) get sparse COO value gradients.
   static constexpr int64_t kSparseValueGradMinEntries = int64_t(1) << 22;
+  // Upper bounds of validate(). Token ids are int32; the others keep every parameter count in int64_t
+  // (docs/reliability.md) and are far above any model this code can train.
+  static constexpr int64_t kMaxVocabSize = (int64_t(1) << 31) - 1;
+  static constexpr int64_t kMaxWidth = int64_t(1) << 16;      // d_model
+  static constexpr int64_t kMaxLayers = 1024;                 // n_layers, memory layers
+  static constexpr int64_t kMaxSeqLen = int64_t(1) << 22;
+  static constexpr int64_t kMaxHidden = int64_t(1) << 20;     // ffn_hidden, moe.expert_hidden
+  static constexpr int64_t kMaxExperts = 4096;
+  static constexpr int64_t kMaxParameters = int64_t(1) << 40;  // 4 TiB of fp32 weights
 
   FfnKind ffn_kind(int64_t block) const;  // 0-based block
   int64_t moe_expert_hidden() const;      // moe.expert_hidden, or ffn_hidden / top_k when it is 0
@@ -78,6 +87,9 @@ MemoryKind parse_memory_kind(const std::string& s);
 
 // JSON with the same field names; unknown keys and wrong types are errors that name the key path.
 ModelConfig model_config_from_json(const nlohmann::json& j);
+// The parameter count of a config whose fields are within the bounds above (model_info's total);
+// validate() calls it after checking the bounds.
+int64_t count_parameters(const ModelConfig& c);
 nlohmann::json model_config_to_json(const ModelConfig& c);
 // The one model-config reader: a model config file, or a run config {"model": ..., "train": ...}.
 // std::runtime_error naming the file for unreadable JSON; std::invalid_argument naming file and field.

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 
 #include <nlohmann/json.hpp>
+
+#include "ultramem/io/process_memory.h"
 
 namespace ultramem::nn {
 namespace {
@@ -53,8 +56,11 @@ const ModelInfoPart* ModelInfo::find(const std::string& name) const {
   return nullptr;
 }
 
-ModelInfo model_info(const ModelConfig& cfg, int64_t context) {
-  cfg.validate();
+namespace {
+
+// model_info without validate(): for a config within ModelConfig's bounds (validate() counts the
+// parameters with it after checking them; with them no count overflows int64_t).
+ModelInfo model_info_within_bounds(const ModelConfig& cfg, int64_t context) {
   const int64_t D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
   ModelInfo info;
   info.context = context > 0 ? context : std::max<int64_t>(1, cfg.max_seq_len / 2);
@@ -121,6 +127,61 @@ ModelInfo model_info(const ModelConfig& cfg, int64_t context) {
     info.flops_per_token += p.flops;
   }
   return info;
+}
+
+}  // namespace
+
+ModelInfo model_info(const ModelConfig& cfg, int64_t context) {
+  cfg.validate();
+  return model_info_within_bounds(cfg, context);
+}
+
+int64_t count_parameters(const ModelConfig& c) { return model_info_within_bounds(c, 0).params_total; }
+
+MemoryNeed inference_memory(const ModelInfo& info, bool without_value_tables) {
+  const ModelInfoPart* values = info.find("memory_values");
+  const int64_t params = info.params_total - (without_value_tables && values ? values->params_total : 0);
+  return MemoryNeed{4.0 * double(params), 0, 0};
+}
+
+MemoryNeed training_memory(const ModelConfig& cfg, const ModelInfo& info, int64_t batch_size, int64_t seq_len) {
+  MemoryNeed need;
+  need.weights = 4.0 * double(info.params_total);
+  need.optimizer = 3 * need.weights;
+  double per_token = 3.0 * double(cfg.vocab_size);  // logits, their softmax and its gradient
+  for (int64_t b = 0; b < cfg.n_layers; ++b) {
+    const FfnKind kind = cfg.ffn_kind(b);
+    const double ffn = kind == FfnKind::Dense ? 3.0 * double(cfg.ffn_hidden)
+                       : kind == FfnKind::MoE ? 3.0 * double(cfg.moe.top_k) * double(cfg.moe_expert_hidden())
+                                              : 0.0;
+    per_token += 16.0 * double(cfg.d_model) + ffn + 2.0 * double(cfg.n_heads) * double(seq_len);
+  }
+  for (size_t k = 0; k < cfg.memory_placement.size(); ++k) {
+    if (cfg.memory_kind == MemoryKind::UltraMem) {
+      const auto c = cfg.ultramem_layer_config(int64_t(k));
+      per_token += double(c.H) * double(c.m) * double(c.Dv) + double(c.E) * double(c.Dv) + 4.0 * double(c.Dk);
+    } else {
+      const auto c = cfg.pkm_layer_config(int64_t(k));
+      per_token += double(c.H) * double(c.m) * double(c.Dv) + double(c.Dv) + 4.0 * double(c.Dk) * double(c.H);
+    }
+  }
+  need.activations = 4.0 * per_token * double(batch_size) * double(seq_len);
+  return need;
+}
+
+void check_fits_in_memory(const std::string& what, const MemoryNeed& need) {
+  const int64_t have = io::total_memory_bytes();
+  if (have <= 0 || need.total() <= double(have)) return;
+  auto gib = [](double bytes) {
+    char s[32];
+    std::snprintf(s, sizeof s, "%.1f GiB", bytes / double(int64_t(1) << 30));
+    return std::string(s);
+  };
+  std::string parts = gib(need.weights) + " of fp32 weights";
+  if (need.optimizer > 0) parts += ", " + gib(need.optimizer) + " of gradients and optimizer moments";
+  if (need.activations > 0) parts += ", " + gib(need.activations) + " of activations";
+  throw std::invalid_argument(what + " needs about " + gib(need.total()) + " (" + parts + "); this machine has " +
+                              gib(double(have)) + " of memory and swap");
 }
 
 std::string model_info_table(const ModelInfo& info) {

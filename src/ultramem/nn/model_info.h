@@ -33,6 +33,21 @@ struct ModelInfo {
 // context <= 0 means max_seq_len / 2 (the mean over the positions of a full training sequence).
 ModelInfo model_info(const ModelConfig& cfg, int64_t context = 0);
 
+// Memory a model needs, estimated in bytes: fp32 weights; to train, also their gradients and AdamW's two
+// moments, and the activations one micro-batch keeps for backward (per token: the block widths, the
+// FFN hidden, the attention rows over seq_len keys, the kept memory values and the logits).
+struct MemoryNeed {
+  double weights = 0;      // params_total x 4
+  double optimizer = 0;    // gradients + AdamW moments: 3 x weights (training only)
+  double activations = 0;  // training only
+  double total() const { return weights + optimizer + activations; }
+};
+MemoryNeed inference_memory(const ModelInfo& info, bool without_value_tables);
+MemoryNeed training_memory(const ModelConfig& cfg, const ModelInfo& info, int64_t batch_size, int64_t seq_len);
+// Throws std::invalid_argument ("<what> needs about X GiB (...); this machine has Y GiB of memory and
+// swap") when the need exceeds the machine's memory plus swap. Does nothing when that is unknown.
+void check_fits_in_memory(const std::string& what, const MemoryNeed& need);
+
 std::string model_info_table(const ModelInfo& info);  // aligned text table with a total row
 nlohmann::json model_info_to_json(const ModelInfo& info);
 

@@ -135,6 +135,9 @@ TrainingRun::TrainingRun(RunOptions options) : o_(std::move(options)) {
     out << "data " << prepared->dir << ": " << prepared->train.tokens << " train tokens, " << prepared->val.tokens
         << " val tokens; " << tc.tokens_per_step() << " tokens/step x " << tc.steps << " steps" << std::endl;
 
+  nn::check_fits_in_memory("training " + model_cfg_.name + " at batch " + std::to_string(tc.batch_size) + " x " +
+                               std::to_string(tc.seq_len) + " tokens",
+                           nn::training_memory(model_cfg_, info, tc.batch_size, tc.seq_len));
   torch::manual_seed(tc.seed);  // model init is seeded by the config; this covers anything else
   model_ = nn::Transformer(model_cfg_);
   auto trainable = as_trainable(model_);

@@ -105,6 +105,19 @@ void TrainConfig::validate() const {
   if (log_every < 0) bad("log_every", "must be >= 0 (0: never)");
   if (checkpoint_every < 0) bad("checkpoint_every", "must be >= 0 (0: at the end only)");
   if (out_dir.empty()) bad("out_dir", "must not be empty");
+  // Upper bounds: far above any run on one machine, low enough that step and token counts stay in int64_t.
+  auto at_most = [](const char* field, int64_t v, int64_t limit) {
+    if (v > limit) bad(field, "must be <= " + std::to_string(limit) + ", got " + std::to_string(v));
+  };
+  at_most("steps", steps, int64_t(1) << 40);
+  at_most("batch_size", batch_size, int64_t(1) << 20);
+  at_most("seq_len", seq_len, int64_t(1) << 22);
+  at_most("grad_accum", grad_accum, int64_t(1) << 20);
+  at_most("eval_batches", eval_batches, int64_t(1) << 20);
+  if (double(batch_size) * double(seq_len) * double(grad_accum) > double(int64_t(1) << 40))
+    bad("batch_size", "batch_size x seq_len x grad_accum = " +
+                          std::to_string(double(batch_size) * double(seq_len) * double(grad_accum)) +
+                          " tokens per step; the limit is 2^40");
 }
 
 TrainConfig train_config_from_json(const nlohmann::json& j) {
