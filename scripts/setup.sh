@@ -13,6 +13,7 @@ PACKAGES=(
   python3-torch python3-numpy
   gnuplot-nox
   libcpp-httplib-dev
+  clang-14 libclang-rt-14-dev libomp-14-dev
 )
 
 SUDO=""
