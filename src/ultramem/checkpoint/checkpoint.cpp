@@ -377,6 +377,22 @@ void read_shards(const std::string& path, const json& manifest, const Checkpoint
       bad("entry of '" + name + "'");
     const auto shape = e.at("shape").get<std::vector<int64_t>>();
     if (shape.size() < 2) bad("'" + name + "' is not split along a column dimension");
+    for (const int64_t d : shape)
+      if (d < 0) bad("'" + name + "' has a negative size in its shape");
+    // The ranks' column ranges tile [0, shape[1]) in rank order, as the writer lays them out; checked before
+    // any arithmetic on them (a range from a hostile file could overflow it).
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    for (int64_t j = 0; j < world; ++j) {
+      const auto cols = e.at("columns").at(static_cast<size_t>(j)).get<std::vector<int64_t>>();
+      const int64_t start = j == 0 ? 0 : ranges.back().second;
+      if (cols.size() != 2 || cols[0] != start || cols[1] < cols[0] || cols[1] > shape[1])
+        bad("columns of '" + name + "' for rank " + std::to_string(j) + " must be [" + std::to_string(start) +
+            ", end) with end <= " + std::to_string(shape[1]) + " (the ranks' ranges tile the columns in order)");
+      ranges.emplace_back(cols[0], cols[1]);
+    }
+    if (ranges.back().second != shape[1])
+      bad("columns of '" + name + "' end at " + std::to_string(ranges.back().second) + ", not at its " +
+          std::to_string(shape[1]) + " columns");
     ColumnRange want{0, shape[1]};
     if (auto it = options.columns.find(name); it != options.columns.end()) {
       want = it->second;
@@ -387,17 +403,16 @@ void read_shards(const std::string& path, const json& manifest, const Checkpoint
     }
     std::vector<at::Tensor> parts;
     for (int64_t j = 0; j < world; ++j) {
-      const auto cols = e.at("columns").at(static_cast<size_t>(j)).get<std::vector<int64_t>>();
-      if (cols.size() != 2) bad("columns of '" + name + "'");
-      const int64_t lo = std::max(want.begin, cols[0]), hi = std::min(want.end, cols[1]);
+      const auto [col_begin, col_end] = ranges[static_cast<size_t>(j)];
+      const int64_t lo = std::max(want.begin, col_begin), hi = std::min(want.end, col_end);
       if (lo >= hi) continue;
       const at::Tensor& t = tensor_in(j, name);
       std::vector<int64_t> expect = shape;
-      expect[1] = cols[1] - cols[0];
+      expect[1] = col_end - col_begin;
       if (t.sizes().vec() != expect)
         fail(path, "tensor '" + name + "' in the shard of rank " + std::to_string(j) + " is " + shape_str(t.sizes()) +
                        ", the manifest says " + shape_str(expect));
-      parts.push_back(t.narrow(1, lo - cols[0], hi - lo));
+      parts.push_back(t.narrow(1, lo - col_begin, hi - lo));
     }
     at::Tensor whole;
     if (parts.empty()) {
