@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the libFuzzer harnesses of tests/fuzz longer than CTest does (docs/testing.md).
+# Runs the libFuzzer harnesses of tests/fuzz longer than CTest does (docs/fuzzing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +20,7 @@ Extra libFuzzer flags go through FUZZ_FLAGS, e.g. FUZZ_FLAGS="-jobs=2 -workers=2
 USAGE
 }
 
-TARGETS=(safetensors checkpoint checkpoint_manifest shard manifest model_config train_config json_file openai_api)
+TARGETS=(safetensors checkpoint checkpoint_manifest shard manifest tokenizer model_config train_config json_file openai_api)
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
   --list) printf '%s\n' "${TARGETS[@]}"; exit 0 ;;

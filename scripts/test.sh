@@ -2,7 +2,7 @@
 # The project's test command: install, build, run the whole CTest suite (C++ and Python tests), then the
 # sanitizer part: the asan preset (clang-14, AddressSanitizer + UBSan, every finding fatal) builds only the
 # kernel and data tests and the fuzz harnesses and runs them (the tests labelled "sanitize", each fuzz
-# target's seeds, regressions and a bounded fuzzing run; docs/testing.md). ULTRAMEM_ASAN=0 skips that part.
+# target's seeds, regressions and a bounded fuzzing run; docs/fuzzing.md). ULTRAMEM_ASAN=0 skips that part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh

@@ -109,7 +109,14 @@ void checkpoint_seeds(const fs::path& out, const fs::path& fixtures) {
                     {"files", files},
                     {"tensors", {{"model.values", {{"shape", {4, 6}}, {"columns", {{0, 3}, {3, 6}}}}}}}};
   checkpoint::save_checkpoint(main, m, cfg, sharded);
-  write_bytes(out.parent_path() / "checkpoint_manifest" / "manifest.json", sharded.shards.dump(1));
+  const fs::path manifests = out.parent_path() / "checkpoint_manifest";
+  write_bytes(manifests / "manifest.json", sharded.shards.dump(1));
+  json escaping = sharded.shards;  // edge cases: a file name leaving the folder, a tensor no shard holds
+  escaping["files"][1]["file"] = "../" + escaping["files"][1]["file"].get<std::string>();
+  write_bytes(manifests / "escaping-name.json", escaping.dump(1));
+  json absent = sharded.shards;
+  absent["tensors"]["optim.values.exp_avg"] = absent["tensors"]["model.values"];
+  write_bytes(manifests / "absent-tensor.json", absent.dump(1));
   checkpoint::read_checkpoint(main);  // the writers agree with the reader
   fs::rename(main, out / "sharded-main.safetensors");
 }
@@ -123,7 +130,7 @@ void shard_seeds(const fs::path& out) {
 }
 
 // A small prepared folder (prepare() on a made-up corpus, vocabulary 320): its tokenizer and shards are the
-// fixtures, its manifest a seed.
+// fixtures, its manifest and its tokenizer seeds.
 void manifest_seeds(const fs::path& out, const fs::path& fixtures, const fs::path& work) {
   static const char* words[] = {"the", "nation", "people", "of", "and", "to", "a", "public", "year", "states",
                                 "war", "peace", "trade", "law", "we", "our", "must", "naïve", "café", "東京"};
@@ -153,6 +160,10 @@ void manifest_seeds(const fs::path& out, const fs::path& fixtures, const fs::pat
   m["options"]["input"] = "data/corpus";
   write_bytes(out / "manifest.json", m.dump(2) + "\n");
   write_truncated(out / "manifest.json", out / "truncated.json");
+  const fs::path tok = out.parent_path() / "tokenizer";
+  fs::create_directories(tok);
+  fs::copy_file(fixtures / "tokenizer.model", tok / "prepared-320.model", fs::copy_options::overwrite_existing);
+  write_truncated(tok / "prepared-320.model", tok / "truncated.model");
 }
 
 void config_seeds(const fs::path& out_model, const fs::path& out_train, const fs::path& configs) {
