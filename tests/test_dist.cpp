@@ -508,6 +508,29 @@ TEST(Failure, KilledRankMakesTheOtherExitWithAClearErrorAndKeepsTheCheckpoint) {
   EXPECT_GE(train::trainer_state_from_json(ckpt.trainer_state).step, 2);
 }
 
+// The launcher names the rank that failed first even when the peer that noticed has ended too by the time
+// it looks (it checked ranks in index order and blamed the surviving rank 0). Deterministic: wait() is
+// called only after both children have ended.
+TEST(Failure, LauncherBlamesTheRankThatFailedFirstWhenBothEndedBeforeItLooked) {
+  dist::LaunchOptions o;
+  o.nproc = 2;
+  o.grace_seconds = 1;
+  std::vector<std::string> lines;
+  o.on_line = [&](int64_t rank, bool, const std::string& line) { lines.push_back(std::to_string(rank) + ": " + line); };
+  dist::Launcher launcher(o);
+  const std::string script = std::string("if [ \"$RANK\" = 1 ]; then sleep 0.2; kill -9 $$; else sleep 0.5; ") +
+                             "echo \"rank 0: all_reduce failed: " + dist::kPeerFailedMessage + "\" >&2; exit 1; fi";
+  launcher.start("/bin/sh", {"sh", "-c", script});
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  const auto r = launcher.wait();
+  EXPECT_EQ(r.failed_rank, 1);
+  EXPECT_EQ(r.exit_code, 128 + SIGKILL);
+  EXPECT_EQ(r.exit_codes.at(0), 1);
+  EXPECT_EQ(r.exit_codes.at(1), 128 + SIGKILL);
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_NE(lines[0].find(dist::kPeerFailedMessage), std::string::npos);
+}
+
 TEST(Failure, HungRankMakesTheOtherTimeOut) {
   TempDir dir("hang");
   const auto ranks = run_ranks(2, "train", {{"out", dir.str()}, {"steps", 100000}, {"timeout", 3.0}}, /*grace=*/1,
@@ -604,6 +627,89 @@ TEST(Cli, TrainWithTwoRanksThenEvalAndResumeInOneProcess) {
   EXPECT_NE(sh(um + " --threads 1 train " + dir.file("model.json") + " --data " + dir.file("data") + " --out " +
                    dir.file("bad") + " --nproc 2 --batch-size 3", "bad.log"), 0);
   EXPECT_NE(slurp("bad.log").find("not divisible by the 2 ranks"), std::string::npos) << slurp("bad.log");
+}
+
+// Ranks started by hand (no launcher) that disagree: each must stop, naming what differs, instead of
+// training an inconsistent model (issue 16: different --lr, --batch-size or --seed all exited 0; a wrong
+// world size failed with a Gloo size assertion).
+TEST(Cli, RanksStartedByHandWithDifferentSettingsOrWorldSizesStop) {
+  TempDir dir("agree");
+  const std::string um = ULTRAMEM_CLI;
+  fs::create_directories(dir.path / "corpus");
+  for (int d = 0; d < 3; ++d) {
+    std::ofstream f(dir.path / "corpus" / ("doc" + std::to_string(d) + ".txt"));
+    for (int i = 0; i < 120; ++i) f << "The people of district " << d << " vote on measure " << i % 7 << " in spring.\n";
+  }
+  ASSERT_EQ(std::system((um + " prepare --input " + dir.file("corpus") + " --out " + dir.file("data") +
+                         " --vocab 300 --val-fraction 0.25 > " + dir.file("prepare.log") + " 2>&1").c_str()),
+            0);
+  std::ofstream(dir.file("model.json")) << R"({"model": {"name": "agree", "vocab_size": 300, "d_model": 32,
+      "n_layers": 2, "n_heads": 2, "max_seq_len": 16, "ffn_hidden": 64},
+      "train": {"steps": 4, "batch_size": 4, "seq_len": 16, "eval_every": 0, "log_every": 0}})";
+  // Starts rank 0 and rank 1 with their own extra flags, both in the background; returns their exit codes
+  // and the log of each.
+  auto two_ranks = [&](const std::string& tag, const std::string& flags0, const std::string& flags1) {
+    const int64_t port = dist::pick_free_port();
+    auto rank = [&](int r, const std::string& flags) {
+      return um + " --threads 1 train " + dir.file("model.json") + " --data " + dir.file("data") + " --out " +
+             dir.file(tag) + " --master-addr 127.0.0.1 --master-port " + std::to_string(port) +
+             " --dist-timeout 20 --rank " + std::to_string(r) + " " + flags + " > " + dir.file(tag + ".log" +
+             std::to_string(r)) + " 2>&1; echo $? > " + dir.file(tag + ".rc" + std::to_string(r));
+    };
+    const std::string both = "(" + rank(0, flags0) + ") & (" + rank(1, flags1) + ") & wait";
+    const auto start = std::chrono::steady_clock::now();
+    EXPECT_EQ(std::system(("bash -c '" + both + "'").c_str()), 0);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::vector<std::pair<int, std::string>> out;
+    for (int r = 0; r < 2; ++r) {
+      std::ifstream rc(dir.file(tag + ".rc" + std::to_string(r)));
+      int code = -1;
+      rc >> code;
+      std::ifstream lg(dir.file(tag + ".log" + std::to_string(r)));
+      std::stringstream ss;
+      ss << lg.rdbuf();
+      out.emplace_back(code, ss.str());
+    }
+    EXPECT_LT(seconds, 20.0) << tag << ": a disagreement is found at the rendezvous, not after the timeout";
+    return out;
+  };
+  // Same settings: both train (the check passes what should pass).
+  const auto same = two_ranks("same", "--world-size 2", "--world-size 2");
+  EXPECT_EQ(same[0].first, 0) << same[0].second;
+  EXPECT_EQ(same[1].first, 0) << same[1].second;
+  // Different learning rate, batch and seed: both stop and name every field.
+  const auto differ = two_ranks("differ", "--world-size 2", "--world-size 2 --lr 0.001 --batch-size 8 --seed 7");
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(differ[size_t(r)].first, 1) << differ[size_t(r)].second;
+    for (const char* field : {"train.lr", "train.batch_size", "train.seed", "different settings"})
+      EXPECT_NE(differ[size_t(r)].second.find(field), std::string::npos) << field << ":\n" << differ[size_t(r)].second;
+  }
+  // Different world sizes: both stop, saying so, without Gloo's assertion.
+  const auto sizes = two_ranks("sizes", "--world-size 2 --batch-size 12", "--world-size 3 --batch-size 12");
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(sizes[size_t(r)].first, 1) << sizes[size_t(r)].second;
+    EXPECT_NE(sizes[size_t(r)].second.find("the world sizes differ: rank 1 was started with 3 ranks, rank 0 with 2"),
+              std::string::npos)
+        << sizes[size_t(r)].second;
+    EXPECT_EQ(sizes[size_t(r)].second.find("frame #"), std::string::npos) << "a C++ stack trace:\n" << sizes[size_t(r)].second;
+  }
+  // A rank alone (its peer never started) stops within about --dist-timeout (8 s here), without a C++
+  // stack trace: it printed libtorch's trace and took twice the timeout, the arrival and the Gloo
+  // connection each waiting the whole of it.
+  const std::string lone = um + " --threads 1 train " + dir.file("model.json") + " --data " + dir.file("data") +
+                           " --out " + dir.file("lone") + " --master-addr 127.0.0.1 --master-port " +
+                           std::to_string(dist::pick_free_port()) + " --rank 0 --world-size 2 --dist-timeout 8 > " +
+                           dir.file("lone.log") + " 2>&1";
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_NE(std::system(lone.c_str()), 0);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::ifstream lg(dir.file("lone.log"));
+  std::stringstream log;
+  log << lg.rdbuf();
+  EXPECT_NE(log.str().find("1 of 2 ranks arrived within 8 s (--dist-timeout)"), std::string::npos) << log.str();
+  EXPECT_EQ(log.str().find("frame #"), std::string::npos) << "a C++ stack trace:\n" << log.str();
+  EXPECT_GE(seconds, 8.0);
+  EXPECT_LT(seconds, 8.0 + 6.0) << "twice the timeout would be 16 s";
 }
 
 int main(int argc, char** argv) {

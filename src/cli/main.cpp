@@ -10,6 +10,7 @@
 #include <string>
 
 #include "commands.h"
+#include "ultramem/io/error_message.h"
 #include "ultramem/ops/runtime.h"
 
 namespace {
@@ -87,7 +88,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const std::exception& e) {
-    std::cerr << "ultramem: error: " << e.what() << std::endl;
+    std::cerr << "ultramem: error: " << ultramem::io::error_message(e) << std::endl;
     return 1;
   }
   return 0;

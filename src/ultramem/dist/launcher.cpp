@@ -1,5 +1,7 @@
 #include "ultramem/dist/launcher.h"
 
+#include "ultramem/dist/rendezvous.h"
+
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -180,12 +182,17 @@ LaunchResult Launcher::wait() {
   int64_t running = n;
   bool failed = false, termed = false, killed = false;
   Clock::time_point failed_at;
+  // Ranks whose error says that a peer failed (dist::Group's message): when they end in the same round
+  // as another failing rank, the other one failed first.
+  std::vector<bool> blames_peer(static_cast<size_t>(n), false);
   auto emit = [&](size_t slot, const char* data, size_t len) {
     std::string& buf = partial[slot];
     buf.append(data, len);
     size_t pos;
     while ((pos = buf.find('\n')) != std::string::npos) {
-      opt_.on_line(opt_.node_rank * opt_.nproc + static_cast<int64_t>(slot / 2), slot % 2 == 1, buf.substr(0, pos));
+      const std::string line = buf.substr(0, pos);
+      if (slot % 2 == 1 && line.find(kPeerFailedMessage) != std::string::npos) blames_peer[slot / 2] = true;
+      opt_.on_line(opt_.node_rank * opt_.nproc + static_cast<int64_t>(slot / 2), slot % 2 == 1, line);
       buf.erase(0, pos + 1);
     }
   };
@@ -223,6 +230,10 @@ LaunchResult Launcher::wait() {
     } else {
       ::usleep(100 * 1000);
     }
+    // Ranks that ended since the last round. Of the failures first seen in one round (a loaded machine
+    // can let a peer's reaction end before the launcher looks), the one that does not blame a peer
+    // failed first; among equals, the lowest rank.
+    int64_t first_failure = -1;
     for (int64_t i = 0; i < n; ++i) {
       if (r.exit_codes[static_cast<size_t>(i)] >= 0) continue;
       int status = 0;
@@ -231,15 +242,18 @@ LaunchResult Launcher::wait() {
       r.exit_codes[static_cast<size_t>(i)] = code;
       pids_[static_cast<size_t>(i)] = -1;
       --running;
-      if (code != 0 && !failed) {
-        failed = true;
-        failed_at = Clock::now();
-        r.exit_code = code;
-        r.failed_rank = opt_.node_rank * opt_.nproc + i;
-        if (running > 0)
-          std::cerr << "ultramem launch: rank " << r.failed_rank << " failed (exit code " << code
-                    << "); stopping the other ranks" << std::endl;
-      }
+      if (code != 0 && (first_failure < 0 || (blames_peer[static_cast<size_t>(first_failure)] &&
+                                              !blames_peer[static_cast<size_t>(i)])))
+        first_failure = i;
+    }
+    if (first_failure >= 0 && !failed) {
+      failed = true;
+      failed_at = Clock::now();
+      r.exit_code = r.exit_codes[static_cast<size_t>(first_failure)];
+      r.failed_rank = opt_.node_rank * opt_.nproc + first_failure;
+      if (running > 0)
+        std::cerr << "ultramem launch: rank " << r.failed_rank << " failed (exit code " << r.exit_code
+                  << "); stopping the other ranks" << std::endl;
     }
     if (const int sig = g_forward_signal.exchange(0)) signal_all(sig);
     if (failed && running > 0) {

@@ -3,7 +3,7 @@
 // MASTER_ADDR, MASTER_PORT and ULTRAMEM_LAUNCHED=1. Their output lines are forwarded with a
 // "[rank r] " prefix. When a rank fails (non-zero exit or a signal), the others get `grace_seconds` to
 // notice (they fail their next collective) and are then terminated; the launch fails with the first
-// failing rank's status. Children die with the launcher (PR_SET_PDEATHSIG).
+// failing rank's status (of ranks seen ending together, one whose error does not say that a peer failed). Children die with the launcher (PR_SET_PDEATHSIG).
 //
 // Several machines: run the launcher on each with the same nnodes, master_addr and master_port, and
 // node_rank 0..nnodes-1; rank = node_rank * nproc + local rank.

@@ -8,6 +8,9 @@
 #include <cstdio>
 #include <numeric>
 #include <stdexcept>
+#include <thread>
+
+#include "ultramem/io/error_message.h"
 
 namespace ultramem::dist {
 namespace {
@@ -49,24 +52,84 @@ std::string Group::describe() const { return "rank " + std::to_string(rank_) + "
 
 std::shared_ptr<Group> Group::join(const RendezvousConfig& cfg) {
   cfg.validate();
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + to_ms(cfg.timeout_seconds);
   const std::string who = "distributed: rank " + std::to_string(cfg.rank) + " of " + std::to_string(cfg.world_size);
   const std::string where = cfg.master_addr + ":" + std::to_string(cfg.master_port);
+  const std::string within = " within " + seconds_str(cfg.timeout_seconds) + " s (--dist-timeout)";
   auto impl = std::make_unique<Impl>();
   try {
     c10d::TCPStoreOptions so;
     so.port = static_cast<uint16_t>(cfg.master_port);
     so.isServer = cfg.rank == 0;
     so.numWorkers = static_cast<size_t>(cfg.world_size);
-    so.waitWorkers = true;
+    so.waitWorkers = false;  // the arrival check below counts them, and compares the world sizes
     so.timeout = to_ms(cfg.timeout_seconds);
     impl->store = c10::make_intrusive<c10d::TCPStore>(cfg.master_addr, so);
   } catch (const std::exception& e) {
-    throw std::runtime_error(who + ": rendezvous at " + where + " failed within " + seconds_str(cfg.timeout_seconds) +
-                             " s (--dist-timeout): not every rank arrived, or the address/port is wrong or taken: " +
-                             e.what());
+    throw std::runtime_error(who + ": rendezvous at " + where + " failed" + within +
+                             ": rank 0 is not listening there, or the address/port is wrong or taken: " +
+                             io::error_message(e));
   }
+
+  // Arrival: every rank checks in under its own key; each compares its world size with rank 0's, and
+  // a mismatch, or two processes with one rank, is reported to all through the store.
+  auto& store = *impl->store;
+  const std::string mismatch_key = "ultramem/rendezvous_error";
+  const auto text = [](const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); };
+  const auto fail_all = [&](const std::string& msg) {
+    try {
+      store.set(mismatch_key, text(msg));
+    } catch (const std::exception&) {
+    }
+    throw std::runtime_error(who + ": " + msg);
+  };
+  const auto reported = [&]() -> std::string {
+    if (!store.check({mismatch_key})) return "";
+    const auto v = store.get(mismatch_key);
+    return std::string(v.begin(), v.end());
+  };
   try {
-    auto opts = c10d::ProcessGroupGloo::Options::create(to_ms(cfg.timeout_seconds));
+    if (store.add("ultramem/rank/" + std::to_string(cfg.rank), 1) > 1)
+      fail_all("two processes were started as rank " + std::to_string(cfg.rank));
+    if (cfg.rank == 0) {
+      store.set("ultramem/world_size", text(std::to_string(cfg.world_size)));
+      std::vector<std::string> keys;
+      for (int64_t r = 1; r < cfg.world_size; ++r) keys.push_back("ultramem/rank/" + std::to_string(r));
+      while (!keys.empty() && !store.check(keys)) {
+        if (const std::string msg = reported(); !msg.empty()) throw std::runtime_error(who + ": " + msg);
+        if (Clock::now() > deadline) {
+          int64_t arrived = 0;
+          for (const auto& k : keys) arrived += store.check({k}) ? 1 : 0;
+          throw std::runtime_error(who + ": rendezvous at " + where + ": " + std::to_string(arrived + 1) + " of " +
+                                   std::to_string(cfg.world_size) + " ranks arrived" + within);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    } else {
+      store.wait({"ultramem/world_size"});
+      const auto v = store.get("ultramem/world_size");
+      const std::string theirs(v.begin(), v.end());
+      if (theirs != std::to_string(cfg.world_size))
+        fail_all("the world sizes differ: rank " + std::to_string(cfg.rank) + " was started with " +
+                 std::to_string(cfg.world_size) + " ranks, rank 0 with " + theirs +
+                 " (--world-size / WORLD_SIZE must be the same on every rank)");
+    }
+    if (const std::string msg = reported(); !msg.empty()) throw std::runtime_error(who + ": " + msg);
+  } catch (const std::runtime_error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw std::runtime_error(who + ": rendezvous at " + where + " failed" + within + ": " + io::error_message(e));
+  }
+
+  // Gloo's connection waits on the store for every rank's address: give the store what is left of the
+  // timeout, so that joining takes about --dist-timeout in all (it took twice that when the arrival and
+  // the connection each had the whole timeout).
+  try {
+    const auto left = std::max(std::chrono::milliseconds(50), std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                                  deadline - Clock::now()));
+    store.setTimeout(left);
+    auto opts = c10d::ProcessGroupGloo::Options::create(to_ms(cfg.timeout_seconds));  // collectives' timeout
     if (!cfg.interface.empty()) {
       opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(cfg.interface));
     } else if (is_loopback(cfg.master_addr)) {
@@ -76,17 +139,33 @@ std::shared_ptr<Group> Group::join(const RendezvousConfig& cfg) {
     }
     impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl->store, static_cast<int>(cfg.rank),
                                                            static_cast<int>(cfg.world_size), opts);
+    store.setTimeout(to_ms(cfg.timeout_seconds));
   } catch (const std::exception& e) {
-    throw std::runtime_error(who + ": connecting the Gloo process group (store " + where + ") failed within " +
-                             seconds_str(cfg.timeout_seconds) + " s (--dist-timeout): " + e.what());
+    throw std::runtime_error(who + ": connecting the Gloo process group (store " + where + ") failed" + within + ": " +
+                             io::error_message(e));
   }
   return std::shared_ptr<Group>(new Group(std::move(impl), cfg.rank, cfg.world_size, cfg.timeout_seconds));
 }
 
+std::vector<std::string> Group::exchange(const std::string& topic, const std::string& mine) {
+  const std::string prefix = "ultramem/exchange/" + topic + "/";
+  std::vector<std::string> out(static_cast<size_t>(size_));
+  try {
+    impl_->store->set(prefix + std::to_string(rank_), std::vector<uint8_t>(mine.begin(), mine.end()));
+    for (int64_t r = 0; r < size_; ++r) {
+      const auto v = impl_->store->get(prefix + std::to_string(r));
+      out[size_t(r)].assign(v.begin(), v.end());
+    }
+  } catch (const std::exception& e) {
+    fail("exchange", topic, e);
+  }
+  return out;
+}
+
 void Group::fail(const std::string& op, const std::string& what, const std::exception& e) const {
   throw std::runtime_error("distributed: " + describe() + ": " + op + " (" + what +
-                           ") failed: another rank died, hung or left (timeout " + seconds_str(timeout_s_) +
-                           " s, --dist-timeout). Gloo: " + e.what());
+                           ") failed: " + kPeerFailedMessage + " (timeout " + seconds_str(timeout_s_) +
+                           " s, --dist-timeout). Gloo: " + io::error_message(e));
 }
 
 void Group::count(const std::string& what, int64_t bytes) { sent_[what] += bytes; }

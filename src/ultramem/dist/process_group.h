@@ -54,6 +54,10 @@ class Group {
 
   void barrier(const std::string& what);
 
+  // Every rank's `mine`, in rank order, through the rendezvous store (small values: settings, hashes).
+  // Each topic may be exchanged once per group.
+  std::vector<std::string> exchange(const std::string& topic, const std::string& mine);
+
   // Logical bytes this rank sent to other ranks, per traffic class, since the last reset.
   std::map<std::string, int64_t> bytes_sent() const;
   void reset_bytes_sent();

@@ -8,6 +8,10 @@
 
 namespace ultramem::dist {
 
+// Part of the error of a collective whose peer failed (Group); the launcher reads it to tell the rank that
+// failed first from the ranks that noticed.
+inline constexpr const char* kPeerFailedMessage = "another rank died, hung or left";
+
 struct RendezvousConfig {
   std::string master_addr = "127.0.0.1";  // host of rank 0's TCPStore (env MASTER_ADDR)
   int64_t master_port = 29500;            // its TCP port (env MASTER_PORT)

@@ -17,6 +17,8 @@
 #include "ultramem/dist/launcher.h"
 #include "ultramem/dist/memory_sharding.h"
 #include "ultramem/dist/process_group.h"
+#include "ultramem/checkpoint/checkpoint.h"
+#include "ultramem/io/error_message.h"
 #include "ultramem/io/json_file.h"
 #include "ultramem/ops/runtime.h"
 #include "ultramem/train/run.h"
@@ -78,18 +80,54 @@ std::vector<std::string> own_command_line() {
   return out;
 }
 
+// Every rank must train the same model with the same settings on the same data: the ranks exchange
+// them through the rendezvous store, and a difference stops every rank with the fields that differ.
+void check_ranks_agree(Group& group, const json& settings) {
+  const auto all = group.exchange("run_settings", settings.dump());
+  const json first = json::parse(all[0]);
+  std::string diffs;
+  for (size_t r = 1; r < all.size(); ++r)
+    for (const auto& d : checkpoint::config_differences(first, json::parse(all[r])))
+      diffs += "\n  rank 0 vs rank " + std::to_string(r) + ": " + d;
+  if (!diffs.empty())
+    throw std::runtime_error("the ranks were started with different settings (start every rank with the same "
+                             "config, flags and prepared data):" + diffs);
+}
+
 // Trains in this process: alone, or as one rank of the run `rdv` describes (only rank 0 prints and
 // writes run.json and metrics).
 void train_process(const TrainJob& a, const RendezvousConfig& rdv) {
   const bool lead = rdv.rank == 0;
   auto file = train::read_run_config(a.config);
   json tj = file.train;
-  if (!a.train_config.empty()) tj.update(io::read_json_file(a.train_config));
+  if (!a.train_config.empty()) {
+    const json extra = io::read_json_file(a.train_config);
+    if (!extra.is_object())
+      throw std::runtime_error(a.train_config + ": expected a JSON object of train settings, got " + extra.type_name());
+    tj.update(extra);
+  }
   for (const auto& kv : a.sets) apply_set(tj, kv);
   tj.update(a.overrides);
-  const std::string model_name = file.model.value("name", std::string("model"));
-  tj["out_dir"] = !a.out_dir.empty() ? a.out_dir
-                                     : (tj.contains("out_dir") ? tj["out_dir"].get<std::string>() : "runs/" + model_name);
+  const auto name = file.model.find("name");
+  const std::string model_name = name != file.model.end() && name->is_string() ? name->get<std::string>() : "model";
+  // A non-string out_dir is left for the train config's check, which names the key.
+  if (!a.out_dir.empty())
+    tj["out_dir"] = a.out_dir;
+  else if (!tj.contains("out_dir"))
+    tj["out_dir"] = "runs/" + model_name;
+
+  // The configs' own checks, here so that their errors name the file (TrainingRun repeats them).
+  try {
+    (void)nn::model_config_from_json(file.model);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(a.config + ": model: " + e.what());
+  }
+  try {
+    (void)train::train_config_from_json(tj);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(a.config + (a.train_config.empty() ? "" : " + " + a.train_config) +
+                                " (with the command's flags): " + e.what());
+  }
 
   train::RunOptions o;
   o.model = file.model;
@@ -103,8 +141,10 @@ void train_process(const TrainJob& a, const RendezvousConfig& rdv) {
   o.record = {{"config", fs::absolute(a.config).lexically_normal().string()}};
   std::shared_ptr<Group> group;
   if (rdv.distributed()) {
-    o.parallelize = [&group, &rdv, lead](torch::nn::Module& model) -> std::shared_ptr<train::ParallelContext> {
+    o.parallelize = [&group, &rdv, lead](torch::nn::Module& model,
+                                         const json& settings) -> std::shared_ptr<train::ParallelContext> {
       group = Group::join(rdv);
+      check_ranks_agree(*group, settings);
       auto sharded = shard_memory_values(model, group);
       if (lead)
         std::cout << "distributed: " << rdv.world_size << " ranks, " << sharded.size()
@@ -174,7 +214,7 @@ int run_train_job(const TrainJob& a) {
     train_process(a, rdv);
   } catch (const std::exception& e) {
     const std::string who = "rank " + std::to_string(rdv.rank) + " of " + std::to_string(rdv.world_size);
-    const std::string msg = e.what();
+    const std::string msg = io::error_message(e);
     std::cerr << "ultramem: error: " << (msg.find(who) == std::string::npos ? who + ": " : "") << msg << std::endl;
     std::cout.flush();
     ::_exit(1);

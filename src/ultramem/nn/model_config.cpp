@@ -523,7 +523,11 @@ json model_config_to_json(const ModelConfig& c) {
 ModelConfig load_model_config(const std::string& path) {
   json j = io::read_json_file(path);
   // A run config {"model": {...}, "train": {...}} holds the model config under "model".
-  if (j.is_object() && j.contains("model") && j["model"].is_object()) j = j["model"];
+  if (j.is_object() && j.contains("model")) {
+    if (!j["model"].is_object())
+      throw std::invalid_argument(path + ": model: expected an object, got " + std::string(j["model"].type_name()));
+    j = j["model"];
+  }
   try {
     return model_config_from_json(j);
   } catch (const std::invalid_argument& e) {

@@ -73,6 +73,8 @@ RunConfigFile read_run_config(const std::string& path) {
                                  "\" (a config with \"model\" may only have \"model\" and \"train\")");
     c.model = j.at("model");
     if (j.contains("train")) c.train = j.at("train");
+    if (!c.model.is_object()) throw std::runtime_error(path + ": model: expected an object, got " + c.model.type_name());
+    if (!c.train.is_object()) throw std::runtime_error(path + ": train: expected an object, got " + c.train.type_name());
   } else {
     c.model = j;
   }
@@ -120,6 +122,11 @@ TrainingRun::TrainingRun(RunOptions options) : o_(std::move(options)) {
     throw std::invalid_argument("task: expected \"lm\" or \"facts\", got \"" + o_.data.task + "\"");
   }
 
+  const auto info = nn::model_info(model_cfg_);
+  nn::check_fits_in_memory("training " + model_cfg_.name + " at batch " + std::to_string(tc.batch_size) + " x " +
+                               std::to_string(tc.seq_len) + " tokens",
+                           nn::training_memory(model_cfg_, info, tc.batch_size, tc.seq_len));
+
   fs::create_directories(tc.out_dir);
   checkpoint_ = (fs::path(tc.out_dir) / "checkpoint.safetensors").string();
   const bool have_ckpt = fs::exists(checkpoint_);
@@ -128,21 +135,27 @@ TrainingRun::TrainingRun(RunOptions options) : o_(std::move(options)) {
   if (o_.resume == Resume::kRequired && !have_ckpt)
     throw std::invalid_argument("--resume: no checkpoint at " + checkpoint_);
 
-  const auto info = nn::model_info(model_cfg_);
   out << "model " << model_cfg_.name << ": " << info.params_total << " parameters, " << info.params_activated
       << " activated, " << std::setprecision(4) << info.flops_per_token / 1e6 << " MFLOP/token forward" << std::endl;
   if (prepared)
     out << "data " << prepared->dir << ": " << prepared->train.tokens << " train tokens, " << prepared->val.tokens
         << " val tokens; " << tc.tokens_per_step() << " tokens/step x " << tc.steps << " steps" << std::endl;
 
-  nn::check_fits_in_memory("training " + model_cfg_.name + " at batch " + std::to_string(tc.batch_size) + " x " +
-                               std::to_string(tc.seq_len) + " tokens",
-                           nn::training_memory(model_cfg_, info, tc.batch_size, tc.seq_len));
   torch::manual_seed(tc.seed);  // model init is seeded by the config; this covers anything else
   model_ = nn::Transformer(model_cfg_);
   auto trainable = as_trainable(model_);
   std::shared_ptr<ParallelContext> parallel;
-  if (o_.parallelize) parallel = o_.parallelize(*model_);
+  if (o_.parallelize) {
+    nlohmann::json settings = {{"model", nn::model_config_to_json(model_cfg_)}, {"train", train_config_to_json(tc)}};
+    settings["train"].erase("out_dir");  // each machine may write its own folder
+    if (prepared)
+      settings["data"] = {{"tokenizer_fnv1a64", prepared->tokenizer_hash}, {"input_fingerprint", prepared->input_fingerprint},
+                          {"train_tokens", prepared->train.tokens}, {"val_tokens", prepared->val.tokens},
+                          {"seed", prepared->seed}, {"val_fraction", prepared->val_fraction}};
+    else
+      settings["data"] = {{"facts", o_.data.facts}};
+    parallel = o_.parallelize(*model_, settings);
+  }
   RunBatches batches = facts_ ? fact_batches(facts_, tc, rank, world) : lm_batches(*prepared, tc, rank, world);
   trainer_ = std::make_unique<Trainer>(trainable, tc, batches.source, std::move(batches.eval),
                                        lead_ ? o_.log : nullptr, parallel);

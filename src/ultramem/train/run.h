@@ -56,9 +56,11 @@ struct RunOptions {
   Resume resume = Resume::kRefuse;
   int64_t rank = 0, world = 1;  // this process's share of the data (data parallel)
   std::ostream* log = nullptr;  // progress lines (null: silent)
-  // Makes the freshly built model one rank of a parallel run (dist/: shards values, joins the
-  // group) and returns the trainer's context. Null: a single process.
-  std::function<std::shared_ptr<ParallelContext>(torch::nn::Module&)> parallelize;
+  // Makes the freshly built model one rank of a parallel run (dist/: joins the group, checks that every
+  // rank has the same `settings`, shards values) and returns the trainer's context. Null: a single
+  // process. settings: {"model": the normalised model config, "train": the train config but out_dir,
+  // "data": what identifies the data (the prepared manifest's hashes and counts, or the fact task)}.
+  std::function<std::shared_ptr<ParallelContext>(torch::nn::Module&, const nlohmann::json& settings)> parallelize;
   // Extra keys of run.json (e.g. the experiment case's identity).
   nlohmann::json record = nlohmann::json::object();
   bool write_record = true;     // rank 0 writes run.json (other ranks never do)
