@@ -761,6 +761,41 @@ TEST(DataPrepare, LoadPreparedValidates) {
   expect_contains(error_of([&] { load_prepared(opt.out_dir); }), "not valid JSON");
 }
 
+// A rebuild that fails part way (here the tokenizer cannot reach the asked vocabulary) leaves the old
+// preparation usable and nothing of its own behind: the new data is built beside the old and moved in only
+// when complete (prepare used to delete the old manifest before building).
+TEST(DataPrepare, AFailedRebuildLeavesTheOldDataUsable) {
+  TempDir dir;
+  make_corpus(dir / "corpus", 6);
+  PrepareOptions opt;
+  opt.input = dir / "corpus";
+  opt.out_dir = dir / "prep";
+  opt.vocab_size = kTestVocab;
+  opt.val_fraction = 0.3;
+  std::ostringstream log;
+  const PreparedData before = prepare(opt, log);
+  const std::string train_bytes = read_bytes(before.train_path);
+
+  PrepareOptions bigger = opt;
+  bigger.vocab_size = 1 << 20;  // far more pieces than the corpus has
+  EXPECT_ANY_THROW(prepare(bigger, log));
+  const PreparedData after = load_prepared(opt.out_dir);
+  EXPECT_EQ(after.vocab_size, before.vocab_size);
+  EXPECT_EQ(after.train.tokens, before.train.tokens);
+  EXPECT_EQ(read_bytes(after.train_path), train_bytes);
+  for (const auto& e : fs::directory_iterator(dir.str()))
+    EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path() << " left behind";
+  // A staging folder of a process that no longer exists (killed mid-prepare) is removed by the next run.
+  const fs::path stale = dir / "prep.tmp.999999999";
+  fs::create_directories(stale);
+  write_text((stale / "train.bin").string(), "partial");
+  EXPECT_TRUE(prepare(opt, log).reused);
+  opt.force = true;
+  EXPECT_FALSE(prepare(opt, log).reused);
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_EQ(load_prepared(opt.out_dir).train.tokens, before.train.tokens);
+}
+
 TEST(DataPrepare, OptionErrorsAndDefaults) {
   PrepareOptions o;
   EXPECT_EQ(resolved_input(o), "data/corpus/sotu");

@@ -1,6 +1,10 @@
 #include "ultramem/data/prepare.h"
 
+#include <signal.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -119,57 +123,43 @@ std::string resolved_out_dir(const PrepareOptions& o) {
   return std::string(kDefaultPreparedRoot) + "/" + name + "-v" + std::to_string(o.vocab_size);
 }
 
-PreparedData prepare(const PrepareOptions& options, std::ostream& log) {
-  options.validate();
-  const auto t_start = Clock::now();
-  const std::string input = resolved_input(options);
-  const std::string out_dir = resolved_out_dir(options);
+namespace {
+
+// <out_dir>.tmp.<pid>: where this process builds a new preparation of out_dir.
+std::string staging_dir_of(const std::string& out_dir) {
+  std::string base = out_dir;
+  while (base.size() > 1 && base.back() == '/') base.pop_back();
+  return base + ".tmp." + std::to_string(::getpid());
+}
+
+// Removes the staging folders of out_dir left by processes that no longer exist (killed mid-prepare).
+void remove_stale_staging(const std::string& out_dir) {
+  std::string base = out_dir;
+  while (base.size() > 1 && base.back() == '/') base.pop_back();
+  const fs::path b(base);
+  const fs::path parent = b.has_parent_path() ? b.parent_path() : fs::path(".");
+  const std::string prefix = b.filename().string() + ".tmp.";
   std::error_code ec;
-  if (!fs::exists(input, ec))
-    throw std::runtime_error("corpus: " + input + ": does not exist" +
-                             (options.input.empty() ? " (download the default corpus with scripts/fetch_corpus.sh)" : ""));
-
-  const Corpus corpus = read_corpus(input, &log);
-  const std::string fingerprint = hex64(corpus.fingerprint());
-  TokenizerTrainOptions topt;
-  topt.vocab_size = options.vocab_size;
-  topt.seed = options.seed;
-  const std::string settings = tokenizer_settings(topt);
-
-  const std::string manifest = out_dir + "/manifest.json";
-  if (!options.force && fs::exists(manifest, ec)) {
-    try {
-      PreparedData old = load_prepared(out_dir);
-      const std::string why = reuse_mismatch(old, options, fingerprint, settings);
-      if (why.empty()) {
-        old.reused = true;
-        log << "reusing prepared data in " << out_dir << " (same input fingerprint " << fingerprint
-            << " and options; files validated)\n";
-        return old;
-      }
-      log << "rebuilding " << out_dir << ": " << why << "\n";
-    } catch (const std::runtime_error& e) {
-      log << "rebuilding " << out_dir << ": existing data is invalid (" << e.what() << ")\n";
-    }
-  } else if (options.force) {
-    log << "rebuilding " << out_dir << " (forced)\n";
+  for (const auto& e : fs::directory_iterator(parent, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(prefix, 0) != 0) continue;
+    const std::string digits = name.substr(prefix.size());
+    if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 9) continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(digits));
+    if (::kill(pid, 0) == -1 && errno == ESRCH) fs::remove_all(e.path(), ec);
   }
+}
 
-  const SplitIndices split = split_documents(corpus.documents, options.val_fraction, options.seed);
-  log << "split: " << split.train.size() << " train / " << split.val.size() << " validation documents\n";
-
-  fs::create_directories(out_dir, ec);
-  if (ec) throw std::runtime_error("prepare: cannot create output directory " + out_dir + ": " + ec.message());
-  // The manifest goes first: a run interrupted from here on leaves no manifest, hence nothing reusable.
-  if (std::remove(manifest.c_str()) != 0 && fs::exists(manifest))
-    throw std::runtime_error("prepare: cannot remove the old " + manifest);
-
+// Trains the tokenizer, encodes both splits and writes the manifest into `dir`, then validates it.
+void build_into(const std::string& dir, const Corpus& corpus, const SplitIndices& split, const PrepareOptions& options,
+                const TokenizerTrainOptions& topt, const std::string& input, const std::string& fingerprint,
+                const std::string& settings, std::ostream& log) {
   PreparedData d;
-  d.dir = out_dir;
-  d.manifest_path = manifest;
-  d.tokenizer_path = out_dir + "/tokenizer.model";
-  d.train_path = out_dir + "/train.bin";
-  d.val_path = out_dir + "/val.bin";
+  d.dir = dir;
+  d.manifest_path = dir + "/manifest.json";
+  d.tokenizer_path = dir + "/tokenizer.model";
+  d.train_path = dir + "/train.bin";
+  d.val_path = dir + "/val.bin";
 
   std::vector<std::string_view> train_text;
   train_text.reserve(split.train.size());
@@ -195,6 +185,83 @@ PreparedData prepare(const PrepareOptions& options, std::ostream& log) {
   d.tokenizer_settings = settings;
   d.tokenizer_hash = hex64(fnv1a64(io::read_file(d.tokenizer_path)));
   write_manifest(d);
+  (void)load_prepared(dir);  // validates what was just written, before it replaces anything
+}
+
+// Moves the files of the complete preparation in `staging` into `out_dir`: the old manifest goes first (a
+// crash among these renames leaves no manifest, so nothing half-replaced is ever reused), the new one last.
+void move_into(const std::string& staging, const std::string& out_dir) {
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) throw std::runtime_error("prepare: cannot create output directory " + out_dir + ": " + ec.message());
+  const std::string manifest = out_dir + "/manifest.json";
+  if (std::remove(manifest.c_str()) != 0 && fs::exists(manifest))
+    throw std::runtime_error("prepare: cannot remove the old " + manifest);
+  auto move = [&](const fs::path& from) {
+    fs::rename(from, fs::path(out_dir) / from.filename(), ec);
+    if (ec) throw std::runtime_error("prepare: cannot move " + from.string() + " into " + out_dir + ": " + ec.message());
+  };
+  for (const auto& e : fs::directory_iterator(staging))
+    if (e.path().filename() != "manifest.json") move(e.path());
+  move(fs::path(staging) / "manifest.json");
+}
+
+}  // namespace
+
+PreparedData prepare(const PrepareOptions& options, std::ostream& log) {
+  options.validate();
+  const auto t_start = Clock::now();
+  const std::string input = resolved_input(options);
+  const std::string out_dir = resolved_out_dir(options);
+  std::error_code ec;
+  if (!fs::exists(input, ec))
+    throw std::runtime_error("corpus: " + input + ": does not exist" +
+                             (options.input.empty() ? " (download the default corpus with scripts/fetch_corpus.sh)" : ""));
+
+  const Corpus corpus = read_corpus(input, &log);
+  const std::string fingerprint = hex64(corpus.fingerprint());
+  TokenizerTrainOptions topt;
+  topt.vocab_size = options.vocab_size;
+  topt.seed = options.seed;
+  const std::string settings = tokenizer_settings(topt);
+
+  if (!options.force && fs::exists(out_dir + "/manifest.json", ec)) {
+    try {
+      PreparedData old = load_prepared(out_dir);
+      const std::string why = reuse_mismatch(old, options, fingerprint, settings);
+      if (why.empty()) {
+        old.reused = true;
+        log << "reusing prepared data in " << out_dir << " (same input fingerprint " << fingerprint
+            << " and options; files validated)\n";
+        return old;
+      }
+      log << "rebuilding " << out_dir << ": " << why << "\n";
+    } catch (const std::runtime_error& e) {
+      log << "rebuilding " << out_dir << ": existing data is invalid (" << e.what() << ")\n";
+    }
+  } else if (options.force) {
+    log << "rebuilding " << out_dir << " (forced)\n";
+  }
+
+  const SplitIndices split = split_documents(corpus.documents, options.val_fraction, options.seed);
+  log << "split: " << split.train.size() << " train / " << split.val.size() << " validation documents\n";
+
+  // The new data is built in a sibling folder and moved in only once complete and validated: a run that
+  // fails or is killed before that leaves the old data as it was (it used to remove the old manifest
+  // first, so a failed rebuild left nothing usable).
+  const std::string staging = staging_dir_of(out_dir);
+  remove_stale_staging(out_dir);
+  fs::remove_all(staging, ec);
+  fs::create_directories(staging, ec);
+  if (ec) throw std::runtime_error("prepare: cannot create the folder " + staging + ": " + ec.message());
+  try {
+    build_into(staging, corpus, split, options, topt, input, fingerprint, settings, log);
+    move_into(staging, out_dir);
+  } catch (...) {
+    fs::remove_all(staging, ec);
+    throw;
+  }
+  fs::remove_all(staging, ec);
 
   PreparedData out = load_prepared(out_dir);  // validates what was just written
   out.reused = false;
