@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <stdexcept>
 
@@ -167,6 +168,19 @@ void Launcher::start(const std::string& exe, const std::vector<std::string>& arg
   }
 }
 
+namespace {
+
+// Whether the process is stopped (state T or t in /proc/<pid>/stat).
+bool is_stopped(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat;
+  std::getline(in, stat);
+  const size_t paren = stat.rfind(')');  // the command name may hold spaces and parentheses
+  return paren != std::string::npos && paren + 2 < stat.size() && (stat[paren + 2] == 'T' || stat[paren + 2] == 't');
+}
+
+}  // namespace
+
 LaunchResult Launcher::wait() {
   const int64_t n = static_cast<int64_t>(pids_.size());
   LaunchResult r;
@@ -254,6 +268,12 @@ LaunchResult Launcher::wait() {
       if (running > 0)
         std::cerr << "ultramem launch: rank " << r.failed_rank << " failed (exit code " << r.exit_code
                   << "); stopping the other ranks" << std::endl;
+      // A rank that noticed a peer's silence: name a stopped peer (SIGSTOP, a debugger), the likely cause.
+      if (blames_peer[static_cast<size_t>(first_failure)])
+        for (int64_t i = 0; i < n; ++i)
+          if (r.exit_codes[static_cast<size_t>(i)] < 0 && is_stopped(pids_[static_cast<size_t>(i)]))
+            std::cerr << "ultramem launch: rank " << opt_.node_rank * opt_.nproc + i
+                      << " is stopped (SIGSTOP or a debugger): the other ranks timed out waiting for it" << std::endl;
     }
     if (const int sig = g_forward_signal.exchange(0)) signal_all(sig);
     if (failed && running > 0) {

@@ -49,8 +49,9 @@ void remove_stale_temporaries(const std::string& path) {
 void write_file_atomically(const std::string& path, const std::vector<std::string_view>& parts) {
   remove_stale_temporaries(path);
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  auto fail = [&](const std::string& what) {
-    const std::string err = errno_str();
+  // The error is the failing call's errno (read before fclose, which may set its own); the partial
+  // temporary is removed, so a full disk leaves the old file and nothing else.
+  auto fail = [&](const std::string& what, const std::string& err) {
     std::remove(tmp.c_str());
     throw std::runtime_error(path + ": " + what + ": " + err);
   };
@@ -58,16 +59,18 @@ void write_file_atomically(const std::string& path, const std::vector<std::strin
   if (!f) throw std::runtime_error(path + ": cannot create temporary file " + tmp + ": " + errno_str());
   for (const auto& p : parts) {
     if (!p.empty() && std::fwrite(p.data(), 1, p.size(), f) != p.size()) {
+      const std::string err = errno_str();
       std::fclose(f);
-      fail("write to " + tmp + " failed");
+      fail("write to " + tmp + " failed", err);
     }
   }
   if (std::fflush(f) != 0 || ::fsync(::fileno(f)) != 0) {
+    const std::string err = errno_str();
     std::fclose(f);
-    fail("flushing " + tmp + " failed");
+    fail("flushing " + tmp + " failed", err);
   }
-  if (std::fclose(f) != 0) fail("closing " + tmp + " failed");
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("renaming " + tmp + " failed");
+  if (std::fclose(f) != 0) fail("closing " + tmp + " failed", errno_str());
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("renaming " + tmp + " failed", errno_str());
   const int dfd = ::open(dir_of(path).c_str(), O_RDONLY | O_DIRECTORY);
   if (dfd >= 0) {  // best effort: the data itself is already durable
     ::fsync(dfd);
