@@ -12,7 +12,7 @@ PACKAGES=(
   zlib1g-dev
   python3-torch python3-numpy
   gnuplot-nox
-  libcpp-httplib-dev
+  libcpp-httplib-dev liburing-dev
   clang-14 libclang-rt-14-dev libomp-14-dev
 )
 

@@ -9,11 +9,17 @@
 // Every check asserts. All randomness is seeded.
 #include <gtest/gtest.h>
 #include <omp.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -21,12 +27,15 @@
 #include <vector>
 
 #include "ultramem/kernels/cpu_features.h"
+#include "ultramem/kernels/feistel.h"
 #include "ultramem/kernels/huge_pages.h"
 #include "ultramem/kernels/kernel_table.h"
 #include "ultramem/kernels/pooled_lookup.h"
+#include "ultramem/kernels/row_cache.h"
 #include "ultramem/kernels/small_matmul.h"
 #include "ultramem/kernels/topk.h"
 #include "ultramem/kernels/value_quant.h"
+#include "ultramem/kernels/value_table_file.h"
 
 namespace {
 
@@ -746,6 +755,224 @@ TEST(StoredPoolDeterminism, IndependentOfThreadCount) {
       EXPECT_TRUE(Identical(run_dense<float>(p, p.values), f1)) << threads;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Value tables in a file behind a bounded row cache (issue 17).
+
+struct TableDir {
+  std::string path;
+  TableDir() {
+    std::string t = (std::filesystem::temp_directory_path() / "ultramem_table_XXXXXX").string();
+    if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp");
+    path = t;
+  }
+  ~TableDir() { std::filesystem::remove_all(path); }
+  std::string file(const std::string& name) const { return path + "/" + name; }
+};
+
+// The rows of the in-RAM table a file is compared with: the same generator, quantised by value_quant.
+void expected_int8(int64_t rows, int64_t dv, uint64_t seed, std::vector<int8_t>& q, std::vector<float>& scale) {
+  std::vector<float> f(size_t(rows * dv));
+  uk::gaussian_rows(seed, 0.5f, 0, rows, dv, f.data());
+  q.resize(f.size());
+  scale.resize(size_t(rows));
+  ASSERT_EQ(uk::quantize_int8_rows(f.data(), rows, dv, q.data(), scale.data()), -1);
+}
+
+TEST(ValueTableFile, StreamedRowsEqualTheInMemoryTableInAnyChunking) {
+  TableDir dir;
+  const int64_t rows = 5000, dv = 24;
+  std::vector<float> whole(size_t(rows * dv)), part(size_t(7 * dv));
+  uk::gaussian_rows(9, 0.5f, 0, rows, dv, whole.data());
+  uk::gaussian_rows(9, 0.5f, 1234, 7, dv, part.data());
+  for (int64_t i = 0; i < 7 * dv; ++i) ASSERT_TRUE(same_bits(part[size_t(i)], whole[size_t(1234 * dv + i)]));
+  auto fill = [&](int64_t first, int64_t count, float* out) { uk::gaussian_rows(9, 0.5f, first, count, dv, out); };
+  for (const auto format : {uk::TableFormat::kInt8, uk::TableFormat::kBf16}) {
+    const std::string a = dir.file(std::string("a.") + uk::to_string(format)), b = a + ".b";
+    int64_t reported = 0;
+    uk::write_table_file(a, format, rows, dv, fill, 333, [&](int64_t done) { reported = done; });
+    uk::write_table_file(b, format, rows, dv, fill, 4096);
+    EXPECT_EQ(reported, rows);
+    std::ifstream fa(a, std::ios::binary), fb(b, std::ios::binary);
+    const std::string ca((std::istreambuf_iterator<char>(fa)), {}), cb((std::istreambuf_iterator<char>(fb)), {});
+    EXPECT_EQ(ca, cb) << "the chunking changed the file";
+    const auto info = uk::read_table_header(a);
+    EXPECT_EQ(info.rows, rows);
+    EXPECT_EQ(info.dv, dv);
+    EXPECT_EQ(info.format, format);
+    EXPECT_EQ(int64_t(ca.size()), info.data_offset + rows * info.row_bytes);
+  }
+}
+
+// The cache in front of the file, smaller than the table, gives every row exactly as the in-RAM table holds
+// it, over many steps of random rows (evictions included), with either reader.
+TEST(RowCache, RowsThroughASmallCacheEqualTheInMemoryTable) {
+  TableDir dir;
+  const int64_t rows = 1 << 16, dv = 32;
+  const std::string path = dir.file("t.int8");
+  uk::write_table_file(path, uk::TableFormat::kInt8, rows, dv,
+                       [&](int64_t first, int64_t count, float* out) { uk::gaussian_rows(5, 0.5f, first, count, dv, out); });
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  expected_int8(rows, dv, 5, q, scale);
+  for (const bool uring : {true, false}) {
+    uk::RowCache cache(path, 4096 * (dv + 64), uring);  // about 4096 slots for 65536 rows
+    EXPECT_EQ(cache.uses_io_uring(), uring) << "io_uring works on these machines";
+    EXPECT_LT(cache.capacity_rows(), rows / 8);
+    EXPECT_LE(cache.memory_bytes(), 4096 * (dv + 64));
+    Rng rng(3);
+    std::uniform_int_distribution<int64_t> any(0, rows - 1);
+    for (int step = 0; step < 200; ++step) {
+      std::vector<int64_t> want(512), slots(512);
+      for (auto& r : want) r = step % 2 ? any(rng) : any(rng) % 64;  // alternating cold and hot rows
+      cache.fetch(want.data(), int64_t(want.size()), slots.data());
+      for (size_t i = 0; i < want.size(); ++i) {
+        ASSERT_GE(slots[i], 0);
+        ASSERT_LT(slots[i], cache.capacity_rows());
+        ASSERT_EQ(std::memcmp(cache.int8_values() + slots[i] * dv, q.data() + want[i] * dv, size_t(dv)), 0) << step;
+        ASSERT_TRUE(same_bits(cache.int8_scales()[slots[i]], scale[size_t(want[i])]));
+      }
+    }
+    const auto st = cache.stats();
+    EXPECT_EQ(st.lookups, 200 * 512);
+    EXPECT_EQ(st.hits + st.misses, st.lookups);
+    EXPECT_GT(st.hits, st.lookups / 3) << "the 64 hot rows stay resident";
+    EXPECT_LE(st.reads, st.misses);
+    EXPECT_GE(st.bytes_read, st.misses * (dv + 4));
+    // More distinct rows in one step than slots: a clear error.
+    std::vector<int64_t> too_many(size_t(cache.capacity_rows() + 1)), out(too_many.size());
+    std::iota(too_many.begin(), too_many.end(), 0);
+    EXPECT_THROW(cache.fetch(too_many.data(), int64_t(too_many.size()), out.data()), std::invalid_argument);
+    const int64_t outside = rows;
+    EXPECT_THROW(cache.fetch(&outside, 1, out.data()), std::invalid_argument);
+    // After the refused steps the cache still gives every row right.
+    std::vector<int64_t> again(256), slots(256);
+    std::iota(again.begin(), again.end(), 1000);
+    cache.fetch(again.data(), int64_t(again.size()), slots.data());
+    for (size_t i = 0; i < again.size(); ++i)
+      ASSERT_EQ(std::memcmp(cache.int8_values() + slots[i] * dv, q.data() + again[i] * dv, size_t(dv)), 0);
+  }
+}
+
+// The pooled lookup through the cache (rows resolved through the permutation, then to slots) is
+// bit-identical to the in-RAM table's, for int8 and bf16, with the stored permutation and with the
+// Feistel permutation (whose materialisation is the stored one).
+TEST(RowCache, PooledLookupThroughTheCacheIsBitIdenticalToTheInMemoryTable) {
+  TableDir dir;
+  const int64_t N = 1 << 14, Dv = 32, E = 4, C = 2, T = 16, K = 24;
+  const PoolShape shape{T, K, N, Dv, E, C};
+  auto fill = [&](int64_t first, int64_t count, float* out) { uk::gaussian_rows(11, 0.5f, first, count, Dv, out); };
+  std::vector<float> f(size_t(N * Dv));
+  fill(0, N, f.data());
+  const uk::FeistelPermutation feistel(uint64_t(E * N), 77);
+  std::vector<int64_t> perm(size_t(E * N));
+  for (int64_t g = 0; g < E * N; ++g) perm[size_t(g)] = int64_t(feistel.forward(uint64_t(g)));
+  Rng rng(4);
+  std::uniform_int_distribution<int64_t> grid(0, E * N - 1);
+  std::normal_distribution<float> nd;
+  for (const auto format : {uk::TableFormat::kInt8, uk::TableFormat::kBf16}) {
+    const std::string path = dir.file(std::string("p.") + uk::to_string(format));
+    uk::write_table_file(path, format, N, Dv, fill);
+    uk::RowCache cache(path, 2048 * (Dv * 2 + 64));
+    const int64_t cap = cache.capacity_rows();
+    std::vector<int64_t> ident(size_t(E * cap));
+    std::iota(ident.begin(), ident.end(), 0);
+    std::vector<int8_t> q(size_t(N * Dv));
+    std::vector<float> qs(static_cast<size_t>(N));
+    std::vector<uint16_t> b(size_t(N * Dv));
+    if (format == uk::TableFormat::kInt8) ASSERT_EQ(uk::quantize_int8_rows(f.data(), N, Dv, q.data(), qs.data()), -1);
+    else uk::quantize_bf16(f.data(), N * Dv, b.data());
+    for (int step = 0; step < 20; ++step) {
+      std::vector<int64_t> index(size_t(T * K));
+      std::vector<float> scores(size_t(T * K * C));
+      for (auto& g : index) g = grid(rng);
+      for (auto& x : scores) x = nd(rng);
+      std::vector<float> want(size_t(T * E * Dv)), got(want.size());
+      if (format == uk::TableFormat::kInt8)
+        uk::pooled_lookup_forward_int8<float>(shape, q.data(), qs.data(), index.data(), scores.data(), perm.data(), want.data());
+      else
+        uk::pooled_lookup_forward_bf16<float>(shape, b.data(), index.data(), scores.data(), perm.data(), want.data());
+      // Through the cache: v = feistel(g) (no stored permutation), group p = v / N, row = v % N -> slot;
+      // the kernel then reads slot rows of a table of cap rows through the identity.
+      std::vector<int64_t> want_rows(index.size()), slots(index.size()), resolved(index.size());
+      for (size_t i = 0; i < index.size(); ++i) want_rows[i] = int64_t(feistel.forward(uint64_t(index[i]))) % N;
+      cache.fetch(want_rows.data(), int64_t(want_rows.size()), slots.data());
+      for (size_t i = 0; i < index.size(); ++i)
+        resolved[i] = int64_t(feistel.forward(uint64_t(index[i]))) / N * cap + slots[i];
+      const PoolShape cached{T, K, cap, Dv, E, C};
+      if (format == uk::TableFormat::kInt8)
+        uk::pooled_lookup_forward_int8<float>(cached, cache.int8_values(), cache.int8_scales(), resolved.data(),
+                                              scores.data(), ident.data(), got.data());
+      else
+        uk::pooled_lookup_forward_bf16<float>(cached, cache.bf16_values(), resolved.data(), scores.data(), ident.data(),
+                                              got.data());
+      for (size_t i = 0; i < want.size(); ++i) ASSERT_TRUE(same_bits(want[i], got[i])) << uk::to_string(format) << " " << i;
+    }
+  }
+}
+
+TEST(ValueTableFile, DamagedMissingAndTruncatedFilesAreClearErrors) {
+  TableDir dir;
+  const std::string path = dir.file("t.int8");
+  uk::write_table_file(path, uk::TableFormat::kInt8, 3000, 16,
+                       [](int64_t first, int64_t count, float* out) { uk::gaussian_rows(1, 1.0f, first, count, 16, out); });
+  auto error_of = [](const std::string& p) {
+    try {
+      (void)uk::read_table_header(p);
+    } catch (const std::runtime_error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(error_of(dir.file("missing")).find("cannot open"), std::string::npos);
+  std::filesystem::copy_file(path, dir.file("short"));
+  std::filesystem::resize_file(dir.file("short"), std::filesystem::file_size(path) - 20);
+  EXPECT_NE(error_of(dir.file("short")).find("truncated or damaged"), std::string::npos) << error_of(dir.file("short"));
+  EXPECT_THROW(uk::RowCache(dir.file("short"), 1 << 20), std::runtime_error);
+  std::filesystem::copy_file(path, dir.file("long"));
+  std::filesystem::resize_file(dir.file("long"), std::filesystem::file_size(path) + 4096);
+  EXPECT_NE(error_of(dir.file("long")).find("truncated or damaged"), std::string::npos);
+  {
+    std::filesystem::copy_file(path, dir.file("hdr"));
+    std::fstream h(dir.file("hdr"), std::ios::in | std::ios::out | std::ios::binary);
+    h.seekp(16);
+    h.put(char(0x7f));  // the row count
+  }
+  EXPECT_NE(error_of(dir.file("hdr")).find("header is damaged"), std::string::npos) << error_of(dir.file("hdr"));
+  std::ofstream(dir.file("text")) << "not a table at all";
+  EXPECT_NE(error_of(dir.file("text")).find("not a value table"), std::string::npos);
+  EXPECT_THROW(uk::write_table_file(dir.file("nan"), uk::TableFormat::kInt8, 10, 4,
+                                    [](int64_t, int64_t count, float* out) {
+                                      std::fill(out, out + count * 4, std::numeric_limits<float>::quiet_NaN());
+                                    }),
+               std::runtime_error);
+  EXPECT_FALSE(std::filesystem::exists(dir.file("nan")));
+}
+
+// A full disk while writing (a file-size limit: the write fails as it would with ENOSPC) leaves no file
+// at the path and no temporary: nothing half-written can pass for a table.
+TEST(ValueTableFile, AFullDiskLeavesNoFileThatLooksComplete) {
+  TableDir dir;
+  const std::string path = dir.file("full.int8");
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  const auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
+  rlimit small = old;
+  small.rlim_cur = 64 * 1024;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  std::string error;
+  try {
+    uk::write_table_file(path, uk::TableFormat::kInt8, 100000, 64,
+                         [](int64_t first, int64_t count, float* out) { uk::gaussian_rows(2, 1.0f, first, count, 64, out); });
+  } catch (const std::runtime_error& e) {
+    error = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  ::signal(SIGXFSZ, old_handler);
+  EXPECT_NE(error.find("failed"), std::string::npos) << error;
+  EXPECT_FALSE(std::filesystem::exists(path));
+  for (const auto& e : std::filesystem::directory_iterator(dir.path)) ADD_FAILURE() << "left behind: " << e.path();
 }
 
 }  // namespace

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "ultramem/kernels/cpu_features.h"
+#include "ultramem/kernels/feistel.h"
 #include "ultramem/kernels/isa.h"
 #include "ultramem/kernels/kernel_table.h"
 #include "ultramem/kernels/pooled_lookup.h"
@@ -37,6 +38,7 @@
 namespace {
 
 namespace uk = ultramem::kernels;
+using uk::FeistelPermutation;
 using uk::KernelTable;
 using uk::PoolShape;
 using uk::RowGroups;
@@ -1814,6 +1816,61 @@ TEST(ShapeCheck, Pool) {
     ASSERT_NE(msg, nullptr) << "invalid shape accepted";
     for (const auto& f : b.fields) EXPECT_TRUE(mentions(msg, f)) << "message \"" << msg << "\" does not name " << f;
   }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The keyed Feistel permutation (issue 17: an IVE permutation that takes no memory).
+
+TEST(FeistelPermutation, IsABijectionAtEverySizeExhaustively) {
+  for (uint64_t size : {1ull, 2ull, 3ull, 5ull, 64ull, 1000ull, 4099ull, 65536ull, 100003ull, 262147ull}) {
+    for (uint64_t key : {0ull, 1ull, 0xDEADBEEFull}) {
+      const FeistelPermutation f(size, key);
+      std::vector<uint8_t> hit(size, 0);
+      for (uint64_t x = 0; x < size; ++x) {
+        const uint64_t y = f.forward(x);
+        ASSERT_LT(y, size) << "size " << size << " key " << key << " x " << x;
+        ASSERT_EQ(hit[y], 0) << "size " << size << " key " << key << ": " << y << " hit twice";
+        hit[y] = 1;
+        ASSERT_EQ(f.inverse(y), x) << "size " << size << " key " << key;
+      }
+    }
+  }
+}
+
+TEST(FeistelPermutation, LargeSizesInverseKeysAndSpread) {
+  // 2^30 * 4 virtual slots (the tiered benchmark's 2^28 rows, E = 4) and an odd size beyond 2^32: the
+  // inverse undoes every sampled image, which stays inside the domain.
+  std::mt19937_64 gen(3);
+  for (uint64_t size : {uint64_t(1) << 30, (uint64_t(1) << 32) + 7, (uint64_t(1) << 40) - 3}) {
+    const FeistelPermutation f(size, 42);
+    for (int i = 0; i < 20000; ++i) {
+      const uint64_t x = gen() % size, y = f.forward(x);
+      ASSERT_LT(y, size);
+      ASSERT_EQ(f.inverse(y), x) << size;
+    }
+  }
+  // Another key is another permutation; the same key the same one.
+  const FeistelPermutation a(1 << 20, 7), b(1 << 20, 8), a2(1 << 20, 7);
+  int same = 0;
+  for (uint64_t x = 0; x < 4096; ++x) {
+    same += a.forward(x) == b.forward(x);
+    ASSERT_EQ(a.forward(x), a2.forward(x));
+  }
+  EXPECT_LT(same, 8);
+  // Neighbouring slots land far apart (the permutation spreads a grid row over the table): of 4096
+  // consecutive inputs' images, the mean distance between neighbours is near size / 3, as for a random
+  // permutation, and few are fixed points.
+  const uint64_t size = 1 << 20;
+  double mean_gap = 0;
+  int fixed = 0;
+  for (uint64_t x = 0; x < 4096; ++x) {
+    const double d = double(a.forward(x + 1)) - double(a.forward(x));
+    mean_gap += std::fabs(d) / 4096;
+    fixed += a.forward(x) == x;
+  }
+  EXPECT_GT(mean_gap, double(size) / 3 * 0.8);
+  EXPECT_LT(mean_gap, double(size) / 3 * 1.2);
+  EXPECT_LT(fixed, 4);
 }
 
 }  // namespace
