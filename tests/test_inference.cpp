@@ -18,13 +18,16 @@
 #include "ultramem/infer/sampling.h"
 #include "ultramem/infer/value_tables.h"
 #include "ultramem/io/safetensors.h"
+#include "ultramem/kernels/feistel.h"
 #include "ultramem/kernels/small_matmul.h"
 #include "ultramem/kernels/value_quant.h"
+#include "ultramem/kernels/value_table_file.h"
 #include "ultramem/nn/model_config.h"
 #include "ultramem/nn/transformer.h"
 #include "ultramem/nn/ultramem.h"
 #include "ultramem/ops/block_decode.h"
 #include "ultramem/ops/moe_decode.h"
+#include "ultramem/ops/tiered_values.h"
 #include "ultramem/checkpoint/checkpoint.h"
 
 namespace fs = std::filesystem;
@@ -831,6 +834,68 @@ TEST(Evaluate, MeanLossIsTheTokenAverage) {
   EXPECT_NEAR(r.loss, want, 1e-6);
   EXPECT_EQ(r.tokens, 2 * 2 * 11);
   EXPECT_THROW(ultramem::infer::mean_loss(model, {}), std::invalid_argument);
+}
+
+// =================================================================================================
+// Tiered value tables (issue 17): a layer whose table is a file behind a row cache smaller than the table
+// gives bit-identical outputs to the same layer with the table in memory (int8 and bf16), in one call and
+// in two phases, with the stored permutation and with the Feistel key whose materialisation it holds.
+
+TEST(TieredValues, ALayerServedFromAFileEqualsItsInMemoryTable) {
+  namespace uk = ultramem::kernels;
+  TempDir dir;
+  UltraMemConfig cfg = layer_config(5);
+  cfg.n = 128;  // N = 4096 rows; the cache holds about 1100
+  const int64_t N = cfg.physical_rows();
+  torch::manual_seed(1);
+  const auto x = torch::randn({37, cfg.D});
+  for (const bool feistel : {false, true}) {
+    for (const auto format : {ValueFormat::kInt8, ValueFormat::kBFloat16}) {
+      UltraMem mem(cfg), file(cfg);
+      std::optional<uint64_t> key;
+      if (feistel) {  // both layers' stored permutation is the key's materialisation
+        key = 99;
+        const uk::FeistelPermutation f(uint64_t(cfg.E * N), *key);
+        auto perm = torch::empty({cfg.E * N}, torch::kLong);
+        for (int64_t g = 0; g < cfg.E * N; ++g) perm[g] = int64_t(f.forward(uint64_t(g)));
+        torch::NoGradGuard no_grad;
+        mem->perm.copy_(perm);
+        file->perm.copy_(torch::randperm(cfg.E * N, torch::kLong));  // ignored: the key decides
+      }
+      const auto values = mem->values.detach().clone();  // [N, Dv] float32
+      const std::string path = dir / (std::string("t.") + ultramem::nn::to_string(format) + (feistel ? ".f" : ""));
+      uk::write_table_file(path, format == ValueFormat::kInt8 ? uk::TableFormat::kInt8 : uk::TableFormat::kBf16, N,
+                           cfg.Dv, [&](int64_t first, int64_t count, float* out) {
+                             std::memcpy(out, values.data_ptr<float>() + first * cfg.Dv, sizeof(float) * count * cfg.Dv);
+                           });
+      mem->set_value_format(format);
+      auto tiered = std::make_shared<ultramem::ops::TieredValues>(path, 1100 * (cfg.Dv * 2 + 64), cfg.E, key);
+      EXPECT_LT(tiered->cache_rows(), N);
+      file->set_tiered_values(tiered);
+      torch::NoGradGuard no_grad;
+      for (int rep = 0; rep < 3; ++rep) {  // cold, then warm cache
+        const auto want = mem->forward(x), got = file->forward(x);
+        ASSERT_TRUE(torch::equal(want, got)) << ultramem::nn::to_string(format) << " feistel " << feistel << " rep " << rep;
+        const auto pending = file->retrieve(x, 0);
+        ASSERT_TRUE(torch::equal(file->lookup(pending), want)) << "two phases";
+      }
+      const auto st = tiered->stats();
+      EXPECT_GT(st.misses, 0);
+      EXPECT_GT(st.hits, st.misses) << "the second and third passes hit the cache";
+      EXPECT_GE(st.bytes_read, st.misses * (format == ValueFormat::kInt8 ? cfg.Dv + 4 : 2 * cfg.Dv));
+      // Training needs the table in memory.
+      torch::AutoGradMode on(true);
+      expect_throw_with<std::logic_error>([&] { file->forward(x); }, "inference only");
+    }
+  }
+  // A table file of the wrong size for the layer: the first forward names the file and both sizes.
+  const std::string small = dir / "small.int8";
+  uk::write_table_file(small, uk::TableFormat::kInt8, N / 2, cfg.Dv,
+                       [&](int64_t first, int64_t count, float* out) { uk::gaussian_rows(1, 0.5f, first, count, cfg.Dv, out); });
+  UltraMem layer(cfg);
+  layer->set_tiered_values(std::make_shared<ultramem::ops::TieredValues>(small, 1 << 20, cfg.E, std::nullopt));
+  torch::NoGradGuard no_grad;
+  expect_throw_with<c10::Error>([&] { layer->forward(x); }, "small.int8 holds 2048 rows");
 }
 
 }  // namespace

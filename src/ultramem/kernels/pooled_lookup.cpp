@@ -100,7 +100,7 @@ void forward_rows(const PoolShape& s, const Rows& rows, const int64_t* index, co
       const int64_t* idx = index + t0 * K;
       for (int64_t t = t0, e = 0; t < t1; ++t)
         for (int64_t k = 0; k < K; ++k, ++e) {
-          const int64_t v = perm[idx[e]];
+          const int64_t v = perm ? perm[idx[e]] : idx[e];
           const int64_t p = pow2 ? v >> shift : v / N;
           row[e] = v - p * N;
           dst[e] = t * width + p * Dv;

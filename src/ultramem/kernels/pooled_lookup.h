@@ -23,7 +23,8 @@ struct PoolShape {
 // Returns nullptr when valid, else a static message naming the offending field.
 const char* pool_check_shape(const PoolShape& s);
 
-// Forward. out is overwritten.
+// Forward. out is overwritten. The three forwards also take perm == nullptr: the identity, index then
+// holds resolved addresses v = p * N + row (a table in a row cache, whose rows were resolved before).
 template <typename T>
 void pooled_lookup_forward(const PoolShape& s,
                            const T* values,        // [N, Dv]

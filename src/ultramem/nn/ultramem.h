@@ -13,6 +13,10 @@
 #include "ultramem/nn/memory_config.h"
 #include "ultramem/nn/value_lookup.h"
 
+namespace ultramem::ops {
+class TieredValues;
+}
+
 namespace ultramem::nn {
 
 // Memory telemetry over the current window (spec section 6).
@@ -111,6 +115,13 @@ class UltraMemImpl : public torch::nn::Module {
   void set_value_table(torch::Tensor values, torch::Tensor scale, bool read_only);
   bool values_read_only() const { return values_read_only_; }
 
+  // Serves the value table from a file behind a bounded row cache (ops/tiered_values.h) in place of
+  // `values`, for tables larger than memory: no-grad forwards only (a grad-enabled one throws
+  // std::logic_error); the retrieval starts the rows' reads, the lookup waits for them. The file must
+  // hold N rows of Dv values for this layer's E (checked at the first forward). Null: back to `values`.
+  void set_tiered_values(std::shared_ptr<ops::TieredValues> tiered);
+  const std::shared_ptr<ops::TieredValues>& tiered_values() const { return tiered_; }
+
   // The no-grad forward in two phases, for a memory whose output is added some blocks after its input
   // is read (placement i:j with i < j): retrieve() at block i (query, TDQKR), lookup() at block j
   // (pooled lookup, output projection). With prefetch_bytes > 0 retrieve() also prefetches up to that
@@ -178,6 +189,7 @@ class UltraMemImpl : public torch::nn::Module {
   bool values_read_only_ = false;
 
   std::shared_ptr<ValueLookup> value_lookup_;  // replaces ops::pooled_lookup when set
+  std::shared_ptr<ops::TieredValues> tiered_;  // replaces `values` in no-grad forwards when set
   UltraMemConfig cfg_;
   std::vector<int32_t> hits_;   // [n*n] hit counts of the current window
   MemoryStats window_;          // running sums of the current window

@@ -60,7 +60,16 @@ int64_t UltraMemImpl::value_bytes() const {
   return b;
 }
 
+void UltraMemImpl::set_tiered_values(std::shared_ptr<ops::TieredValues> tiered) {
+  if (tiered && value_lookup_)
+    throw std::logic_error("UltraMem::set_tiered_values: a value lookup is installed (sharded table)");
+  tiered_ = std::move(tiered);
+}
+
 void UltraMemImpl::check_trainable() const {
+  if (tiered_)
+    throw std::logic_error("UltraMem: the value table is served from the file " + tiered_->path() +
+                           " (inference only); a forward with grad mode on (training) needs the table in memory");
   if (format_ != ValueFormat::kFloat32)
     throw std::logic_error(std::string("UltraMem: the value table is stored as ") + to_string(format_) +
                            " for inference; a forward with grad mode on (training) needs float32 values. Run "
@@ -226,8 +235,12 @@ UltraMemImpl::DecodeArgs UltraMemImpl::decode_args(torch::ScalarType st) {
   w.wq = wq.detach();
   w.q_scale = q_scale.detach();
   w.cores = cores.detach();
-  w.values = values.detach();
-  if (format_ == ValueFormat::kInt8) w.values_scale = values_scale;
+  if (tiered_) {
+    w.tiered = tiered_;
+  } else {
+    w.values = values.detach();
+    if (format_ == ValueFormat::kInt8) w.values_scale = values_scale;
+  }
   w.perm = perm;
   w.wo = wo.detach();
   auto& d = a.d;

@@ -253,10 +253,17 @@ void check_weights(const UltraMemDecodeWeights& w, const UltraMemDims& d, at::Sc
     check_arg(w.keys.kn_scale, "ultramem_decode: keys.kn_scale", {2, d.H * d.r * d.n}, {at::kFloat});
   if (w.keys.kf.scalar_type() == at::kChar)
     check_arg(w.keys.kf_scale, "ultramem_decode: keys.kf_scale", {2, HRf}, {at::kFloat});
-  check_arg(w.values, "ultramem_decode: values", {N, d.Dv}, {st, at::kBFloat16, at::kChar});
-  check_arg(w.perm, "ultramem_decode: perm", {d.E * N}, {at::kLong});
+  if (w.tiered) {
+    TORCH_CHECK(w.tiered->rows() == N && w.tiered->dv() == d.Dv && w.tiered->E() == d.E, "ultramem_decode: the value "
+                "table file ", w.tiered->path(), " holds ", w.tiered->rows(), " rows of ", w.tiered->dv(), " values for E = ",
+                w.tiered->E(), "; the layer needs ", N, " rows of ", d.Dv, " for E = ", d.E);
+    if (!w.tiered->feistel_key()) check_arg(w.perm, "ultramem_decode: perm", {d.E * N}, {at::kLong});
+  } else {
+    check_arg(w.values, "ultramem_decode: values", {N, d.Dv}, {st, at::kBFloat16, at::kChar});
+    check_arg(w.perm, "ultramem_decode: perm", {d.E * N}, {at::kLong});
+    if (w.values.scalar_type() == at::kChar) check_arg(w.values_scale, "ultramem_decode: values_scale", {N}, {at::kFloat});
+  }
   check_arg(w.wo, "ultramem_decode: wo", {d.E * d.Dv, d.D}, {st});
-  if (w.values.scalar_type() == at::kChar) check_arg(w.values_scale, "ultramem_decode: values_scale", {N}, {at::kFloat});
   kernels::TdqkrShape ts;
   ts.H = d.H;
   ts.r = d.r;
@@ -282,6 +289,7 @@ UltraMemRetrieval retrieve_unchecked(const at::Tensor& x, const UltraMemDecodeWe
     retrieve_impl<float>(x.data_ptr<float>(), T, w, d, r.scores.data_ptr<float>(), r.index.data_ptr<int64_t>());
   else
     retrieve_impl<double>(x.data_ptr<double>(), T, w, d, r.scores.data_ptr<double>(), r.index.data_ptr<int64_t>());
+  if (w.tiered) w.tiered->submit(r.index, w.perm);  // the rows' reads start now, the lookup waits for them
   return r;
 }
 
@@ -289,6 +297,15 @@ at::Tensor lookup_unchecked(const UltraMemRetrieval& r, const UltraMemDecodeWeig
   const int64_t T = r.index.size(0);
   at::Tensor out = torch::empty({T, d.D}, r.scores.options());
   if (T == 0) return out;
+  if (w.tiered) {  // the rows from the file's cache, then the same output projection
+    at::Tensor pooled = torch::empty({T, d.E * d.Dv}, r.scores.options());
+    w.tiered->pool(r.index, w.perm, r.scores, d.C, pooled.data_ptr());
+    if (r.scores.scalar_type() == at::kFloat)
+      project<float>(pooled.data_ptr<float>(), T, d.E * d.Dv, w.wo.contiguous(), out.data_ptr<float>());
+    else
+      project<double>(pooled.data_ptr<double>(), T, d.E * d.Dv, w.wo.contiguous(), out.data_ptr<double>());
+    return out;
+  }
   if (r.scores.scalar_type() == at::kFloat)
     lookup_impl<float>(r.scores.data_ptr<float>(), r.index.data_ptr<int64_t>(), T, w, d, out.data_ptr<float>());
   else
@@ -324,6 +341,7 @@ UltraMemRetrieval ultramem_retrieve(const at::Tensor& x, const UltraMemDecodeWei
 void ultramem_prefetch_values(const UltraMemRetrieval& r, const UltraMemDecodeWeights& w, const UltraMemDims& d,
                               int64_t max_bytes) {
   check_retrieval(r, d);
+  if (w.tiered) return;  // the retrieval already submitted the reads of its rows
   check_arg(w.values, "ultramem_decode: values", {d.N(), d.Dv}, {r.scores.scalar_type(), at::kBFloat16, at::kChar});
   check_arg(w.perm, "ultramem_decode: perm", {d.E * d.N()}, {at::kLong});
   const bool int8 = w.values.scalar_type() == at::kChar;

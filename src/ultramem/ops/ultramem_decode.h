@@ -16,8 +16,11 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <tuple>
+
+#include "ultramem/ops/tiered_values.h"
 
 namespace ultramem::ops {
 
@@ -64,6 +67,10 @@ struct UltraMemDecodeWeights {
   at::Tensor values_scale;  // [N] float32      per-row scale of int8 values; undefined otherwise
   at::Tensor perm;          // [E*N] int64      IVE permutation, entries in [0, E*N) (checked by the caller)
   at::Tensor wo;            // [E*Dv, D]        output projection
+  // A table in a file behind a row cache (tiered_values.h), in place of values / values_scale (then
+  // undefined). The retrieval submits its rows' reads, the lookup waits for them; with the table's Feistel
+  // key perm may be undefined too.
+  std::shared_ptr<TieredValues> tiered;
 };
 
 // "" when perm is a contiguous int64 tensor [slots] with every entry in [0, slots), else what is wrong

@@ -1,0 +1,101 @@
+#include "ultramem/ops/tiered_values.h"
+
+#include <c10/util/Exception.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "ultramem/kernels/feistel.h"
+#include "ultramem/kernels/pooled_lookup.h"
+#include "ultramem/kernels/row_cache.h"
+
+namespace ultramem::ops {
+
+TieredValues::TieredValues(const std::string& path, int64_t cache_bytes, int64_t E,
+                           std::optional<uint64_t> feistel_key, bool io_uring)
+    : cache_(std::make_unique<kernels::RowCache>(path, cache_bytes, io_uring)), E_(E), feistel_key_(feistel_key) {
+  TORCH_CHECK(E >= 1, "TieredValues: E must be >= 1, got ", E);
+}
+
+TieredValues::~TieredValues() = default;
+
+int64_t TieredValues::rows() const { return cache_->info().rows; }
+int64_t TieredValues::dv() const { return cache_->info().dv; }
+bool TieredValues::int8() const { return cache_->info().format == kernels::TableFormat::kInt8; }
+int64_t TieredValues::cache_rows() const { return cache_->capacity_rows(); }
+int64_t TieredValues::cache_memory_bytes() const { return cache_->memory_bytes(); }
+const std::string& TieredValues::path() const { return cache_->path(); }
+
+void TieredValues::submit(const at::Tensor& index, const at::Tensor& perm) {
+  TORCH_CHECK(index.defined() && index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2,
+              "TieredValues: index must be a contiguous int64 [T, K] tensor");
+  const int64_t hits = index.numel(), N = rows(), slots = E_ * N;
+  const int64_t* g = index.data_ptr<int64_t>();
+  const int64_t* p = nullptr;
+  std::optional<kernels::FeistelPermutation> feistel;
+  if (feistel_key_) {
+    feistel.emplace(uint64_t(slots), *feistel_key_);
+  } else {
+    TORCH_CHECK(perm.defined() && perm.scalar_type() == at::kLong && perm.is_contiguous() && perm.numel() == slots,
+                "TieredValues: the stored permutation must be a contiguous int64 [", slots, "] tensor");
+    p = perm.data_ptr<int64_t>();
+  }
+  index_.assign(g, g + hits);
+  group_.resize(size_t(hits));
+  rows_.resize(size_t(hits));
+  for (int64_t e = 0; e < hits; ++e) {
+    TORCH_CHECK(g[e] >= 0 && g[e] < slots, "TieredValues: index entry ", g[e], " is outside [0, ", slots, ")");
+    const int64_t v = feistel ? int64_t(feistel->forward(uint64_t(g[e]))) : p[g[e]];
+    group_[size_t(e)] = v / N;
+    rows_[size_t(e)] = v - group_[size_t(e)] * N;
+  }
+  cache_->submit(rows_.data(), hits);
+  submitted_ = true;
+}
+
+void TieredValues::pool(const at::Tensor& index, const at::Tensor& perm, const at::Tensor& scores, int64_t C,
+                        void* pooled) {
+  const int64_t T = index.size(0), K = index.size(1), hits = T * K;
+  const bool same = submitted_ && int64_t(index_.size()) == hits &&
+                    std::memcmp(index_.data(), index.data_ptr<int64_t>(), size_t(hits) * sizeof(int64_t)) == 0;
+  if (!same) submit(index, perm);
+  resolved_.resize(size_t(hits));
+  const auto start = std::chrono::steady_clock::now();
+  cache_->complete(resolved_.data());  // slots, in submit order
+  wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  submitted_ = false;
+  const int64_t cap = cache_rows();
+  for (int64_t e = 0; e < hits; ++e) resolved_[size_t(e)] += group_[size_t(e)] * cap;
+
+  kernels::PoolShape ps;
+  ps.T = T;
+  ps.K = K;
+  ps.N = cap;
+  ps.Dv = dv();
+  ps.E = E_;
+  ps.C = C;
+  auto run = [&](auto* out, const auto* s) {
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(s)>>;
+    if (int8())
+      kernels::pooled_lookup_forward_int8<S>(ps, cache_->int8_values(), cache_->int8_scales(), resolved_.data(), s,
+                                             nullptr, out);
+    else
+      kernels::pooled_lookup_forward_bf16<S>(ps, cache_->bf16_values(), resolved_.data(), s, nullptr, out);
+  };
+  if (scores.scalar_type() == at::kFloat)
+    run(static_cast<float*>(pooled), scores.data_ptr<float>());
+  else
+    run(static_cast<double*>(pooled), scores.data_ptr<double>());
+}
+
+TieredValuesStats TieredValues::stats() const {
+  const auto s = cache_->stats();
+  return TieredValuesStats{s.lookups, s.hits, s.misses, s.reads, s.bytes_read, wait_seconds_};
+}
+
+void TieredValues::reset_stats() {
+  cache_->reset_stats();
+  wait_seconds_ = 0;
+}
+
+}  // namespace ultramem::ops

@@ -1,0 +1,74 @@
+// A memory layer's value table in a file (kernels' value-table file: int8 rows with their scale, or bf16)
+// behind a bounded row cache, for tables larger than memory. The decode op (ultramem_decode.h) reads it in
+// place of a values tensor: a retrieval submits the reads of the rows it needs as soon as it knows them,
+// and the lookup waits for them, so for a memory placed i:j the reads run while blocks i..j compute.
+// The IVE permutation is the layer's stored one, or a keyed Feistel bijection that takes no memory.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace ultramem::kernels {
+class RowCache;
+}
+
+namespace ultramem::ops {
+
+struct TieredValuesStats {
+  int64_t lookups = 0;      // rows asked for, with repeats
+  int64_t hits = 0;         // of them found resident (or asked for twice in one step)
+  int64_t misses = 0;       // rows read from the file
+  int64_t reads = 0;        // read requests (rows within a page span merged)
+  int64_t bytes_read = 0;   // bytes read from the file
+  double wait_seconds = 0;  // time the lookups waited for reads still in flight
+};
+
+class TieredValues {
+ public:
+  // path: a value-table file; cache_bytes: the cap on the cache's memory; E: the layer's IVE groups (the
+  // grid has E * rows slots). feistel_key: the permutation is FeistelPermutation(E * rows, key); without it
+  // the lookups take the layer's stored permutation. Throws std::runtime_error naming the file for a bad
+  // table (kernels' read_table_header) and std::invalid_argument for a cache below 1024 rows.
+  TieredValues(const std::string& path, int64_t cache_bytes, int64_t E, std::optional<uint64_t> feistel_key,
+               bool io_uring = true);
+  ~TieredValues();
+  TieredValues(const TieredValues&) = delete;
+  TieredValues& operator=(const TieredValues&) = delete;
+
+  int64_t rows() const;               // N physical rows
+  int64_t dv() const;                 // Dv
+  bool int8() const;                  // int8 rows (else bf16)
+  int64_t E() const { return E_; }
+  const std::optional<uint64_t>& feistel_key() const { return feistel_key_; }
+  int64_t cache_rows() const;         // slots of the cache
+  int64_t cache_memory_bytes() const; // what the cache holds allocated
+  const std::string& path() const;
+
+  // index: [T, K] int64 grid addresses in [0, E*N); perm: [E*N] int64 (ignored with a Feistel key).
+  // Resolves them to rows and starts reading those not cached; returns at once.
+  void submit(const at::Tensor& index, const at::Tensor& perm);
+  // The pooled lookup (kernels' pooled_lookup_forward_int8 / _bf16) of index [T, K] with scores [T, K, C]
+  // into pooled [T, E*Dv] (float or double, as scores): waits for the reads of the last submit when it was
+  // this index, else submits it first.
+  void pool(const at::Tensor& index, const at::Tensor& perm, const at::Tensor& scores, int64_t C, void* pooled);
+
+  TieredValuesStats stats() const;
+  void reset_stats();
+
+ private:
+  std::unique_ptr<kernels::RowCache> cache_;
+  int64_t E_ = 1;
+  std::optional<uint64_t> feistel_key_;
+  std::vector<int64_t> index_;     // [T*K] the submitted grid addresses
+  std::vector<int64_t> group_;     // [T*K] their IVE group (v / N)
+  std::vector<int64_t> rows_;      // [T*K] their rows (v % N)
+  std::vector<int64_t> resolved_;  // [T*K] group * cache_rows + slot, for the kernel's identity permutation
+  bool submitted_ = false;
+  double wait_seconds_ = 0;
+};
+
+}  // namespace ultramem::ops
