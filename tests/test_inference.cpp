@@ -17,6 +17,7 @@
 #include "ultramem/infer/model_loading.h"
 #include "ultramem/infer/sampling.h"
 #include "ultramem/infer/value_tables.h"
+#include "ultramem/io/process_memory.h"
 #include "ultramem/io/safetensors.h"
 #include "ultramem/kernels/feistel.h"
 #include "ultramem/kernels/small_matmul.h"
@@ -851,16 +852,23 @@ TEST(TieredValues, ALayerServedFromAFileEqualsItsInMemoryTable) {
   const auto x = torch::randn({37, cfg.D});
   for (const bool feistel : {false, true}) {
     for (const auto format : {ValueFormat::kInt8, ValueFormat::kBFloat16}) {
-      UltraMem mem(cfg), file(cfg);
+      // With the Feistel key the file's layer holds no table and no permutation at all (external values);
+      // the in-memory layer's stored permutation is the key's materialisation.
+      UltraMemConfig ext = cfg;
+      ext.external_values = feistel;
+      UltraMem mem(cfg), file(ext);
       std::optional<uint64_t> key;
-      if (feistel) {  // both layers' stored permutation is the key's materialisation
+      if (feistel) {
         key = 99;
+        EXPECT_EQ(file->values.numel(), 0);
+        EXPECT_EQ(file->perm.numel(), 0);
         const uk::FeistelPermutation f(uint64_t(cfg.E * N), *key);
         auto perm = torch::empty({cfg.E * N}, torch::kLong);
         for (int64_t g = 0; g < cfg.E * N; ++g) perm[g] = int64_t(f.forward(uint64_t(g)));
         torch::NoGradGuard no_grad;
         mem->perm.copy_(perm);
-        file->perm.copy_(torch::randperm(cfg.E * N, torch::kLong));  // ignored: the key decides
+        file->wo.copy_(mem->wo);  // the external layer skips the table's draws, so its later weights differ
+        expect_throw_with<std::logic_error>([&] { file->forward(x); }, "install its table file");
       }
       const auto values = mem->values.detach().clone();  // [N, Dv] float32
       const std::string path = dir / (std::string("t.") + ultramem::nn::to_string(format) + (feistel ? ".f" : ""));
@@ -887,6 +895,19 @@ TEST(TieredValues, ALayerServedFromAFileEqualsItsInMemoryTable) {
       torch::AutoGradMode on(true);
       expect_throw_with<std::logic_error>([&] { file->forward(x); }, "inference only");
     }
+  }
+  // A layer of 2^30 virtual slots (2^28 rows) with external values allocates neither its 128 GiB table
+  // nor its 8 GiB permutation.
+  {
+    const int64_t before = ultramem::io::resident_bytes();
+    UltraMemConfig big = cfg;
+    big.n = 1 << 15;
+    big.external_values = true;
+    UltraMem huge(big);
+    EXPECT_EQ(huge->config().physical_rows(), int64_t(1) << 28);
+    EXPECT_LT(ultramem::io::resident_bytes() - before, int64_t(256) << 20);
+    torch::AutoGradMode on(true);
+    expect_throw_with<std::logic_error>([&] { huge->forward(x); }, "external");
   }
   // A table file of the wrong size for the layer: the first forward names the file and both sizes.
   const std::string small = dir / "small.int8";

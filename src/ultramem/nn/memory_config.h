@@ -72,6 +72,10 @@ struct UltraMemConfig {
   // Not part of the JSON config: false leaves the value table and the permutation allocated but
   // unwritten (no memory is touched), for models whose weights are about to be loaded.
   bool init_values = true;
+  // Not part of the JSON config either: true allocates no value table and no permutation (empty tensors),
+  // for a table larger than memory served from a file (UltraMem::set_tiered_values with a Feistel key);
+  // such a layer runs no-grad forwards only, and only with its tiered table installed.
+  bool external_values = false;
 
   int64_t sqrt_E() const;                                   // integer square root of E
   int64_t physical_rows() const { return E > 0 ? n * n / E : 0; }  // N (0 for an invalid E < 1)

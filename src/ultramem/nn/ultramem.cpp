@@ -14,6 +14,7 @@ namespace ultramem::nn {
 
 UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
   cfg_.validate();
+  if (cfg_.external_values) cfg_.track_stats = false;  // the telemetry reads the grid and the whole table
   const auto& c = cfg_;
   const int64_t N = c.physical_rows();
   torch::Generator gen = at::detail::createCPUGenerator(c.seed);
@@ -32,16 +33,18 @@ UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
   cores = register_parameter("cores", at::rand({c.C, c.H, c.r, c.r}, gen));
   // The value table and the permutation are read at random rows: they live on huge pages. Filled
   // in place (normal_ draws the same numbers as at::normal with the same generator).
-  values = register_parameter("values", ops::detail::empty_on_huge_pages({N, c.Dv}, torch::kFloat));
-  if (c.init_values) {
+  values = register_parameter("values", c.external_values ? torch::empty({0, c.Dv})
+                                                          : ops::detail::empty_on_huge_pages({N, c.Dv}, torch::kFloat));
+  if (c.init_values && !c.external_values) {
     torch::NoGradGuard no_grad;
     values.normal_(0.0, value_std, gen);
   }
   wo = register_parameter("wo", normal({c.E * c.Dv, c.D}, 1.0 / std::sqrt(double(c.E * c.Dv))));
 
   // Fixed random permutation of the E*N grid addresses (seeded; saved with the model).
-  perm = register_buffer("perm", ops::detail::empty_on_huge_pages({c.n * c.n}, torch::kLong));
-  if (c.init_values) {
+  perm = register_buffer("perm", c.external_values ? torch::empty({0}, torch::kLong)
+                                                    : ops::detail::empty_on_huge_pages({c.n * c.n}, torch::kLong));
+  if (c.init_values && !c.external_values) {
     int64_t* p = perm.data_ptr<int64_t>();
     const int64_t slots = c.n * c.n;
     std::iota(p, p + slots, int64_t(0));
@@ -53,7 +56,7 @@ UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
   }
   u_vec = register_buffer("u", torch::zeros({c.H, c.r}));
   v_vec = register_buffer("v", torch::zeros({c.H, c.r}));
-  if (c.track_stats) hits_.assign(c.n * c.n, 0);
+  if (c.track_stats && !c.external_values) hits_.assign(c.n * c.n, 0);
   infer_ = make_inference_cache();
   refresh_tucker_approx();
 }

@@ -67,6 +67,9 @@ void UltraMemImpl::set_tiered_values(std::shared_ptr<ops::TieredValues> tiered) 
 }
 
 void UltraMemImpl::check_trainable() const {
+  if (cfg_.external_values && !tiered_)
+    throw std::logic_error("UltraMem: the layer's value table is external (not in memory); it runs no-grad forwards "
+                           "with its table file installed (set_tiered_values) only");
   if (tiered_)
     throw std::logic_error("UltraMem: the value table is served from the file " + tiered_->path() +
                            " (inference only); a forward with grad mode on (training) needs the table in memory");
@@ -224,7 +227,11 @@ UltraMemImpl::DecodeArgs UltraMemImpl::decode_args(torch::ScalarType st) {
       ic.v_version = version_of(v_vec);
       ic.valid = true;
     }
-    if (ic.perm_ptr != perm.data_ptr() || ic.perm_version != version_of(perm)) {
+    if (cfg_.external_values) {
+      if (!tiered_ || !tiered_->feistel_key())
+        throw std::logic_error("UltraMem: the layer's value table is external (not in memory): install its table "
+                               "file with set_tiered_values and a Feistel key before a forward");
+    } else if (ic.perm_ptr != perm.data_ptr() || ic.perm_version != version_of(perm)) {
       const std::string bad = ops::permutation_error(perm, c.n * c.n);
       if (!bad.empty()) throw std::runtime_error("UltraMem: " + bad + " (n*n slots); corrupt weights?");
       ic.perm_ptr = perm.data_ptr();
