@@ -13,14 +13,7 @@
 using namespace ultramem;
 
 namespace {
-const std::string& folder() {
-  static const std::string dir = [] {
-    for (const auto& e : std::filesystem::directory_iterator(ULTRAMEM_FUZZ_FIXTURES "/checkpoint"))
-      fuzz::copy_fixture(ULTRAMEM_FUZZ_FIXTURES "/checkpoint", e.path().filename().string(), fuzz::scratch_dir());
-    return fuzz::scratch_dir();
-  }();
-  return dir;
-}
+const std::string& folder() { return fuzz::fixtures_in_scratch(ULTRAMEM_FUZZ_FIXTURES "/checkpoint"); }
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

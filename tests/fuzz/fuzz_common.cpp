@@ -52,6 +52,15 @@ void copy_fixture(const std::string& fixture_dir, const std::string& name, const
   if (ec) finding("harness", "cannot copy fixture " + fixture_dir + "/" + name + ": " + ec.message());
 }
 
+const std::string& fixtures_in_scratch(const std::string& fixture_dir) {
+  static const std::string dir = [&] {
+    for (const auto& e : fs::directory_iterator(fixture_dir))
+      copy_fixture(fixture_dir, e.path().filename().string(), scratch_dir());
+    return scratch_dir();
+  }();
+  return dir;
+}
+
 void finding(const char* target, const std::string& what) {
   std::fprintf(stderr, "fuzz finding in %s: %s\n", target, what.c_str());
   std::fflush(stderr);

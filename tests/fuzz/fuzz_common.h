@@ -22,6 +22,8 @@ std::string write_input(const std::string& name, const uint8_t* data, size_t siz
 
 // Copies the fixture file <fixture_dir>/<name> to <dir>/<name>.
 void copy_fixture(const std::string& fixture_dir, const std::string& name, const std::string& dir);
+// Copies every file of <fixture_dir> into scratch_dir(), once per process; returns scratch_dir().
+const std::string& fixtures_in_scratch(const std::string& fixture_dir);
 
 // Prints "fuzz finding in <target>: <what>" and aborts.
 [[noreturn]] void finding(const char* target, const std::string& what);
