@@ -119,6 +119,16 @@ truncate -s -100 "$work/trunc.safetensors"
 expect_error "trunc.safetensors" "$um" eval "$work/trunc.safetensors" --data "$work/data"
 expect_error "top_p" "$um" generate "$work/run/checkpoint.safetensors" --prompt x --top-p 0
 expect_error "E: must be a square" "$um" layer-demo --E 3
+for bad in "--tokens 0|--tokens" "--tokens -5|--tokens" "--steps -1|--steps" "--lr -1|--lr" "--lr nan|--lr" \
+           "--seed -1|--seed"; do
+  # shellcheck disable=SC2086
+  expect_error "${bad##*|}" "$um" layer-demo ${bad%%|*}
+done
+for bad in "--case-seconds -1|--case-seconds" "--max-mem-gib -1|--max-mem-gib" "--max-log2-n -2|--max-log2-n" \
+           "--min-case-seconds -1|--min-case-seconds"; do
+  # shellcheck disable=SC2086
+  expect_error "${bad##*|}" "$um" bench decode --quick ${bad%%|*}
+done
 echo "cli_smoke: 1 passed, 0 failed"
 
 # The command's own rough edges (issue: one room per job).

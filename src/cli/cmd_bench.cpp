@@ -25,7 +25,9 @@ void add_bench_command(CLI::App& app) {
       ->delimiter(',');
   cmd->add_option("--sizes", a.log2_sizes, "log2 N of the layer sweep, even (default 16,18,...,--max-log2-n)")
       ->delimiter(',');
-  cmd->add_option("--max-log2-n", a.max_log2_n, "Largest log2 N of the default sweeps")->capture_default_str();
+  cmd->add_option("--max-log2-n", a.max_log2_n, "Largest log2 N of the default sweeps")
+      ->capture_default_str()
+      ->check(CLI::Range(4, 40));
   cmd->add_option("--model-sizes", a.model_log2_sizes, "log2 N of the model sweep (default 16,20 up to the max)")
       ->delimiter(',');
   cmd->add_option("--model-batches", a.model_batches, "Batch sizes of the model sweep (default 1,16,64,256)")
@@ -54,11 +56,14 @@ void add_bench_command(CLI::App& app) {
   cmd->add_flag("--models-only", a.models_only, "Only the whole-model sweep");
   cmd->add_option("--repeats", a.repeats, "Timed calls per case (median, min, max)")->capture_default_str();
   cmd->add_option("--case-seconds", a.case_seconds, "Stop a case's repeats after this many seconds (at least 3 run)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--min-case-seconds", a.min_case_seconds, "Repeat short cases for at least this long")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-mem-gib", a.max_mem_gib, "Skip cases whose estimated memory exceeds this (GiB)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--out", a.out, "Also write the JSON lines to this file");
   cmd->add_option("--plot", a.plot_dir, "Write PNG charts (gnuplot) into this directory");
   cmd->add_flag("--quick", a.quick,

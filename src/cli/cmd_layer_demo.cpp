@@ -1,6 +1,8 @@
 // `ultramem layer-demo`: flags -> perf::run_layer_demo (perf/layer_demo.h).
 #include <CLI/CLI.hpp>
 
+#include <cmath>
+#include <cstdlib>
 #include <iostream>
 #include <memory>
 
@@ -25,10 +27,17 @@ void add_layer_demo_command(CLI::App& app) {
   cmd->add_option("--H", c.H, "Key sets (heads)")->capture_default_str();
   cmd->add_option("--m", c.m, "Values kept per head")->capture_default_str();
   cmd->add_option("--m-first", c.m_first, "First-stage top-m per side (0 = m)")->capture_default_str();
-  cmd->add_option("--seed", c.seed, "Seed")->capture_default_str();
-  cmd->add_option("--tokens", demo->tokens, "Tokens per step")->capture_default_str();
-  cmd->add_option("--steps", demo->steps, "Optimizer steps")->capture_default_str();
-  cmd->add_option("--lr", demo->lr, "Adam learning rate")->capture_default_str();
+  cmd->add_option("--seed", c.seed, "Seed (a non-negative integer)")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--tokens", demo->tokens, "Tokens per step")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--steps", demo->steps, "Optimizer steps")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--lr", demo->lr, "Adam learning rate (> 0)")
+      ->capture_default_str()
+      ->check(CLI::Validator(
+          [](std::string& s) {
+            const double v = std::strtod(s.c_str(), nullptr);
+            return std::isfinite(v) && v > 0 ? std::string() : "must be a finite number > 0, got " + s;
+          },
+          "POSITIVE", "finite and > 0"));
   cmd->callback([demo] { perf::run_layer_demo(*demo, std::cout); });
 }
 
