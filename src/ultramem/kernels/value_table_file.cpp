@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -70,6 +71,7 @@ uint64_t splitmix64(uint64_t& state) {
 const char* to_string(TableFormat f) { return f == TableFormat::kInt8 ? "int8" : "bf16"; }
 
 void gaussian_rows(uint64_t seed, float std, int64_t first, int64_t count, int64_t dv, float* out) {
+#pragma omp parallel for schedule(static) if (count * dv >= (1 << 16))
   for (int64_t r = 0; r < count; ++r) {
     uint64_t state = seed * 0xD1B54A32D192ED03ull ^ uint64_t(first + r) * 0x9E3779B97F4A7C15ull;
     float* row = out + r * dv;
@@ -103,7 +105,6 @@ void write_table_file(const std::string& path, TableFormat format, int64_t rows,
 
   std::vector<float> values(size_t(chunk_rows * dv));
   std::vector<uint8_t> out(size_t(chunk_rows * row_bytes));
-  std::vector<int8_t> q(static_cast<size_t>(dv));
   for (int64_t first = 0; first < rows; first += chunk_rows) {
     const int64_t count = std::min(chunk_rows, rows - first);
     try {
@@ -111,19 +112,24 @@ void write_table_file(const std::string& path, TableFormat format, int64_t rows,
     } catch (const std::exception& e) {
       fail(std::string("producing rows failed: ") + e.what());
     }
+    // Rows are quantised independently: in parallel; the first bad row (lowest index) is reported.
+    int64_t bad_row = -1;
+#pragma omp parallel for schedule(static) if (count * dv >= (1 << 16))
     for (int64_t r = 0; r < count; ++r) {
       const float* src = values.data() + r * dv;
       uint8_t* dst = out.data() + r * row_bytes;
       if (format == TableFormat::kInt8) {
         float scale = 0;
-        if (quantize_int8_rows(src, 1, dv, q.data(), &scale) >= 0)
-          fail("row " + std::to_string(first + r) + " holds a non-finite value");
-        std::memcpy(dst, q.data(), size_t(dv));
+        if (quantize_int8_rows(src, 1, dv, reinterpret_cast<int8_t*>(dst), &scale) >= 0) {
+#pragma omp critical
+          bad_row = bad_row < 0 ? r : std::min(bad_row, r);
+        }
         put<float>(dst + dv, scale);
       } else {
         quantize_bf16(src, dv, reinterpret_cast<uint16_t*>(dst));
       }
     }
+    if (bad_row >= 0) fail("row " + std::to_string(first + bad_row) + " holds a non-finite value");
     if (!pwrite_all(fd, out.data(), size_t(count * row_bytes), kDataOffset + first * row_bytes))
       fail("writing rows to " + tmp + " failed: " + errno_text());
     if (progress) progress(first + count);
