@@ -1,10 +1,6 @@
 #include "ultramem/data/prepare.h"
 
-#include <signal.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -125,29 +121,10 @@ std::string resolved_out_dir(const PrepareOptions& o) {
 
 namespace {
 
-// <out_dir>.tmp.<pid>: where this process builds a new preparation of out_dir.
-std::string staging_dir_of(const std::string& out_dir) {
-  std::string base = out_dir;
-  while (base.size() > 1 && base.back() == '/') base.pop_back();
-  return base + ".tmp." + std::to_string(::getpid());
-}
-
-// Removes the staging folders of out_dir left by processes that no longer exist (killed mid-prepare).
-void remove_stale_staging(const std::string& out_dir) {
-  std::string base = out_dir;
-  while (base.size() > 1 && base.back() == '/') base.pop_back();
-  const fs::path b(base);
-  const fs::path parent = b.has_parent_path() ? b.parent_path() : fs::path(".");
-  const std::string prefix = b.filename().string() + ".tmp.";
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(parent, ec)) {
-    const std::string name = e.path().filename().string();
-    if (name.rfind(prefix, 0) != 0) continue;
-    const std::string digits = name.substr(prefix.size());
-    if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 9) continue;
-    const pid_t pid = static_cast<pid_t>(std::stol(digits));
-    if (::kill(pid, 0) == -1 && errno == ESRCH) fs::remove_all(e.path(), ec);
-  }
+// out_dir without trailing slashes: the name its staging folder <out_dir>.tmp.<pid> is built from.
+std::string without_trailing_slash(std::string dir) {
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  return dir;
 }
 
 // Trains the tokenizer, encodes both splits and writes the manifest into `dir`, then validates it.
@@ -249,8 +226,9 @@ PreparedData prepare(const PrepareOptions& options, std::ostream& log) {
   // The new data is built in a sibling folder and moved in only once complete and validated: a run that
   // fails or is killed before that leaves the old data as it was (it used to remove the old manifest
   // first, so a failed rebuild left nothing usable).
-  const std::string staging = staging_dir_of(out_dir);
-  remove_stale_staging(out_dir);
+  const std::string base = without_trailing_slash(out_dir);
+  const std::string staging = io::temporary_path(base);
+  for (const auto& stale : io::stale_temporaries(base)) fs::remove_all(stale, ec);  // killed mid-prepare
   fs::remove_all(staging, ec);
   fs::create_directories(staging, ec);
   if (ec) throw std::runtime_error("prepare: cannot create the folder " + staging + ": " + ec.message());

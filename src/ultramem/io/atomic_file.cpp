@@ -24,14 +24,17 @@ std::string dir_of(const std::string& path) {
   return path.substr(0, slash);
 }
 
-// Removes `<name>.tmp.<pid>` files next to `path` left by processes that no longer exist (a kill during a
-// write leaves a full-size temporary behind). Best effort: a live or unknown process's file stays.
-void remove_stale_temporaries(const std::string& path) {
+}  // namespace
+
+std::string temporary_path(const std::string& path) { return path + ".tmp." + std::to_string(::getpid()); }
+
+std::vector<std::string> stale_temporaries(const std::string& path) {
   const std::string dir = dir_of(path);
   const auto slash = path.find_last_of('/');
   const std::string prefix = (slash == std::string::npos ? path : path.substr(slash + 1)) + ".tmp.";
+  std::vector<std::string> out;
   DIR* d = ::opendir(dir.c_str());
-  if (!d) return;
+  if (!d) return out;
   while (const dirent* e = ::readdir(d)) {
     const std::string name = e->d_name;
     if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
@@ -39,16 +42,16 @@ void remove_stale_temporaries(const std::string& path) {
     if (digits.size() > 9 || digits.find_first_not_of("0123456789") != std::string::npos) continue;
     const pid_t pid = static_cast<pid_t>(std::stol(digits));
     if (pid <= 0 || pid == ::getpid()) continue;
-    if (::kill(pid, 0) == -1 && errno == ESRCH) ::unlink((dir + "/" + name).c_str());
+    if (::kill(pid, 0) == -1 && errno == ESRCH) out.push_back(dir + "/" + name);
   }
   ::closedir(d);
+  return out;
 }
 
-}  // namespace
-
 void write_file_atomically(const std::string& path, const std::vector<std::string_view>& parts) {
-  remove_stale_temporaries(path);
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  // A kill during a write leaves a full-size temporary behind: the next write of the file removes it.
+  for (const auto& stale : stale_temporaries(path)) ::unlink(stale.c_str());
+  const std::string tmp = temporary_path(path);
   // The error is the failing call's errno (read before fclose, which may set its own); the partial
   // temporary is removed, so a full disk leaves the old file and nothing else.
   auto fail = [&](const std::string& what, const std::string& err) {

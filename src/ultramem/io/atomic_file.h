@@ -12,6 +12,12 @@ namespace ultramem::io {
 // removes the `path + ".tmp.<pid>"` files of processes that no longer exist (killed during a write).
 void write_file_atomically(const std::string& path, const std::vector<std::string_view>& parts);
 
+// `path + ".tmp.<pid>"` with this process's pid: where a writer builds `path` before renaming it.
+std::string temporary_path(const std::string& path);
+// The `path + ".tmp.<pid>"` entries (files or folders) next to `path` whose process no longer exists:
+// what writers killed mid-write left behind. A live or unknown process's entry is not listed.
+std::vector<std::string> stale_temporaries(const std::string& path);
+
 // The whole content of `path` (binary). Throws std::runtime_error naming the file when it cannot be read.
 std::string read_file(const std::string& path);
 

@@ -54,9 +54,7 @@ nlohmann::json parse_json_text(const std::string& text, const std::string& name)
   };
   try {
     return json::parse(text, check);
-  } catch (const json::parse_error& e) {
-    throw std::runtime_error(name + ": invalid JSON: " + e.what());
-  } catch (const json::out_of_range& e) {  // a number too large for a double, e.g. 1e400
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
     throw std::runtime_error(name + ": invalid JSON: " + e.what());
   }
 }
