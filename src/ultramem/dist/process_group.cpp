@@ -36,6 +36,15 @@ void check_cpu_dense(const at::Tensor& t, const char* op) {
     throw std::invalid_argument(std::string("Group::") + op + ": tensors must be defined, dense and on the CPU");
 }
 
+// Text values in the rendezvous store (which holds bytes).
+void set_text(c10d::Store& store, const std::string& key, const std::string& value) {
+  store.set(key, std::vector<uint8_t>(value.begin(), value.end()));
+}
+std::string get_text(c10d::Store& store, const std::string& key) {  // waits for the key (store timeout)
+  const auto v = store.get(key);
+  return std::string(v.begin(), v.end());
+}
+
 }  // namespace
 
 struct Group::Impl {
@@ -72,28 +81,35 @@ std::shared_ptr<Group> Group::join(const RendezvousConfig& cfg) {
                              io::error_message(e));
   }
 
-  // Arrival: every rank checks in under its own key; each compares its world size with rank 0's, and
-  // a mismatch, or two processes with one rank, is reported to all through the store.
+  // Arrival: every rank checks in under its own key after comparing its world size with rank 0's; a
+  // mismatch, or two processes with one rank, is reported to all through the store.
   auto& store = *impl->store;
   const std::string mismatch_key = "ultramem/rendezvous_error";
-  const auto text = [](const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); };
   const auto fail_all = [&](const std::string& msg) {
     try {
-      store.set(mismatch_key, text(msg));
+      set_text(store, mismatch_key, msg);
     } catch (const std::exception&) {
     }
     throw std::runtime_error(who + ": " + msg);
   };
   const auto reported = [&]() -> std::string {
-    if (!store.check({mismatch_key})) return "";
-    const auto v = store.get(mismatch_key);
-    return std::string(v.begin(), v.end());
+    return store.check({mismatch_key}) ? get_text(store, mismatch_key) : std::string();
   };
   try {
+    // Another rank checks in only once its world size matches rank 0's: a rank that does not match never
+    // counts as arrived, so rank 0 keeps polling until that rank's report (it could go on to Gloo's
+    // connection with the mismatching rank counted, and wait out the timeout there).
+    if (cfg.rank != 0) {
+      const std::string theirs = get_text(store, "ultramem/world_size");
+      if (theirs != std::to_string(cfg.world_size))
+        fail_all("the world sizes differ: rank " + std::to_string(cfg.rank) + " was started with " +
+                 std::to_string(cfg.world_size) + " ranks, rank 0 with " + theirs +
+                 " (--world-size / WORLD_SIZE must be the same on every rank)");
+    }
     if (store.add("ultramem/rank/" + std::to_string(cfg.rank), 1) > 1)
       fail_all("two processes were started as rank " + std::to_string(cfg.rank));
     if (cfg.rank == 0) {
-      store.set("ultramem/world_size", text(std::to_string(cfg.world_size)));
+      set_text(store, "ultramem/world_size", std::to_string(cfg.world_size));
       std::vector<std::string> keys;
       for (int64_t r = 1; r < cfg.world_size; ++r) keys.push_back("ultramem/rank/" + std::to_string(r));
       while (!keys.empty() && !store.check(keys)) {
@@ -106,14 +122,6 @@ std::shared_ptr<Group> Group::join(const RendezvousConfig& cfg) {
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
       }
-    } else {
-      store.wait({"ultramem/world_size"});
-      const auto v = store.get("ultramem/world_size");
-      const std::string theirs(v.begin(), v.end());
-      if (theirs != std::to_string(cfg.world_size))
-        fail_all("the world sizes differ: rank " + std::to_string(cfg.rank) + " was started with " +
-                 std::to_string(cfg.world_size) + " ranks, rank 0 with " + theirs +
-                 " (--world-size / WORLD_SIZE must be the same on every rank)");
     }
     if (const std::string msg = reported(); !msg.empty()) throw std::runtime_error(who + ": " + msg);
   } catch (const std::runtime_error&) {
@@ -151,11 +159,8 @@ std::vector<std::string> Group::exchange(const std::string& topic, const std::st
   const std::string prefix = "ultramem/exchange/" + topic + "/";
   std::vector<std::string> out(static_cast<size_t>(size_));
   try {
-    impl_->store->set(prefix + std::to_string(rank_), std::vector<uint8_t>(mine.begin(), mine.end()));
-    for (int64_t r = 0; r < size_; ++r) {
-      const auto v = impl_->store->get(prefix + std::to_string(r));
-      out[size_t(r)].assign(v.begin(), v.end());
-    }
+    set_text(*impl_->store, prefix + std::to_string(rank_), mine);
+    for (int64_t r = 0; r < size_; ++r) out[size_t(r)] = get_text(*impl_->store, prefix + std::to_string(r));
   } catch (const std::exception& e) {
     fail("exchange", topic, e);
   }
