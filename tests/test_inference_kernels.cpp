@@ -9,6 +9,7 @@
 // Every check asserts. All randomness is seeded.
 #include <gtest/gtest.h>
 #include <omp.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
@@ -805,20 +806,31 @@ TEST(ValueTableFile, StreamedRowsEqualTheInMemoryTableInAnyChunking) {
   }
 }
 
+// Whether the filesystem under `dir` takes direct reads (O_DIRECT); tmpfs does not.
+bool direct_reads_work(const std::string& file) {
+  const int fd = ::open(file.c_str(), O_RDONLY | O_DIRECT);
+  if (fd >= 0) ::close(fd);
+  return fd >= 0;
+}
+
 // The cache in front of the file, smaller than the table, gives every row exactly as the in-RAM table holds
-// it, over many steps of random rows (evictions included), with either reader.
+// it, over many steps of random rows (evictions included), with either reader, reads direct or buffered.
+// The table's size is not a whole number of pages, so a direct read of its last rows ends past the file.
 TEST(RowCache, RowsThroughASmallCacheEqualTheInMemoryTable) {
   TableDir dir;
-  const int64_t rows = 1 << 16, dv = 32;
+  const int64_t rows = (1 << 16) - 3, dv = 32;
   const std::string path = dir.file("t.int8");
   uk::write_table_file(path, uk::TableFormat::kInt8, rows, dv,
                        [&](int64_t first, int64_t count, float* out) { uk::gaussian_rows(5, 0.5f, first, count, dv, out); });
+  ASSERT_NE(std::filesystem::file_size(path) % 4096, 0u);
   std::vector<int8_t> q;
   std::vector<float> scale;
   expected_int8(rows, dv, 5, q, scale);
-  for (const bool uring : {true, false}) {
-    uk::RowCache cache(path, 4096 * (dv + 64), uring);  // about 4096 slots for 65536 rows
+  for (const auto& [uring, direct] : {std::pair{true, true}, {true, false}, {false, true}, {false, false}}) {
+    SCOPED_TRACE(std::string(uring ? "io_uring" : "pread") + (direct ? ", direct" : ", buffered"));
+    uk::RowCache cache(path, 4096 * (dv + 64), uring, direct);  // about 4096 slots for 65536 rows
     EXPECT_EQ(cache.uses_io_uring(), uring) << "io_uring works on these machines";
+    EXPECT_EQ(cache.uses_direct_io(), direct && direct_reads_work(path));
     EXPECT_LT(cache.capacity_rows(), rows / 8);
     EXPECT_LE(cache.memory_bytes(), 4096 * (dv + 64));
     Rng rng(3);
@@ -826,6 +838,7 @@ TEST(RowCache, RowsThroughASmallCacheEqualTheInMemoryTable) {
     for (int step = 0; step < 200; ++step) {
       std::vector<int64_t> want(512), slots(512);
       for (auto& r : want) r = step % 2 ? any(rng) : any(rng) % 64;  // alternating cold and hot rows
+      if (step % 10 == 1) want[7] = rows - 1 - step % 3;               // the file's last rows
       cache.fetch(want.data(), int64_t(want.size()), slots.data());
       for (size_t i = 0; i < want.size(); ++i) {
         ASSERT_GE(slots[i], 0);

@@ -1,5 +1,6 @@
 // `ultramem bench decode`: flags -> perf::run_decode_bench (perf/decode_bench.h); `ultramem bench serve`: flags ->
-// perf::run_serve_bench (perf/serve_bench.h).
+// perf::run_serve_bench (perf/serve_bench.h); `ultramem bench tiered`: flags -> perf::run_tiered_bench
+// (perf/tiered_bench.h).
 #include <CLI/CLI.hpp>
 
 #include <memory>
@@ -7,6 +8,7 @@
 #include "commands.h"
 #include "ultramem/perf/decode_bench.h"
 #include "ultramem/perf/serve_bench.h"
+#include "ultramem/perf/tiered_bench.h"
 
 namespace ultramem::cli {
 
@@ -101,6 +103,45 @@ void add_bench_command(CLI::App& app) {
   serve->add_option("--out", s.out, "Also write the JSON lines to this file");
   serve->add_option("--plot", s.plot_dir, "Write serve_tokens_per_second.png (gnuplot) into this directory");
   serve->callback([sargs] { perf::run_serve_bench(*sargs); });
+
+  auto targs = std::make_shared<perf::TieredBenchOptions>();
+  auto& t = *targs;
+  auto* tiered = bench->add_subcommand(
+      "tiered",
+      "Decode with a memory of 2^30 virtual slots whose int8 value table (2^28 rows, about 33 GiB) is a file on "
+      "disk behind a row cache of --cache-gib, against the same model at 2^24 slots in RAM: step latency, rows "
+      "and bytes read, cache hit rate and resident memory at each batch, under Zipfian (warm cache) and uniform "
+      "row traffic, with and without the reads issued a block ahead. Writes the table first (about 10 minutes on "
+      "2 cores; the free space is checked) and removes it at the end unless --keep. docs/tiered_tables.md");
+  tiered->add_option("--log2-slots", t.log2_slots, "Virtual slots E*N of the tiered model, log2 (even)")
+      ->capture_default_str();
+  tiered->add_option("--ram-log2-slots", t.ram_log2_slots, "Virtual slots of the in-RAM model, log2 (even)")
+      ->capture_default_str();
+  tiered->add_option("--batches", t.batches, "Batch sizes (sequences decoded per step)")
+      ->delimiter(',')
+      ->capture_default_str();
+  tiered->add_option("--traffic", t.traffic,
+                     "Row traffic of the tiered model: zipf (P(rank k) ~ 1/k^s over scattered rows; the cache is "
+                     "first filled with the hottest rows), uniform")
+      ->delimiter(',')
+      ->capture_default_str();
+  tiered->add_option("--zipf-s", t.zipf_s, "Zipf exponent s")->capture_default_str();
+  tiered->add_option("--cache-gib", t.cache_gib, "The row cache's cap (GiB)")->capture_default_str();
+  tiered->add_option("--steps", t.steps, "Timed steps per case, reads ahead and not each")->capture_default_str();
+  tiered->add_option("--warmup-steps", t.warmup_steps, "Untimed steps before each case")->capture_default_str();
+  tiered->add_option("--dir", t.dir,
+                     "Where to write the table (ultramem-bench-tiered-<log2>.table; a kept one there is reused)")
+      ->capture_default_str();
+  tiered->add_option("--table", t.table, "Read this existing table file instead of writing one (never removed)")
+      ->check(CLI::ExistingFile);
+  tiered->add_flag("--keep", t.keep, "Keep the table written (the next run with the same --dir reuses it)");
+  tiered->add_option("--keys", t.keys, "Key format of both models: fp32, bf16, int8")->capture_default_str();
+  tiered->add_option("--placement", t.placement, "Memory placement read:write (1-based blocks)")
+      ->capture_default_str();
+  tiered->add_flag("--quick", t.quick, "2^20 slots on disk, 2^16 in RAM, a 4 MiB cache, batches 1 and 4 (seconds)");
+  tiered->add_option("--out", t.out, "Also write the JSON lines to this file");
+  tiered->add_option("--plot", t.plot_dir, "Write tiered_latency.png (gnuplot) into this directory");
+  tiered->callback([targs] { perf::run_tiered_bench(*targs); });
 }
 
 }  // namespace ultramem::cli

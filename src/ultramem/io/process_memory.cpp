@@ -28,6 +28,24 @@ int64_t peak_resident_bytes() {
   return int64_t(u.ru_maxrss) * 1024;  // KiB on Linux
 }
 
+int64_t resident_high_water_bytes() { return proc_kib_field("/proc/self/status", "VmHWM:"); }
+
+bool reset_resident_high_water() {
+  std::ofstream f("/proc/self/clear_refs");
+  f << "5";
+  f.flush();
+  return bool(f);
+}
+
+int64_t storage_read_bytes() {
+  std::ifstream f("/proc/self/io");
+  std::string key;
+  int64_t value = 0;
+  while (f >> key >> value)
+    if (key == "read_bytes:") return value;
+  return -1;
+}
+
 int64_t available_bytes() { return proc_kib_field("/proc/meminfo", "MemAvailable:"); }
 
 int64_t total_memory_bytes() {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -14,6 +15,7 @@ namespace {
 
 constexpr int64_t kPage = 4096;
 constexpr unsigned kQueueDepth = 256;
+constexpr int64_t kMaxDirectRead = int64_t(1) << 20;  // a direct read stops merging runs at this length
 // Bytes per slot besides its values, for a first guess of the capacity: int8 scale, row, step, reference
 // bit, and the index (two to four entries of a 64-bit key and a 32-bit slot per slot).
 constexpr int64_t kSlotOverhead = 4 + 8 + 4 + 1 + 3 * (8 + 4);
@@ -27,10 +29,33 @@ uint64_t mix(uint64_t x) {
 
 }  // namespace
 
-// One read of a run of rows: bytes [offset, offset + length) of the file into staging + at.
+// One read of a run of rows: bytes [offset, offset + length) of the file into staging + at. `need` bytes
+// of them must arrive (a direct read's length is rounded up to whole pages, past the end of the file for
+// the last rows).
 struct Span {
-  int64_t offset = 0, length = 0, at = 0;
+  int64_t offset = 0, length = 0, at = 0, need = 0;
   size_t first = 0, count = 0;  // misses_[first, first + count) lie in it
+};
+
+// The reads' landing area, page-aligned as direct reads require.
+class Staging {
+ public:
+  uint8_t* data() { return data_.get(); }
+  void resize(int64_t bytes) {
+    if (bytes <= capacity_) return;
+    const int64_t cap = std::max<int64_t>((bytes + kPage - 1) / kPage * kPage, 2 * capacity_);
+    void* p = std::aligned_alloc(size_t(kPage), size_t(cap));
+    if (!p) throw std::bad_alloc();
+    data_.reset(static_cast<uint8_t*>(p));
+    capacity_ = cap;
+  }
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  std::unique_ptr<uint8_t, Free> data_;
+  int64_t capacity_ = 0;
 };
 
 struct RowCache::Io {
@@ -38,13 +63,13 @@ struct RowCache::Io {
   bool uring = false;
   std::vector<std::pair<int64_t, int64_t>> misses;  // (row, slot), sorted by row
   std::vector<Span> spans;
-  std::vector<uint8_t> staging;
+  Staging staging;
   size_t next = 0;     // spans submitted so far
   size_t done = 0;     // spans completed
   bool pending = false;
 };
 
-RowCache::RowCache(const std::string& path, int64_t capacity_bytes, bool io_uring)
+RowCache::RowCache(const std::string& path, int64_t capacity_bytes, bool io_uring, bool direct_io)
     : path_(path), info_(read_table_header(path)), io_(std::make_unique<Io>()) {
   value_bytes_ = info_.format == TableFormat::kInt8 ? info_.dv : 2 * info_.dv;
   // The most slots whose rows, scales, slot state and index (a power of two >= 2 slots) fit in the bytes.
@@ -63,7 +88,11 @@ RowCache::RowCache(const std::string& path, int64_t capacity_bytes, bool io_urin
     throw std::invalid_argument("value table " + path + ": a cache of " + std::to_string(capacity_bytes) +
                                 " bytes holds fewer than 1024 rows of " + std::to_string(value_bytes_) + " bytes");
   if (capacity_ >= (int64_t(1) << 31)) capacity_ = (int64_t(1) << 31) - 1;
-  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // Direct reads bypass the page cache, so the cache's cap bounds the memory the table takes (buffered
+  // reads would also keep a 4 KiB page per row read). Filesystems without them (tmpfs) get buffered reads.
+  fd_ = direct_io ? ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT) : -1;
+  direct_ = fd_ >= 0;
+  if (fd_ < 0) fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) throw std::runtime_error("value table " + path + ": cannot open: " + std::strerror(errno));
   ::posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM);  // no read-ahead: the rows of a step are scattered
   data_.reset(new uint8_t[size_t(capacity_ * value_bytes_)]);
@@ -96,6 +125,7 @@ int64_t RowCache::memory_bytes() const {
 }
 
 bool RowCache::uses_io_uring() const { return io_->uring; }
+bool RowCache::uses_direct_io() const { return direct_; }
 
 int64_t RowCache::find(int64_t row) const {
   for (uint64_t i = mix(uint64_t(row)) & index_mask_;; i = (i + 1) & index_mask_) {
@@ -185,22 +215,28 @@ void RowCache::submit(const int64_t* rows, int64_t n) {
     pending_slots_[size_t(i)] = s;
   }
 
-  // One read per run of rows that starts on the page where the run so far ends.
+  // One read per run of rows that starts on the page where the run so far ends. Direct reads cover whole
+  // pages (offset and length multiples of 4 KiB), and runs whose pages touch are merged.
   std::sort(misses.begin(), misses.end());
   auto& spans = io_->spans;
   spans.clear();
   for (size_t k = 0; k < misses.size(); ++k) {
-    const int64_t off = info_.data_offset + misses[k].first * info_.row_bytes;
+    const int64_t off = info_.data_offset + misses[k].first * info_.row_bytes, end = off + info_.row_bytes;
     if (!spans.empty()) {
       Span& last = spans.back();
-      const int64_t end = last.offset + last.length;
-      if (off >= end && off / kPage == (end - 1) / kPage) {
-        last.length = off + info_.row_bytes - last.offset;
+      const int64_t last_end = last.offset + last.length;
+      const bool joins = direct_ ? off < last_end + kPage && last.length < kMaxDirectRead
+                                 : off >= last_end && off / kPage == (last_end - 1) / kPage;
+      if (joins) {
+        last.need = end - last.offset;
+        last.length = direct_ ? std::max(last.length, (end - last.offset + kPage - 1) / kPage * kPage) : last.need;
         ++last.count;
         continue;
       }
     }
-    spans.push_back(Span{off, info_.row_bytes, 0, k, 1});
+    const int64_t start = direct_ ? off / kPage * kPage : off;
+    const int64_t length = direct_ ? (end - start + kPage - 1) / kPage * kPage : info_.row_bytes;
+    spans.push_back(Span{start, length, 0, end - start, k, 1});
   }
   int64_t staged = 0;
   for (auto& sp : spans) {
@@ -240,7 +276,7 @@ void RowCache::complete(int64_t* slots) {
       if (rc == -EINTR) continue;
       if (rc != 0) throw std::runtime_error("value table " + path_ + ": io_uring: " + std::strerror(-rc));
       const Span& sp = spans[size_t(io_uring_cqe_get_data64(cqe))];
-      if (cqe->res != int(sp.length)) read_failed(sp, cqe->res);
+      if (cqe->res < int(sp.need)) read_failed(sp, cqe->res);
       io_uring_cqe_seen(&io_->ring, cqe);
       ++io_->done;
       if (io_->next < spans.size()) {
@@ -254,11 +290,11 @@ void RowCache::complete(int64_t* slots) {
     }
   } else if (io_->pending) {
     for (const Span& sp : spans) {
-      int64_t got = 0;
-      while (got < sp.length) {
+      int64_t got = 0;  // a direct read continues at a page boundary: it only ends short at the end of the file
+      while (got < sp.need) {
         const ssize_t r = ::pread(fd_, io_->staging.data() + sp.at + got, size_t(sp.length - got), sp.offset + got);
         if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) {
+        if (r <= 0 || (direct_ && got + r < sp.need && r % kPage != 0)) {
           read_failed(sp, r < 0 ? -errno : 0);
           break;
         }

@@ -33,7 +33,9 @@ class RowCache {
   // slots' state and its index (about 50 bytes per slot in all). Throws std::runtime_error for a bad file
   // (read_table_header) and std::invalid_argument for a capacity below 1024 rows; a capacity above the
   // table's size is cut to it. io_uring false reads with pread (as when the kernel refuses io_uring).
-  RowCache(const std::string& path, int64_t capacity_bytes, bool io_uring = true);
+  // direct_io: reads bypass the page cache (O_DIRECT, whole 4 KiB pages), so that the table takes no memory
+  // beyond the cap; where the filesystem refuses it (tmpfs) reads are buffered.
+  RowCache(const std::string& path, int64_t capacity_bytes, bool io_uring = true, bool direct_io = true);
   ~RowCache();
   RowCache(const RowCache&) = delete;
   RowCache& operator=(const RowCache&) = delete;
@@ -43,6 +45,7 @@ class RowCache {
   int64_t capacity_rows() const { return capacity_; }
   int64_t memory_bytes() const;  // what the cache holds allocated
   bool uses_io_uring() const;
+  bool uses_direct_io() const;
 
   // rows: [n] physical rows in [0, info().rows). Starts a step: a step's rows stay resident until the next
   // submit. Throws std::invalid_argument for a row out of range or more distinct rows than the capacity.
@@ -73,6 +76,7 @@ class RowCache {
   std::string path_;
   TableFileInfo info_;
   int fd_ = -1;
+  bool direct_ = false;  // opened with O_DIRECT
   int64_t capacity_ = 0;   // slots
   int64_t value_bytes_ = 0;  // bytes of one slot's values (Dv int8, or 2 Dv bf16)
   std::unique_ptr<uint8_t[]> data_;  // [capacity, value_bytes]

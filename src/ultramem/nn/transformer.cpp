@@ -95,6 +95,7 @@ struct TransformerImpl::Impl {
   std::vector<std::array<double, 3>> pkm_out;  // [memories] sum, sum of squares, count of PKM outputs
   CompactWeight head_c;                // [V, D] compact rows of the LM head (or the tied embedding), when set
   int64_t prefetch_bytes = TransformerImpl::kDefaultValuePrefetchBytes;  // set_value_prefetch
+  bool tiered_ahead = true;                                                // set_tiered_reads_ahead
 
   // u: [B, T, D] -> [B, T, D]
   torch::Tensor memory_forward(int64_t k, const torch::Tensor& u) {
@@ -121,14 +122,15 @@ struct TransformerImpl::Impl {
     torch::Tensor h = torch::embedding(embedding, tokens);  // [B, T, D]
     if (residuals) residuals->push_back(h);
     std::vector<torch::Tensor> mem_out(ultramem.size() + pkm.size());  // pending memory outputs
-    // Memories split around their skip window (set_value_prefetch): retrieval at the read block, lookup
-    // at the write block.
+    // Memories split around their skip window (set_value_prefetch, or a table file's reads issued ahead):
+    // retrieval at the read block, lookup at the write block.
     // (Indexed like mem_out: every memory has an entry, a PKM's stays unsplit.)
     std::vector<UltraMemImpl::PendingLookup> pending(mem_out.size());
     std::vector<char> split(mem_out.size(), 0);
     for (size_t k = 0; k < ultramem.size(); ++k) {
       const auto& pl = c.memory_placement[k];
-      split[k] = prefetch_bytes > 0 && pl.write_block > pl.read_block && ultramem[k]->two_phase_applies();
+      const bool overlap = prefetch_bytes > 0 || (tiered_ahead && ultramem[k]->tiered_values());
+      split[k] = overlap && pl.write_block > pl.read_block && ultramem[k]->two_phase_applies();
     }
     torch::Tensor balance;
     for (size_t b = 0; b < blocks.size(); ++b) {
@@ -342,6 +344,10 @@ void TransformerImpl::set_value_prefetch(int64_t bytes) {
 }
 
 int64_t TransformerImpl::value_prefetch() const { return impl_->prefetch_bytes; }
+
+void TransformerImpl::set_tiered_reads_ahead(bool on) { impl_->tiered_ahead = on; }
+
+bool TransformerImpl::tiered_reads_ahead() const { return impl_->tiered_ahead; }
 
 int64_t TransformerImpl::compact_weight_bytes() const {
   const auto& m = *impl_;

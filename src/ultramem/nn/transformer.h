@@ -100,6 +100,13 @@ class TransformerImpl : public torch::nn::Module {
   void set_value_prefetch(int64_t bytes);
   int64_t value_prefetch() const;
 
+  // Reads issued a block ahead: a memory placed i:j with i < j whose table is a file
+  // (UltraMemImpl::set_tiered_values) starts the reads of its rows at block i and waits for them at block
+  // j, whatever set_value_prefetch says (on by default). Off: it runs whole at block i, waiting for its
+  // reads at once (for comparisons). The result is the same bit for bit.
+  void set_tiered_reads_ahead(bool on);
+  bool tiered_reads_ahead() const;
+
  private:
   ModelConfig cfg_;
   // Implementation members are defined by transformer.cpp (blocks, embeddings, memories, ...).

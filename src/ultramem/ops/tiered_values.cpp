@@ -2,18 +2,20 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
 #include "ultramem/kernels/feistel.h"
 #include "ultramem/kernels/pooled_lookup.h"
 #include "ultramem/kernels/row_cache.h"
+#include "ultramem/kernels/value_table_file.h"
 
 namespace ultramem::ops {
 
 TieredValues::TieredValues(const std::string& path, int64_t cache_bytes, int64_t E,
-                           std::optional<uint64_t> feistel_key, bool io_uring)
-    : cache_(std::make_unique<kernels::RowCache>(path, cache_bytes, io_uring)), E_(E), feistel_key_(feistel_key) {
+                           std::optional<uint64_t> feistel_key, bool io_uring, bool direct_io)
+    : cache_(std::make_unique<kernels::RowCache>(path, cache_bytes, io_uring, direct_io)), E_(E), feistel_key_(feistel_key) {
   TORCH_CHECK(E >= 1, "TieredValues: E must be >= 1, got ", E);
 }
 
@@ -25,6 +27,8 @@ bool TieredValues::int8() const { return cache_->info().format == kernels::Table
 int64_t TieredValues::cache_rows() const { return cache_->capacity_rows(); }
 int64_t TieredValues::cache_memory_bytes() const { return cache_->memory_bytes(); }
 const std::string& TieredValues::path() const { return cache_->path(); }
+bool TieredValues::uses_io_uring() const { return cache_->uses_io_uring(); }
+bool TieredValues::uses_direct_io() const { return cache_->uses_direct_io(); }
 
 void TieredValues::submit(const at::Tensor& index, const at::Tensor& perm) {
   TORCH_CHECK(index.defined() && index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2,
@@ -48,6 +52,12 @@ void TieredValues::submit(const at::Tensor& index, const at::Tensor& perm) {
     const int64_t v = feistel ? int64_t(feistel->forward(uint64_t(g[e]))) : p[g[e]];
     group_[size_t(e)] = v / N;
     rows_[size_t(e)] = v - group_[size_t(e)] * N;
+  }
+  if (traffic_) {
+    traffic_(rows_.data(), hits);
+    for (int64_t e = 0; e < hits; ++e)
+      TORCH_CHECK(rows_[size_t(e)] >= 0 && rows_[size_t(e)] < N, "TieredValues: the row traffic chose row ",
+                  rows_[size_t(e)], ", outside [0, ", N, ")");
   }
   cache_->submit(rows_.data(), hits);
   submitted_ = true;
@@ -86,6 +96,40 @@ void TieredValues::pool(const at::Tensor& index, const at::Tensor& perm, const a
     run(static_cast<float*>(pooled), scores.data_ptr<float>());
   else
     run(static_cast<double*>(pooled), scores.data_ptr<double>());
+}
+
+void TieredValues::warm(const int64_t* rows, int64_t n) {
+  TORCH_CHECK(n >= 0, "TieredValues::warm: n must be >= 0");
+  // At most half the slots, and few enough rows that one batch's reads (whole pages) stay tens of MB.
+  const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(cache_rows() / 2, 16384));
+  std::vector<int64_t> slots(size_t(std::min(n, batch)));
+  for (int64_t first = 0; first < n; first += batch) {
+    const int64_t count = std::min(batch, n - first);
+    cache_->fetch(rows + first, count, slots.data());
+  }
+  submitted_ = false;
+}
+
+void write_random_value_table(const std::string& path, bool int8, int64_t rows, int64_t dv, uint64_t seed, double std,
+                              const std::function<void(int64_t)>& progress) {
+  kernels::write_table_file(
+      path, int8 ? kernels::TableFormat::kInt8 : kernels::TableFormat::kBf16, rows, dv,
+      [&](int64_t first, int64_t count, float* out) { kernels::gaussian_rows(seed, float(std), first, count, dv, out); },
+      8192, progress);
+}
+
+void write_value_table(const std::string& path, bool int8, const at::Tensor& values,
+                       const std::function<void(int64_t)>& progress) {
+  TORCH_CHECK(values.defined() && values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
+              "write_value_table: values must be a contiguous float32 [rows, dv] tensor");
+  const int64_t dv = values.size(1);
+  const float* v = values.data_ptr<float>();
+  kernels::write_table_file(
+      path, int8 ? kernels::TableFormat::kInt8 : kernels::TableFormat::kBf16, values.size(0), dv,
+      [&](int64_t first, int64_t count, float* out) {
+        std::memcpy(out, v + first * dv, size_t(count * dv) * sizeof(float));
+      },
+      8192, progress);
 }
 
 TieredValuesStats TieredValues::stats() const {

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -32,9 +33,10 @@ class TieredValues {
   // path: a value-table file; cache_bytes: the cap on the cache's memory; E: the layer's IVE groups (the
   // grid has E * rows slots). feistel_key: the permutation is FeistelPermutation(E * rows, key); without it
   // the lookups take the layer's stored permutation. Throws std::runtime_error naming the file for a bad
-  // table (kernels' read_table_header) and std::invalid_argument for a cache below 1024 rows.
+  // table (kernels' read_table_header) and std::invalid_argument for a cache below 1024 rows. io_uring and
+  // direct_io as kernels::RowCache's (pread instead of io_uring; reads that bypass the page cache).
   TieredValues(const std::string& path, int64_t cache_bytes, int64_t E, std::optional<uint64_t> feistel_key,
-               bool io_uring = true);
+               bool io_uring = true, bool direct_io = true);
   ~TieredValues();
   TieredValues(const TieredValues&) = delete;
   TieredValues& operator=(const TieredValues&) = delete;
@@ -47,6 +49,8 @@ class TieredValues {
   int64_t cache_rows() const;         // slots of the cache
   int64_t cache_memory_bytes() const; // what the cache holds allocated
   const std::string& path() const;
+  bool uses_io_uring() const;
+  bool uses_direct_io() const;
 
   // index: [T, K] int64 grid addresses in [0, E*N); perm: [E*N] int64 (ignored with a Feistel key).
   // Resolves them to rows and starts reading those not cached; returns at once.
@@ -59,6 +63,16 @@ class TieredValues {
   TieredValuesStats stats() const;
   void reset_stats();
 
+  // Reads the physical rows [n] into the cache, in batches of at most half its slots and 16384 rows (the
+  // last ones stay resident): a hot list, to start serving with a warm cache. Rows in file order read fastest.
+  void warm(const int64_t* rows, int64_t n);
+
+  // Synthetic row traffic, for benchmarks: `traffic(rows, n)` rewrites the physical rows [n] of every submit
+  // (uniform or Zipfian draws, say) before they are read, and the lookups pool the rows it chose. The
+  // layer's outputs are then no longer its own. nullptr: the retrieval's rows (the default).
+  using RowTraffic = std::function<void(int64_t* rows, int64_t n)>;
+  void set_row_traffic(RowTraffic traffic) { traffic_ = std::move(traffic); }
+
  private:
   std::unique_ptr<kernels::RowCache> cache_;
   int64_t E_ = 1;
@@ -67,8 +81,21 @@ class TieredValues {
   std::vector<int64_t> group_;     // [T*K] their IVE group (v / N)
   std::vector<int64_t> rows_;      // [T*K] their rows (v % N)
   std::vector<int64_t> resolved_;  // [T*K] group * cache_rows + slot, for the kernel's identity permutation
+  RowTraffic traffic_;
   bool submitted_ = false;
   double wait_seconds_ = 0;
 };
+
+// Value-table files (the kernels' format) written by streaming, in memory one chunk whatever their size;
+// progress(rows_done) is called along the way. std::runtime_error naming the file (a full disk leaves no
+// file that looks complete).
+// rows x dv values N(0, std^2) from the kernels' counter-based generator (row r depends on seed and r
+// only), stored as int8 with row scales (int8) or bf16.
+void write_random_value_table(const std::string& path, bool int8, int64_t rows, int64_t dv, uint64_t seed, double std,
+                              const std::function<void(int64_t rows_done)>& progress = {});
+// The float32 table values [rows, dv] (a layer's, memory-mapped from a checkpoint, say), quantised as the
+// in-memory int8 / bf16 formats are.
+void write_value_table(const std::string& path, bool int8, const at::Tensor& values,
+                       const std::function<void(int64_t rows_done)>& progress = {});
 
 }  // namespace ultramem::ops
