@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "ultramem/infer/evaluate.h"
 #include "ultramem/infer/model_loading.h"
 #include "ultramem/infer/sampling.h"
+#include "ultramem/infer/value_table_files.h"
 #include "ultramem/infer/value_tables.h"
 #include "ultramem/io/process_memory.h"
 #include "ultramem/io/safetensors.h"
@@ -914,9 +916,117 @@ TEST(TieredValues, ALayerServedFromAFileEqualsItsInMemoryTable) {
   uk::write_table_file(small, uk::TableFormat::kInt8, N / 2, cfg.Dv,
                        [&](int64_t first, int64_t count, float* out) { uk::gaussian_rows(1, 0.5f, first, count, cfg.Dv, out); });
   UltraMem layer(cfg);
-  layer->set_tiered_values(std::make_shared<ultramem::ops::TieredValues>(small, 1 << 20, cfg.E, std::nullopt));
-  torch::NoGradGuard no_grad;
-  expect_throw_with<c10::Error>([&] { layer->forward(x); }, "small.int8 holds 2048 rows");
+  auto open = [&](const std::string& p, std::optional<uint64_t> key) {
+    return std::make_shared<ultramem::ops::TieredValues>(p, 1 << 20, cfg.E, key);
+  };
+  expect_throw_with<std::invalid_argument>([&] { layer->set_tiered_values(open(small, std::nullopt)); },
+                                           "small.int8 holds 2048 rows");
+  EXPECT_EQ(layer->tiered_values(), nullptr);
+  // A Feistel key that does not materialise the layer's stored (shuffled) permutation; a key other than
+  // the layer's permutation_key; an external layer without a key: each refused when installed.
+  const std::string fits = dir / "fits.int8";
+  uk::write_table_file(fits, uk::TableFormat::kInt8, N, cfg.Dv,
+                       [&](int64_t first, int64_t count, float* out) { uk::gaussian_rows(1, 0.5f, first, count, cfg.Dv, out); });
+  expect_throw_with<std::invalid_argument>([&] { layer->set_tiered_values(open(fits, 99)); },
+                                           "not this layer's permutation: perm[0]");
+  UltraMemConfig keyed = cfg;
+  keyed.permutation_key = 98;
+  UltraMem keyed_layer(keyed);
+  EXPECT_EQ(ultramem::ops::feistel_mismatch(keyed_layer->perm, cfg.n * cfg.n, 98, cfg.n * cfg.n), "")
+      << "a permutation_key layer's stored permutation is the key's materialisation";
+  expect_throw_with<std::invalid_argument>([&] { keyed_layer->set_tiered_values(open(fits, 99)); },
+                                           "Feistel key 99 but the layer's permutation_key is 98");
+  keyed_layer->set_tiered_values(open(fits, 98));
+  UltraMemConfig ext = cfg;
+  ext.external_values = true;
+  UltraMem ext_layer(ext);
+  expect_throw_with<std::invalid_argument>([&] { ext_layer->set_tiered_values(open(fits, std::nullopt)); },
+                                           "has no Feistel key");
+  layer->set_tiered_values(open(fits, std::nullopt));  // the stored permutation, no key: fine
+}
+
+// A model served from table files (export-tables, then load_model with value_tables and caches smaller than
+// the tables) gives the logits of its checkpoint with the tables quantised in memory, bit for bit: the
+// whole-sequence forward and cached decode steps, with the reads issued a block ahead (the tiny model's
+// memories are placed 1:2 and 2:3) and not, for int8 and bf16 rows, with the stored shuffled permutation
+// and with a permutation_key (saved in the checkpoint's config as the key).
+TEST(TieredValues, AModelServedFromTableFilesEqualsItsQuantisedCheckpoint) {
+  namespace inf = ultramem::infer;
+  TempDir dir;
+  const auto tokens = some_tokens();
+  auto decode = [&](ultramem::nn::Transformer& m) {
+    torch::NoGradGuard no_grad;
+    auto cache = m->make_cache(2, 32);
+    std::vector<torch::Tensor> parts{m->forward_cached(tokens.narrow(1, 0, 4), cache)};
+    for (int64_t t = 4; t < 10; ++t) parts.push_back(m->forward_cached(tokens.narrow(1, t, 1), cache));
+    return torch::cat(parts, 1);
+  };
+  for (const uint64_t key : {uint64_t(0), uint64_t(4242)}) {
+    SCOPED_TRACE("permutation_key " + std::to_string(key));
+    auto cfg = tiny_model();
+    cfg.ultramem.n = 128;  // N = 4096 rows per layer; the caches hold about 1100 each
+    cfg.ultramem.permutation_key = key;
+    ultramem::nn::Transformer model(cfg);
+    const auto json = ultramem::nn::model_config_to_json(model->config());
+    EXPECT_EQ(json["memory"]["ultramem"].contains("permutation_key"), key != 0) << json.dump();
+    EXPECT_EQ(ultramem::nn::model_config_from_json(json).ultramem.permutation_key, key);
+    const std::string ckpt = dir / ("m" + std::to_string(key) + ".safetensors");
+    inf::save_weights(ckpt, *model, json, nullptr);
+    for (const std::string fmt : {"int8", "bf16"}) {
+      SCOPED_TRACE(fmt);
+      inf::ExportTablesOptions eo;
+      eo.checkpoint = ckpt;
+      eo.out_dir = dir / ("tables" + std::to_string(key) + fmt);
+      eo.format = fmt;
+      std::ostringstream log;
+      const auto summary = inf::export_value_tables(eo, log);
+      ASSERT_EQ(summary.size(), 2u);
+      EXPECT_EQ(summary[0]["rows"], 4096);
+      auto mem = inf::load_model(ckpt);
+      inf::set_value_format(*mem.model, ultramem::nn::parse_value_format(fmt));
+      inf::LoadOptions lo;
+      lo.value_tables = eo.out_dir;
+      lo.value_cache_bytes = 2 * 1100 * (cfg.ultramem.Dv * 2 + 64);
+      auto file = inf::load_model(ckpt, lo);
+      EXPECT_EQ(file.file_tables, 2);
+      for (const auto& [name, layer] : inf::ultramem_layers(*file.model)) {
+        ASSERT_NE(layer->tiered_values(), nullptr) << name;
+        EXPECT_LT(layer->tiered_values()->cache_rows(), 4096) << name;
+        EXPECT_EQ(layer->tiered_values()->feistel_key().has_value(), key != 0);
+      }
+      EXPECT_TRUE(torch::equal(logits_of(file.model, tokens), logits_of(mem.model, tokens)));
+      const auto want = decode(mem.model);
+      EXPECT_TRUE(file.model->tiered_reads_ahead());
+      EXPECT_TRUE(torch::equal(decode(file.model), want)) << "reads ahead";
+      file.model->set_tiered_reads_ahead(false);
+      EXPECT_TRUE(torch::equal(decode(file.model), want)) << "reads waited for at once";
+      const auto st = inf::ultramem_layers(*file.model)[0].second->tiered_values()->stats();
+      EXPECT_GT(st.misses, 0);
+      EXPECT_GT(st.hits, 0);
+    }
+  }
+  // Tables of another model's size, a folder without them, and a table already compact are refused.
+  auto small = tiny_model();
+  small.ultramem.n = 64;
+  ultramem::nn::Transformer other(small);
+  const std::string other_ckpt = dir / "other.safetensors";
+  inf::save_weights(other_ckpt, *other, ultramem::nn::model_config_to_json(other->config()), nullptr);
+  inf::LoadOptions lo;
+  lo.value_tables = dir / "tables0int8";
+  expect_throw_with<std::invalid_argument>([&] { inf::load_model(other_ckpt, lo); }, "holds 4096 rows");
+  lo.value_tables = dir / "empty";
+  fs::create_directories(lo.value_tables);
+  expect_throw_with<std::runtime_error>([&] { inf::load_model(other_ckpt, lo); }, "memories.0.table");
+  inf::set_value_format(*other, ValueFormat::kInt8);
+  const std::string int8_ckpt = dir / "other.int8.safetensors";
+  inf::save_weights(int8_ckpt, *other, ultramem::nn::model_config_to_json(other->config()), nullptr);
+  inf::ExportTablesOptions eo;
+  eo.checkpoint = int8_ckpt;
+  eo.out_dir = dir / "never";
+  std::ostringstream log;
+  expect_throw_with<std::invalid_argument>([&] { inf::export_value_tables(eo, log); }, "export from the float32");
+  EXPECT_THROW(inf::value_cache_bytes(0), std::invalid_argument);
+  EXPECT_THROW(inf::value_cache_bytes(std::nan("")), std::invalid_argument);
 }
 
 }  // namespace

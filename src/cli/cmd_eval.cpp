@@ -47,6 +47,13 @@ void add_eval_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--m-first", a->filter_m_first, "With --filter: first-stage candidates per side (0 = as trained)")
       ->capture_default_str();
+  cmd->add_option("--value-tables", a->value_tables,
+                  "Serve the memory value tables from the table files in this folder (<layer>.table, written by "
+                  "`ultramem export-tables`) behind row caches of --value-cache-gib, instead of holding them in "
+                  "memory (tables larger than RAM; docs/tiered_tables.md)")
+      ->check(CLI::ExistingDirectory);
+  cmd->add_option("--value-cache-gib", a->value_cache_gib, "The row caches' cap with --value-tables (GiB)")
+      ->capture_default_str();
   cmd->add_flag("--mmap", a->mmap,
                 "Serve the memory value tables from a read-only mapping of the checkpoint file instead of "
                 "loading them (tables larger than RAM; checksum not verified). first_batch_ms vs "

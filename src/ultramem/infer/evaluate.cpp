@@ -1,3 +1,4 @@
+#include "ultramem/infer/value_table_files.h"
 #include "ultramem/infer/evaluate.h"
 
 #include <torch/torch.h>
@@ -104,6 +105,8 @@ nlohmann::json evaluate_checkpoint(const EvalOptions& a) {
   const auto t0 = std::chrono::steady_clock::now();
   LoadOptions lo;
   lo.mmap = a.mmap;
+  lo.value_tables = a.value_tables;
+  if (!a.value_tables.empty()) lo.value_cache_bytes = value_cache_bytes(a.value_cache_gib);
   if (!a.keys.empty()) lo.key_format = nn::parse_value_format(a.keys);
   if (!a.weights.empty()) lo.weight_format = nn::parse_value_format(a.weights);
   if (a.filter.empty() && (a.filter_m_neg != 0 || a.filter_m_first != 0 || a.filter_rank != 0))

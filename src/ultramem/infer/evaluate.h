@@ -49,6 +49,8 @@ struct EvalOptions {
   int64_t seq_len = 0;      // tokens per sequence (0: the model's max_seq_len)
   int64_t max_batches = 0;  // at most this many batches (0: the whole split)
   bool mmap = false;        // value tables from a read-only mapping of the file
+  std::string value_tables;  // a folder of value-table files (export-tables) served behind row caches; "": none
+  double value_cache_gib = 4;  // the row caches' cap with value_tables
   std::string keys;  // key storage of the memory layers' fused path: fp32, bf16 or int8; "": the checkpoint's
   std::string weights;  // storage of the dense matrices (set_weight_format): fp32, bf16 or int8; "": the checkpoint's
   std::string filter;          // retrieval filter override: rank1 | two_sign | rank_r ("": as trained)

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "ultramem/infer/value_table_files.h"
 #include "ultramem/infer/value_tables.h"
 #include "ultramem/io/safetensors.h"
 #include "ultramem/ops/huge_page_tensor.h"
@@ -23,14 +24,15 @@ namespace {
 
 LoadedModel load_model(const std::string& path, const LoadOptions& options) {
   LoadedModel out;
-  checkpoint::Checkpoint ckpt = options.mmap ? checkpoint::map_checkpoint(path, &out.copied) : checkpoint::read_checkpoint(path);
+  const bool map = options.mmap || !options.value_tables.empty();
+  checkpoint::Checkpoint ckpt = map ? checkpoint::map_checkpoint(path, &out.copied) : checkpoint::read_checkpoint(path);
   auto cfg = nn::model_config_from_json(ckpt.model_config);
   // The model is built from the stored config itself; comparing against its normalised form (defaults
   // filled in) lets checkpoints written before a config key existed load with that key's default.
   ckpt.model_config = nn::model_config_to_json(cfg);
   cfg.ultramem.init_values = false;  // the tables come from the checkpoint: do not fill them first
   nn::check_fits_in_memory("the model of " + path,
-                           nn::inference_memory(nn::model_info(cfg), /*without_value_tables=*/options.mmap));
+                           nn::inference_memory(nn::model_info(cfg), /*without_value_tables=*/map));
   nn::Transformer model(cfg);
 
   // Value tables as stored: mapped ones are installed as they are (read-only), bf16 / int8 ones as
@@ -49,7 +51,7 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
                       (values.scalar_type() == torch::kFloat || values.scalar_type() == torch::kBFloat16 || int8) &&
                       (int8 == scale.defined());
     if (!fits) continue;  // load_model_state names the mismatch
-    const bool mapped = options.mmap && !is_copied(name + ".values") && !(int8 && is_copied(name + ".values_scale"));
+    const bool mapped = map && !is_copied(name + ".values") && !(int8 && is_copied(name + ".values_scale"));
     try {
       if (mapped) {
         layer->set_value_table(values, scale, /*read_only=*/true);
@@ -64,7 +66,7 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
     }
   }
   if (options.warn) {
-    if (options.mmap)
+    if (map)
       options.warn("memory-mapped " + std::to_string(out.mapped_tables) + " value table(s) of " + path +
                    " (checksum not verified)");
     for (const auto& [name, layer] : ultramem_layers(*model))
@@ -106,6 +108,13 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
     fail(path, "metadata says value_format '" + stored->second + "' but the value tables are " +
                    nn::to_string(out.value_format));
   out.value_bytes = value_bytes(*model);
+  if (!options.value_tables.empty()) {
+    out.file_tables = int64_t(attach_value_tables(*model, options.value_tables, options.value_cache_bytes).size());
+    if (options.warn)
+      options.warn("serving " + std::to_string(out.file_tables) + " value table(s) from the files in " +
+                   options.value_tables + " behind " + std::to_string(options.value_cache_bytes >> 20) +
+                   " MiB of row cache");
+  }
   out.train_config = ckpt.train_config;
   out.model = model;
   return out;

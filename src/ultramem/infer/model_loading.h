@@ -34,6 +34,12 @@ struct LoadOptions {
   // Empty: as trained.
   std::string filter;
   int64_t filter_m_neg = 0, filter_m_first = 0, filter_rank = 0;
+  // A folder of value-table files (value_table_files.h: <dir>/<layer>.table, `ultramem export-tables`): each
+  // UltraMem layer reads its rows from its file behind a row cache, the caches together capped at
+  // value_cache_bytes; the checkpoint is then memory-mapped as with `mmap` (its own tables stay unread).
+  // Empty: the tables of the checkpoint.
+  std::string value_tables;
+  int64_t value_cache_bytes = int64_t(4) << 30;
   // Receives notes and warnings (e.g. a tensor that could not be mapped and was copied). Null: silent.
   std::function<void(const std::string&)> warn;
 };
@@ -46,6 +52,7 @@ struct LoadedModel {
   nn::ValueFormat weight_format = nn::ValueFormat::kFloat32;  // what the model now uses
   int64_t value_bytes = 0;            // all UltraMem value tables, per-row scales included
   int64_t mapped_tables = 0;          // value tables served from the mapping (mmap)
+  int64_t file_tables = 0;            // value tables served from table files (value_tables)
   std::vector<std::string> copied;    // mmap: model tensors copied, not mapped (not 64-byte aligned in the
                                       // file; small odd-sized ones always are, warn() names value tables)
 };

@@ -1,3 +1,4 @@
+#include "ultramem/infer/value_table_files.h"
 #include "ultramem/infer/text_generation.h"
 
 #include <algorithm>
@@ -100,6 +101,8 @@ nlohmann::json generate_from_checkpoint(const GenerateOptions& a, std::ostream& 
   a.sampling.validate();
   LoadOptions lo;
   lo.mmap = a.mmap;
+  lo.value_tables = a.value_tables;
+  if (!a.value_tables.empty()) lo.value_cache_bytes = value_cache_bytes(a.value_cache_gib);
   if (!a.keys.empty()) lo.key_format = nn::parse_value_format(a.keys);
   if (!a.weights.empty()) lo.weight_format = nn::parse_value_format(a.weights);
   lo.warn = [&log](const std::string& s) { log << "note: " << s << std::endl; };

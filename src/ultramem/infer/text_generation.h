@@ -20,6 +20,8 @@ struct GenerateOptions {
   int64_t batch = 16;
   SamplingOptions sampling;
   bool mmap = false;       // value tables from a read-only mapping of the file
+  std::string value_tables;  // a folder of value-table files (export-tables) served behind row caches; "": none
+  double value_cache_gib = 4;  // the row caches' cap with value_tables
   std::string keys;  // key storage of the memory layers' fused path: fp32, bf16 or int8; "": the checkpoint's
   std::string weights;  // storage of the dense matrices (set_weight_format): fp32, bf16 or int8; "": the checkpoint's
   // Bytes of value rows each memory placed i:j (i < j) prefetches between its retrieval and its lookup

@@ -69,6 +69,10 @@ struct UltraMemConfig {
   int64_t retrieval_sample = 64;     // tokens per window whose retrieval is checked against the exact
                                      // top-m over the whole grid (recall, score mass); 0 turns it off
   uint64_t seed = 0;                 // seeds weights and the IVE permutation
+  // The IVE permutation: 0 shuffles [0, n*n) from the seed (stored with the weights); a nonzero key makes it
+  // the keyed Feistel bijection of [0, n*n) (kernels/feistel.h), materialised into the stored permutation
+  // for training and taking no memory where the table is a file (external_values). Saved as the key.
+  uint64_t permutation_key = 0;
   // Not part of the JSON config: false leaves the value table and the permutation allocated but
   // unwritten (no memory is touched), for models whose weights are about to be loaded.
   bool init_values = true;

@@ -188,6 +188,7 @@ void read_ultramem(const json& j, const std::string& path, UltraMemConfig& c, st
   r.get("track_stats", c.track_stats);
   r.get("stats_window", c.stats_window);
   r.get("retrieval_sample", c.retrieval_sample);
+  r.get("permutation_key", c.permutation_key);
   r.get("sparse_value_grad", sparse);
   r.finish();
 }
@@ -501,6 +502,7 @@ json model_config_to_json(const ModelConfig& c) {
   // Written only for the rank_r filter, so the configs of the other filters (and the records of runs
   // made before it existed) stay as they were.
   if (u.filter == RetrievalFilter::kRankR) uj["filter_rank"] = u.filter_rank;
+  if (u.permutation_key != 0) uj["permutation_key"] = u.permutation_key;  // likewise: only when set
   if (c.ultramem_sparse_value_grad) uj["sparse_value_grad"] = *c.ultramem_sparse_value_grad;
   const auto& p = c.pkm;
   json pj = {{"n", p.n},

@@ -9,6 +9,7 @@
 #include "ultramem/nn/dtype_guard.h"
 #include "ultramem/ops/huge_page_tensor.h"
 #include "ultramem/ops/ops.h"
+#include "ultramem/ops/tiered_values.h"
 
 namespace ultramem::nn {
 
@@ -41,17 +42,22 @@ UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
   }
   wo = register_parameter("wo", normal({c.E * c.Dv, c.D}, 1.0 / std::sqrt(double(c.E * c.Dv))));
 
-  // Fixed random permutation of the E*N grid addresses (seeded; saved with the model).
+  // Fixed random permutation of the E*N grid addresses (seeded; saved with the model), or the keyed
+  // Feistel bijection's materialisation (permutation_key).
   perm = register_buffer("perm", c.external_values ? torch::empty({0}, torch::kLong)
                                                     : ops::detail::empty_on_huge_pages({c.n * c.n}, torch::kLong));
   if (c.init_values && !c.external_values) {
     int64_t* p = perm.data_ptr<int64_t>();
     const int64_t slots = c.n * c.n;
-    std::iota(p, p + slots, int64_t(0));
-    std::mt19937_64 rng(c.seed ^ 0x9e3779b97f4a7c15ULL);
-    for (int64_t i = slots - 1; i > 0; --i) {
-      std::uniform_int_distribution<int64_t> pick(0, i);
-      std::swap(p[i], p[pick(rng)]);
+    if (c.permutation_key != 0) {
+      ops::feistel_permutation(slots, c.permutation_key, p);
+    } else {
+      std::iota(p, p + slots, int64_t(0));
+      std::mt19937_64 rng(c.seed ^ 0x9e3779b97f4a7c15ULL);
+      for (int64_t i = slots - 1; i > 0; --i) {
+        std::uniform_int_distribution<int64_t> pick(0, i);
+        std::swap(p[i], p[pick(rng)]);
+      }
     }
   }
   u_vec = register_buffer("u", torch::zeros({c.H, c.r}));

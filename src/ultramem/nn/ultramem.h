@@ -117,8 +117,10 @@ class UltraMemImpl : public torch::nn::Module {
 
   // Serves the value table from a file behind a bounded row cache (ops/tiered_values.h) in place of
   // `values`, for tables larger than memory: no-grad forwards only (a grad-enabled one throws
-  // std::logic_error); the retrieval starts the rows' reads, the lookup waits for them. The file must
-  // hold N rows of Dv values for this layer's E (checked at the first forward). Null: back to `values`.
+  // std::logic_error); the retrieval starts the rows' reads, the lookup waits for them. Checked here
+  // (std::invalid_argument naming the file): the file holds N rows of Dv values for this layer's E; a
+  // Feistel key matches the layer's permutation_key, or materialises its stored permutation; a layer
+  // without its table in memory (external_values) gets a key. Null: back to `values`.
   void set_tiered_values(std::shared_ptr<ops::TieredValues> tiered);
   const std::shared_ptr<ops::TieredValues>& tiered_values() const { return tiered_; }
 

@@ -63,6 +63,27 @@ int64_t UltraMemImpl::value_bytes() const {
 void UltraMemImpl::set_tiered_values(std::shared_ptr<ops::TieredValues> tiered) {
   if (tiered && value_lookup_)
     throw std::logic_error("UltraMem::set_tiered_values: a value lookup is installed (sharded table)");
+  if (tiered) {
+    const auto& c = cfg_;
+    auto bad = [&](const std::string& what) {
+      throw std::invalid_argument("UltraMem: the value table " + tiered->path() + " " + what);
+    };
+    if (tiered->rows() != c.physical_rows() || tiered->dv() != c.Dv)
+      bad("holds " + std::to_string(tiered->rows()) + " rows of " + std::to_string(tiered->dv()) +
+          " values; this layer needs " + std::to_string(c.physical_rows()) + " rows (n*n/E) of Dv = " +
+          std::to_string(c.Dv));
+    if (tiered->E() != c.E) bad("was opened for E = " + std::to_string(tiered->E()) + "; the layer has E = " + std::to_string(c.E));
+    const auto& key = tiered->feistel_key();
+    if (key && c.permutation_key != 0 && *key != c.permutation_key)
+      bad("is read with the Feistel key " + std::to_string(*key) + " but the layer's permutation_key is " +
+          std::to_string(c.permutation_key));
+    if (!key && c.external_values)
+      bad("has no Feistel key, and this layer holds no stored permutation (external values)");
+    if (key && !c.external_values && c.permutation_key == 0) {
+      const std::string why = ops::feistel_mismatch(perm, c.n * c.n, *key);
+      if (!why.empty()) bad("is read with a Feistel key that is not this layer's permutation: " + why);
+    }
+  }
   tiered_ = std::move(tiered);
 }
 

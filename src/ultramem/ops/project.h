@@ -82,7 +82,7 @@ void project_nt(const S* x, int64_t rows, int64_t K, const at::Tensor& b, const 
     at::mm_out(dst, xt, b.t());
     return;
   }
-  constexpr int64_t kBlock = 512;
+  constexpr int64_t kBlock = 2048;  // rows widened per product: few BLAS calls over a large key table
   std::vector<S>& wide = widen_scratch<S>(0);
   std::vector<S>& part = widen_scratch<S>(1);
   wide.resize(kBlock * K);

@@ -1,5 +1,6 @@
 #include "ultramem/ops/tiered_values.h"
 
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -108,6 +109,28 @@ void TieredValues::warm(const int64_t* rows, int64_t n) {
     cache_->fetch(rows + first, count, slots.data());
   }
   submitted_ = false;
+}
+
+void feistel_permutation(int64_t slots, uint64_t key, int64_t* out) {
+  TORCH_CHECK(slots >= 1, "feistel_permutation: slots must be >= 1");
+  const kernels::FeistelPermutation f(uint64_t(slots), key);
+  at::parallel_for(0, slots, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) out[g] = int64_t(f.forward(uint64_t(g)));
+  });
+}
+
+std::string feistel_mismatch(const at::Tensor& perm, int64_t slots, uint64_t key, int64_t samples) {
+  if (!perm.defined() || perm.scalar_type() != at::kLong || !perm.is_contiguous() || perm.numel() != slots)
+    return "the stored permutation has " + std::to_string(perm.defined() ? perm.numel() : 0) + " entries, not " +
+           std::to_string(slots);
+  const kernels::FeistelPermutation f(uint64_t(slots), key);
+  const int64_t* p = perm.data_ptr<int64_t>();
+  const int64_t step = std::max<int64_t>(1, slots / std::max<int64_t>(1, samples));
+  for (int64_t g = 0; g < slots; g += step)
+    if (p[g] != int64_t(f.forward(uint64_t(g))))
+      return "perm[" + std::to_string(g) + "] = " + std::to_string(p[g]) + " but the Feistel key " + std::to_string(key) +
+             " maps it to " + std::to_string(f.forward(uint64_t(g)));
+  return "";
 }
 
 void write_random_value_table(const std::string& path, bool int8, int64_t rows, int64_t dv, uint64_t seed, double std,

@@ -86,6 +86,12 @@ class TieredValues {
   double wait_seconds_ = 0;
 };
 
+// The keyed Feistel bijection of [0, slots) (kernels/feistel.h) materialised: out[g] = F(g), out [slots].
+void feistel_permutation(int64_t slots, uint64_t key, int64_t* out);
+// "" when the stored permutation perm [slots] (int64) is the Feistel key's materialisation at `samples`
+// spread positions (and has the size), else what differs.
+std::string feistel_mismatch(const at::Tensor& perm, int64_t slots, uint64_t key, int64_t samples = 4096);
+
 // Value-table files (the kernels' format) written by streaming, in memory one chunk whatever their size;
 // progress(rows_done) is called along the way. std::runtime_error naming the file (a full disk leaves no
 // file that looks complete).

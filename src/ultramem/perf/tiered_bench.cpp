@@ -176,8 +176,8 @@ void TieredBench::validate() {
   }
   auto bad = [](const std::string& m) { throw std::invalid_argument("bench tiered: " + m); };
   for (const auto& [name, v] : {std::pair{"--log2-slots", a_.log2_slots}, {"--ram-log2-slots", a_.ram_log2_slots}}) {
-    if (v < 12 || v > 40 || v % 2 != 0)
-      bad(std::string(name) + " must be even and in [12, 40] (n = 2^(log2/2) keys per side), got " + std::to_string(v));
+    if (v < 12 || v > 32 || v % 2 != 0)
+      bad(std::string(name) + " must be even and in [12, 32] (n = 2^(log2/2) keys per side, at most 65536), got " + std::to_string(v));
   }
   if (a_.E != 4) bad("E must be 4");
   if (a_.batches.empty()) bad("--batches: give at least one batch size");

@@ -22,6 +22,7 @@
 #include "ultramem/checkpoint/run_folder.h"
 #include "ultramem/data/prepared.h"
 #include "ultramem/data/tokenizer.h"
+#include "ultramem/infer/value_table_files.h"
 #include "ultramem/infer/model_loading.h"
 #include "ultramem/infer/scheduler.h"
 #include "ultramem/nn/memory_config.h"
@@ -469,6 +470,8 @@ int serve_model(const ServeOptions& options, std::ostream& log) {
   if (!fs::exists(checkpoint)) throw std::invalid_argument("MODEL: " + checkpoint + " does not exist");
   infer::LoadOptions lo;
   lo.mmap = options.mmap;
+  lo.value_tables = options.value_tables;
+  if (!options.value_tables.empty()) lo.value_cache_bytes = infer::value_cache_bytes(options.value_cache_gib);
   if (!options.keys.empty()) lo.key_format = nn::parse_value_format(options.keys);
   if (!options.weights.empty()) lo.weight_format = nn::parse_value_format(options.weights);
   lo.warn = [&log](const std::string& s) { log << "note: " << s << std::endl; };

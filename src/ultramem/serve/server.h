@@ -34,6 +34,8 @@ struct ServeOptions {
   int threads = 0;               // compute threads of the model; 0: the calling thread's (--threads)
   int http_threads = 0;          // connection threads; 0: max_batch + max_queue + 8, at most 1024
   bool mmap = false;             // value tables mapped from the checkpoint
+  std::string value_tables;  // a folder of value-table files (export-tables) served behind row caches; "": none
+  double value_cache_gib = 4;  // the row caches' cap with value_tables
   std::string keys, weights;     // key / dense-weight storage as in `generate` ("": the checkpoint's)
   double drain_seconds = 30;     // on SIGTERM: how long in-flight requests may take to finish
   bool log_requests = true;      // one JSON line per finished request on the log
