@@ -53,7 +53,7 @@ expect_error "export from the float32" "$um" export-tables "$work/run/checkpoint
 # bench tiered --quick: cases, ratios, targets; the table removed, or kept and reused.
 out=$("$um" bench tiered --quick --dir "$work/bench" --plot "$work/plot" 2>/dev/null)
 for key in '"case":"tiered","traffic":"zipf"' '"case":"tiered","traffic":"uniform"' '"case":"in_ram"' \
-           '"warm":"zipf"' '"wait_hidden"' '"hit_rate"' '"ratio":"tiered_zipf_over_in_ram"' '"removed":true' \
+           '"warm":"zipf"' '"stall_hidden"' '"case":"tiered","traffic":"resident"' '"hit_rate"' '"ratio":"tiered_zipf_over_in_ram"' '"removed":true' \
            '"target":"resident memory'; do
   grep -qF -- "$key" <<<"$out" || fail "bench tiered --quick lacks $key: $out"
 done

@@ -122,7 +122,8 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str();
   tiered->add_option("--traffic", t.traffic,
                      "Row traffic of the tiered model: zipf (P(rank k) ~ 1/k^s over scattered rows; the cache is "
-                     "first filled with the hottest rows), uniform")
+                     "first filled with the hottest rows), uniform, resident (only rows the warm cache holds: the "
+                     "cost without reads)")
       ->delimiter(',')
       ->capture_default_str();
   tiered->add_option("--zipf-s", t.zipf_s, "Zipf exponent s")->capture_default_str();

@@ -60,7 +60,9 @@ void TieredValues::submit(const at::Tensor& index, const at::Tensor& perm) {
       TORCH_CHECK(rows_[size_t(e)] >= 0 && rows_[size_t(e)] < N, "TieredValues: the row traffic chose row ",
                   rows_[size_t(e)], ", outside [0, ", N, ")");
   }
+  const auto start = std::chrono::steady_clock::now();
   cache_->submit(rows_.data(), hits);
+  submit_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   submitted_ = true;
 }
 
@@ -157,12 +159,12 @@ void write_value_table(const std::string& path, bool int8, const at::Tensor& val
 
 TieredValuesStats TieredValues::stats() const {
   const auto s = cache_->stats();
-  return TieredValuesStats{s.lookups, s.hits, s.misses, s.reads, s.bytes_read, wait_seconds_};
+  return TieredValuesStats{s.lookups, s.hits, s.misses, s.reads, s.bytes_read, wait_seconds_, submit_seconds_};
 }
 
 void TieredValues::reset_stats() {
   cache_->reset_stats();
-  wait_seconds_ = 0;
+  wait_seconds_ = submit_seconds_ = 0;
 }
 
 }  // namespace ultramem::ops

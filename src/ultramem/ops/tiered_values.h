@@ -26,6 +26,8 @@ struct TieredValuesStats {
   int64_t reads = 0;        // read requests (rows within a page span merged)
   int64_t bytes_read = 0;   // bytes read from the file
   double wait_seconds = 0;  // time the lookups waited for reads still in flight
+  double submit_seconds = 0;  // time the submits took (cache bookkeeping, and handing the reads to the
+                              // kernel, which blocks when the device's queue is full)
 };
 
 class TieredValues {
@@ -83,7 +85,7 @@ class TieredValues {
   std::vector<int64_t> resolved_;  // [T*K] group * cache_rows + slot, for the kernel's identity permutation
   RowTraffic traffic_;
   bool submitted_ = false;
-  double wait_seconds_ = 0;
+  double wait_seconds_ = 0, submit_seconds_ = 0;
 };
 
 // The keyed Feistel bijection of [0, slots) (kernels/feistel.h) materialised: out[g] = F(g), out [slots].

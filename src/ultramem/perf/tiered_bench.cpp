@@ -47,13 +47,22 @@ double gib(double bytes) { return bytes / kGiB; }
 // by a keyed permutation, so that the hot rows lie scattered over the file as a retrieval's would.
 class RowTraffic {
  public:
+  enum class Kind { kZipf, kUniform, kResident };
   RowTraffic(int64_t rows, double s, uint64_t key) : rows_(rows), s_(s), scatter_(uint64_t(rows), key) {}
-  void set_zipf(bool zipf) { zipf_ = zipf; }
+  // resident: ranks uniform below `hot` (the rows the cache was warmed with: every row a hit).
+  void set_kind(Kind kind, int64_t hot = 1) {
+    kind_ = kind;
+    hot_ = std::max<int64_t>(1, hot);
+  }
 
   void operator()(int64_t* rows, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
       const uint64_t r = next();
-      rows[i] = zipf_ ? int64_t(scatter_.forward(uint64_t(rank(double(r >> 11) * 0x1p-53)))) : int64_t(r % uint64_t(rows_));
+      switch (kind_) {
+        case Kind::kZipf: rows[i] = int64_t(scatter_.forward(uint64_t(rank(double(r >> 11) * 0x1p-53)))); break;
+        case Kind::kUniform: rows[i] = int64_t(r % uint64_t(rows_)); break;
+        case Kind::kResident: rows[i] = int64_t(scatter_.forward(r % uint64_t(hot_))); break;
+      }
     }
   }
   // The `count` most probable rows (ranks 0..count-1), in file order.
@@ -93,7 +102,8 @@ class RowTraffic {
   int64_t rows_;
   double s_;
   kernels::FeistelPermutation scatter_;
-  bool zipf_ = true;
+  Kind kind_ = Kind::kZipf;
+  int64_t hot_ = 1;
   uint64_t state_ = 12345;
 };
 
@@ -102,7 +112,7 @@ struct Samples {
   std::vector<double> seconds;
   int64_t lookups = 0, misses = 0, reads = 0, bytes_read = 0, hits = 0;
   int64_t storage_bytes = 0;  // /proc/self/io read_bytes
-  double wait_seconds = 0;
+  double wait_seconds = 0, submit_seconds = 0;
   int64_t max_rss = 0;
   void add(const ops::TieredValuesStats& before, const ops::TieredValuesStats& after) {
     lookups += after.lookups - before.lookups;
@@ -111,7 +121,9 @@ struct Samples {
     reads += after.reads - before.reads;
     bytes_read += after.bytes_read - before.bytes_read;
     wait_seconds += after.wait_seconds - before.wait_seconds;
+    submit_seconds += after.submit_seconds - before.submit_seconds;
   }
+  double stall() const { return wait_seconds + submit_seconds; }
 };
 
 double quantile(std::vector<double> v, double q) {
@@ -185,7 +197,8 @@ void TieredBench::validate() {
     if (B < 1 || B > 1024) bad("--batches: each must be in [1, 1024], got " + std::to_string(B));
   if (a_.traffic.empty()) bad("--traffic: give zipf, uniform or both");
   for (const auto& t : a_.traffic)
-    if (t != "zipf" && t != "uniform") bad("--traffic: expected zipf or uniform, got \"" + t + "\"");
+    if (t != "zipf" && t != "uniform" && t != "resident")
+      bad("--traffic: expected zipf, uniform or resident, got \"" + t + "\"");
   if (!(a_.zipf_s > 0 && a_.zipf_s <= 4)) bad("--zipf-s must be in (0, 4], got " + std::to_string(a_.zipf_s));
   if (!(a_.cache_gib > 0 && a_.cache_gib <= 1024)) bad("--cache-gib must be in (0, 1024], got " + std::to_string(a_.cache_gib));
   if (a_.steps < 1 || a_.steps > 100000) bad("--steps must be in [1, 100000], got " + std::to_string(a_.steps));
@@ -381,17 +394,21 @@ void TieredBench::run_tiered(const std::string& path) {
         {"rss_before_gib", rss_before},
         {"rss_after_build_gib", gib(double(io::resident_bytes()))}});
 
+  const int64_t hot_rows = tiered->cache_rows() * 95 / 100;
   for (const auto& kind : a_.traffic) {
-    const bool zipf = kind == "zipf";
-    traffic->set_zipf(zipf);
-    if (zipf) {  // a warm cache: the hottest rows, read in file order, filling 95% of the slots
+    const bool warm = kind != "uniform";
+    traffic->set_kind(kind == "zipf"       ? RowTraffic::Kind::kZipf
+                      : kind == "uniform" ? RowTraffic::Kind::kUniform
+                                          : RowTraffic::Kind::kResident,
+                      hot_rows);
+    if (warm) {  // a warm cache: the hottest rows, read in file order, filling 95% of the slots
       const auto t0 = Clock::now();
       const auto st0 = tiered->stats();
       const int64_t storage0 = io::storage_read_bytes();
-      const auto hot = traffic->hottest(tiered->cache_rows() * 95 / 100);
+      const auto hot = traffic->hottest(hot_rows);
       tiered->warm(hot.data(), int64_t(hot.size()));
       const auto st1 = tiered->stats();
-      emit({{"warm", "zipf"},
+      emit({{"warm", kind},
             {"rows", int64_t(hot.size())},
             {"seconds", seconds_since(t0)},
             {"bytes_read_gib", gib(double(st1.bytes_read - st0.bytes_read))},
@@ -421,7 +438,8 @@ void TieredBench::run_tiered(const std::string& path) {
       const double steps = double(a_.steps);
       Row r{"tiered_" + kind, B, quantile(on.seconds, 0.5) * 1e3, quantile(off.seconds, 0.5) * 1e3};
       rows_.push_back(r);
-      const double hidden = off.wait_seconds > 0 ? 1.0 - on.wait_seconds / off.wait_seconds : 0.0;
+      // The reads' stall: submitting them (the kernel blocks while the device's queue is full) and waiting.
+      const double hidden = off.stall() > 0 ? 1.0 - on.stall() / off.stall() : 0.0;
       emit({{"case", "tiered"},
             {"traffic", kind},
             {"slots_log2", a_.log2_slots},
@@ -438,12 +456,14 @@ void TieredBench::run_tiered(const std::string& path) {
             {"storage_bytes_per_step", double(on.storage_bytes) / steps},
             {"hit_rate", on.lookups ? double(on.hits) / double(on.lookups) : 0.0},
             {"wait_ms_per_step", on.wait_seconds / steps * 1e3},
+            {"submit_ms_per_step", on.submit_seconds / steps * 1e3},
             {"rss_gib", gib(double(std::max(on.max_rss, off.max_rss)))},
             {"reads_ahead_off",
              {{"median_ms", r.median_ms_ahead_off},
               {"wait_ms_per_step", off.wait_seconds / steps * 1e3},
+              {"submit_ms_per_step", off.submit_seconds / steps * 1e3},
               {"hit_rate", off.lookups ? double(off.hits) / double(off.lookups) : 0.0}}},
-            {"wait_hidden", hidden}});
+            {"stall_hidden", hidden}});
     }
   }
   tiered_peak_rss_gib_ = gib(double(io::resident_high_water_bytes()));
@@ -461,6 +481,13 @@ void TieredBench::ratios_and_targets() {
       if (r.series == series && r.batch == B) return &r;
     return nullptr;
   };
+  // Resident traffic (every row cached): what the larger memory costs without any read, for the profile.
+  for (int64_t B : a_.batches) {
+    const Row* t = find("tiered_resident", B);
+    const Row* m = find("in_ram", B);
+    if (t && m && m->median_ms > 0)
+      emit({{"ratio", "tiered_resident_over_in_ram"}, {"batch", B}, {"value", t->median_ms / m->median_ms}});
+  }
   for (const auto& [kind, bound] : {std::pair{std::string("zipf"), 1.6}, {std::string("uniform"), 3.0}}) {
     if (std::find(a_.traffic.begin(), a_.traffic.end(), kind) == a_.traffic.end()) continue;
     double worst = 0;

@@ -14,9 +14,10 @@ struct TieredBenchOptions {
   int64_t ram_log2_slots = 24;  // the in-RAM model's
   std::vector<int64_t> batches = {1, 16, 64};
   // Row traffic of the tiered model: "zipf" (ranks drawn with P(k) ~ 1/k^s, scattered over the rows by a
-  // keyed permutation; the cache is first filled with the hottest rows) and "uniform". The in-RAM model
-  // reads the rows its retrieval picks.
-  std::vector<std::string> traffic = {"zipf", "uniform"};
+  // keyed permutation; the cache is first filled with the hottest rows), "uniform", and "resident" (only
+  // rows the warm cache holds: the model's cost without reads, for the profile). The in-RAM model reads the
+  // rows its retrieval picks.
+  std::vector<std::string> traffic = {"resident", "zipf", "uniform"};
   double zipf_s = 1.0;
   double cache_gib = 4.0;       // the row cache's cap
   int64_t steps = 64;           // timed decode steps per case and mode (reads ahead on / off, alternating)
