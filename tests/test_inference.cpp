@@ -31,6 +31,7 @@
 #include "ultramem/ops/block_decode.h"
 #include "ultramem/ops/moe_decode.h"
 #include "ultramem/ops/tiered_values.h"
+#include "ultramem/ops/ultramem_decode.h"
 #include "ultramem/checkpoint/checkpoint.h"
 
 namespace fs = std::filesystem;
@@ -157,6 +158,37 @@ TEST(FastPath, CompactKeys) {
   }
   layer->set_key_format(ultramem::nn::ValueFormat::kFloat32);
   EXPECT_TRUE(torch::equal(fast_forward(layer, x), want));
+}
+
+// Compact filter keys keep a widened copy (kf_wide) for batches above the few rows: the op's scores and
+// outputs with it are those of widening the rows on every call, bit for bit, for int8 and bf16 keys.
+TEST(FastPath, WidenedCompactFilterKeysGiveTheSameOutputs) {
+  namespace ops = ultramem::ops;
+  ops::UltraMemDims d;
+  d.D = 32, d.Dk = 16, d.Dv = 16, d.H = 2, d.r = 2, d.n = 32, d.C = 2, d.E = 1, d.m = 8, d.m_first = 8;
+  torch::manual_seed(11);
+  ops::UltraMemDecodeWeights w;
+  w.wq = torch::randn({d.D, 2 * d.Dk});
+  w.q_scale = torch::ones({2, d.Dk});
+  w.cores = torch::randn({d.C, d.H, d.r, d.r});
+  w.values = torch::randn({d.N(), d.Dv});
+  w.perm = torch::randperm(d.E * d.N(), torch::kLong);
+  w.wo = torch::randn({d.E * d.Dv, d.D});
+  const auto kn_row = torch::randn({d.H, d.n, d.r, d.Dk}), kn_col = torch::randn({d.H, d.n, d.r, d.Dk});
+  const auto keys = ops::fold_filter_keys(kn_row, kn_col, torch::randn({d.H, d.r}), torch::randn({d.H, d.r}));
+  const auto x = torch::randn({40, d.D});
+  for (const std::string format : {"int8", "bf16"}) {
+    SCOPED_TRACE(format);
+    w.keys = ops::compact_keys(keys, format);
+    ASSERT_TRUE(w.keys.kf_wide.defined());
+    torch::Tensor s1, i1, s2, i2;
+    const auto wide = ops::ultramem_decode(x, w, d, &s1, &i1);
+    w.keys.kf_wide = torch::Tensor();  // the rows widened per call
+    const auto per_call = ops::ultramem_decode(x, w, d, &s2, &i2);
+    EXPECT_TRUE(torch::equal(i1, i2));
+    EXPECT_TRUE(torch::equal(s1, s2));
+    EXPECT_TRUE(torch::equal(wide, per_call));
+  }
 }
 
 TEST(FastPath, MatchesAutogradPathDoubleAndKeepsLeadingShape) {

@@ -108,8 +108,11 @@ void retrieve_impl(const S* u, int64_t T, const UltraMemDecodeWeights& w, const 
   S* f_row = sized(sc.f_row, T * Hn);
   S* f_col = sized(sc.f_col, T * Hn);
   // [T, Dk] @ kf[side]^T (float or compact key rows): the few-row kernel or BLAS, as project().
+  // Compact keys with more than the few rows: their widened copy, one BLAS product per side.
+  const bool wide = std::is_same_v<S, float> && w.keys.kf_wide.defined() && T > detail::kSmallRows &&
+                    !ultramem::batch_invariant();
   for (int side = 0; side < 2; ++side) {
-    const auto [rows, scale] = key_side(kf, w.keys.kf_scale, side);
+    const auto [rows, scale] = wide ? key_side(w.keys.kf_wide, at::Tensor(), side) : key_side(kf, w.keys.kf_scale, side);
     detail::project_nt<S>(side == 0 ? qr : qc, T, Dk, rows, scale, side == 0 ? f_row : f_col);
   }
   kernels::TdqkrShape ts;
@@ -233,6 +236,9 @@ UltraMemDecodeKeys compact_keys(const UltraMemDecodeKeys& keys, const std::strin
   UltraMemDecodeKeys out;
   out.kn = one(keys.kn, out.kn_scale);
   out.kf = one(keys.kf, out.kf_scale);
+  // Widened once here rather than per product (a 2^30-slot layer's filter keys are 8 MiB of int8: widening
+  // them on every batched step cost more than the product; docs/tiered_tables.md).
+  out.kf_wide = out.kf_scale.defined() ? out.kf.to(at::kFloat) * out.kf_scale.unsqueeze(-1) : out.kf.to(at::kFloat);
   return out;
 }
 

@@ -46,6 +46,9 @@ struct UltraMemDecodeKeys {
                         //                v for the col side; R = 1 for the signed rank-1 filter
   at::Tensor kn_scale;  // [2, H*r*n] float32 row scales of int8 kn; undefined otherwise
   at::Tensor kf_scale;  // [2, H*R*n] float32 row scales of int8 kf; undefined otherwise
+  at::Tensor kf_wide;   // [2, H*R*n, Dk] float32: compact kf widened (q * scale, or the bf16 values), the
+                        // numbers the products of more than the few rows used to widen on every call;
+                        // undefined for fp32 keys. A speed copy: the scores are the same.
 };
 
 // Compact copies of prepared keys for inference: format "bf16" (half the bytes of float32) or "int8"
