@@ -111,7 +111,7 @@ void add_bench_command(CLI::App& app) {
       "Decode with a memory of 2^30 virtual slots whose int8 value table (2^28 rows, about 33 GiB) is a file on "
       "disk behind a row cache of --cache-gib, against the same model at 2^24 slots in RAM: step latency, rows "
       "and bytes read, cache hit rate and resident memory at each batch, under Zipfian (warm cache) and uniform "
-      "row traffic, with and without the reads issued a block ahead. Writes the table first (about 10 minutes on "
+      "row traffic, with and without the reads issued a block ahead. Writes the table first (about 12 minutes on "
       "2 cores; the free space is checked) and removes it at the end unless --keep. docs/tiered_tables.md");
   tiered->add_option("--log2-slots", t.log2_slots, "Virtual slots E*N of the tiered model, log2 (even)")
       ->capture_default_str();
