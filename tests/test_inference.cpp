@@ -1021,6 +1021,13 @@ TEST(TieredValues, AModelServedFromTableFilesEqualsItsQuantisedCheckpoint) {
       lo.value_cache_bytes = 2 * 1100 * (cfg.ultramem.Dv * 2 + 64);
       auto file = inf::load_model(ckpt, lo);
       EXPECT_EQ(file.file_tables, 2);
+      EXPECT_EQ(file.mapped_permutations, 2);
+      EXPECT_EQ(mem.mapped_permutations, 0);
+      for (const auto& [name, layer] : inf::ultramem_layers(*file.model)) {  // views of the mapped file, no copy
+        const auto* perm = static_cast<const char*>(layer->perm.data_ptr());
+        const auto* values = static_cast<const char*>(layer->values.data_ptr());  // mapped as with --mmap
+        EXPECT_LT(std::abs(perm - values), int64_t(fs::file_size(ckpt))) << name;
+      }
       for (const auto& [name, layer] : inf::ultramem_layers(*file.model)) {
         ASSERT_NE(layer->tiered_values(), nullptr) << name;
         EXPECT_LT(layer->tiered_values()->cache_rows(), 4096) << name;
@@ -1036,6 +1043,26 @@ TEST(TieredValues, AModelServedFromTableFilesEqualsItsQuantisedCheckpoint) {
       EXPECT_GT(st.misses, 0);
       EXPECT_GT(st.hits, 0);
     }
+  }
+  // With a permutation_key the stored permutation is not read at all: a checkpoint whose stored one is
+  // damaged serves from its table files, and refuses to run with its tables in memory.
+  {
+    auto cfg = tiny_model();
+    cfg.ultramem.n = 128;
+    cfg.ultramem.permutation_key = 4242;
+    ultramem::nn::Transformer model(cfg);
+    for (const auto& [name, layer] : inf::ultramem_layers(*model)) {
+      torch::NoGradGuard no_grad;
+      layer->perm.fill_(-1);
+    }
+    const std::string ckpt = dir / "damaged_perm.safetensors";
+    inf::save_weights(ckpt, *model, ultramem::nn::model_config_to_json(model->config()), nullptr);
+    inf::LoadOptions lo;
+    lo.value_tables = dir / "tables4242int8";  // the same key: the same rows
+    auto served = inf::load_model(ckpt, lo);
+    EXPECT_TRUE(torch::isfinite(logits_of(served.model, tokens)).all().item<bool>());
+    auto in_memory = inf::load_model(ckpt);
+    expect_throw_with<std::runtime_error>([&] { logits_of(in_memory.model, tokens); }, "corrupt weights");
   }
   // Tables of another model's size, a folder without them, and a table already compact are refused.
   auto small = tiny_model();

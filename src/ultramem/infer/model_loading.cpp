@@ -51,6 +51,15 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
                       (values.scalar_type() == torch::kFloat || values.scalar_type() == torch::kBFloat16 || int8) &&
                       (int8 == scale.defined());
     if (!fits) continue;  // load_model_state names the mismatch
+    // With table files the stored permutation stays in the mapping too: a layer with a permutation_key
+    // never reads it, one without reads 8 bytes of it per row looked up.
+    const auto p = ckpt.model.find(name + ".perm");
+    if (!options.value_tables.empty() && p != ckpt.model.end() && !is_copied(name + ".perm") &&
+        p->second.dim() == 1 && p->second.size(0) == lc.n * lc.n && p->second.scalar_type() == torch::kLong) {
+      layer->set_permutation_table(p->second);
+      io::advise_random_access(p->second);
+      ++out.mapped_permutations;
+    }
     const bool mapped = map && !is_copied(name + ".values") && !(int8 && is_copied(name + ".values_scale"));
     try {
       if (mapped) {

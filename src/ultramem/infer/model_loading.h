@@ -53,6 +53,7 @@ struct LoadedModel {
   int64_t value_bytes = 0;            // all UltraMem value tables, per-row scales included
   int64_t mapped_tables = 0;          // value tables served from the mapping (mmap)
   int64_t file_tables = 0;            // value tables served from table files (value_tables)
+  int64_t mapped_permutations = 0;    // value_tables: stored permutations used from the mapping, not copied
   std::vector<std::string> copied;    // mmap: model tensors copied, not mapped (not 64-byte aligned in the
                                       // file; small odd-sized ones always are, warn() names value tables)
 };

@@ -114,6 +114,10 @@ class UltraMemImpl : public torch::nn::Module {
   // std::logic_error where set_value_format would (an int8 table cannot be replaced by another format).
   void set_value_table(torch::Tensor values, torch::Tensor scale, bool read_only);
   bool values_read_only() const { return values_read_only_; }
+  // Installs a stored IVE permutation as it is (no copy), e.g. a read-only mapping of a checkpoint's: int64
+  // [n*n], contiguous, on the CPU; std::invalid_argument otherwise. The entries are checked at the next
+  // forward that reads them (a layer served from a table file with a Feistel key never does).
+  void set_permutation_table(torch::Tensor perm);
 
   // Serves the value table from a file behind a bounded row cache (ops/tiered_values.h) in place of
   // `values`, for tables larger than memory: no-grad forwards only (a grad-enabled one throws

@@ -203,6 +203,16 @@ void UltraMemImpl::set_value_table(torch::Tensor v, torch::Tensor scale, bool re
   values_read_only_ = read_only;
 }
 
+void UltraMemImpl::set_permutation_table(torch::Tensor p) {
+  const int64_t slots = cfg_.n * cfg_.n;
+  if (!p.defined() || p.dim() != 1 || p.size(0) != slots || p.scalar_type() != torch::kLong || !p.is_contiguous() ||
+      !p.device().is_cpu())
+    throw std::invalid_argument("UltraMem::set_permutation_table: perm must be a contiguous int64 CPU tensor [n*n] = [" +
+                                std::to_string(slots) + "], got " + (p.defined() ? shape_str(p) : "undefined"));
+  torch::NoGradGuard no_grad;
+  perm.set_data(p);
+}
+
 // ---- the fast path: the fused op (ops/ultramem_decode.h) ----------------------------------------
 
 struct UltraMemImpl::DecodeArgs {
@@ -252,6 +262,8 @@ UltraMemImpl::DecodeArgs UltraMemImpl::decode_args(torch::ScalarType st) {
       if (!tiered_ || !tiered_->feistel_key())
         throw std::logic_error("UltraMem: the layer's value table is external (not in memory): install its table "
                                "file with set_tiered_values and a Feistel key before a forward");
+    } else if (tiered_ && tiered_->feistel_key()) {
+      // The reads go through the key: the stored permutation (maybe a mapping of gigabytes) is not read.
     } else if (ic.perm_ptr != perm.data_ptr() || ic.perm_version != version_of(perm)) {
       const std::string bad = ops::permutation_error(perm, c.n * c.n);
       if (!bad.empty()) throw std::runtime_error("UltraMem: " + bad + " (n*n slots); corrupt weights?");
