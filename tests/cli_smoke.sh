@@ -6,14 +6,7 @@ set -euo pipefail
 um="$1"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
-
-# expect_error "needle" cmd...: the command must fail and print the needle.
-expect_error() {
-  local needle="$1"; shift
-  if out=$("$@" 2>&1); then fail "expected an error from: $*"; fi
-  grep -qF -- "$needle" <<<"$out" || fail "error of '$*' lacks \"$needle\": $out"
-}
+source "$(dirname "$0")/smoke_lib.sh"
 
 mkdir -p "$work/corpus"
 for d in 1 2 3 4 5 6 7 8; do

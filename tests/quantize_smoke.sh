@@ -8,23 +8,8 @@ set -euo pipefail
 um="$1"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
-# json_has WHAT JSON KEY...: every KEY (a fixed string) occurs in JSON.
-json_has() {
-  local what="$1" json="$2"; shift 2
-  for key in "$@"; do grep -qF -- "$key" <<<"$json" || fail "$what JSON lacks $key: $json"; done
-}
-expect_error() {
-  local needle="$1"; shift
-  if out=$("$@" 2>&1); then fail "expected an error from: $*"; fi
-  grep -qF -- "$needle" <<<"$out" || fail "error of '$*' lacks \"$needle\": $out"
-}
-
-mkdir -p "$work/corpus"
-for d in 1 2 3 4 5 6; do
-  for i in $(seq 1 100); do echo "Member $d asked the council about road $((i % 5)) and the budget for year $((i % 3))."; done \
-    > "$work/corpus/doc$d.txt"
-done
+source "$(dirname "$0")/smoke_lib.sh"
+council_corpus "$work/corpus" 6 100
 "$um" --threads 1 prepare --input "$work/corpus" --out "$work/data" --vocab 300 --val-fraction 0.25 >/dev/null
 cat > "$work/model.json" <<'JSON'
 {"model": {"name": "q-tiny", "vocab_size": 300, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32,

@@ -8,18 +8,8 @@ set -euo pipefail
 um="$1"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
-expect_error() {
-  local needle="$1"; shift
-  if out=$("$@" 2>&1); then fail "expected an error from: $*"; fi
-  grep -qF -- "$needle" <<<"$out" || fail "error of '$*' lacks \"$needle\": $out"
-}
-
-mkdir -p "$work/corpus"
-for d in 1 2 3 4; do
-  for i in $(seq 1 80); do echo "Member $d asked the council about road $((i % 5)) and the budget for year $((i % 3))."; done \
-    > "$work/corpus/doc$d.txt"
-done
+source "$(dirname "$0")/smoke_lib.sh"
+council_corpus "$work/corpus" 4 80
 "$um" --threads 1 prepare --input "$work/corpus" --out "$work/data" --vocab 300 --val-fraction 0.25 >/dev/null
 cat > "$work/model.json" <<'JSON'
 {"model": {"name": "t-tiny", "vocab_size": 300, "d_model": 32, "n_layers": 3, "n_heads": 2, "max_seq_len": 32,

@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "commands.h"
+#include "value_table_options.h"
 #include "ultramem/infer/evaluate.h"
 
 namespace ultramem::cli {
@@ -47,13 +48,7 @@ void add_eval_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--m-first", a->filter_m_first, "With --filter: first-stage candidates per side (0 = as trained)")
       ->capture_default_str();
-  cmd->add_option("--value-tables", a->value_tables,
-                  "Serve the memory value tables from the table files in this folder (<layer>.table, written by "
-                  "`ultramem export-tables`) behind row caches of --value-cache-gib, instead of holding them in "
-                  "memory (tables larger than RAM; docs/tiered_tables.md)")
-      ->check(CLI::ExistingDirectory);
-  cmd->add_option("--value-cache-gib", a->value_cache_gib, "The row caches' cap with --value-tables (GiB)")
-      ->capture_default_str();
+  add_value_table_options(cmd, a->value_tables, a->value_cache_gib);
   cmd->add_flag("--mmap", a->mmap,
                 "Serve the memory value tables from a read-only mapping of the checkpoint file instead of "
                 "loading them (tables larger than RAM; checksum not verified). first_batch_ms vs "

@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "commands.h"
+#include "value_table_options.h"
 #include "ultramem/infer/text_generation.h"
 
 namespace ultramem::cli {
@@ -49,13 +50,7 @@ void add_generate_command(CLI::App& app) {
                   "its lookup at block j (default 0: off; it measured no gain with tables in RAM, see "
                   "docs/performance.md D.15)")
       ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--value-tables", a->value_tables,
-                  "Serve the memory value tables from the table files in this folder (<layer>.table, written by "
-                  "`ultramem export-tables`) behind row caches of --value-cache-gib, instead of holding them in "
-                  "memory (tables larger than RAM; docs/tiered_tables.md)")
-      ->check(CLI::ExistingDirectory);
-  cmd->add_option("--value-cache-gib", a->value_cache_gib, "The row caches' cap with --value-tables (GiB)")
-      ->capture_default_str();
+  add_value_table_options(cmd, a->value_tables, a->value_cache_gib);
   cmd->add_flag("--mmap", a->mmap,
                 "Serve the memory value tables from a read-only mapping of the checkpoint file instead of "
                 "loading them (tables larger than RAM; checksum not verified)");

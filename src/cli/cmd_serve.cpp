@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "commands.h"
+#include "value_table_options.h"
 #include "ultramem/serve/server.h"
 
 namespace ultramem::cli {
@@ -41,13 +42,7 @@ void add_serve_command(CLI::App& app) {
       ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   cmd->add_option("--weights", o->weights, "Storage of the dense matrices: fp32, bf16 or int8 (as in generate)")
       ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
-  cmd->add_option("--value-tables", o->value_tables,
-                  "Serve the memory value tables from the table files in this folder (<layer>.table, written by "
-                  "`ultramem export-tables`) behind row caches of --value-cache-gib, instead of holding them in "
-                  "memory (tables larger than RAM; docs/tiered_tables.md)")
-      ->check(CLI::ExistingDirectory);
-  cmd->add_option("--value-cache-gib", o->value_cache_gib, "The row caches' cap with --value-tables (GiB)")
-      ->capture_default_str();
+  add_value_table_options(cmd, o->value_tables, o->value_cache_gib);
   cmd->add_flag("--mmap", o->mmap, "Serve the value tables from a read-only mapping of the checkpoint");
   cmd->add_option("--drain-timeout", o->drain_seconds,
                   "Seconds in-flight requests may take to finish after SIGTERM; then they are cancelled")

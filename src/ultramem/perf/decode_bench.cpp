@@ -30,6 +30,7 @@
 #include "ultramem/io/process_memory.h"
 #include "ultramem/kernels/cpu_features.h"
 #include "ultramem/nn/model_info.h"
+#include "ultramem/perf/bench_common.h"
 #include "ultramem/perf/decode_bench.h"
 #include "ultramem/perf/timing.h"
 #include "ultramem/perf/bandwidth.h"
@@ -51,26 +52,6 @@ namespace {
 using json = nlohmann::ordered_json;
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
-
-// ---- output -----------------------------------------------------------------------------------------
-
-class Emitter {
- public:
-  explicit Emitter(const std::string& path) {
-    if (!path.empty()) {
-      file_.open(path);
-      if (!file_) throw std::runtime_error("bench decode: cannot write --out file " + path);
-    }
-  }
-  void operator()(const json& j) {
-    const std::string s = j.dump();
-    std::cout << s << std::endl;
-    if (file_.is_open()) file_ << s << std::endl;
-  }
-
- private:
-  std::ofstream file_;
-};
 
 // ---- machine state ------------------------------------------------------------------------------------
 
@@ -118,7 +99,7 @@ struct GatherRef {
 
 class DecodeBench {
  public:
-  explicit DecodeBench(DecodeBenchOptions a) : a_(std::move(a)), emit_(a_.out) { finalize_args(); }
+  explicit DecodeBench(DecodeBenchOptions a) : a_(std::move(a)), emit_("bench decode", a_.out) { finalize_args(); }
   void run();
 
  private:
@@ -148,7 +129,7 @@ class DecodeBench {
                            int64_t N) const;
 
   DecodeBenchOptions a_;
-  Emitter emit_;
+  JsonLines emit_;
   Clock::time_point start_ = Clock::now();
   std::vector<DecodeRecord> records_;
   double seq_gbps_ = 0;
@@ -214,23 +195,7 @@ nn::UltraMemConfig DecodeBench::ultramem_config(int64_t log2_n) const {
   if (n * n != grid)
     throw std::invalid_argument("bench decode: N = 2^" + std::to_string(log2_n) + " with E = " + std::to_string(a_.E) +
                                 " has no integer n = sqrt(E*N); use even log2 N");
-  nn::UltraMemConfig c;
-  c.D = a_.D;
-  c.n = n;
-  c.E = a_.E;
-  c.Dk = a_.Dk;
-  c.Dv = a_.Dv;
-  c.r = 2;
-  c.C = 2;
-  c.H = a_.H;
-  c.m = std::min(a_.m, n);
-  c.m_first = c.m;
-  c.value_init = nn::ValueInit::Fixed;
-  c.track_stats = false;
-  c.aux_loss = false;
-  c.seed = 7;
-  c.validate();
-  return c;
+  return bench_layer_config(a_.D, n, a_.E, a_.Dk, a_.Dv, a_.H, a_.m);
 }
 
 bool DecodeBench::fits(double need_gib, const json& what) {
@@ -653,14 +618,7 @@ void DecodeBench::model_bench(int64_t log2_n) {
   };
   // One decode step of B sequences at position `context` (call i takes the i-th slice of random tokens).
   auto decode_step = [&](nn::Transformer& model, const nn::ModelConfig& mc, int64_t B) {
-    auto cache = std::make_shared<nn::KVCache>(model->make_cache(B, a_.context + 2));
-    const auto tokens = torch::randint(0, mc.vocab_size, {std::max<int64_t>(4096, 4 * B), 1},
-                                       at::detail::createCPUGenerator(5 + B), torch::kLong);  // [P, 1]
-    const int64_t context = a_.context;
-    return [model, cache, tokens, B, context](int64_t i) mutable {
-      cache->length = context;  // every step decodes position `context`
-      model->forward_cached(tokens.narrow(0, (i * B) % (tokens.size(0) - B + 1), B), *cache);
-    };
+    return make_decode_step(model, mc.vocab_size, B, a_.context, a_.context + 2);
   };
   auto run_model = [&](const std::string& kind, const std::string& dt, nn::Transformer& model,
                        const nn::ModelConfig& mc, double row_bytes, double key_bytes = 4.0,

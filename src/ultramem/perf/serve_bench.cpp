@@ -1,3 +1,4 @@
+#include "ultramem/perf/bench_common.h"
 #include "ultramem/perf/serve_bench.h"
 
 #include <httplib.h>
@@ -166,16 +167,7 @@ void run_serve_bench(const ServeBenchOptions& options) {
   for (const auto& k : a.kinds)
     if (k != "ultramem" && k != "moe" && k != "dense")
       throw std::invalid_argument("--kinds: '" + k + "' is not one of ultramem, moe, dense");
-  std::ofstream out;
-  if (!a.out.empty()) {
-    out.open(a.out);
-    if (!out) throw std::runtime_error("bench serve: cannot write --out file " + a.out);
-  }
-  auto emit = [&](const json& j) {
-    const std::string s = j.dump();
-    std::cout << s << std::endl;
-    if (out.is_open()) out << s << std::endl;
-  };
+  JsonLines emit("bench serve", a.out);
 
   const auto prepared = data::load_prepared(a.data_dir);
   auto tok = std::make_shared<const data::Tokenizer>(data::Tokenizer::load(prepared.tokenizer_path));
@@ -231,13 +223,7 @@ void run_serve_bench(const ServeBenchOptions& options) {
     // with the default products and with the batch-invariant ones the server uses: tokens/s of each.
     auto time_decode = [&](int64_t B) {
       torch::NoGradGuard no_grad;
-      auto cache = std::make_shared<nn::KVCache>(model->make_cache(B, ctx));
-      const auto tokens = torch::randint(0, mc.vocab_size, {std::max<int64_t>(1024, 4 * B), 1},
-                                         at::detail::createCPUGenerator(5 + B), torch::kLong);
-      auto step = [&](int64_t i) {
-        cache->length = mid;
-        model->forward_cached(tokens.narrow(0, (i * B) % (tokens.size(0) - B + 1), B), *cache);
-      };
+      const auto step = make_decode_step(model, mc.vocab_size, B, mid, ctx, 1024);
       const bool before = batch_invariant();
       set_batch_invariant(false);
       const auto plain = time_calls(step, a.repeats, a.case_seconds, 0.1);

@@ -31,6 +31,7 @@
 #include "ultramem/nn/transformer.h"
 #include "ultramem/nn/ultramem.h"
 #include "ultramem/ops/tiered_values.h"
+#include "ultramem/perf/bench_common.h"
 #include "ultramem/perf/tiered_bench.h"
 #include "ultramem/perf/timing.h"
 
@@ -140,34 +141,25 @@ struct Row {  // for the chart and the ratios
 
 class TieredBench {
  public:
-  explicit TieredBench(TieredBenchOptions a) : a_(std::move(a)) {
-    validate();
-    if (!a_.out.empty()) {
-      out_.open(a_.out);
-      if (!out_) throw std::runtime_error("bench tiered: cannot write --out file " + a_.out);
-    }
-  }
+  explicit TieredBench(TieredBenchOptions a) : a_(validated(std::move(a))), emit(std::string("bench tiered"), a_.out) {}
   void run();
 
  private:
-  void validate();
-  void emit(const json& j) {
-    const std::string s = j.dump();
-    std::cout << s << std::endl;
-    if (out_.is_open()) out_ << s << std::endl;
-  }
+  static TieredBenchOptions validated(TieredBenchOptions a);
   nn::ModelConfig model_config(int64_t log2_slots, bool external) const;
   std::string prepare_table(const nn::UltraMemConfig& layer);
   nn::UltraMemImpl& memory_layer(nn::Transformer& model) const;
   // Decode steps of B sequences at position `context`; step(i) takes the i-th slice of random tokens.
-  std::function<void(int64_t)> decode_step(nn::Transformer& model, int64_t B) const;
+  std::function<void(int64_t)> decode_step(nn::Transformer& model, int64_t B) const {
+    return make_decode_step(model, a_.vocab, B, a_.context, a_.context + 2);
+  }
   void run_in_ram();
   void run_tiered(const std::string& path);
   void ratios_and_targets();
   void plot() const;
 
   TieredBenchOptions a_;
-  std::ofstream out_;
+  JsonLines emit;
   std::vector<Row> rows_;
   bool wrote_table_ = false;
   std::string table_path_;
@@ -175,53 +167,41 @@ class TieredBench {
   double tiered_peak_rss_gib_ = 0, tiered_allowed_gib_ = 0;
 };
 
-void TieredBench::validate() {
-  if (a_.quick) {
-    a_.log2_slots = std::min<int64_t>(a_.log2_slots, 20);
-    a_.ram_log2_slots = std::min<int64_t>(a_.ram_log2_slots, 16);
-    a_.batches = {1, 4};
-    a_.cache_gib = 4.0 / 1024;
-    a_.steps = std::min<int64_t>(a_.steps, 6);
-    a_.warmup_steps = std::min<int64_t>(a_.warmup_steps, 2);
-    a_.vocab = 512;
-    a_.context = 16;
+TieredBenchOptions TieredBench::validated(TieredBenchOptions a) {
+  if (a.quick) {
+    a.log2_slots = std::min<int64_t>(a.log2_slots, 20);
+    a.ram_log2_slots = std::min<int64_t>(a.ram_log2_slots, 16);
+    a.batches = {1, 4};
+    a.cache_gib = 4.0 / 1024;
+    a.steps = std::min<int64_t>(a.steps, 6);
+    a.warmup_steps = std::min<int64_t>(a.warmup_steps, 2);
+    a.vocab = 512;
+    a.context = 16;
   }
   auto bad = [](const std::string& m) { throw std::invalid_argument("bench tiered: " + m); };
-  for (const auto& [name, v] : {std::pair{"--log2-slots", a_.log2_slots}, {"--ram-log2-slots", a_.ram_log2_slots}}) {
+  for (const auto& [name, v] : {std::pair{"--log2-slots", a.log2_slots}, {"--ram-log2-slots", a.ram_log2_slots}}) {
     if (v < 12 || v > 32 || v % 2 != 0)
       bad(std::string(name) + " must be even and in [12, 32] (n = 2^(log2/2) keys per side, at most 65536), got " + std::to_string(v));
   }
-  if (a_.E != 4) bad("E must be 4");
-  if (a_.batches.empty()) bad("--batches: give at least one batch size");
-  for (int64_t B : a_.batches)
+  if (a.E != 4) bad("E must be 4");
+  if (a.batches.empty()) bad("--batches: give at least one batch size");
+  for (int64_t B : a.batches)
     if (B < 1 || B > 1024) bad("--batches: each must be in [1, 1024], got " + std::to_string(B));
-  if (a_.traffic.empty()) bad("--traffic: give zipf, uniform or both");
-  for (const auto& t : a_.traffic)
+  if (a.traffic.empty()) bad("--traffic: give zipf, uniform or both");
+  for (const auto& t : a.traffic)
     if (t != "zipf" && t != "uniform" && t != "resident")
       bad("--traffic: expected zipf, uniform or resident, got \"" + t + "\"");
-  if (!(a_.zipf_s > 0 && a_.zipf_s <= 4)) bad("--zipf-s must be in (0, 4], got " + std::to_string(a_.zipf_s));
-  if (!(a_.cache_gib > 0 && a_.cache_gib <= 1024)) bad("--cache-gib must be in (0, 1024], got " + std::to_string(a_.cache_gib));
-  if (a_.steps < 1 || a_.steps > 100000) bad("--steps must be in [1, 100000], got " + std::to_string(a_.steps));
-  if (a_.warmup_steps < 0 || a_.warmup_steps > 100000) bad("--warmup-steps must be in [0, 100000]");
-  (void)nn::parse_value_format(a_.keys);
-  (void)nn::parse_placement(a_.placement, a_.n_layers);
+  if (!(a.zipf_s > 0 && a.zipf_s <= 4)) bad("--zipf-s must be in (0, 4], got " + std::to_string(a.zipf_s));
+  if (!(a.cache_gib > 0 && a.cache_gib <= 1024)) bad("--cache-gib must be in (0, 1024], got " + std::to_string(a.cache_gib));
+  if (a.steps < 1 || a.steps > 100000) bad("--steps must be in [1, 100000], got " + std::to_string(a.steps));
+  if (a.warmup_steps < 0 || a.warmup_steps > 100000) bad("--warmup-steps must be in [0, 100000]");
+  (void)nn::parse_value_format(a.keys);
+  (void)nn::parse_placement(a.placement, a.n_layers);
+  return a;
 }
 
 nn::ModelConfig TieredBench::model_config(int64_t log2_slots, bool external) const {
-  nn::UltraMemConfig c;
-  c.D = a_.D;
-  c.n = int64_t(1) << (log2_slots / 2);
-  c.E = a_.E;
-  c.Dk = a_.Dk;
-  c.Dv = a_.Dv;
-  c.r = 2;
-  c.C = 2;
-  c.H = a_.H;
-  c.m = std::min(a_.m, c.n);
-  c.m_first = c.m;
-  c.value_init = nn::ValueInit::Fixed;
-  c.track_stats = false;
-  c.aux_loss = false;
+  nn::UltraMemConfig c = bench_layer_config(a_.D, int64_t(1) << (log2_slots / 2), a_.E, a_.Dk, a_.Dv, a_.H, a_.m);
   c.external_values = external;
   nn::ModelConfig mc;
   mc.name = external ? "bench-tiered" : "bench-in-ram";
@@ -319,17 +299,6 @@ std::string TieredBench::prepare_table(const nn::UltraMemConfig& layer) {
         {"MB_per_s", bytes / s / 1e6},
         {"peak_rss_gib", write_peak_rss_gib_}});
   return path;
-}
-
-std::function<void(int64_t)> TieredBench::decode_step(nn::Transformer& model, int64_t B) const {
-  auto cache = std::make_shared<nn::KVCache>(model->make_cache(B, a_.context + 2));
-  const auto tokens = torch::randint(0, a_.vocab, {std::max<int64_t>(4096, 4 * B), 1},
-                                     at::detail::createCPUGenerator(5 + B), torch::kLong);  // [P, 1]
-  const int64_t context = a_.context;
-  return [model, cache, tokens, B, context](int64_t i) mutable {
-    cache->length = context;  // every step decodes position `context`
-    model->forward_cached(tokens.narrow(0, (i * B) % (tokens.size(0) - B + 1), B), *cache);
-  };
 }
 
 void TieredBench::run_in_ram() {
