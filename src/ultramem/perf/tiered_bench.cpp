@@ -499,9 +499,8 @@ void TieredBench::plot() const {
   std::ostringstream gp;
   gp << io::chart_preamble(1100, 620) << "set termoption noenhanced\n"
      << "set output 'tiered_latency.png'\nset logscale x 2\nset logscale y 10\n"
-     << "set title 'ultramem bench tiered: decode step latency, 2^" << a_.log2_slots << " slots on disk ("
-     << a_.cache_gib << " GiB cache) vs 2^" << a_.ram_log2_slots
-     << " in RAM (dashed: reads not issued ahead)'\n"
+     << "set title 'bench tiered: 2^" << a_.log2_slots << " slots on disk (" << a_.cache_gib << " GiB cache) vs 2^"
+     << a_.ram_log2_slots << " in RAM; dashed: reads not ahead'\n"
      << "set xlabel 'batch (sequences decoded per step)'\nset ylabel 'ms per step (median)'\n";
   std::map<std::string, std::vector<const Row*>> by;
   for (const auto& r : rows_) by[r.series].push_back(&r);
