@@ -128,7 +128,8 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str();
   tiered->add_option("--zipf-s", t.zipf_s, "Zipf exponent s")->capture_default_str();
   tiered->add_option("--cache-gib", t.cache_gib, "The row cache's cap (GiB)")->capture_default_str();
-  tiered->add_option("--steps", t.steps, "Timed steps per case, reads ahead and not each")->capture_default_str();
+  tiered->add_option("--steps", t.steps, "Timed steps per case of the in-RAM model and of the tiered one with and without reads ahead, taking turns in blocks of 8")
+      ->capture_default_str();
   tiered->add_option("--warmup-steps", t.warmup_steps, "Untimed steps before each case")->capture_default_str();
   tiered->add_option("--dir", t.dir,
                      "Where to write the table (ultramem-bench-tiered-<log2>.table; a kept one there is reused)")

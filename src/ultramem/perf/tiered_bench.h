@@ -20,7 +20,7 @@ struct TieredBenchOptions {
   std::vector<std::string> traffic = {"resident", "zipf", "uniform"};
   double zipf_s = 1.0;
   double cache_gib = 4.0;       // the row cache's cap
-  int64_t steps = 64;           // timed decode steps per case and mode (reads ahead on / off, alternating)
+  int64_t steps = 64;           // timed steps per case of each: in-RAM, tiered with and without reads ahead (blocks of 8)
   int64_t warmup_steps = 16;    // untimed steps before each case
   std::string dir = ".";        // where the table file is written (free space is checked first)
   std::string table;            // an existing table file to read instead (never removed)
