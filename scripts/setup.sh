@@ -10,7 +10,7 @@ PACKAGES=(
   sentencepiece
   libcli11-dev nlohmann-json3-dev
   zlib1g-dev
-  python3-torch python3-numpy
+  python3-torch python3-numpy python3-pip python3-sentencepiece
   gnuplot-nox
   libcpp-httplib-dev liburing-dev
   clang-14 libclang-rt-14-dev libomp-14-dev

@@ -15,6 +15,7 @@ void add_generate_command(CLI::App& app);
 void add_serve_command(CLI::App& app);
 void add_quantize_command(CLI::App& app);
 void add_export_tables_command(CLI::App& app);
+void add_export_command(CLI::App& app);
 void add_consolidate_command(CLI::App& app);
 void add_layer_demo_command(CLI::App& app);
 void add_experiment_command(CLI::App& app);

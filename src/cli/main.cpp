@@ -64,6 +64,7 @@ int main(int argc, char** argv) {
   ultramem::cli::add_generate_command(app);
   ultramem::cli::add_serve_command(app);
   ultramem::cli::add_quantize_command(app);
+  ultramem::cli::add_export_command(app);
   ultramem::cli::add_export_tables_command(app);
   ultramem::cli::add_consolidate_command(app);
   ultramem::cli::add_layer_demo_command(app);

@@ -1,6 +1,10 @@
-"""Command-line arguments shared by the Python tests (paths of the binaries they drive)."""
+"""Command-line arguments shared by the Python tests (paths of the binaries they drive). Importing it also
+puts the checkout's Python package (python/ultramem) first on sys.path."""
 import os
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "python"))
 
 
 def take_arg(flag, env):

@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from test_args import take_arg  # noqa: E402
 import model_reference as mref  # noqa: E402
-import safetensors_io  # noqa: E402
+from ultramem import safetensors as safetensors_io  # noqa: E402
 
 
 

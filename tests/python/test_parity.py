@@ -1,6 +1,6 @@
 """The C++ UltraMem and PKM layers against the independent pure-PyTorch reference (reference.py).
 
-Runs the dump_layer binary for several configs, reads its safetensors dump with safetensors_io.py and
+Runs the dump_layer binary for several configs, reads its safetensors dump with the package's safetensors reader and
 recomputes the output, the aux loss and every gradient from the saved weights with Python autograd.
 
 usage: python3 test_parity.py [--dump-layer PATH/dump_layer] [unittest args]   (or set ULTRAMEM_DUMP_LAYER)
@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_args import take_arg  # noqa: E402
 import reference as ref  # noqa: E402
-import safetensors_io  # noqa: E402
+from ultramem import safetensors as safetensors_io  # noqa: E402
 
 
 

@@ -1,5 +1,5 @@
 """ultramem::io safetensors reader/writer (through `dump_layer --load / --write-dtypes`) against the
-pure-Python safetensors_io.py, plus the reader's validation of corrupt files; and the Python checkpoint
+pure-Python reader and writer of the package (python/ultramem/safetensors.py), plus the reader's validation of corrupt files; and the Python checkpoint
 reader of docs/training.md (CheckpointReaderTest, which needs no binary) on every dtype.
 
 usage: python3 test_safetensors.py [--dump-layer PATH/dump_layer] [unittest args]   (or ULTRAMEM_DUMP_LAYER)
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_args import take_arg  # noqa: E402
-import safetensors_io  # noqa: E402
+from ultramem import safetensors as safetensors_io  # noqa: E402
 
 
 
@@ -328,8 +328,8 @@ class CheckpointReaderTest(unittest.TestCase):
         path, tensors, meta = self.quantised_checkpoint()
         self.assertEqual(safetensors_io.checkpoint_checksum(tensors, meta), meta["checksum"])
         other = os.path.join(self.dir, "other.safetensors")
-        self.assertEqual(safetensors_io.save_checkpoint(other, tensors, meta), meta["checksum"])
-        self.assertEqual(safetensors_io.read_checkpoint(other)[1], meta)
+        self.assertEqual(safetensors_io.save_checkpoint_file(other, tensors, meta), meta["checksum"])
+        self.assertEqual(safetensors_io.read_checkpoint_file(other)[1], meta)
 
     def test_documented_reader_reads_int8_and_bf16_tables(self):
         path, tensors, meta = self.quantised_checkpoint()
@@ -355,7 +355,7 @@ class CheckpointReaderTest(unittest.TestCase):
         self.assertEqual(float(vals["memories.0.values"][0, 0]), float(-127 * t["model.memories.0.values_scale"][0]))
         self.assertTrue(torch.equal(vals["memories.1.values"], t["model.memories.1.values"].float()))
         # and safetensors_io reads the same
-        st, smeta = safetensors_io.read_checkpoint(path)
+        st, smeta = safetensors_io.read_checkpoint_file(path)
         self.assertEqual(smeta, meta)
         self.assertEqual(list(st), list(ns["tensors"]))
         for name in st:
@@ -375,7 +375,7 @@ class CheckpointReaderTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "checksum mismatch"):
             run_documented_reader(bad)
         with self.assertRaisesRegex(safetensors_io.SafetensorsError, "checksum mismatch"):
-            safetensors_io.read_checkpoint(bad)
+            safetensors_io.read_checkpoint_file(bad)
 
 
 if __name__ == "__main__":

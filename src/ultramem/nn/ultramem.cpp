@@ -3,13 +3,12 @@
 #include <torch/torch.h>
 
 #include <cmath>
-#include <numeric>
-#include <random>
 
 #include "ultramem/nn/dtype_guard.h"
 #include "ultramem/ops/huge_page_tensor.h"
 #include "ultramem/ops/ops.h"
 #include "ultramem/ops/tiered_values.h"
+#include "ultramem/ops/ultramem_decode.h"
 
 namespace ultramem::nn {
 
@@ -46,20 +45,8 @@ UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
   // Feistel bijection's materialisation (permutation_key).
   perm = register_buffer("perm", c.external_values ? torch::empty({0}, torch::kLong)
                                                     : ops::detail::empty_on_huge_pages({c.n * c.n}, torch::kLong));
-  if (c.init_values && !c.external_values) {
-    int64_t* p = perm.data_ptr<int64_t>();
-    const int64_t slots = c.n * c.n;
-    if (c.permutation_key != 0) {
-      ops::feistel_permutation(slots, c.permutation_key, p);
-    } else {
-      std::iota(p, p + slots, int64_t(0));
-      std::mt19937_64 rng(c.seed ^ 0x9e3779b97f4a7c15ULL);
-      for (int64_t i = slots - 1; i > 0; --i) {
-        std::uniform_int_distribution<int64_t> pick(0, i);
-        std::swap(p[i], p[pick(rng)]);
-      }
-    }
-  }
+  if (c.init_values && !c.external_values)
+    ops::ive_permutation(c.n * c.n, c.seed, c.permutation_key, perm.data_ptr<int64_t>());
   u_vec = register_buffer("u", torch::zeros({c.H, c.r}));
   v_vec = register_buffer("v", torch::zeros({c.H, c.r}));
   if (c.track_stats && !c.external_values) hits_.assign(c.n * c.n, 0);

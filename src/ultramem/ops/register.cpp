@@ -20,6 +20,13 @@ TORCH_LIBRARY(ultramem, m) {
         " Tensor? kn_scale=None, Tensor? kf_scale=None, int filter_rank=0)"
         " -> Tensor",
         &ultramem::ops::ultramem_decode_op);
+  m.def("ultramem_decode_retrieval(Tensor x, Tensor wq, Tensor q_scale, Tensor cores, Tensor kn, Tensor kf,"
+        " Tensor values, Tensor? values_scale, Tensor perm, Tensor wo, int m, int m_first, int m_neg=0,"
+        " bool rms_norm=True, Tensor? kn_scale=None, Tensor? kf_scale=None, int filter_rank=0)"
+        " -> (Tensor out, Tensor scores, Tensor index)",
+        &ultramem::ops::ultramem_decode_retrieval_op);
+  // The layer's IVE permutation from its seed (or Feistel key), as nn::UltraMem builds it.
+  m.def("ive_permutation(int slots, int seed, int key=0) -> Tensor", &ultramem::ops::ive_permutation_op);
   // The transformer block's no-grad ops (ops/block_decode.h).
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &ultramem::ops::rms_norm);
   // (the float-tensor overloads; compact matrices are the C++ API's ops::Matrix)

@@ -3,6 +3,8 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -198,6 +200,26 @@ void lookup_impl(const S* scores,        // [T, H*m, C]
 
 }  // namespace
 
+void ive_permutation(int64_t slots, uint64_t seed, uint64_t key, int64_t* out) {
+  if (key != 0) {
+    feistel_permutation(slots, key, out);
+    return;
+  }
+  std::iota(out, out + slots, int64_t(0));
+  std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ULL);
+  for (int64_t i = slots - 1; i > 0; --i) {
+    std::uniform_int_distribution<int64_t> pick(0, i);
+    std::swap(out[i], out[pick(rng)]);
+  }
+}
+
+at::Tensor ive_permutation_op(int64_t slots, int64_t seed, int64_t key) {
+  if (slots < 1) throw std::invalid_argument("ive_permutation: slots must be >= 1, got " + std::to_string(slots));
+  auto out = at::empty({slots}, at::kLong);
+  ive_permutation(slots, static_cast<uint64_t>(seed), static_cast<uint64_t>(key), out.data_ptr<int64_t>());
+  return out;
+}
+
 std::string permutation_error(const at::Tensor& perm, int64_t slots) {
   if (!perm.defined() || perm.scalar_type() != at::kLong || !perm.is_contiguous() || perm.dim() != 1 ||
       perm.numel() != slots)
@@ -374,12 +396,15 @@ at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, 
   return out;
 }
 
-at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& q_scale,
-                              const at::Tensor& cores, const at::Tensor& kn, const at::Tensor& kf,
-                              const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
-                              const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first,
-                              int64_t m_neg, bool rms_norm, const c10::optional<at::Tensor>& kn_scale,
-                              const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank) {
+namespace {
+
+// The registered op's arguments as the fused forward's weights and dims (shapes checked here, dtypes
+// and layouts by ultramem_decode, the permutation's range here).
+std::pair<UltraMemDecodeWeights, UltraMemDims> decode_op_args(
+    const at::Tensor& wq, const at::Tensor& q_scale, const at::Tensor& cores, const at::Tensor& kn,
+    const at::Tensor& kf, const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
+    const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first, int64_t m_neg, bool rms_norm,
+    const c10::optional<at::Tensor>& kn_scale, const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank) {
   TORCH_CHECK(wq.dim() == 2 && wq.size(1) % 2 == 0, "ultramem_decode: wq must be [D, 2*Dk], got shape ", wq.sizes());
   TORCH_CHECK(cores.dim() == 4, "ultramem_decode: cores must be [C, H, r, r], got shape ", cores.sizes());
   TORCH_CHECK(values.dim() == 2 && values.size(1) > 0, "ultramem_decode: values must be [N, Dv], got shape ",
@@ -420,7 +445,32 @@ at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const a
     const std::string bad = permutation_error(perm, d.n * d.n);
     TORCH_CHECK(bad.empty(), "ultramem_decode: ", bad);
   }
+  return {w, d};
+}
+
+}  // namespace
+
+at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& q_scale,
+                              const at::Tensor& cores, const at::Tensor& kn, const at::Tensor& kf,
+                              const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
+                              const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first,
+                              int64_t m_neg, bool rms_norm, const c10::optional<at::Tensor>& kn_scale,
+                              const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank) {
+  const auto [w, d] = decode_op_args(wq, q_scale, cores, kn, kf, values, values_scale, perm, wo, m, m_first, m_neg,
+                                     rms_norm, kn_scale, kf_scale, filter_rank);
   return ultramem_decode(x, w, d);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ultramem_decode_retrieval_op(
+    const at::Tensor& x, const at::Tensor& wq, const at::Tensor& q_scale, const at::Tensor& cores,
+    const at::Tensor& kn, const at::Tensor& kf, const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
+    const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first, int64_t m_neg, bool rms_norm,
+    const c10::optional<at::Tensor>& kn_scale, const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank) {
+  const auto [w, d] = decode_op_args(wq, q_scale, cores, kn, kf, values, values_scale, perm, wo, m, m_first, m_neg,
+                                     rms_norm, kn_scale, kf_scale, filter_rank);
+  at::Tensor scores, index;
+  auto out = ultramem_decode(x, w, d, &scores, &index);
+  return {out, scores, index};
 }
 
 std::tuple<at::Tensor, at::Tensor> fold_filter_keys_op(const at::Tensor& kn_row, const at::Tensor& kn_col,

@@ -81,6 +81,13 @@ struct UltraMemDecodeWeights {
 // ultramem_decode trusts its perm.
 std::string permutation_error(const at::Tensor& perm, int64_t slots);
 
+// The IVE permutation of a layer's `slots` = n*n grid addresses into out[slots]: key == 0 shuffles
+// [0, slots) with a 64-bit Mersenne Twister seeded from `seed` (the layer's seed); a nonzero key gives the
+// keyed Feistel bijection (feistel_permutation). nn::UltraMem and the Python layer build theirs here.
+void ive_permutation(int64_t slots, uint64_t seed, uint64_t key, int64_t* out);
+// The same as a new int64 tensor [slots] (the registered op); std::invalid_argument for slots < 1.
+at::Tensor ive_permutation_op(int64_t slots, int64_t seed, int64_t key);
+
 // x: [T, D] contiguous float32 or float64 -> [T, D]. When given, *scores_out receives the kept
 // candidates' per-core scores [T, H*m, C] and *index_out their grid addresses [T, H*m] (int64), as
 // ops::tdqkr returns them (for telemetry). A dtype, shape or layout mismatch is a c10::Error naming
@@ -114,6 +121,13 @@ at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const a
                               const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first,
                               int64_t m_neg, bool rms_norm, const c10::optional<at::Tensor>& kn_scale,
                               const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank = 0);
+// The same returning also the kept candidates' per-core scores [T, H*m, C] and grid addresses [T, H*m]
+// (for the telemetry of a Python layer).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ultramem_decode_retrieval_op(
+    const at::Tensor& x, const at::Tensor& wq, const at::Tensor& q_scale, const at::Tensor& cores,
+    const at::Tensor& kn, const at::Tensor& kf, const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
+    const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first, int64_t m_neg, bool rms_norm,
+    const c10::optional<at::Tensor>& kn_scale, const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank = 0);
 std::tuple<at::Tensor, at::Tensor> fold_filter_keys_op(const at::Tensor& kn_row, const at::Tensor& kn_col,
                                                        const at::Tensor& u, const at::Tensor& v);
 
