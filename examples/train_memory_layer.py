@@ -28,6 +28,7 @@ class TinyLM(nn.Module):
     def __init__(self, vocab, d_model=128, n_heads=4, seq_len=64, memory=True):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)           # small logits at the start (the head is tied)
         self.pos = nn.Parameter(torch.zeros(seq_len, d_model))
         self.norm1, self.norm2, self.norm_out = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)

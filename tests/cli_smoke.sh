@@ -15,9 +15,9 @@ for d in 1 2 3 4 5 6 7 8; do
   done > "$work/corpus/doc$d.txt"
 done
 
-"$um" --help | grep -q "generate" || fail "--help does not list subcommands"
-"$um" prepare --input "$work/corpus" --out "$work/data" --vocab 300 --val-fraction 0.25 | grep -q "prepared" || fail "prepare"
-"$um" prepare --input "$work/corpus" --out "$work/data" --vocab 300 --val-fraction 0.25 | grep -q "reused" || fail "prepare rerun did not reuse"
+"$um" --help | grep >/dev/null "generate" || fail "--help does not list subcommands"
+"$um" prepare --input "$work/corpus" --out "$work/data" --vocab 300 --val-fraction 0.25 | grep >/dev/null "prepared" || fail "prepare"
+"$um" prepare --input "$work/corpus" --out "$work/data" --vocab 300 --val-fraction 0.25 | grep >/dev/null "reused" || fail "prepare rerun did not reuse"
 
 cat > "$work/model.json" <<'JSON'
 {"model": {"name": "cli-tiny", "vocab_size": 300, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32,
@@ -27,15 +27,19 @@ cat > "$work/model.json" <<'JSON'
  "train": {"steps": 12, "batch_size": 4, "seq_len": 32, "lr": 0.003, "eval_every": 6, "eval_batches": 2,
            "log_every": 4, "checkpoint_every": 0}}
 JSON
-"$um" info "$work/model.json" | grep -q "memory_values" || fail "info lacks the memory part"
-"$um" info "$work/model.json" --json | grep -q "params_activated" || fail "info --json"
+"$um" info "$work/model.json" | grep >/dev/null "memory_values" || fail "info lacks the memory part"
+"$um" info "$work/model.json" --json | grep >/dev/null "params_activated" || fail "info --json"
 
-"$um" train "$work/model.json" --data "$work/data" --out "$work/run" --stop-at 6 | grep -q "continue with --resume" || fail "stop-at"
+"$um" train "$work/model.json" --data "$work/data" --out "$work/run" --stop-at 6 | grep >/dev/null "continue with --resume" || fail "stop-at"
 expect_error "exists: pass --resume" "$um" train "$work/model.json" --data "$work/data" --out "$work/run"
-"$um" train "$work/model.json" --data "$work/data" --out "$work/run" --resume | grep -q "final: step 12" || fail "resume"
+"$um" train "$work/model.json" --data "$work/data" --out "$work/run" --resume | grep >/dev/null "final: step 12" || fail "resume"
 grep -q '"val_loss"' "$work/run/metrics.jsonl" || fail "metrics.jsonl has no val_loss"
 
-"$um" eval "$work/run/checkpoint.safetensors" --batch-size 2 --seq-len 32 | grep -q '"bits_per_byte"' || fail "eval"
+"$um" eval "$work/run/checkpoint.safetensors" --batch-size 2 --seq-len 32 | grep >/dev/null '"bits_per_byte"' || fail "eval"
+# export --format hf (the folder itself is tested from Python, tests/python/test_package.py): bad flags.
+expect_error "--format is required" "$um" export "$work/run/checkpoint.safetensors" "$work/hf"
+expect_error "--format: onnx not in {hf}" "$um" export "$work/run/checkpoint.safetensors" "$work/hf" --format onnx
+expect_error "not a safetensors file" "$um" export "$work/model.json" "$work/hf" --format hf
 # Every numeric flag meets the same validation as the config: nothing is silently replaced by a default.
 for bad in "--steps 0|steps" "--lr -1|lr" "--lr nan|--lr" "--batch-size 0|batch_size" "--batch-size -4|batch_size" \
            "--grad-accum 0|grad_accum" "--eval-every -5|eval_every" "--stop-at -3|--stop-at" "--seed -7|seed" \
@@ -74,7 +78,7 @@ grep -q '"index":2,"prompt":"The people","stop_reason":"max_tokens","tokens":6' 
 c0=$(sed -n 1p <<<"$lines" | grep -o '"completion":"[^"]*"'); c2=$(sed -n 3p <<<"$lines" | grep -o '"completion":"[^"]*"')
 [ "$c0" = "$c2" ] || fail "--prompts-file: the same prompt decoded differently: $c0 vs $c2"
 "$um" --threads 1 generate "$work/run/checkpoint.safetensors" --prompts-file - --max-tokens 2 <<<"The" 2>/dev/null \
-  | grep -q '"index":0' || fail "--prompts-file - (stdin)"
+  | grep >/dev/null '"index":0' || fail "--prompts-file - (stdin)"
 # The skip-window prefetch (memory placed 1:2) leaves the greedy text as it is and is reported.
 pf=$("$um" --threads 1 generate "$work/run/checkpoint.safetensors" --prompts-file "$work/prompts.txt" --batch 2 \
   --max-tokens 6 --temperature 0 --value-prefetch 65536 2>"$work/pf.err")
@@ -126,12 +130,12 @@ echo "cli_smoke: 1 passed, 0 failed"
 
 # The command's own rough edges (issue: one room per job).
 # --threads after the subcommand is the global option, not the config path.
-"$um" info --threads 1 "$work/model.json" | grep -q "memory_values" || fail "--threads after the subcommand"
-"$um" --version | grep -q "kernels .*libtorch" || fail "--version lacks the kernel ISA and libtorch version"
+"$um" info --threads 1 "$work/model.json" | grep >/dev/null "memory_values" || fail "--threads after the subcommand"
+"$um" --version | grep >/dev/null "kernels .*libtorch" || fail "--version lacks the kernel ISA and libtorch version"
 expect_error "unknown command 'trian'" "$um" trian "$work/model.json"
 expect_error "train, eval" "$um" trian "$work/model.json"
 # A run folder is self-contained: eval and generate work from another working directory.
-(cd / && "$um" eval "$work/run/checkpoint.safetensors" --batch-size 2 --seq-len 32 --max-batches 1 | grep -q '"val_loss"') \
+(cd / && "$um" eval "$work/run/checkpoint.safetensors" --batch-size 2 --seq-len 32 --max-batches 1 | grep >/dev/null '"val_loss"') \
   || fail "eval from another working directory"
 [ -f "$work/run/tokenizer.model" ] || fail "the run folder lacks its tokenizer"
 (cd / && "$um" generate "$work/run/checkpoint.safetensors" --prompt "The" --max-tokens 4 --seed 1 >/dev/null 2>&1) \
