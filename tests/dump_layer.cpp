@@ -119,6 +119,10 @@ std::map<std::string, Setter> ultramem_fields(UltraMemConfig& c) {
   f["num_layers"] = int_field("num_layers", c.num_layers);
   f["sparse_value_grad"] = bool_field("sparse_value_grad", c.sparse_value_grad);
   f["seed"] = int_field("seed", c.seed);
+  f["query_per_rank"] = bool_field("query_per_rank", c.query_per_rank);
+  f["single_projection"] = bool_field("single_projection", c.single_projection);
+  f["Dp"] = int_field("Dp", c.Dp);
+  f["filter_rank"] = int_field("filter_rank", c.filter_rank);
   return f;
 }
 

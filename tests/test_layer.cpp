@@ -4,6 +4,7 @@
 #include <omp.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
@@ -448,4 +449,139 @@ TEST(PKMLayer, InvalidConfigNamesTheField) {
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("PKMConfig.Dk"), std::string::npos);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// UltraMemV2 (spec section 11): each switch against the V1 layer it generalises, gradients, errors.
+
+namespace {
+
+UltraMemConfig v2_config() {
+  auto c = small_config();
+  c.query_per_rank = true;
+  c.single_projection = true;
+  c.Dp = 6;
+  return c;
+}
+
+// The V1 layer's output for x, computed by a V1 layer holding `v2`'s shared weights (cores, keys, values, ...).
+UltraMem v1_twin(const UltraMem& v2, UltraMemConfig c) {
+  c.query_per_rank = false;
+  c.single_projection = false;
+  c.Dp = 0;
+  c.value_init = ultramem::nn::ValueInit::Paper;
+  UltraMem v1(c);
+  torch::NoGradGuard ng;
+  for (const char* name : {"q_scale", "keys", "k_scale", "cores", "values"})
+    v1->named_parameters()[name].copy_(v2->named_parameters()[name]);
+  v1->perm.copy_(v2->perm);
+  v1->refresh_tucker_approx();
+  return v1;
+}
+
+}  // namespace
+
+TEST(UltraMemV2Layer, ShapesAndExactGradientsOfEveryParameter) {
+  UltraMem layer(v2_config());
+  const auto c = v2_config();
+  EXPECT_EQ(layer->wq.sizes(), (std::vector<int64_t>{c.D, 2 * c.r * c.Dk}));
+  EXPECT_EQ(layer->wo.sizes(), (std::vector<int64_t>{c.Dv, c.D}));
+  EXPECT_EQ(layer->wp.sizes(), (std::vector<int64_t>{c.D, c.Dp}));
+  EXPECT_EQ(layer->pre_values.sizes(), (std::vector<int64_t>{c.physical_rows(), c.Dp}));
+  check_all_gradients(layer, c.D, /*with_aux=*/false);
+}
+
+TEST(UltraMemV2Layer, EachSwitchEqualsTheV1LayerItGeneralises) {
+  torch::manual_seed(5);
+  const auto x = torch::randn({7, 24});
+  // Query per rank with every rank's half equal to V1's query: the same scores, the same output.
+  {
+    auto c = small_config();
+    c.query_per_rank = true;
+    UltraMem v2(c);
+    UltraMem v1 = v1_twin(v2, c);
+    torch::NoGradGuard ng;
+    const auto q = v1->wq.view({c.D, 2, 1, c.Dk}).expand({c.D, 2, c.r, c.Dk}).reshape({c.D, 2 * c.r * c.Dk});
+    v2->wq.copy_(q);
+    v2->wo.copy_(v1->wo);
+    EXPECT_TRUE(torch::allclose(v2->forward(x), v1->forward(x), 1e-5, 1e-6));
+  }
+  // One projection: V1 with the same [Dv, D] block for every IVE group.
+  {
+    auto c = small_config();
+    c.single_projection = true;
+    UltraMem v2(c);
+    UltraMem v1 = v1_twin(v2, c);
+    torch::NoGradGuard ng;
+    v1->wq.copy_(v2->wq);
+    v1->wo.copy_(v2->wo.repeat({c.E, 1}));
+    EXPECT_TRUE(torch::allclose(v2->forward(x), v1->forward(x), 1e-5, 1e-6));
+  }
+  // Pre-values with one nonzero column: every kept slot's weight times <x, w>, so the output scales by it.
+  {
+    auto c = small_config();
+    c.Dp = 3;
+    UltraMem v2(c);
+    UltraMem v1 = v1_twin(v2, c);
+    torch::NoGradGuard ng;
+    v1->wq.copy_(v2->wq);
+    v1->wo.copy_(v2->wo);
+    v2->pre_values.zero_();
+    v2->pre_values.select(1, 1).fill_(1.0);
+    const auto w = torch::randn({c.D});
+    v2->wp.zero_();
+    v2->wp.select(1, 1).copy_(w);
+    const auto want = v1->forward(x) * x.matmul(w).unsqueeze(1);
+    EXPECT_TRUE(torch::allclose(v2->forward(x), want, 1e-4, 1e-5));
+  }
+}
+
+TEST(UltraMemV2Layer, NoGradForwardEqualsTheAutogradOneAndCompactTablesAreRefused) {
+  UltraMem layer(v2_config());
+  torch::manual_seed(2);
+  const auto x = torch::randn({2, 5, 24});
+  const auto want = layer->forward(x).detach();
+  torch::Tensor got;
+  {
+    torch::NoGradGuard ng;
+    got = layer->forward(x);
+    EXPECT_FALSE(layer->two_phase_applies());
+  }
+  EXPECT_TRUE(torch::equal(got, want));
+  try {
+    layer->set_value_format(ultramem::nn::ValueFormat::kInt8);
+    FAIL() << "an int8 table for a V2 layer should be refused";
+  } catch (const std::logic_error& e) {
+    EXPECT_NE(std::string(e.what()).find("UltraMemV2 changes"), std::string::npos) << e.what();
+  }
+}
+
+TEST(UltraMemV2Layer, InitFollowsTheSpecAndInvalidSettingsNameTheField) {
+  auto c = UltraMemConfig::v2_defaults();
+  c.D = 64;
+  c.n = 16;
+  c.Dv = 48;
+  c.Dp = 16;
+  c.num_layers = 4;
+  c.inner_ratio = 2.5;
+  c.m = c.m_first = 8;
+  UltraMem layer(c);
+  // sigma_V = (0.2 k_inner D / (m H (1 + sigma_s^2) Dp Dv L))^(1/4); linear std sqrt(2 / (5 D)).
+  const double sigma = std::pow(0.2 * 2.5 * 64 / (8.0 * 1 * 1.1 * 16 * 48 * 4), 0.25);
+  EXPECT_NEAR(layer->values.std().item<double>(), sigma, 0.05 * sigma);
+  EXPECT_NEAR(layer->pre_values.std().item<double>(), sigma, 0.05 * sigma);
+  EXPECT_NEAR(layer->wq.std().item<double>(), std::sqrt(2.0 / (5 * 64)), 0.05 * std::sqrt(2.0 / (5 * 64)));
+  EXPECT_NEAR(layer->q_scale[0][0].item<double>(), std::pow(128.0, -0.4), 1e-6);
+  EXPECT_FALSE(c.aux_loss);
+  auto bad = c;
+  bad.Dp = 0;
+  try {
+    UltraMem l(bad);
+    FAIL() << "value_init v2 without pre-values should be refused";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("UltraMemConfig.value_init"), std::string::npos) << e.what();
+  }
+  bad = c;
+  bad.Dp = -1;
+  EXPECT_THROW(bad.validate(), std::invalid_argument);
 }

@@ -31,7 +31,7 @@ using ultramem::testing::expect_grad_matches;
 
 namespace {
 
-const std::vector<std::string> kTiny = {"tiny-dense", "tiny-moe", "tiny-pkm", "tiny-ultramem"};
+const std::vector<std::string> kTiny = {"tiny-dense", "tiny-moe", "tiny-pkm", "tiny-ultramem", "tiny-ultramemv2"};
 
 // configs/<name>.json as shipped: vocab 8192 and max_seq_len 128, so that `ultramem train` runs it on the
 // default prepared data (`ultramem prepare`, --vocab 8192) at its default seq_len 128.
@@ -258,9 +258,11 @@ TEST(Model, ParamGroupsPartitionTheParameters) {
       if (ends("norm.weight") || ends(".cores") || ends("_scale")) EXPECT_TRUE(no_decay.count(key)) << name << ": " << n;
       if (ends("wqkv") || ends("embedding") || ends("router") || ends(".keys") || ends(".wq"))
         EXPECT_TRUE(decay.count(key)) << name << ": " << n;
+      if (ends(".pre_values")) EXPECT_TRUE(values.count(key)) << name << ": " << n;
     }
-    const bool has_memory = name == "tiny-pkm" || name == "tiny-ultramem";
-    EXPECT_EQ(g.memory_values.size(), has_memory ? model->config().memory_placement.size() : 0u) << name;
+    // One table per memory; UltraMemV2's pre-values train with them.
+    const size_t tables = name == "tiny-ultramemv2" ? 2 : name == "tiny-pkm" || name == "tiny-ultramem" ? 1 : 0;
+    EXPECT_EQ(g.memory_values.size(), tables * model->config().memory_placement.size()) << name;
   }
 }
 
@@ -502,7 +504,8 @@ TEST(TinyConfigs, ShippedFilesFitTheDefaultPreparedDataAndRun) {
   const std::map<std::string, std::pair<int64_t, int64_t>> counts = {{"tiny-dense", {293088, 293088}},
                                                                      {"tiny-moe", {305632, 293344}},
                                                                      {"tiny-pkm", {290288, 288496}},
-                                                                     {"tiny-ultramem", {299840, 299584}}};
+                                                                     {"tiny-ultramem", {299840, 299584}},
+                                                                     {"tiny-ultramemv2", {297048, 296472}}};
   for (const auto& name : kTiny) {
     const ModelConfig c = shipped(name);
     EXPECT_EQ(c.name, name);
@@ -932,4 +935,39 @@ TEST(Model, ShortTrainingOnARepeatingPatternLearnsForEveryKind) {
     EXPECT_GT(first, 3.0) << name;
     EXPECT_LT(last, 0.3) << name << ": loss " << first << " -> " << last;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// UltraMemV2 as a memory kind: its template, JSON and errors.
+
+TEST(UltraMemV2Config, TemplateJsonAndErrorsNameTheField) {
+  const ModelConfig c = shipped("tiny-ultramemv2");
+  EXPECT_EQ(c.memory_kind, MemoryKind::UltraMemV2);
+  const auto lc = c.ultramem_layer_config(2);
+  EXPECT_TRUE(lc.query_per_rank && lc.single_projection);
+  EXPECT_EQ(lc.Dp, 4);
+  EXPECT_FALSE(lc.aux_loss);  // V2 drops the Tucker aux loss
+  EXPECT_EQ(lc.value_init, ValueInit::V2);
+  EXPECT_DOUBLE_EQ(lc.inner_ratio, 56.0 / 32.0);  // set by the model: ffn_hidden / d_model
+  // JSON round trip; the V2 template is written for this kind only.
+  const json j = model_config_to_json(c);
+  ASSERT_TRUE(j["memory"].contains("ultramem_v2"));
+  EXPECT_EQ(j["memory"]["ultramem_v2"]["Dp"], 4);
+  EXPECT_EQ(model_config_to_json(model_config_from_json(j)), j);
+  EXPECT_FALSE(model_config_to_json(shipped("tiny-ultramem"))["memory"].contains("ultramem_v2"));
+  EXPECT_FALSE(model_config_to_json(shipped("tiny-ultramem"))["memory"]["ultramem"].contains("Dp"));
+  json bad = j;
+  bad["memory"]["ultramem_v2"]["inner_ratio"] = 2.0;
+  expect_throw_with<std::invalid_argument>([&] { model_config_from_json(bad); },
+                                           "memory.ultramem_v2.inner_ratio: set by the model");
+  bad = j;
+  bad["memory"]["ultramem_v2"]["Dp"] = 0;
+  expect_throw_with<std::invalid_argument>([&] { model_config_from_json(bad); }, "UltraMemConfig.value_init");
+  bad = j;
+  bad["memory"]["kind"] = "ultramem_v3";
+  expect_throw_with<std::invalid_argument>([&] { model_config_from_json(bad); }, "\"ultramem_v2\"");
+  // Its pre-values train with the values (memory_values group, row-sparse when the table is large).
+  Transformer model(tiny("tiny-ultramemv2"));
+  const auto g = model->param_groups();
+  EXPECT_EQ(g.memory_values.size(), 6u);  // values and pre_values of 3 memories
 }

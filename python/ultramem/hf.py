@@ -13,7 +13,8 @@ layers.i.post_attention_layernorm.weight, layers.i.mlp.{gate,up,down}_proj.weigh
 layers.i.moe.router.weight and layers.i.moe.experts.e.{gate,up,down}_proj.weight; per memory k
 memories.k.query_proj.weight, memories.k.out_proj.weight, memories.k.keys, memories.k.values
 (+ values_scale for int8), and for UltraMem memories.k.{query_norm,key_norm}.weight,
-memories.k.tucker_cores, memories.k.ive_permutation, memories.k.filter_{u,v}; for PKM
+memories.k.tucker_cores, memories.k.ive_permutation, memories.k.filter_{u,v} (UltraMemV2 also
+memories.k.prevalue_proj.weight and memories.k.pre_values); for PKM
 memories.k.query_batchnorm.* or memories.k.query_layernorm.*.
 """
 import json
@@ -70,7 +71,7 @@ def to_checkpoint_names(tensors, cfg):
             out[dst + "moe.w_in"] = torch.stack([torch.cat([_t(take(p + "gate_proj.weight")),
                                                             _t(take(p + "up_proj.weight"))], 1) for p in e_pre])
             out[dst + "moe.w_out"] = torch.stack([_t(take(p + "down_proj.weight")) for p in e_pre])
-    ultramem = cfg["memory"]["kind"] == "ultramem"
+    ultramem = cfg["memory"]["kind"] != "pkm"
     for k in range(len(cfg["_placement"])):
         src = dst = "memories.%d." % k
         out[dst + "wq"] = _t(take(src + "query_proj.weight"))
@@ -80,6 +81,9 @@ def to_checkpoint_names(tensors, cfg):
             out[dst + "values_scale"] = take(src + "values_scale")
         if src + "out_proj.weight" in tensors:
             out[dst + "wo"] = _t(take(src + "out_proj.weight"))
+        if src + "prevalue_proj.weight" in tensors:  # UltraMemV2 pre-values
+            out[dst + "wp"] = _t(take(src + "prevalue_proj.weight"))
+            out[dst + "pre_values"] = take(src + "pre_values")
         if ultramem:
             out[dst + "q_scale"] = take(src + "query_norm.weight")
             out[dst + "k_scale"] = take(src + "key_norm.weight")

@@ -10,6 +10,7 @@ import math
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._ops import ops
@@ -21,7 +22,15 @@ ULTRAMEM_DEFAULTS = OrderedDict([
     ("aux_reduction", "mean"), ("value_init", "paper"), ("value_std", 0.02), ("num_layers", 4),
     ("sparse_value_grad", False), ("track_stats", True), ("stats_window", 4096), ("retrieval_sample", 64),
     ("seed", 0), ("permutation_key", 0),
+    # UltraMemV2 (spec section 11): each a switch of its own; the defaults are V1.
+    ("query_per_rank", False), ("single_projection", False), ("Dp", 0), ("inner_ratio", 4.0), ("score_var", 0.1),
 ])
+
+# The UltraMemV2 template (UltraMemConfig::v2_defaults): query per rank, one projection, pre-values of
+# Dv / 3, the V2 init, no aux loss, one head with Dk 128 and m 32.
+ULTRAMEM_V2_DEFAULTS = OrderedDict(ULTRAMEM_DEFAULTS)
+ULTRAMEM_V2_DEFAULTS.update(query_per_rank=True, single_projection=True, Dp=128 // 3, H=1, Dk=128, m=32, m_first=32,
+                            aux_loss=False, value_init="v2")
 
 PKM_DEFAULTS = OrderedDict([
     ("D", 256), ("n", 64), ("Dk", 64), ("Dv", 256), ("H", 4), ("m", 32), ("query_norm", "batch"),
@@ -30,7 +39,7 @@ PKM_DEFAULTS = OrderedDict([
 
 _CHOICES = {
     "filter": ("rank1", "two_sign", "rank_r"), "qk_norm": ("rms", "layer"), "aux_reduction": ("mean", "sum"),
-    "value_init": ("paper", "fixed"), "query_norm": ("batch", "layer", "none"),
+    "value_init": ("paper", "fixed", "v2"), "query_norm": ("batch", "layer", "none"),
 }
 VALUE_FORMATS = {torch.float32: "fp32", torch.float64: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}
 
@@ -139,6 +148,14 @@ def validate_ultramem(c):
         _fail(w, "aux_alpha", "must be >= 0")
     if c["value_init"] == "fixed" and not c["value_std"] > 0:
         _fail(w, "value_std", "must be > 0")
+    if c["Dp"] < 0:
+        _fail(w, "Dp", "must be >= 0 (0: no pre-values), got %d" % c["Dp"])
+    if c["Dp"] > 1 << 16:
+        _fail(w, "Dp", "must be <= %d, got %d" % (1 << 16, c["Dp"]))
+    if c["value_init"] == "v2" and c["Dp"] == 0:
+        _fail(w, "value_init", "\"v2\" sizes values and pre-values together and needs Dp > 0")
+    if not c["inner_ratio"] > 0 or not c["score_var"] >= 0:
+        _fail(w, "inner_ratio" if not c["inner_ratio"] > 0 else "score_var", "must be > 0 (score_var >= 0)")
     if not 0 <= c["seed"] < 1 << 64 or not 0 <= c["permutation_key"] < 1 << 64:
         _fail(w, "seed" if not 0 <= c["seed"] < 1 << 64 else "permutation_key", "must be in [0, 2^64)")
 
@@ -189,12 +206,20 @@ class UltraMem(nn.Module):
         self.config = c
         D, n, E, Dk, Dv, r, C, H = (c[k] for k in ("D", "n", "E", "Dk", "Dv", "r", "C", "H"))
         N = n * n // E
+        Q = r if c["query_per_rank"] else 1          # query halves per side
+        G = 1 if c["single_projection"] else E       # wo: [G*Dv, D]
+        Dp = c["Dp"]
         if init:
             gen = torch.Generator().manual_seed(c["seed"])
-            qk = c["qk_scale_init"] if c["qk_scale_init"] > 0 else Dk ** -0.33
+            v2 = c["value_init"] == "v2"
+            qk = c["qk_scale_init"] if c["qk_scale_init"] > 0 else Dk ** (-0.4 if v2 else -0.33)
             vstd = math.sqrt(E / (2.0 * c["m"] * H * c["num_layers"])) if c["value_init"] == "paper" else c["value_std"]
+            if v2:
+                vstd = (0.2 * c["inner_ratio"] * D / (c["m"] * H * (1.0 + c["score_var"]) * Dp * Dv *
+                                                     c["num_layers"])) ** 0.25
+            lin = math.sqrt(2.0 / (5.0 * D))
             # The C++ constructor's draws, in its order (src/ultramem/nn/ultramem.cpp).
-            self.wq = nn.Parameter(_normal([D, 2 * Dk], 1.0 / math.sqrt(Dk), gen))
+            self.wq = nn.Parameter(_normal([D, 2 * Q * Dk], lin if v2 else 1.0 / math.sqrt(Dk), gen))
             self.q_scale = nn.Parameter(torch.full((2, Dk), qk))
             self.keys = nn.Parameter(_normal([H, 2, n, Dk, r], 1.0 / math.sqrt(Dk), gen))
             self.k_scale = nn.Parameter(torch.full((2, Dk), qk))
@@ -202,16 +227,22 @@ class UltraMem(nn.Module):
             values = torch.empty(N, Dv)
             values.normal_(0.0, vstd, generator=gen)
             self.values = nn.Parameter(values)
-            self.wo = nn.Parameter(_normal([E * Dv, D], 1.0 / math.sqrt(E * Dv), gen))
+            self.wo = nn.Parameter(_normal([G * Dv, D], lin if v2 else 1.0 / math.sqrt(G * Dv), gen))
+            if Dp > 0:
+                self.wp = nn.Parameter(_normal([D, Dp], lin if v2 else 1.0 / math.sqrt(D), gen))
+                self.pre_values = nn.Parameter(_normal([N, Dp], vstd, gen))
             perm = ops().ive_permutation(n * n, _as_int64(c["seed"]), _as_int64(c["permutation_key"]))
         else:
-            self.wq = nn.Parameter(torch.empty(D, 2 * Dk))
+            self.wq = nn.Parameter(torch.empty(D, 2 * Q * Dk))
             self.q_scale = nn.Parameter(torch.empty(2, Dk))
             self.keys = nn.Parameter(torch.empty(H, 2, n, Dk, r))
             self.k_scale = nn.Parameter(torch.empty(2, Dk))
             self.cores = nn.Parameter(torch.empty(C, H, r, r))
             self.values = nn.Parameter(torch.empty(N, Dv))
-            self.wo = nn.Parameter(torch.empty(E * Dv, D))
+            self.wo = nn.Parameter(torch.empty(G * Dv, D))
+            if Dp > 0:
+                self.wp = nn.Parameter(torch.empty(D, Dp))
+                self.pre_values = nn.Parameter(torch.empty(N, Dp))
             perm = torch.empty(n * n, dtype=torch.int64)
         self.register_buffer("perm", perm)
         self.register_buffer("u", torch.zeros(H, r))
@@ -244,6 +275,9 @@ class UltraMem(nn.Module):
         if scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != (N,)):
             raise ValueError("UltraMem.set_value_table: values_scale must be float32 [%d], got %s %s"
                              % (N, scale.dtype, list(scale.shape)))
+        if self.v2_forward and values.dtype in (torch.bfloat16, torch.int8):
+            raise ValueError("UltraMem.set_value_table: this layer has UltraMemV2 changes, which compact value "
+                             "tables do not serve yet (they feed the V1 fused op); keep its values float32")
         trainable = values.is_floating_point() and values.dtype != torch.bfloat16
         del self.values
         if trainable:
@@ -283,6 +317,12 @@ class UltraMem(nn.Module):
         """u [T, D] -> (s_row, s_col), each [T, H, r, n]: the query halves against the normalised keys."""
         c = self.config
         T, Dk, H, r, n = u.shape[0], c["Dk"], c["H"], c["r"], c["n"]
+        if c["query_per_rank"]:
+            # V2: rank a of each side scores with its own query half.
+            q = (u @ self.wq).view(T, 2, r, Dk)                              # [T, 2, r, Dk]
+            kt = self.keys.transpose(3, 4)                                   # [H, 2, n, r, Dk]
+            return tuple(torch.einsum("tad,hiad->thai", self._norm(q[:, s], self.q_scale[s]),
+                                      self._norm(kt[:, s], self.k_scale[s])).contiguous() for s in (0, 1))
         q = u @ self.wq                                                      # [T, 2*Dk]
         q_row = self._norm(q[:, :Dk], self.q_scale[0])
         q_col = self._norm(q[:, Dk:], self.q_scale[1])
@@ -310,7 +350,7 @@ class UltraMem(nn.Module):
         _check_input("UltraMem", x, c["D"], self.wq)
         lead = x.shape[:-1]
         u = x.reshape(-1, c["D"])
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not self.v2_forward:
             out = self._forward_inference(u.contiguous())
             return out.view(*lead, c["D"])
         if self.value_format != "fp32":
@@ -321,11 +361,29 @@ class UltraMem(nn.Module):
         dt = s_row.dtype
         scores, index = ops().tdqkr(s_row, s_col, self.cores, fu.to(dt), fv.to(dt), first_stage_m(c), c["m"],
                                     filter_negatives(c))                     # [T, H*m, C], [T, H*m]
-        pooled = ops().pooled_lookup(self.values, index, scores, self.perm, c["E"], c["sparse_value_grad"])
+        weights = scores * self.pre_value_weights(u, index).unsqueeze(-1) if c["Dp"] > 0 else scores
+        pooled = ops().pooled_lookup(self.values, index, weights, self.perm, c["E"], c["sparse_value_grad"])
+        if c["single_projection"]:                                           # V2: the E groups' pools summed
+            pooled = pooled.view(-1, c["E"], c["Dv"]).sum(1)
         out = pooled @ self.wo                                               # [T, D]
         if c["track_stats"]:
             self._record_stats(u, scores, index, out)
         return out.view(*lead, c["D"])
+
+    @property
+    def v2_forward(self):
+        """Any UltraMemV2 change of the forward: the layer then runs the autograd ops under no_grad too."""
+        c = self.config
+        return c["query_per_rank"] or c["single_projection"] or c["Dp"] > 0
+
+    def pre_value_weights(self, u, index):
+        """u [T, D], index [T, K] -> [T, K]: <u wp, pre_values[row]> of each kept slot (V2 pre-values)."""
+        c = self.config
+        T, K = index.shape
+        p = u @ self.wp                                                      # [T, Dp]
+        rows = self.perm.index_select(0, index.reshape(-1)).remainder(c["n"] * c["n"] // c["E"])
+        pre = F.embedding(rows, self.pre_values, sparse=c["sparse_value_grad"]).view(T, K, c["Dp"])
+        return (pre * p.unsqueeze(1)).sum(-1)
 
     def _folded_keys(self):
         """(kn [2, H*r*n, Dk], kf): the normalised keys and the filter's folded keys, cached until the keys,

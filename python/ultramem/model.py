@@ -23,7 +23,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from . import data as data_io
-from .layers import PKM, PKM_DEFAULTS, ULTRAMEM_DEFAULTS, UltraMem
+from .layers import PKM, PKM_DEFAULTS, ULTRAMEM_DEFAULTS, ULTRAMEM_V2_DEFAULTS, UltraMem
 from .training import param_groups
 
 MODEL_DEFAULTS = OrderedDict([
@@ -87,17 +87,22 @@ def normalise_config(config):
         _fail("moe.top_k", "must be in [1, num_experts = %d], got %d" % (moe["num_experts"], moe["top_k"]))
     mem = c["memory"] or {}
     kind = mem.get("kind", "ultramem")
-    if kind not in ("ultramem", "pkm"):
-        raise ValueError('memory.kind: expected "ultramem" or "pkm", got "%s"' % kind)
+    if kind not in ("ultramem", "ultramem_v2", "pkm"):
+        raise ValueError('memory.kind: expected "ultramem", "ultramem_v2" or "pkm", got "%s"' % kind)
     placement = parse_placement(mem.get("placement", ""), c["n_layers"])
-    for name, defaults in (("ultramem", ULTRAMEM_DEFAULTS), ("pkm", PKM_DEFAULTS)):
+    for name, defaults in (("ultramem", ULTRAMEM_DEFAULTS), ("ultramem_v2", ULTRAMEM_DEFAULTS), ("pkm", PKM_DEFAULTS)):
         for k in mem.get(name, {}):
-            if k in _SET_BY_MODEL:
+            if k in _SET_BY_MODEL or (k == "inner_ratio" and name != "pkm"):
                 raise ValueError("memory.%s.%s: set by the model" % (name, k))
             if k not in defaults:
                 raise ValueError("memory.%s.%s: unknown key" % (name, k))
+    for k in mem:
+        if k not in ("kind", "placement", "ultramem", "ultramem_v2", "pkm"):
+            raise ValueError("memory.%s: unknown key" % k)
     c["memory"] = {"kind": kind, "placement": mem.get("placement", ""), "ultramem": dict(mem.get("ultramem", {})),
                    "pkm": dict(mem.get("pkm", {}))}
+    if kind == "ultramem_v2":  # written only for this kind, as the C++ writes it
+        c["memory"]["ultramem_v2"] = dict(mem.get("ultramem_v2", {}))
     c["_ffn_kinds"] = kinds
     c["_placement"] = placement
     return c
@@ -126,11 +131,15 @@ def memory_layer_config(c, k):
     """Memory k's layer config: the template with D, num_layers, seed + 1 + k and the sparse-gradient rule."""
     mem = c["memory"]
     seed = c["seed"] + 1 + k
-    if mem["kind"] == "ultramem":
-        lc = dict(mem["ultramem"], D=c["d_model"], num_layers=c["n_layers"], seed=seed)
+    if mem["kind"] in ("ultramem", "ultramem_v2"):
+        v2 = mem["kind"] == "ultramem_v2"
+        lc = dict(ULTRAMEM_V2_DEFAULTS) if v2 else {}
+        lc.update(mem[mem["kind"]], D=c["d_model"], num_layers=c["n_layers"], seed=seed)
+        if v2:
+            lc["inner_ratio"] = c["ffn_hidden"] / c["d_model"]   # k_inner of the V2 init
         full = dict(ULTRAMEM_DEFAULTS, **lc)
         rows = full["n"] * full["n"] // max(1, full["E"])
-        lc.setdefault("sparse_value_grad", rows * full["Dv"] >= SPARSE_VALUE_GRAD_MIN_ENTRIES)
+        lc.setdefault("sparse_value_grad", rows * (full["Dv"] + full["Dp"]) >= SPARSE_VALUE_GRAD_MIN_ENTRIES)
     else:
         lc = dict(mem["pkm"], D=c["d_model"], seed=seed)
         full = dict(PKM_DEFAULTS, **lc)
@@ -300,7 +309,7 @@ class TransformerLM(nn.Module):
         if not c["tie_embeddings"]:
             self.lm_head = nn.Parameter(torch.normal(0.0, c["init_std"], size=(V, D), generator=gen) if init
                                         else torch.empty(V, D))
-        layer = UltraMem if c["memory"]["kind"] == "ultramem" else PKM
+        layer = PKM if c["memory"]["kind"] == "pkm" else UltraMem
         self.memories = nn.ModuleList(layer(init=init, **memory_layer_config(c, k)) for k in range(len(placement)))
         self._aux = {}
         self.checkpoint = None      # the Checkpoint this model was loaded from (training state kept for save)

@@ -19,7 +19,7 @@ _MEMORY_NO_DECAY = ("q_scale", "k_scale", "cores")
 
 def group_of(module_name, param_name, param, memory_module):
     """"decay", "no_decay" or "memory_values" for one parameter (the C++ Transformer::param_groups rule)."""
-    if memory_module and param_name == "values":
+    if memory_module and param_name in ("values", "pre_values"):
         return "memory_values"
     if memory_module and param_name in _MEMORY_NO_DECAY:
         return "no_decay"

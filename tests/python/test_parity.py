@@ -22,9 +22,10 @@ from ultramem import safetensors as safetensors_io  # noqa: E402
 
 DUMP_LAYER = take_arg("--dump-layer", "ULTRAMEM_DUMP_LAYER")
 
-INT_KEYS = {"D", "n", "E", "Dk", "Dv", "r", "C", "H", "m", "m_first", "m_neg", "num_layers", "seed", "T", "B", "input_seed"}
+INT_KEYS = {"D", "n", "E", "Dk", "Dv", "r", "C", "H", "m", "m_first", "m_neg", "num_layers", "seed", "T", "B", "input_seed",
+            "filter_rank", "Dp"}
 FLOAT_KEYS = {"qk_scale_init", "aux_alpha", "aux_tau", "value_std"}
-BOOL_KEYS = {"aux_loss", "sparse_value_grad"}
+BOOL_KEYS = {"aux_loss", "sparse_value_grad", "query_per_rank", "single_projection"}
 
 
 def parse_meta(meta):

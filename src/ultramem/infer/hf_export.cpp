@@ -68,7 +68,7 @@ NamedTensors hf_tensors(const checkpoint::Checkpoint& ckpt) {
         swiglu(dst + "moe.experts." + std::to_string(e) + ".", w_in[e], w_out[e]);
     }
   }
-  const bool ultramem = c.memory_kind == nn::MemoryKind::UltraMem;
+  const bool ultramem = nn::is_ultramem(c.memory_kind);
   for (size_t k = 0; k < c.memory_placement.size(); ++k) {
     const std::string src = "memories." + std::to_string(k) + ".", dst = src;
     out.emplace_back(dst + "query_proj.weight", out_in(take(src + "wq")));           // [2Dk or H*2Dk, D]
@@ -83,6 +83,10 @@ NamedTensors hf_tensors(const checkpoint::Checkpoint& ckpt) {
     out.emplace_back(dst + "values", take(src + "values"));                         // [N, Dv] as stored
     if (ckpt.model.count(src + "values_scale")) out.emplace_back(dst + "values_scale", take(src + "values_scale"));
     if (ckpt.model.count(src + "wo")) out.emplace_back(dst + "out_proj.weight", out_in(take(src + "wo")));  // [D, E*Dv]
+    if (ckpt.model.count(src + "wp")) {  // UltraMemV2 pre-values
+      out.emplace_back(dst + "prevalue_proj.weight", out_in(take(src + "wp")));     // [Dp, D]
+      out.emplace_back(dst + "pre_values", take(src + "pre_values"));                // [N, Dp]
+    }
     if (ultramem) {
       out.emplace_back(dst + "ive_permutation", take(src + "perm"));                // [n*n] int64
       out.emplace_back(dst + "filter_u", take(src + "u"));                          // [H, r]

@@ -29,11 +29,14 @@ NormKind parse_norm_kind(const std::string& s) {
 ValueInit parse_value_init(const std::string& s) {
   if (s == "paper") return ValueInit::Paper;
   if (s == "fixed") return ValueInit::Fixed;
-  throw std::invalid_argument("value_init: expected \"paper\" or \"fixed\", got \"" + s + "\"");
+  if (s == "v2") return ValueInit::V2;
+  throw std::invalid_argument("value_init: expected \"paper\", \"fixed\" or \"v2\", got \"" + s + "\"");
 }
 
 const char* to_string(NormKind k) { return k == NormKind::RMS ? "rms" : "layer"; }
-const char* to_string(ValueInit v) { return v == ValueInit::Paper ? "paper" : "fixed"; }
+const char* to_string(ValueInit v) {
+  return v == ValueInit::Paper ? "paper" : v == ValueInit::Fixed ? "fixed" : "v2";
+}
 
 ValueFormat parse_value_format(const std::string& s) {
   if (s == "fp32" || s == "float32") return ValueFormat::kFloat32;
@@ -75,6 +78,20 @@ AuxReduction parse_aux_reduction(const std::string& s) {
 }
 
 const char* to_string(AuxReduction r) { return r == AuxReduction::kMean ? "mean" : "sum"; }
+
+UltraMemConfig UltraMemConfig::v2_defaults() {
+  UltraMemConfig c;
+  c.query_per_rank = true;
+  c.single_projection = true;
+  c.Dp = c.Dv / 3;  // the paper's Dp : Dv = 1 : 3
+  c.H = 1;          // one head with doubled Dk and m beats two (spec section 11)
+  c.Dk = 128;
+  c.m = 32;
+  c.m_first = 32;
+  c.aux_loss = false;
+  c.value_init = ValueInit::V2;
+  return c;
+}
 
 int64_t UltraMemConfig::sqrt_E() const {
   int64_t s = 0;
@@ -150,6 +167,12 @@ void UltraMemConfig::validate() const {
   if (qk_scale_init < 0) fail(who, "qk_scale_init", "must be >= 0 (0 means Dk^-0.33)");
   if (aux_alpha < 0) fail(who, "aux_alpha", "must be >= 0");
   if (value_init == ValueInit::Fixed && !(value_std > 0)) fail(who, "value_std", "must be > 0");
+  if (Dp < 0) fail(who, "Dp", "must be >= 0 (0: no pre-values), got " + std::to_string(Dp));
+  require_at_most(who, "Dp", Dp, kMaxDim);
+  if (value_init == ValueInit::V2 && Dp == 0)
+    fail(who, "value_init", "\"v2\" sizes values and pre-values together and needs Dp > 0");
+  if (!(inner_ratio > 0) || !(score_var >= 0))
+    fail(who, inner_ratio > 0 ? "score_var" : "inner_ratio", "must be > 0 (score_var >= 0)");
 }
 
 void PKMConfig::validate() const {

@@ -9,7 +9,9 @@ namespace ultramem::nn {
 enum class NormKind { RMS, Layer };
 enum class ValueInit {
   Paper,  // values ~ N(0, E / (2 m H L)): memory-output variance about 1/(2L) (spec section 6)
-  Fixed   // values ~ N(0, value_std^2), as the authors' public code (0.02)
+  Fixed,  // values ~ N(0, value_std^2), as the authors' public code (0.02)
+  V2      // UltraMemV2 (spec section 11): values and pre-values ~ N(0, sigma_V^2) with
+          // sigma_V = (0.2 k_inner D / (m H (1 + sigma_s^2) Dp Dv L))^(1/4); wq, wp, wo ~ N(0, 2 / (5 D))
 };
 
 // Storage of an UltraMem value table. kFloat32 is trainable; kBFloat16 and kInt8 (symmetric, one
@@ -28,7 +30,7 @@ enum class RetrievalFilter { kRank1, kTwoSign, kRankR };
 enum class AuxReduction { kMean, kSum };
 
 NormKind parse_norm_kind(const std::string& s);  // "rms" | "layer"
-ValueInit parse_value_init(const std::string& s);  // "paper" | "fixed"
+ValueInit parse_value_init(const std::string& s);  // "paper" | "fixed" | "v2"
 const char* to_string(NormKind k);
 const char* to_string(ValueInit v);
 ValueFormat parse_value_format(const std::string& s);  // "fp32" | "float32" | "bf16" | "bfloat16" | "int8"
@@ -73,6 +75,15 @@ struct UltraMemConfig {
   // the keyed Feistel bijection of [0, n*n) (kernels/feistel.h), materialised into the stored permutation
   // for training and taking no memory where the table is a file (external_values). Saved as the key.
   uint64_t permutation_key = 0;
+  // UltraMemV2 (spec section 11; the memory kind "ultramem_v2" starts from v2_defaults()). Each is a switch
+  // of its own; the V1 defaults leave the layer as the paper's V1.
+  bool query_per_rank = false;    // one query per Tucker rank: wq [D, 2*r*Dk], rank a scores with its own halves
+  bool single_projection = false;  // IVE as one projection: the kept values of all E groups pooled together,
+                                   // wo [Dv, D] (the grid keeps its E*N virtual slots)
+  int64_t Dp = 0;                 // PEER-style pre-values [N, Dp] and wp [D, Dp]: a kept slot's value row is
+                                  // weighted by <x wp, pre_values[row]> * score; 0: none
+  double inner_ratio = 4.0;       // k_inner of the V2 value init: FFN inner width over D (the model sets it)
+  double score_var = 0.1;         // sigma_s^2 of the V2 value init: variance of the kept scores
   // Not part of the JSON config: false leaves the value table and the permutation allocated but
   // unwritten (no memory is touched), for models whose weights are about to be loaded.
   bool init_values = true;
@@ -81,6 +92,14 @@ struct UltraMemConfig {
   // such a layer runs no-grad forwards only, and only with its tiered table installed.
   bool external_values = false;
 
+  // The UltraMemV2 template: query per rank, one projection, pre-values of Dv / 3, the V2 init (query/key
+  // norm scale Dk^-0.4), no aux loss, one head (spec section 11).
+  static UltraMemConfig v2_defaults();
+  // Any V2 change of the forward (query_per_rank, single_projection, Dp > 0): the layer then runs the
+  // autograd ops under no-grad too (the fused inference op computes V1 only).
+  bool v2_forward() const { return query_per_rank || single_projection || Dp > 0; }
+  int64_t query_ranks() const { return query_per_rank ? r : 1; }   // query halves per side
+  int64_t projection_groups() const { return single_projection ? 1 : E; }  // wo: [projection_groups*Dv, D]
   int64_t sqrt_E() const;                                   // integer square root of E
   int64_t physical_rows() const { return E > 0 ? n * n / E : 0; }  // N (0 for an invalid E < 1)
   int64_t first_stage_m() const { return m_first > 0 ? m_first : m; }

@@ -190,6 +190,11 @@ void read_ultramem(const json& j, const std::string& path, UltraMemConfig& c, st
   r.get("retrieval_sample", c.retrieval_sample);
   r.get("permutation_key", c.permutation_key);
   r.get("sparse_value_grad", sparse);
+  r.get("query_per_rank", c.query_per_rank);
+  r.get("single_projection", c.single_projection);
+  r.get("Dp", c.Dp);
+  r.get("score_var", c.score_var);
+  r.reject("inner_ratio", "set by the model (ffn_hidden / d_model)");
   r.finish();
 }
 
@@ -240,7 +245,9 @@ const char* to_string(FfnKind k) {
   return "dense";
 }
 
-const char* to_string(MemoryKind k) { return k == MemoryKind::UltraMem ? "ultramem" : "pkm"; }
+const char* to_string(MemoryKind k) {
+  return k == MemoryKind::UltraMem ? "ultramem" : k == MemoryKind::UltraMemV2 ? "ultramem_v2" : "pkm";
+}
 
 FfnKind parse_ffn_kind(const std::string& s) {
   if (s == "dense") return FfnKind::Dense;
@@ -252,7 +259,8 @@ FfnKind parse_ffn_kind(const std::string& s) {
 MemoryKind parse_memory_kind(const std::string& s) {
   if (s == "ultramem") return MemoryKind::UltraMem;
   if (s == "pkm") return MemoryKind::PKM;
-  throw std::invalid_argument("kind: expected \"ultramem\" or \"pkm\", got \"" + s + "\"");
+  if (s == "ultramem_v2") return MemoryKind::UltraMemV2;
+  throw std::invalid_argument("kind: expected \"ultramem\", \"ultramem_v2\" or \"pkm\", got \"" + s + "\"");
 }
 
 std::vector<MemoryPlacement> parse_placement(const std::string& s, int64_t n_layers) {
@@ -304,13 +312,16 @@ int64_t ModelConfig::moe_expert_hidden() const {
 }
 
 UltraMemConfig ModelConfig::ultramem_layer_config(int64_t k) const {
-  UltraMemConfig c = ultramem;
+  const bool v2 = memory_kind == MemoryKind::UltraMemV2;
+  UltraMemConfig c = v2 ? ultramem_v2 : ultramem;
   c.D = d_model;
   c.num_layers = n_layers;
   c.seed = seed + 1 + static_cast<uint64_t>(k);
+  if (v2 && d_model > 0) c.inner_ratio = double(ffn_hidden) / double(d_model);  // k_inner of the V2 init
   // In double: this runs before validate() has bounded n and Dv.
-  c.sparse_value_grad = ultramem_sparse_value_grad.value_or(double(c.physical_rows()) * double(c.Dv) >=
-                                                            double(kSparseValueGradMinEntries));
+  const auto& sparse = v2 ? ultramem_v2_sparse_value_grad : ultramem_sparse_value_grad;
+  c.sparse_value_grad = sparse.value_or(double(c.physical_rows()) * double(c.Dv + c.Dp) >=
+                                        double(kSparseValueGradMinEntries));
   return c;
 }
 
@@ -379,8 +390,8 @@ void ModelConfig::validate() const {
                       std::to_string(p.write_block));
   }
   if (has_memory()) {
-    if (memory_kind == MemoryKind::UltraMem)
-      validate_layer(ultramem_layer_config(0), "ultramem");
+    if (is_ultramem(memory_kind))
+      validate_layer(ultramem_layer_config(0), to_string(memory_kind));
     else
       validate_layer(pkm_layer_config(0), "pkm");
   }
@@ -432,6 +443,8 @@ ModelConfig model_config_from_json(const json& j) {
     std::string placement;
     mr.get("placement", placement);
     if (const json* u = mr.find("ultramem")) read_ultramem(*u, "memory.ultramem", c.ultramem, c.ultramem_sparse_value_grad);
+    if (const json* u = mr.find("ultramem_v2"))
+      read_ultramem(*u, "memory.ultramem_v2", c.ultramem_v2, c.ultramem_v2_sparse_value_grad);
     if (const json* p = mr.find("pkm")) read_pkm(*p, "memory.pkm", c.pkm, c.pkm_sparse_value_grad);
     mr.finish();
     if (c.n_layers < 1) fail("n_layers", "must be >= 1, got " + std::to_string(c.n_layers));
@@ -444,6 +457,43 @@ ModelConfig model_config_from_json(const json& j) {
   r.finish();
   c.validate();
   return c;
+}
+
+// An UltraMem template as JSON. The fields added after V1 (filter_rank, permutation_key, the V2 switches) are
+// written only when set (all of them for the V2 template), so that older configs and records stay as they were.
+static json ultramem_template_json(const UltraMemConfig& u, const std::optional<bool>& sparse, bool v2) {
+  json uj = {{"n", u.n},
+             {"E", u.E},
+             {"Dk", u.Dk},
+             {"Dv", u.Dv},
+             {"r", u.r},
+             {"C", u.C},
+             {"H", u.H},
+             {"m", u.m},
+             {"m_first", u.m_first},
+             {"filter", to_string(u.filter)},
+             {"m_neg", u.m_neg},
+             {"qk_norm", to_string(u.qk_norm)},
+             {"qk_scale_init", u.qk_scale_init},
+             {"aux_loss", u.aux_loss},
+             {"aux_alpha", u.aux_alpha},
+             {"aux_tau", u.aux_tau},
+             {"aux_reduction", to_string(u.aux_reduction)},
+             {"value_init", to_string(u.value_init)},
+             {"value_std", u.value_std},
+             {"track_stats", u.track_stats},
+             {"stats_window", u.stats_window},
+             {"retrieval_sample", u.retrieval_sample}};
+  // Written only for the rank_r filter, so the configs of the other filters (and the records of runs
+  // made before it existed) stay as they were.
+  if (u.filter == RetrievalFilter::kRankR) uj["filter_rank"] = u.filter_rank;
+  if (u.permutation_key != 0) uj["permutation_key"] = u.permutation_key;  // likewise: only when set
+  if (sparse) uj["sparse_value_grad"] = *sparse;
+  if (v2 || u.query_per_rank) uj["query_per_rank"] = u.query_per_rank;
+  if (v2 || u.single_projection) uj["single_projection"] = u.single_projection;
+  if (v2 || u.Dp != 0) uj["Dp"] = u.Dp;
+  if (v2 || u.value_init == ValueInit::V2) uj["score_var"] = u.score_var;
+  return uj;
 }
 
 json model_config_to_json(const ModelConfig& c) {
@@ -476,34 +526,7 @@ json model_config_to_json(const ModelConfig& c) {
               {"top_k", c.moe.top_k},
               {"expert_hidden", c.moe.expert_hidden},
               {"balance_coef", c.moe.balance_coef}};
-  const auto& u = c.ultramem;
-  json uj = {{"n", u.n},
-             {"E", u.E},
-             {"Dk", u.Dk},
-             {"Dv", u.Dv},
-             {"r", u.r},
-             {"C", u.C},
-             {"H", u.H},
-             {"m", u.m},
-             {"m_first", u.m_first},
-             {"filter", to_string(u.filter)},
-             {"m_neg", u.m_neg},
-             {"qk_norm", to_string(u.qk_norm)},
-             {"qk_scale_init", u.qk_scale_init},
-             {"aux_loss", u.aux_loss},
-             {"aux_alpha", u.aux_alpha},
-             {"aux_tau", u.aux_tau},
-             {"aux_reduction", to_string(u.aux_reduction)},
-             {"value_init", to_string(u.value_init)},
-             {"value_std", u.value_std},
-             {"track_stats", u.track_stats},
-             {"stats_window", u.stats_window},
-             {"retrieval_sample", u.retrieval_sample}};
-  // Written only for the rank_r filter, so the configs of the other filters (and the records of runs
-  // made before it existed) stay as they were.
-  if (u.filter == RetrievalFilter::kRankR) uj["filter_rank"] = u.filter_rank;
-  if (u.permutation_key != 0) uj["permutation_key"] = u.permutation_key;  // likewise: only when set
-  if (c.ultramem_sparse_value_grad) uj["sparse_value_grad"] = *c.ultramem_sparse_value_grad;
+  const json uj = ultramem_template_json(c.ultramem, c.ultramem_sparse_value_grad, false);
   const auto& p = c.pkm;
   json pj = {{"n", p.n},
              {"Dk", p.Dk},
@@ -519,6 +542,9 @@ json model_config_to_json(const ModelConfig& c) {
                  {"placement", placement_to_string(c.memory_placement)},
                  {"ultramem", uj},
                  {"pkm", pj}};
+  // Only for the V2 kind: the configs of the other kinds (and the records of older runs) stay as they were.
+  if (c.memory_kind == MemoryKind::UltraMemV2)
+    j["memory"]["ultramem_v2"] = ultramem_template_json(c.ultramem_v2, c.ultramem_v2_sparse_value_grad, true);
   return j;
 }
 

@@ -13,7 +13,10 @@
 namespace ultramem::nn {
 
 enum class FfnKind { Dense, MoE, None };
-enum class MemoryKind { UltraMem, PKM };
+// UltraMemV2 (spec section 11) is an UltraMem layer with the V2 switches on: kind "ultramem_v2", whose
+// template (memory.ultramem_v2) starts from UltraMemConfig::v2_defaults().
+enum class MemoryKind { UltraMem, PKM, UltraMemV2 };
+inline bool is_ultramem(MemoryKind k) { return k == MemoryKind::UltraMem || k == MemoryKind::UltraMemV2; }
 
 struct MoEConfig {
   int64_t num_experts = 8;      // K experts
@@ -51,10 +54,12 @@ struct ModelConfig {
   MemoryKind memory_kind = MemoryKind::UltraMem;
   std::vector<MemoryPlacement> memory_placement;  // empty: no memory layers
   UltraMemConfig ultramem;      // template for every UltraMem layer (D and num_layers are filled in)
+  UltraMemConfig ultramem_v2 = UltraMemConfig::v2_defaults();  // template of kind ultramem_v2 (inner_ratio too)
   PKMConfig pkm;                // template for every PKM layer (D is filled in)
   // Overrides of the automatic sparse-value-gradient rule (see memory_config_for); JSON
   // memory.ultramem.sparse_value_grad / memory.pkm.sparse_value_grad. Unset: automatic.
   std::optional<bool> ultramem_sparse_value_grad;
+  std::optional<bool> ultramem_v2_sparse_value_grad;
   std::optional<bool> pkm_sparse_value_grad;
   uint64_t seed = 0;            // dense weights use it; memory layer k uses seed + 1 + k
 

@@ -91,19 +91,22 @@ ModelInfo model_info_within_bounds(const ModelConfig& cfg, int64_t context) {
   parts.add("norms", D, D, 0.0);  // final norm
 
   for (size_t k = 0; k < cfg.memory_placement.size(); ++k) {
-    if (cfg.memory_kind == MemoryKind::UltraMem) {
+    if (is_ultramem(cfg.memory_kind)) {
       const auto c = cfg.ultramem_layer_config(int64_t(k));
-      const int64_t m1 = c.first_stage_m();
-      const int64_t dense = D * 2 * c.Dk + 2 * c.Dk + c.H * 2 * c.n * c.Dk * c.r + 2 * c.Dk +
-                            c.C * c.H * c.r * c.r + c.E * c.Dv * D;
-      double flops = 2.0 * D * 2 * c.Dk;                    // query projection
+      const int64_t m1 = c.first_stage_m(), Q = c.query_ranks(), G = c.projection_groups();
+      const int64_t dense = D * 2 * Q * c.Dk + 2 * c.Dk + c.H * 2 * c.n * c.Dk * c.r + 2 * c.Dk +
+                            c.C * c.H * c.r * c.r + G * c.Dv * D + D * c.Dp;
+      double flops = 2.0 * D * 2 * Q * c.Dk;                // query projection (one per rank with V2)
       flops += 2.0 * 2 * c.n * c.H * c.r * c.Dk;            // row and column key scores
       flops += 2.0 * c.H * 2 * c.r * c.n;                   // rank-1 filter u^T S_row, v^T S_col
       flops += 2.0 * c.H * (c.r * c.r * m1 + c.r * m1 * m1);  // summed-core rescoring of m1 x m1
       flops += 2.0 * c.H * c.m * c.C * (c.r * c.r + c.r);   // per-core scores of the kept m
-      flops += 2.0 * c.E * c.Dv * D;                        // output projection
+      flops += 2.0 * D * c.Dp;                              // pre-value query (V2)
+      flops += 2.0 * G * c.Dv * D;                          // output projection (one with V2)
       parts.add("memory_dense", dense, dense, flops);
-      parts.add("memory_values", c.physical_rows() * c.Dv, c.H * c.m * c.Dv, 2.0 * c.H * c.m * c.Dv);
+      // Values and pre-values: the H*m kept rows of each are read; <p, P[row]> and the weighted sum.
+      parts.add("memory_values", c.physical_rows() * (c.Dv + c.Dp), c.H * c.m * (c.Dv + c.Dp),
+                2.0 * c.H * c.m * (c.Dv + c.Dp));
     } else {
       const auto c = cfg.pkm_layer_config(int64_t(k));
       const int64_t q_heads = c.shared_query ? 1 : c.H;
@@ -157,9 +160,10 @@ MemoryNeed training_memory(const ModelConfig& cfg, const ModelInfo& info, int64_
     per_token += 16.0 * double(cfg.d_model) + ffn + 2.0 * double(cfg.n_heads) * double(seq_len);
   }
   for (size_t k = 0; k < cfg.memory_placement.size(); ++k) {
-    if (cfg.memory_kind == MemoryKind::UltraMem) {
+    if (is_ultramem(cfg.memory_kind)) {
       const auto c = cfg.ultramem_layer_config(int64_t(k));
-      per_token += double(c.H) * double(c.m) * double(c.Dv) + double(c.E) * double(c.Dv) + 4.0 * double(c.Dk);
+      per_token += double(c.H) * double(c.m) * double(c.Dv + c.Dp) + double(c.E) * double(c.Dv) +
+                   4.0 * double(c.Dk) * double(c.query_ranks()) + double(c.Dp);
     } else {
       const auto c = cfg.pkm_layer_config(int64_t(k));
       per_token += double(c.H) * double(c.m) * double(c.Dv) + double(c.Dv) + 4.0 * double(c.Dk) * double(c.H);

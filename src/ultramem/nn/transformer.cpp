@@ -213,7 +213,7 @@ TransformerImpl::TransformerImpl(ModelConfig cfg) : cfg_(std::move(cfg)), impl_(
   if (c.has_memory()) {
     torch::nn::ModuleList memories;
     for (size_t k = 0; k < c.memory_placement.size(); ++k) {
-      if (c.memory_kind == MemoryKind::UltraMem) {
+      if (is_ultramem(c.memory_kind)) {
         m.ultramem.push_back(UltraMem(c.ultramem_layer_config(int64_t(k))));
         memories->push_back(m.ultramem.back());
       } else {
@@ -371,7 +371,7 @@ ParamGroups TransformerImpl::param_groups() {
     const auto& p = item.value();
     const bool in_memory = name.rfind("memories.", 0) == 0;
     const std::string leaf = name.substr(name.rfind('.') + 1);
-    if (in_memory && leaf == "values")
+    if (in_memory && (leaf == "values" || leaf == "pre_values"))
       g.memory_values.push_back(p);
     else if (p.dim() < 2 || (in_memory && (leaf == "cores" || leaf == "q_scale" || leaf == "k_scale")))
       g.no_decay.push_back(p);

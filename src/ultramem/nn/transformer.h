@@ -70,7 +70,7 @@ class TransformerImpl : public torch::nn::Module {
 
   // decay: embeddings, LM head, attention, FFN, expert and router matrices, memory wq / wo / keys;
   // no_decay: RMSNorm scales, memory q/k norm scales and Tucker cores, PKM query-norm parameters;
-  // memory_values: every memory layer's `values`. Each parameter is in exactly one group.
+  // memory_values: every memory layer's `values` (and UltraMemV2's `pre_values`). Each parameter is in exactly one group.
   ParamGroups param_groups();
 
   // Telemetry of the memory layers and MoE routing since the last call, as JSON (flat keys such as

@@ -21,12 +21,19 @@ UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
   auto normal = [&](std::vector<int64_t> shape, double std) {
     return at::normal(0.0, std, shape, gen);
   };
-  const double qk_scale = c.qk_scale_init > 0 ? c.qk_scale_init : std::pow(double(c.Dk), -0.33);
+  const bool v2_init = c.value_init == ValueInit::V2;
+  const double qk_scale = c.qk_scale_init > 0 ? c.qk_scale_init : std::pow(double(c.Dk), v2_init ? -0.4 : -0.33);
   double value_std = c.value_std;
   if (c.value_init == ValueInit::Paper)
     value_std = std::sqrt(double(c.E) / (2.0 * c.m * c.H * c.num_layers));
+  if (v2_init)  // spec section 11: values and pre-values alike
+    value_std = std::pow(0.2 * c.inner_ratio * double(c.D) /
+                             (double(c.m * c.H) * (1.0 + c.score_var) * double(c.Dp * c.Dv) * double(c.num_layers)),
+                         0.25);
+  const double v2_linear_std = std::sqrt(2.0 / (5.0 * double(c.D)));
 
-  wq = register_parameter("wq", normal({c.D, 2 * c.Dk}, 1.0 / std::sqrt(double(c.Dk))));
+  wq = register_parameter("wq", normal({c.D, 2 * c.query_ranks() * c.Dk},
+                                       v2_init ? v2_linear_std : 1.0 / std::sqrt(double(c.Dk))));
   q_scale = register_parameter("q_scale", torch::full({2, c.Dk}, qk_scale));
   keys = register_parameter("keys", normal({c.H, 2, c.n, c.Dk, c.r}, 1.0 / std::sqrt(double(c.Dk))));
   k_scale = register_parameter("k_scale", torch::full({2, c.Dk}, qk_scale));
@@ -39,7 +46,12 @@ UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
     torch::NoGradGuard no_grad;
     values.normal_(0.0, value_std, gen);
   }
-  wo = register_parameter("wo", normal({c.E * c.Dv, c.D}, 1.0 / std::sqrt(double(c.E * c.Dv))));
+  const int64_t G = c.projection_groups();
+  wo = register_parameter("wo", normal({G * c.Dv, c.D}, v2_init ? v2_linear_std : 1.0 / std::sqrt(double(G * c.Dv))));
+  if (c.Dp > 0) {  // drawn after the V1 tensors, so that a V1 layer's init is unchanged
+    wp = register_parameter("wp", normal({c.D, c.Dp}, v2_init ? v2_linear_std : 1.0 / std::sqrt(double(c.D))));
+    pre_values = register_parameter("pre_values", normal({N, c.Dp}, value_std));
+  }
 
   // Fixed random permutation of the E*N grid addresses (seeded; saved with the model), or the keyed
   // Feistel bijection's materialisation (permutation_key).
@@ -72,25 +84,50 @@ torch::Tensor UltraMemImpl::forward(const torch::Tensor& x) {
   lead.pop_back();
   lead.push_back(c.D);
   // No grad and the local table: the inference fast path (ultramem_values.cpp).
-  if (!at::GradMode::is_enabled() && !value_lookup_)
+  if (!at::GradMode::is_enabled() && !value_lookup_ && !c.v2_forward())
     return forward_inference(x.reshape({-1, c.D}).contiguous()).view(lead);
-  check_trainable();
+  if (at::GradMode::is_enabled() || value_lookup_) check_trainable();
   const auto u = x.reshape({-1, c.D});  // [T, D]
   const auto [s_row, s_col] = key_scores(u);                          // [T, H, r, n] each
   const auto [fu, fv] = filter_vectors();                              // [H, r] or [H, R, r]
   auto [scores, index] = ops::tdqkr(s_row, s_col, cores, fu.to(s_row.scalar_type()), fv.to(s_row.scalar_type()),
                                     c.first_stage_m(), c.m, c.filter_negatives());
   // scores: [T, H*m, C], index: [T, H*m]
-  const auto pooled = value_lookup_ ? value_lookup_->lookup(values, index, scores, perm, c.E, c.sparse_value_grad)
-                                    : ops::pooled_lookup(values, index, scores, perm, c.E, c.sparse_value_grad);
+  // Pre-values (V2): each kept slot's scores times <u wp, pre_values[row]>, the same for every core slice.
+  const auto weights = c.Dp > 0 ? scores * pre_value_weights(u, index).unsqueeze(-1) : scores;
+  auto pooled = value_lookup_ ? value_lookup_->lookup(values, index, weights, perm, c.E, c.sparse_value_grad)
+                              : ops::pooled_lookup(values, index, weights, perm, c.E, c.sparse_value_grad);
+  // [T, E*Dv]; one projection (V2): the E groups' pools summed first.
+  if (c.single_projection) pooled = pooled.view({u.size(0), c.E, c.Dv}).sum(1);
   auto out = pooled.matmul(wo);                                        // [T, D]
   if (c.track_stats) record_stats(u, scores, index, out);
   return out.view(lead);
 }
 
+torch::Tensor UltraMemImpl::pre_value_weights(const torch::Tensor& u, const torch::Tensor& index) const {
+  const auto& c = cfg_;
+  const int64_t T = index.size(0), K = index.size(1);
+  const auto p = u.matmul(wp);                                                      // [T, Dp]
+  const auto rows = perm.index_select(0, index.reshape({-1})).remainder(c.physical_rows());  // [T*K]
+  // embedding: a row-sparse gradient for the pre-values when the layer's value gradient is sparse.
+  const auto pre = torch::embedding(pre_values, rows, -1, false, c.sparse_value_grad).view({T, K, c.Dp});
+  return (pre * p.unsqueeze(1)).sum(-1);                                            // [T, K]
+}
+
 std::pair<torch::Tensor, torch::Tensor> UltraMemImpl::key_scores(const torch::Tensor& u) const {
   const auto& c = cfg_;
   const int64_t T = u.size(0);
+  if (c.query_per_rank) {
+    // V2: rank a of each side scores with its own query half: S[t, h, a, i] = <q_side[t, a], Kn[h, i, a, :]>.
+    const auto q = u.matmul(wq).view({T, 2, c.r, c.Dk});              // [T, 2, r, Dk]
+    const auto kt = keys.transpose(3, 4);                              // [H, 2, n, r, Dk]
+    auto side = [&](int64_t s) {
+      const auto qs = norm(q.select(1, s), q_scale[s]);                // [T, r, Dk]
+      const auto kn = norm(kt.select(1, s), k_scale[s]);               // [H, n, r, Dk]
+      return torch::einsum("tad,hiad->thai", {qs, kn}).contiguous();   // [T, H, r, n]
+    };
+    return {side(0), side(1)};
+  }
   const auto q = u.matmul(wq);                                         // [T, 2*Dk]
   const auto q_row = norm(q.narrow(1, 0, c.Dk), q_scale[0]);           // [T, Dk]
   const auto q_col = norm(q.narrow(1, c.Dk, c.Dk), q_scale[1]);        // [T, Dk]

@@ -152,13 +152,17 @@ class UltraMemImpl : public torch::nn::Module {
   void train(bool on = true) override;
 
   // Parameters (registered under these names).
-  torch::Tensor wq;       // [D, 2*Dk]           query projection (shared by all heads)
+  torch::Tensor wq;       // [D, 2*Dk]           query projection (shared by all heads); [D, 2*r*Dk] with
+                          //                     query_per_rank (side, then rank, then Dk)
   torch::Tensor q_scale;  // [2, Dk]             query norm scales (row half, col half)
   torch::Tensor keys;     // [H, 2, n, Dk, r]    un-normalised keys
   torch::Tensor k_scale;  // [2, Dk]             key norm scales (row keys, col keys)
   torch::Tensor cores;    // [C, H, r, r]        Tucker cores
   torch::Tensor values;   // [N, Dv]             physical value table (float32, or bf16 / int8, see value_format())
-  torch::Tensor wo;       // [E*Dv, D]           output projection (one [Dv, D] block per IVE group)
+  torch::Tensor wo;       // [E*Dv, D]           output projection (one [Dv, D] block per IVE group);
+                          //                     [Dv, D] with single_projection
+  torch::Tensor wp;       // [D, Dp]             pre-value query (Dp > 0, else undefined)
+  torch::Tensor pre_values;  // [N, Dp]          pre-values (Dp > 0, else undefined)
   // Buffers.
   torch::Tensor perm;     // [E*N] int64         IVE permutation of the grid addresses
   torch::Tensor u_vec;    // [H, r]              rank-1 filter, row side
@@ -173,6 +177,8 @@ class UltraMemImpl : public torch::nn::Module {
                     const torch::Tensor& out);
   // Retrieval quality of the first tokens of u (up to the window's retrieval_sample) into window_.
   void measure_retrieval(const torch::Tensor& u, const torch::Tensor& scores, const torch::Tensor& index);
+  // u: [T, D], scores [T, H*m, C], index [T, H*m] -> the pre-value weights [T, H*m]: <u wp, pre_values[row]>.
+  torch::Tensor pre_value_weights(const torch::Tensor& u, const torch::Tensor& index) const;
   // u: [T, D] -> (S_row, S_col), each [T, H, r, n]: query halves against the normalised keys.
   std::pair<torch::Tensor, torch::Tensor> key_scores(const torch::Tensor& u) const;
   // The no-grad fast path (ops::ultramem_decode); u: [T, D] contiguous -> [T, D].

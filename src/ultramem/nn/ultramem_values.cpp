@@ -60,7 +60,21 @@ int64_t UltraMemImpl::value_bytes() const {
   return b;
 }
 
+namespace {
+
+// Compact (bf16 / int8) and file-served tables feed the V1 fused op; a layer with UltraMemV2 changes keeps
+// float32 values in memory.
+void refuse_for_v2(const UltraMemConfig& c, const char* who) {
+  if (c.v2_forward())
+    throw std::logic_error(std::string(who) + ": this layer has UltraMemV2 changes (query_per_rank, "
+                           "single_projection or pre-values), which compact and file-served value tables do not "
+                           "serve yet (they feed the V1 fused op); keep its values float32 in memory");
+}
+
+}  // namespace
+
 void UltraMemImpl::set_tiered_values(std::shared_ptr<ops::TieredValues> tiered) {
+  if (tiered) refuse_for_v2(cfg_, "UltraMem::set_tiered_values");
   if (tiered && value_lookup_)
     throw std::logic_error("UltraMem::set_tiered_values: a value lookup is installed (sharded table)");
   if (tiered) {
@@ -129,6 +143,7 @@ void UltraMemImpl::train(bool on) {
 
 void UltraMemImpl::set_value_format(ValueFormat f) {
   if (f == format_) return;
+  if (f != ValueFormat::kFloat32) refuse_for_v2(cfg_, "UltraMem::set_value_format");
   if (value_lookup_)
     throw std::logic_error("UltraMem::set_value_format: a value lookup is installed (sharded table); only float32 "
                            "tables can be sharded");
@@ -162,6 +177,8 @@ void UltraMemImpl::set_value_table(torch::Tensor v, torch::Tensor scale, bool re
   if (!v.defined() || v.dim() != 2 || v.size(0) != N || v.size(1) != Dv || !v.is_contiguous() || !v.device().is_cpu())
     throw std::invalid_argument(who + "values must be a contiguous CPU tensor [N, Dv] = [" + std::to_string(N) + ", " +
                                 std::to_string(Dv) + "], got " + (v.defined() ? shape_str(v) : "undefined"));
+  if (v.scalar_type() != torch::kFloat && v.scalar_type() != torch::kDouble)
+    refuse_for_v2(cfg_, "UltraMem::set_value_table");
   ValueFormat f;
   if (v.scalar_type() == torch::kBFloat16) {
     f = ValueFormat::kBFloat16;
@@ -309,7 +326,9 @@ torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
   return out;
 }
 
-bool UltraMemImpl::two_phase_applies() const { return !at::GradMode::is_enabled() && !value_lookup_; }
+bool UltraMemImpl::two_phase_applies() const {
+  return !at::GradMode::is_enabled() && !value_lookup_ && !cfg_.v2_forward();
+}
 
 UltraMemImpl::PendingLookup UltraMemImpl::retrieve(const torch::Tensor& x, int64_t prefetch_bytes) {
   if (!two_phase_applies())
