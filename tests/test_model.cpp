@@ -239,7 +239,7 @@ TEST(Model, ParamGroupsPartitionTheParameters) {
     Transformer model(tiny(name));
     const auto g = model->param_groups();
     std::map<const void*, int> seen;
-    for (const auto* group : {&g.decay, &g.no_decay, &g.memory_values})
+    for (const auto* group : {&g.decay, &g.no_decay, &g.memory_values, &g.experts})
       for (const auto& p : *group) ++seen[p.unsafeGetTensorImpl()];
     const auto named = model->named_parameters();
     EXPECT_EQ(seen.size(), named.size()) << name;
@@ -247,6 +247,9 @@ TEST(Model, ParamGroupsPartitionTheParameters) {
     for (const auto& p : g.decay) decay.insert(p.unsafeGetTensorImpl());
     for (const auto& p : g.no_decay) no_decay.insert(p.unsafeGetTensorImpl());
     for (const auto& p : g.memory_values) values.insert(p.unsafeGetTensorImpl());
+    std::set<const void*> experts;
+    for (const auto& p : g.experts) experts.insert(p.unsafeGetTensorImpl());
+    EXPECT_EQ(g.experts.size(), name == "tiny-moe" ? 4u : 0u) << name;  // w_in, w_out of its 2 MoE blocks
     for (const auto& p : named) {
       const void* key = p.value().unsafeGetTensorImpl();
       EXPECT_EQ(seen[key], 1) << name << ": " << p.key() << " must be in exactly one group";
@@ -259,6 +262,7 @@ TEST(Model, ParamGroupsPartitionTheParameters) {
       if (ends("wqkv") || ends("embedding") || ends("router") || ends(".keys") || ends(".wq"))
         EXPECT_TRUE(decay.count(key)) << name << ": " << n;
       if (ends(".pre_values")) EXPECT_TRUE(values.count(key)) << name << ": " << n;
+      if (ends(".moe.w_in") || ends(".moe.w_out")) EXPECT_TRUE(experts.count(key)) << name << ": " << n;
     }
     // One table per memory; UltraMemV2's pre-values train with them.
     const size_t tables = name == "tiny-ultramemv2" ? 2 : name == "tiny-pkm" || name == "tiny-ultramem" ? 1 : 0;

@@ -724,6 +724,42 @@ TEST(Trainer, ResumeRejectsOtherTrajectoryConfigAndWeightsOnlyFiles) {
                                         {"best.safetensors", "no optimizer state"});
 }
 
+TEST(Trainer, ExpertLrMultiplierScalesOnlyTheExperts) {
+  // One step from the same weights with expert_lr_T 1 and 10: AdamW's first update is lr * mult * (sign-like
+  // step + decay), so the experts move 10x as far and every other parameter the same.
+  auto mc = tiny_model_config();
+  mc.dropout = 0.0;
+  mc.ffn = {nn::FfnKind::MoE};
+  mc.moe.num_experts = 4;
+  std::map<std::string, torch::Tensor> before, moved[2];
+  for (int run = 0; run < 2; ++run) {
+    TempDir dir("expert_lr" + std::to_string(run));
+    auto model = train::as_trainable(nn::Transformer(mc));
+    if (run == 0)
+      for (const auto& p : model->module().named_parameters()) before[p.key()] = p.value().detach().clone();
+    SyntheticData data{2, 12, 48};
+    auto cfg = tiny_train_config(dir.str(), 4);
+    cfg.expert_lr_T = run == 0 ? 1.0 : 10.0;
+    cfg.warmup_steps = 0;
+    cfg.grad_clip = 0;
+    train::Trainer tr(model, cfg, data.source());
+    tr.train_step();
+    for (const auto& p : model->module().named_parameters()) moved[run][p.key()] = p.value().detach() - before[p.key()];
+  }
+  int experts = 0;
+  for (const auto& [name, d0] : moved[0]) {
+    const double a = d0.abs().sum().item<double>(), b = moved[1].at(name).abs().sum().item<double>();
+    if (a == 0) continue;
+    const bool expert = name.find(".moe.w_") != std::string::npos;
+    experts += expert;
+    EXPECT_NEAR(b / a, expert ? 10.0 : 1.0, expert ? 0.05 : 1e-6) << name;
+  }
+  EXPECT_EQ(experts, 4);  // w_in and w_out of 2 blocks
+  auto bad = tiny_train_config("x", 4);
+  bad.expert_lr_T = 0.5;
+  expect_throw_with<std::invalid_argument>([&] { bad.validate(); }, {"expert_lr_T"});
+}
+
 TEST(Trainer, GradAccumulationMatchesOneLargeBatch) {
   // grad_accum = 2 micro-batches of 2 sequences == 1 batch of 4 (dropout off), up to float rounding.
   auto cfg = tiny_model_config();

@@ -223,15 +223,17 @@ class LayerTest(unittest.TestCase):
                                         "memory": {"kind": "ultramem", "placement": "1:2",
                                                    "ultramem": {"n": 8, "E": 4, "Dk": 4, "Dv": 8, "m": 4}}})
         groups = {g["name"]: g for g in model.param_groups(weight_decay=0.1)}
-        self.assertEqual(set(groups), {"decay", "no_decay", "memory_values"})
+        self.assertEqual(set(groups), {"decay", "no_decay", "memory_values", "experts"})
+        self.assertTrue(any(p is model.blocks[1].moe.w_in for p in groups["experts"]["params"]))
         ids = [id(p) for g in groups.values() for p in g["params"]]
         self.assertEqual(sorted(ids), sorted(id(p) for p in model.parameters()), "every parameter in one group")
         self.assertEqual([p is model.memories[0].values for p in groups["memory_values"]["params"]], [True])
         self.assertTrue(any(p is model.memories[0].cores for p in groups["no_decay"]["params"]))
         self.assertTrue(any(p is model.memories[0].wq for p in groups["decay"]["params"]))
         opt = torch.optim.AdamW(list(groups.values()), lr=1.0)
-        sched = ultramem.lr_scheduler(opt, steps=100, warmup_steps=10, value_lr_T=10)
+        sched = ultramem.lr_scheduler(opt, steps=100, warmup_steps=10, value_lr_T=10, expert_lr_T=4)
         lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+        self.assertAlmostEqual(lrs["experts"], 0.4)         # the experts' multiplier 4 (off by default)
         self.assertAlmostEqual(lrs["decay"], 0.1)           # warmup step 0: 1/10 of the peak
         self.assertAlmostEqual(lrs["memory_values"], 1.0)   # ... times 10 for the values
         for _ in range(100):
@@ -240,6 +242,7 @@ class LayerTest(unittest.TestCase):
         lrs = {g["name"]: g["lr"] for g in opt.param_groups}
         self.assertAlmostEqual(lrs["decay"], 0.1)           # the floor
         self.assertAlmostEqual(lrs["memory_values"], 0.1)   # the multiplier has decayed to 1
+        self.assertAlmostEqual(lrs["experts"], 0.1)
 
 
 ULTRAMEM_DEFAULTS = ultramem.layers.ULTRAMEM_DEFAULTS

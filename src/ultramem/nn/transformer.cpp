@@ -373,6 +373,8 @@ ParamGroups TransformerImpl::param_groups() {
     const std::string leaf = name.substr(name.rfind('.') + 1);
     if (in_memory && (leaf == "values" || leaf == "pre_values"))
       g.memory_values.push_back(p);
+    else if (name.find(".moe.w_") != std::string::npos)
+      g.experts.push_back(p);
     else if (p.dim() < 2 || (in_memory && (leaf == "cores" || leaf == "q_scale" || leaf == "k_scale")))
       g.no_decay.push_back(p);
     else

@@ -28,6 +28,7 @@ struct ParamGroups {
   std::vector<torch::Tensor> decay;          // matrices: weight decay applies
   std::vector<torch::Tensor> no_decay;       // norms' scales, biases, memory keys' norm scales, cores
   std::vector<torch::Tensor> memory_values;  // memory value tables: own lr multiplier, row-sparse updates
+  std::vector<torch::Tensor> experts;        // MoE expert matrices (w_in, w_out): weight decay, own lr multiplier
 };
 
 class TransformerImpl : public torch::nn::Module {

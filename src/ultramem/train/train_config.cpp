@@ -60,6 +60,8 @@ void for_each_field(Config& c, Fn&& fn) {
   fn("value_lr_T", c.value_lr_T);
   fn("value_lr_decay_steps", c.value_lr_decay_steps);
   fn("value_sparse_adam", c.value_sparse_adam);
+  fn("expert_lr_T", c.expert_lr_T);
+  fn("expert_lr_decay_steps", c.expert_lr_decay_steps);
   fn("seed", c.seed);
   fn("eval_every", c.eval_every);
   fn("eval_batches", c.eval_batches);
@@ -73,6 +75,10 @@ void for_each_field(Config& c, Fn&& fn) {
 
 int64_t TrainConfig::resolved_warmup_steps() const {
   return warmup_steps >= 0 ? warmup_steps : std::max<int64_t>(1, steps / 100);
+}
+
+int64_t TrainConfig::resolved_expert_lr_decay_steps() const {
+  return expert_lr_decay_steps >= 0 ? expert_lr_decay_steps : steps;
 }
 
 int64_t TrainConfig::resolved_value_lr_decay_steps() const {
@@ -100,6 +106,9 @@ void TrainConfig::validate() const {
     bad("value_lr_T", "must be finite and >= 1 (the multiplier never goes below 1), got " +
                           std::to_string(value_lr_T));
   if (value_lr_decay_steps < -1) bad("value_lr_decay_steps", "must be -1 (all steps) or >= 0");
+  if (!(finite(expert_lr_T) && expert_lr_T >= 1))
+    bad("expert_lr_T", "must be finite and >= 1 (the multiplier never goes below 1), got " + std::to_string(expert_lr_T));
+  if (expert_lr_decay_steps < -1) bad("expert_lr_decay_steps", "must be -1 (all steps) or >= 0");
   if (eval_every < 0) bad("eval_every", "must be >= 0 (0: never)");
   if (eval_batches < 0) bad("eval_batches", "must be >= 0");
   if (log_every < 0) bad("log_every", "must be >= 0 (0: never)");
@@ -155,7 +164,7 @@ const std::vector<std::string>& trajectory_keys() {
       "lr",         "min_lr_ratio", "warmup_steps",        "batch_size", "seq_len",
       "grad_accum", "grad_clip",    "weight_decay",        "memory_weight_decay",
       "beta1",      "beta2",        "eps",                 "value_lr_T", "value_lr_decay_steps",
-      "value_sparse_adam",          "seed"};
+      "value_sparse_adam",          "seed",         "expert_lr_T",         "expert_lr_decay_steps"};
   return keys;
 }
 

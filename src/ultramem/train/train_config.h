@@ -27,6 +27,9 @@ struct TrainConfig {
   double eps = 1e-8;
   double value_lr_T = 10.0;          // value lr multiplier at step 0 (>= 1; 1 disables it)
   int64_t value_lr_decay_steps = -1; // steps until the multiplier reaches 1; -1: all steps
+  double expert_lr_T = 1.0;          // MoE experts' lr multiplier at step 0, decaying to 1 like the values'
+                                     // (an option for fair comparisons; 1: off, the default)
+  int64_t expert_lr_decay_steps = -1;  // steps until it reaches 1; -1: all steps
   bool value_sparse_adam = true;     // row-sparse (lazy) AdamW for memory values; false: dense AdamW
   uint64_t seed = 0;                 // torch::manual_seed at the start of a fresh run
 
@@ -40,6 +43,7 @@ struct TrainConfig {
 
   int64_t resolved_warmup_steps() const;        // warmup_steps, or max(1, steps / 100) when -1
   int64_t resolved_value_lr_decay_steps() const;  // value_lr_decay_steps, or steps when -1
+  int64_t resolved_expert_lr_decay_steps() const;  // expert_lr_decay_steps, or steps when -1
   int64_t tokens_per_step() const { return batch_size * seq_len * grad_accum; }
 
   // Throws std::invalid_argument("TrainConfig.<field>: ...") for out-of-range values.

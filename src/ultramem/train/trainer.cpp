@@ -117,7 +117,8 @@ Trainer::Trainer(std::shared_ptr<TrainableModel> model, TrainConfig cfg, BatchSo
       eval_(std::move(eval)),
       log_(log),
       schedule_(cfg_.lr, cfg_.resolved_warmup_steps(), cfg_.steps, cfg_.min_lr_ratio),
-      value_mult_(cfg_.value_lr_T, cfg_.resolved_value_lr_decay_steps()) {
+      value_mult_(cfg_.value_lr_T, cfg_.resolved_value_lr_decay_steps()),
+      expert_mult_(cfg_.expert_lr_T, cfg_.resolved_expert_lr_decay_steps()) {
   if (!model_) throw std::invalid_argument("Trainer: model is null");
   if (!source_.next) throw std::invalid_argument("Trainer: the batch source has no next()");
   for (const auto& b : eval_) check_batch(b, "validation");
@@ -128,7 +129,7 @@ Trainer::Trainer(std::shared_ptr<TrainableModel> model, TrainConfig cfg, BatchSo
   for (const auto& p : model_->module().named_parameters(true))
     names.emplace(p.value().unsafeGetTensorImpl(), p.key());
   const nn::ParamGroups pg = model_->param_groups();
-  std::vector<ParamGroup> groups(3);
+  std::vector<ParamGroup> groups(4);
   groups[0].name = "decay";
   groups[0].params = pg.decay;
   groups[0].weight_decay = cfg_.weight_decay;
@@ -138,6 +139,9 @@ Trainer::Trainer(std::shared_ptr<TrainableModel> model, TrainConfig cfg, BatchSo
   groups[2].params = pg.memory_values;
   groups[2].weight_decay = cfg_.memory_weight_decay;
   groups[2].row_sparse = cfg_.value_sparse_adam;
+  groups[3].name = "experts";
+  groups[3].params = pg.experts;
+  groups[3].weight_decay = cfg_.weight_decay;
   std::unordered_map<const void*, int> covered;
   for (auto& g : groups) {
     for (const auto& p : g.params) {
@@ -171,8 +175,10 @@ void Trainer::resume(const std::string& path) {
     throw std::runtime_error("checkpoint " + path + ": no trainer state or train config; cannot resume");
   const json mine = train_config_to_json(cfg_);
   std::vector<std::string> diffs;
+  const json defaults = train_config_to_json(TrainConfig{});
   for (const auto& key : trajectory_keys()) {
-    const json a = ckpt.train_config.contains(key) ? ckpt.train_config.at(key) : json();
+    // A key the checkpoint's config lacks (written before the key existed) had its default.
+    const json a = ckpt.train_config.contains(key) ? ckpt.train_config.at(key) : defaults.at(key);
     if (a != mine.at(key)) diffs.push_back(key + ": " + a.dump() + " (checkpoint) vs " + mine.at(key).dump());
   }
   if (!diffs.empty()) {
@@ -254,6 +260,7 @@ StepStats Trainer::train_step() {
   s.lr = schedule_(step);
   s.value_lr_mult = value_mult_(step);
   opt_->group("memory_values").lr_mult = s.value_lr_mult;
+  opt_->group("experts").lr_mult = expert_mult_(step);
   opt_->step(s.lr);
   opt_->zero_grad();
   model_->after_optimizer_step();

@@ -117,6 +117,7 @@ class Trainer {
   std::vector<torch::Tensor> all_params_;  // every parameter of every group (clipping)
   CosineSchedule schedule_;
   ValueLrMultiplier value_mult_;
+  ValueLrMultiplier expert_mult_;  // the MoE experts' multiplier (expert_lr_T; 1 when off)
   TrainerState state_;
   bool resumed_ = false;
   std::string metrics_path_;
