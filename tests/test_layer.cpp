@@ -10,6 +10,7 @@
 
 #include "expect_throw.h"
 #include "grad_check.h"
+#include "ultramem/nn/engram.h"
 #include "ultramem/nn/pkm.h"
 #include "ultramem/nn/ultramem.h"
 #include "ultramem/ops/runtime.h"
@@ -584,4 +585,96 @@ TEST(UltraMemV2Layer, InitFollowsTheSpecAndInvalidSettingsNameTheField) {
   bad = c;
   bad.Dp = -1;
   EXPECT_THROW(bad.validate(), std::invalid_argument);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engram (spec section 12): the layer on its own (not yet a memory kind of the model).
+
+namespace {
+
+ultramem::nn::EngramConfig engram_config() {
+  ultramem::nn::EngramConfig c;
+  c.D = 12;
+  c.heads = 2;
+  c.d_e = 8;
+  c.rows = 50;
+  c.kernel = 3;
+  c.seed = 4;
+  return c;
+}
+
+}  // namespace
+
+TEST(EngramLayer, ExactGradientsOfEveryParameterDouble) {
+  ultramem::nn::Engram layer(engram_config());
+  layer->to(torch::kDouble);
+  torch::manual_seed(3);
+  const auto tokens = torch::randint(0, 20, {2, 6}, torch::kLong);
+  auto u = torch::randn({2, 6, 12}, torch::kDouble).requires_grad_(true);
+  const auto g = torch::randn({2, 6, 12}, torch::kDouble);
+  auto loss_fn = [&] { return (layer->forward(u, tokens) * g).sum(); };
+  layer->zero_grad();
+  loss_fn().backward();
+  expect_grad_matches(loss_fn, u.detach(), u.grad(), "u");
+  for (auto& p : layer->named_parameters()) expect_grad_matches(loss_fn, p.value().detach(), p.value().grad(), p.key());
+}
+
+TEST(EngramLayer, DecodingStepByStepEqualsTheWholeSequence) {
+  ultramem::nn::Engram layer(engram_config());
+  torch::manual_seed(4);
+  const auto tokens = torch::randint(0, 30, {3, 7}, torch::kLong);
+  const auto u = torch::randn({3, 7, 12});
+  torch::NoGradGuard ng;
+  const auto whole = layer->forward(u, tokens);
+  auto state = layer->make_state(3);
+  std::vector<torch::Tensor> parts;
+  parts.push_back(layer->forward(u.narrow(1, 0, 3), tokens.narrow(1, 0, 3), &state));  // a prompt, then steps
+  for (int64_t t = 3; t < 7; ++t) parts.push_back(layer->forward(u.narrow(1, t, 1), tokens.narrow(1, t, 1), &state));
+  EXPECT_TRUE(torch::allclose(torch::cat(parts, 1), whole, 1e-5, 1e-6));
+}
+
+TEST(EngramLayer, RowsDependOnTheLastThreeTokensAndStayInTheirTables) {
+  ultramem::nn::Engram layer(engram_config());
+  const auto& sizes = layer->table_sizes();
+  ASSERT_EQ(sizes.size(), 4u);
+  for (size_t j = 0; j < sizes.size(); ++j) {
+    EXPECT_EQ(ultramem::nn::next_prime(sizes[j]), sizes[j]);
+    if (j) EXPECT_GT(sizes[j], sizes[j - 1]);  // distinct primes
+  }
+  EXPECT_EQ(layer->values.size(0), layer->table_offsets().back() + sizes.back());
+  torch::manual_seed(5);
+  auto tokens = torch::randint(0, 1000, {1, 12}, torch::kLong);
+  const auto a = layer->rows(tokens);
+  for (int64_t j = 0; j < 4; ++j) {
+    const auto col = a.select(2, j);
+    EXPECT_TRUE((col >= layer->table_offsets()[j]).all().item<bool>());
+    EXPECT_TRUE((col < layer->table_offsets()[j] + sizes[j]).all().item<bool>());
+  }
+  tokens[0][5] = 1001;
+  const auto b = layer->rows(tokens);
+  const auto changed = (a != b).any(2)[0];  // [T]
+  for (int64_t t = 0; t < 12; ++t) EXPECT_EQ(changed[t].item<bool>(), t >= 5 && t <= 7) << "position " << t;
+  // 2-gram tables see positions 5 and 6 changed, 3-gram tables 5, 6 and 7.
+  EXPECT_FALSE((a.select(2, 0)[0][7] != b.select(2, 0)[0][7]).item<bool>());
+  EXPECT_TRUE((a.select(2, 2)[0][7] != b.select(2, 2)[0][7]).item<bool>() ||
+              (a.select(2, 3)[0][7] != b.select(2, 3)[0][7]).item<bool>());
+  // The output is causal: earlier positions do not see the change.
+  torch::NoGradGuard ng;
+  const auto u = torch::randn({1, 12, 12});
+  auto t2 = tokens.clone();
+  t2[0][5] = 7;
+  const auto o1 = layer->forward(u, tokens), o2 = layer->forward(u, t2);
+  EXPECT_TRUE(torch::equal(o1.narrow(1, 0, 5), o2.narrow(1, 0, 5)));
+  EXPECT_FALSE(torch::equal(o1.narrow(1, 5, 1), o2.narrow(1, 5, 1)));
+}
+
+TEST(EngramLayer, InvalidConfigNamesTheField) {
+  auto c = engram_config();
+  c.d_e = 10;  // not a multiple of 2 * heads = 4
+  expect_throw_with<std::invalid_argument>([&] { c.validate(); }, "EngramConfig.d_e");
+  c = engram_config();
+  c.kernel = 0;
+  expect_throw_with<std::invalid_argument>([&] { c.validate(); }, "EngramConfig.kernel");
+  ultramem::nn::Engram layer(engram_config());
+  EXPECT_THROW(layer->forward(torch::randn({1, 3, 11}), torch::zeros({1, 3}, torch::kLong)), c10::Error);
 }

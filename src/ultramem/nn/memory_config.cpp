@@ -191,4 +191,21 @@ void PKMConfig::validate() const {
   if (value_std < 0) fail(who, "value_std", "must be >= 0 (0 means Dv^-0.5)");
 }
 
+void EngramConfig::validate() const {
+  const std::string who = "EngramConfig";
+  require_positive(who, "D", D);
+  require_positive(who, "heads", heads);
+  require_positive(who, "d_e", d_e);
+  require_positive(who, "rows", rows);
+  require_positive(who, "kernel", kernel);
+  require_at_most(who, "heads", heads, 64);
+  require_at_most(who, "d_e", d_e, UltraMemConfig::kMaxDim);
+  require_at_most(who, "rows", rows, int64_t(1) << 31);
+  require_at_most(who, "kernel", kernel, 64);
+  if (d_e % (2 * heads) != 0)
+    fail(who, "d_e", "must be a multiple of 2 * heads = " + std::to_string(2 * heads) + " (one slice per table), got " +
+                         std::to_string(d_e));
+  if (!(value_std > 0)) fail(who, "value_std", "must be > 0");
+}
+
 }  // namespace ultramem::nn

@@ -136,4 +136,24 @@ struct PKMConfig {
   void validate() const;
 };
 
+// Engram (spec section 12): a hashed n-gram memory read by token ids. For each order n in {2, 3} and each
+// of `heads` hash heads the last n token ids are hashed into a table of prime size (the smallest prime
+// >= rows, distinct per table); the 2*heads rows of width d_e / (2*heads) are concatenated (e [d_e]),
+// projected to a key and a value ([D] each), the value gated by sigmoid(<RMSNorm(u), RMSNorm(k)> / sqrt(D))
+// and passed through a short causal depthwise convolution with SiLU plus a residual (nn/engram.h).
+struct EngramConfig {
+  int64_t D = 256;          // model width
+  int64_t heads = 4;        // hash heads per n-gram order
+  int64_t d_e = 256;        // concatenated row width; a multiple of 2 * heads
+  int64_t rows = 65536;     // rows of each table: the smallest prime >= rows, the next ones for the other tables
+  int64_t kernel = 4;       // causal convolution width (taps over the current and earlier positions)
+  double value_std = 0.02;  // N(0, value_std^2) table rows
+  bool sparse_value_grad = false;
+  uint64_t seed = 0;        // weights and hash multipliers
+
+  int64_t tables() const { return 2 * heads; }
+  int64_t row_width() const { return tables() > 0 ? d_e / tables() : 0; }
+  void validate() const;    // std::invalid_argument("EngramConfig.<field>: ...")
+};
+
 }  // namespace ultramem::nn

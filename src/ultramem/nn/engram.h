@@ -1,0 +1,67 @@
+// Engram (spec section 12): a memory addressed by the token ids themselves. Its rows depend only on
+// tokens, so a decoder knows them before the forward pass (they can be read ahead a step early).
+//
+//   for order n in {2, 3}, head k:  row_{n,k}(t) = hash_{n,k}(tokens[t-n+1 .. t]) mod M_{n,k}
+//   e_t = concat of the 2*heads rows                      [d_e]     (values: one table, tables stacked)
+//   k_t = e_t Wk, v_t = e_t Wv                            [D] each
+//   alpha_t = sigmoid(<RMSNorm(u_t) * gate_u, RMSNorm(k_t) * gate_k> / sqrt(D))    u: the layer's input
+//   x_t = alpha_t * v_t
+//   out_t = SiLU(conv_t(RMSNorm(x) * conv_norm)) + x_t    causal depthwise convolution of `kernel` taps
+//
+// Positions before the sequence's start hash a padding id. The hash of a window (t_1 .. t_n) for table j:
+// h = salt_j; for each id: h = (h ^ (id + 1)) * mul_j (64-bit, odd mul_j); h ^= h >> 29; row = h mod M_j.
+// Salts, multipliers and the prime sizes follow from the config (seed, rows). Not yet wired into the model
+// (issue 19): the layer, its decoding state and its tests.
+#pragma once
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "ultramem/nn/memory_config.h"
+
+namespace ultramem::nn {
+
+// What a decoder keeps between steps: the last tokens (for the 3-gram) and the convolution's last inputs.
+struct EngramState {
+  torch::Tensor tokens;      // [B, 2] int64, the two latest ids (padding ids before any token)
+  torch::Tensor conv_input;  // [B, kernel - 1, D], the latest normalised gated values (zeros before any)
+};
+
+class EngramImpl : public torch::nn::Module {
+ public:
+  explicit EngramImpl(EngramConfig cfg);
+
+  // u: [B, T, D] the layer's input (gate), tokens: [B, T] int64 -> [B, T, D]. With `state` the T tokens
+  // continue the sequence the state holds (decoding), and the state is updated; without, they start it.
+  torch::Tensor forward(const torch::Tensor& u, const torch::Tensor& tokens, EngramState* state = nullptr);
+
+  // A fresh decoding state for `batch` sequences.
+  EngramState make_state(int64_t batch) const;
+
+  // Rows of the stacked table each position reads: [B, T, 2*heads] int64 (tokens [B, T]; `history` [B, 2]
+  // the two ids before them, or undefined for a sequence start).
+  torch::Tensor rows(const torch::Tensor& tokens, const torch::Tensor& history = {}) const;
+
+  const EngramConfig& config() const { return cfg_; }
+  const std::vector<int64_t>& table_sizes() const { return sizes_; }    // M_j, primes
+  const std::vector<int64_t>& table_offsets() const { return offsets_; }  // first row of table j
+
+  torch::Tensor values;     // [sum_j M_j, d_e / (2*heads)]  the stacked tables
+  torch::Tensor wk, wv;     // [d_e, D]
+  torch::Tensor gate_u, gate_k, conv_norm;  // [D] RMSNorm scales
+  torch::Tensor conv;       // [D, kernel] depthwise taps; conv[:, 0] weighs the current position
+
+ private:
+  EngramConfig cfg_;
+  std::vector<int64_t> sizes_, offsets_;
+  std::vector<uint64_t> salt_, mul_;
+};
+TORCH_MODULE(Engram);
+
+// The smallest prime >= n (n >= 2).
+int64_t next_prime(int64_t n);
+
+}  // namespace ultramem::nn
