@@ -31,7 +31,8 @@ using ultramem::testing::expect_grad_matches;
 
 namespace {
 
-const std::vector<std::string> kTiny = {"tiny-dense", "tiny-moe", "tiny-pkm", "tiny-ultramem", "tiny-ultramemv2"};
+const std::vector<std::string> kTiny = {"tiny-dense", "tiny-moe", "tiny-pkm", "tiny-ultramem", "tiny-ultramemv2",
+                                         "tiny-engram"};
 
 // configs/<name>.json as shipped: vocab 8192 and max_seq_len 128, so that `ultramem train` runs it on the
 // default prepared data (`ultramem prepare`, --vocab 8192) at its default seq_len 128.
@@ -265,7 +266,8 @@ TEST(Model, ParamGroupsPartitionTheParameters) {
       if (ends(".moe.w_in") || ends(".moe.w_out")) EXPECT_TRUE(experts.count(key)) << name << ": " << n;
     }
     // One table per memory; UltraMemV2's pre-values train with them.
-    const size_t tables = name == "tiny-ultramemv2" ? 2 : name == "tiny-pkm" || name == "tiny-ultramem" ? 1 : 0;
+    const size_t tables =
+        name == "tiny-ultramemv2" ? 2 : name == "tiny-pkm" || name == "tiny-ultramem" || name == "tiny-engram" ? 1 : 0;
     EXPECT_EQ(g.memory_values.size(), tables * model->config().memory_placement.size()) << name;
   }
 }
@@ -509,7 +511,8 @@ TEST(TinyConfigs, ShippedFilesFitTheDefaultPreparedDataAndRun) {
                                                                      {"tiny-moe", {305632, 293344}},
                                                                      {"tiny-pkm", {290288, 288496}},
                                                                      {"tiny-ultramem", {299840, 299584}},
-                                                                     {"tiny-ultramemv2", {297048, 296472}}};
+                                                                     {"tiny-ultramemv2", {297048, 296472}},
+                                                                     {"tiny-engram", {327856, 295392}}};
   for (const auto& name : kTiny) {
     const ModelConfig c = shipped(name);
     EXPECT_EQ(c.name, name);
@@ -974,4 +977,27 @@ TEST(UltraMemV2Config, TemplateJsonAndErrorsNameTheField) {
   Transformer model(tiny("tiny-ultramemv2"));
   const auto g = model->param_groups();
   EXPECT_EQ(g.memory_values.size(), 6u);  // values and pre_values of 3 memories
+}
+
+TEST(EngramConfig, KindJsonAndErrorsNameTheField) {
+  const ModelConfig c = shipped("tiny-engram");
+  EXPECT_EQ(c.memory_kind, MemoryKind::Engram);
+  EXPECT_EQ(c.engram_layer_config(0).D, 32);
+  EXPECT_EQ(c.engram_layer_config(0).seed, 2u);  // seed + 1 + k
+  const json j = model_config_to_json(c);
+  ASSERT_TRUE(j["memory"].contains("engram"));
+  EXPECT_EQ(model_config_to_json(model_config_from_json(j)), j);
+  EXPECT_FALSE(model_config_to_json(shipped("tiny-ultramem"))["memory"].contains("engram"));
+  json bad = j;
+  bad["memory"]["engram"]["D"] = 16;
+  expect_throw_with<std::invalid_argument>([&] { model_config_from_json(bad); }, "memory.engram.D: set by the model");
+  bad = j;
+  bad["memory"]["engram"]["d_e"] = 30;
+  expect_throw_with<std::invalid_argument>([&] { model_config_from_json(bad); }, "EngramConfig.d_e");
+  // The model's KV cache carries the Engram state; slot decoding (serving) refuses it for now.
+  Transformer model(tiny("tiny-engram"));
+  auto cache = model->make_cache(2, 8);
+  EXPECT_EQ(cache.engram.size(), 1u);
+  expect_throw_with<std::logic_error>([&] { model->decode_slots(torch::zeros({2}, torch::kLong), cache, {0, 1}, {0, 0}); },
+                                      "Engram");
 }

@@ -87,6 +87,8 @@ def normalise_config(config):
         _fail("moe.top_k", "must be in [1, num_experts = %d], got %d" % (moe["num_experts"], moe["top_k"]))
     mem = c["memory"] or {}
     kind = mem.get("kind", "ultramem")
+    if kind == "engram":
+        raise ValueError("memory.kind: Engram memories are not in the Python package yet (the C++ model has them)")
     if kind not in ("ultramem", "ultramem_v2", "pkm"):
         raise ValueError('memory.kind: expected "ultramem", "ultramem_v2" or "pkm", got "%s"' % kind)
     placement = parse_placement(mem.get("placement", ""), c["n_layers"])

@@ -27,6 +27,8 @@ torch::Tensor out_in(const torch::Tensor& t) { return t.t().contiguous(); }
 
 NamedTensors hf_tensors(const checkpoint::Checkpoint& ckpt) {
   const nn::ModelConfig c = nn::model_config_from_json(ckpt.model_config);
+  if (c.has_memory() && c.memory_kind == nn::MemoryKind::Engram)
+    throw std::invalid_argument(ckpt.path + ": export --format hf does not write Engram memories yet");
   auto take = [&](const std::string& name) -> const torch::Tensor& {
     const auto it = ckpt.model.find(name);
     if (it == ckpt.model.end())

@@ -19,29 +19,15 @@ torch::Tensor rms(const torch::Tensor& x, const torch::Tensor& w) {
 
 }  // namespace
 
-int64_t next_prime(int64_t n) {
-  auto prime = [](int64_t v) {
-    if (v < 2) return false;
-    for (int64_t d = 2; d * d <= v; ++d)
-      if (v % d == 0) return false;
-    return true;
-  };
-  int64_t v = std::max<int64_t>(n, 2);
-  while (!prime(v)) ++v;
-  return v;
-}
-
 EngramImpl::EngramImpl(EngramConfig cfg) : cfg_(std::move(cfg)) {
   cfg_.validate();
   const auto& c = cfg_;
-  int64_t total = 0, want = c.rows;
+  int64_t total = 0;
   std::mt19937_64 rng(c.seed ^ 0x5851f42d4c957f2dULL);
-  for (int64_t j = 0; j < c.tables(); ++j) {
-    const int64_t m = next_prime(want);  // distinct primes: each table starts above the previous one
-    sizes_.push_back(m);
+  sizes_ = c.table_sizes();  // distinct primes: each table starts above the previous one
+  for (const int64_t m : sizes_) {
     offsets_.push_back(total);
     total += m;
-    want = m + 1;
     salt_.push_back(rng());
     mul_.push_back(rng() | 1);
   }

@@ -61,7 +61,4 @@ class EngramImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Engram);
 
-// The smallest prime >= n (n >= 2).
-int64_t next_prime(int64_t n);
-
 }  // namespace ultramem::nn

@@ -191,6 +191,28 @@ void PKMConfig::validate() const {
   if (value_std < 0) fail(who, "value_std", "must be >= 0 (0 means Dv^-0.5)");
 }
 
+int64_t next_prime(int64_t n) {
+  auto prime = [](int64_t v) {
+    if (v < 2) return false;
+    for (int64_t d = 2; d * d <= v; ++d)
+      if (v % d == 0) return false;
+    return true;
+  };
+  int64_t v = n < 2 ? 2 : n;
+  while (!prime(v)) ++v;
+  return v;
+}
+
+std::vector<int64_t> EngramConfig::table_sizes() const {
+  std::vector<int64_t> out;
+  int64_t want = rows;
+  for (int64_t j = 0; j < tables(); ++j) {
+    out.push_back(next_prime(want));
+    want = out.back() + 1;
+  }
+  return out;
+}
+
 void EngramConfig::validate() const {
   const std::string who = "EngramConfig";
   require_positive(who, "D", D);

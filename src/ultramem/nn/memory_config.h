@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ultramem::nn {
 
@@ -153,7 +154,12 @@ struct EngramConfig {
 
   int64_t tables() const { return 2 * heads; }
   int64_t row_width() const { return tables() > 0 ? d_e / tables() : 0; }
+  // The tables' row counts M_j: the smallest prime >= rows, then each the smallest prime above the previous.
+  std::vector<int64_t> table_sizes() const;
   void validate() const;    // std::invalid_argument("EngramConfig.<field>: ...")
 };
+
+// The smallest prime >= n (and >= 2).
+int64_t next_prime(int64_t n);
 
 }  // namespace ultramem::nn

@@ -215,6 +215,19 @@ void read_pkm(const json& j, const std::string& path, PKMConfig& c, std::optiona
   r.finish();
 }
 
+void read_engram(const json& j, const std::string& path, EngramConfig& c) {
+  ObjectReader r(j, path);
+  r.reject("D", "set by the model (d_model)");
+  r.reject("seed", "set by the model (seed + 1 + layer index)");
+  r.get("heads", c.heads);
+  r.get("d_e", c.d_e);
+  r.get("rows", c.rows);
+  r.get("kernel", c.kernel);
+  r.get("value_std", c.value_std);
+  r.get("sparse_value_grad", c.sparse_value_grad);
+  r.finish();
+}
+
 void read_moe(const json& j, const std::string& path, MoEConfig& c) {
   ObjectReader r(j, path);
   r.get("num_experts", c.num_experts);
@@ -246,7 +259,10 @@ const char* to_string(FfnKind k) {
 }
 
 const char* to_string(MemoryKind k) {
-  return k == MemoryKind::UltraMem ? "ultramem" : k == MemoryKind::UltraMemV2 ? "ultramem_v2" : "pkm";
+  return k == MemoryKind::UltraMem     ? "ultramem"
+         : k == MemoryKind::UltraMemV2 ? "ultramem_v2"
+         : k == MemoryKind::Engram     ? "engram"
+                                       : "pkm";
 }
 
 FfnKind parse_ffn_kind(const std::string& s) {
@@ -260,7 +276,8 @@ MemoryKind parse_memory_kind(const std::string& s) {
   if (s == "ultramem") return MemoryKind::UltraMem;
   if (s == "pkm") return MemoryKind::PKM;
   if (s == "ultramem_v2") return MemoryKind::UltraMemV2;
-  throw std::invalid_argument("kind: expected \"ultramem\", \"ultramem_v2\" or \"pkm\", got \"" + s + "\"");
+  if (s == "engram") return MemoryKind::Engram;
+  throw std::invalid_argument("kind: expected \"ultramem\", \"ultramem_v2\", \"pkm\" or \"engram\", got \"" + s + "\"");
 }
 
 std::vector<MemoryPlacement> parse_placement(const std::string& s, int64_t n_layers) {
@@ -322,6 +339,13 @@ UltraMemConfig ModelConfig::ultramem_layer_config(int64_t k) const {
   const auto& sparse = v2 ? ultramem_v2_sparse_value_grad : ultramem_sparse_value_grad;
   c.sparse_value_grad = sparse.value_or(double(c.physical_rows()) * double(c.Dv + c.Dp) >=
                                         double(kSparseValueGradMinEntries));
+  return c;
+}
+
+EngramConfig ModelConfig::engram_layer_config(int64_t k) const {
+  EngramConfig c = engram;
+  c.D = d_model;
+  c.seed = seed + 1 + static_cast<uint64_t>(k);
   return c;
 }
 
@@ -392,6 +416,8 @@ void ModelConfig::validate() const {
   if (has_memory()) {
     if (is_ultramem(memory_kind))
       validate_layer(ultramem_layer_config(0), to_string(memory_kind));
+    else if (memory_kind == MemoryKind::Engram)
+      validate_layer(engram_layer_config(0), "engram");
     else
       validate_layer(pkm_layer_config(0), "pkm");
   }
@@ -446,6 +472,7 @@ ModelConfig model_config_from_json(const json& j) {
     if (const json* u = mr.find("ultramem_v2"))
       read_ultramem(*u, "memory.ultramem_v2", c.ultramem_v2, c.ultramem_v2_sparse_value_grad);
     if (const json* p = mr.find("pkm")) read_pkm(*p, "memory.pkm", c.pkm, c.pkm_sparse_value_grad);
+    if (const json* e = mr.find("engram")) read_engram(*e, "memory.engram", c.engram);
     mr.finish();
     if (c.n_layers < 1) fail("n_layers", "must be >= 1, got " + std::to_string(c.n_layers));
     try {
@@ -545,6 +572,10 @@ json model_config_to_json(const ModelConfig& c) {
   // Only for the V2 kind: the configs of the other kinds (and the records of older runs) stay as they were.
   if (c.memory_kind == MemoryKind::UltraMemV2)
     j["memory"]["ultramem_v2"] = ultramem_template_json(c.ultramem_v2, c.ultramem_v2_sparse_value_grad, true);
+  if (c.memory_kind == MemoryKind::Engram)  // likewise only for its kind
+    j["memory"]["engram"] = {{"heads", c.engram.heads},         {"d_e", c.engram.d_e},
+                             {"rows", c.engram.rows},           {"kernel", c.engram.kernel},
+                             {"value_std", c.engram.value_std}, {"sparse_value_grad", c.engram.sparse_value_grad}};
   return j;
 }
 

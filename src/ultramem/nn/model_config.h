@@ -15,7 +15,7 @@ namespace ultramem::nn {
 enum class FfnKind { Dense, MoE, None };
 // UltraMemV2 (spec section 11) is an UltraMem layer with the V2 switches on: kind "ultramem_v2", whose
 // template (memory.ultramem_v2) starts from UltraMemConfig::v2_defaults().
-enum class MemoryKind { UltraMem, PKM, UltraMemV2 };
+enum class MemoryKind { UltraMem, PKM, UltraMemV2, Engram };
 inline bool is_ultramem(MemoryKind k) { return k == MemoryKind::UltraMem || k == MemoryKind::UltraMemV2; }
 
 struct MoEConfig {
@@ -56,6 +56,7 @@ struct ModelConfig {
   UltraMemConfig ultramem;      // template for every UltraMem layer (D and num_layers are filled in)
   UltraMemConfig ultramem_v2 = UltraMemConfig::v2_defaults();  // template of kind ultramem_v2 (inner_ratio too)
   PKMConfig pkm;                // template for every PKM layer (D is filled in)
+  EngramConfig engram;          // template of kind engram (memory.engram; D and seed filled in)
   // Overrides of the automatic sparse-value-gradient rule (see memory_config_for); JSON
   // memory.ultramem.sparse_value_grad / memory.pkm.sparse_value_grad. Unset: automatic.
   std::optional<bool> ultramem_sparse_value_grad;
@@ -82,6 +83,7 @@ struct ModelConfig {
   // num_layers = n_layers, seed = seed + 1 + k and the sparse-gradient rule applied.
   UltraMemConfig ultramem_layer_config(int64_t k) const;
   PKMConfig pkm_layer_config(int64_t k) const;
+  EngramConfig engram_layer_config(int64_t k) const;
   void validate() const;                  // throws std::invalid_argument("ModelConfig.<field>: ...")
 };
 

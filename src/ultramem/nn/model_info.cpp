@@ -107,6 +107,16 @@ ModelInfo model_info_within_bounds(const ModelConfig& cfg, int64_t context) {
       // Values and pre-values: the H*m kept rows of each are read; <p, P[row]> and the weighted sum.
       parts.add("memory_values", c.physical_rows() * (c.Dv + c.Dp), c.H * c.m * (c.Dv + c.Dp),
                 2.0 * c.H * c.m * (c.Dv + c.Dp));
+    } else if (cfg.memory_kind == MemoryKind::Engram) {
+      const auto c = cfg.engram_layer_config(int64_t(k));
+      int64_t rows = 0;
+      for (const int64_t m : c.table_sizes()) rows += m;  // the stacked tables (nn/engram.h)
+      const int64_t dense = 2 * c.d_e * D + 3 * D + D * c.kernel;
+      double flops = 2.0 * 2 * c.d_e * D;  // key and value projections of the concatenated rows
+      flops += 2.0 * D;                    // the gate's dot product
+      flops += 2.0 * D * c.kernel;         // the causal depthwise convolution
+      parts.add("memory_dense", dense, dense, flops);
+      parts.add("memory_values", rows * c.row_width(), c.d_e, 0.0);  // 2*heads rows read, no arithmetic
     } else {
       const auto c = cfg.pkm_layer_config(int64_t(k));
       const int64_t q_heads = c.shared_query ? 1 : c.H;
@@ -164,6 +174,9 @@ MemoryNeed training_memory(const ModelConfig& cfg, const ModelInfo& info, int64_
       const auto c = cfg.ultramem_layer_config(int64_t(k));
       per_token += double(c.H) * double(c.m) * double(c.Dv + c.Dp) + double(c.E) * double(c.Dv) +
                    4.0 * double(c.Dk) * double(c.query_ranks()) + double(c.Dp);
+    } else if (cfg.memory_kind == MemoryKind::Engram) {
+      const auto c = cfg.engram_layer_config(int64_t(k));
+      per_token += double(c.d_e) + 8.0 * double(cfg.d_model);
     } else {
       const auto c = cfg.pkm_layer_config(int64_t(k));
       per_token += double(c.H) * double(c.m) * double(c.Dv) + double(c.Dv) + 4.0 * double(c.Dk) * double(c.H);

@@ -90,6 +90,7 @@ struct TransformerImpl::Impl {
   RMSNorm final_norm{nullptr};
   std::vector<UltraMem> ultramem;     // [memories] (UltraMem models)
   std::vector<PKM> pkm;               // [memories] (PKM models)
+  std::vector<Engram> engram;         // [memories] (Engram models)
   std::vector<std::vector<int64_t>> reads_at, writes_at;  // [n_layers] -> memory ids reading / writing there
   std::map<std::string, torch::Tensor> aux;
   std::vector<std::array<double, 3>> pkm_out;  // [memories] sum, sum of squares, count of PKM outputs
@@ -97,9 +98,10 @@ struct TransformerImpl::Impl {
   int64_t prefetch_bytes = TransformerImpl::kDefaultValuePrefetchBytes;  // set_value_prefetch
   bool tiered_ahead = true;                                                // set_tiered_reads_ahead
 
-  // u: [B, T, D] -> [B, T, D]
-  torch::Tensor memory_forward(int64_t k, const torch::Tensor& u) {
+  // u: [B, T, D] -> [B, T, D]; tokens [B, T] and the cache's state for Engram memories.
+  torch::Tensor memory_forward(int64_t k, const torch::Tensor& u, const torch::Tensor& tokens, KVCache* cache) {
     if (!ultramem.empty()) return ultramem[k]->forward(u);
+    if (!engram.empty()) return engram[k]->forward(u, tokens, cache ? &cache->engram[size_t(k)] : nullptr);
     auto out = pkm[k]->forward(u);
     torch::NoGradGuard ng;
     const auto o = out.detach().to(torch::kDouble);
@@ -121,7 +123,7 @@ struct TransformerImpl::Impl {
     auto branch = [&](const torch::Tensor& x) { return p > 0 ? torch::dropout(x, p, true) : x; };
     torch::Tensor h = torch::embedding(embedding, tokens);  // [B, T, D]
     if (residuals) residuals->push_back(h);
-    std::vector<torch::Tensor> mem_out(ultramem.size() + pkm.size());  // pending memory outputs
+    std::vector<torch::Tensor> mem_out(ultramem.size() + pkm.size() + engram.size());  // pending memory outputs
     // Memories split around their skip window (set_value_prefetch, or a table file's reads issued ahead):
     // retrieval at the read block, lookup at the write block.
     // (Indexed like mem_out: every memory has an entry, a PKM's stays unsplit.)
@@ -146,7 +148,7 @@ struct TransformerImpl::Impl {
           if (split[k])
             pending[k] = ultramem[k]->retrieve(u, prefetch_bytes);
           else
-            mem_out[k] = memory_forward(k, u);
+            mem_out[k] = memory_forward(k, u, tokens, cache);
         }
         if (blk->dense) {
           h = h + branch(blk->dense->forward(u));
@@ -216,6 +218,9 @@ TransformerImpl::TransformerImpl(ModelConfig cfg) : cfg_(std::move(cfg)), impl_(
       if (is_ultramem(c.memory_kind)) {
         m.ultramem.push_back(UltraMem(c.ultramem_layer_config(int64_t(k))));
         memories->push_back(m.ultramem.back());
+      } else if (c.memory_kind == MemoryKind::Engram) {
+        m.engram.push_back(Engram(c.engram_layer_config(int64_t(k))));
+        memories->push_back(m.engram.back());
       } else {
         m.pkm.push_back(PKM(c.pkm_layer_config(int64_t(k))));
         memories->push_back(m.pkm.back());
@@ -250,6 +255,7 @@ KVCache TransformerImpl::make_cache(int64_t batch, int64_t max_len) const {
     cache.k.push_back(torch::zeros({batch, cfg_.n_heads, max_len, hd}, opts));
     cache.v.push_back(torch::zeros({batch, cfg_.n_heads, max_len, hd}, opts));
   }
+  for (const auto& e : impl_->engram) cache.engram.push_back(e->make_state(batch));
   return cache;
 }
 
@@ -269,6 +275,10 @@ torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCac
   if (tokens.size(0) != cache.k[0].size(0))
     throw std::invalid_argument(who + ": batch " + std::to_string(tokens.size(0)) + " differs from the cache's " +
                                 std::to_string(cache.k[0].size(0)));
+  if (cache.engram.size() != impl_->engram.size())
+    throw std::invalid_argument(who + ": the cache holds " + std::to_string(cache.engram.size()) +
+                                " Engram states, the model has " + std::to_string(impl_->engram.size()) +
+                                " Engram memories (use make_cache)");
   torch::NoGradGuard no_grad;
   auto logits = impl_->run(cfg_, is_training(), tokens, cache.length, &cache, nullptr, /*record_aux=*/false, nullptr,
                            nullptr, last_only);
@@ -279,6 +289,9 @@ torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCac
 torch::Tensor TransformerImpl::decode_slots(const torch::Tensor& tokens, KVCache& cache, const std::vector<int64_t>& slots,
                                             const std::vector<int64_t>& positions) {
   const std::string who = "Transformer::decode_slots";
+  if (!impl_->engram.empty())
+    throw std::logic_error(who + ": Engram memories keep a per-sequence state that slot decoding (the serving "
+                                 "scheduler) does not carry yet; decode them with forward_cached");
   if (int64_t(cache.k.size()) != cfg_.n_layers || int64_t(cache.v.size()) != cfg_.n_layers)
     throw std::invalid_argument(who + ": cache has " + std::to_string(cache.k.size()) + " layers, the model " +
                                 std::to_string(cfg_.n_layers) + " (use make_cache)");
@@ -310,6 +323,9 @@ torch::Tensor TransformerImpl::decode_slots(const torch::Tensor& tokens, KVCache
 KVCache TransformerImpl::slot_view(KVCache& cache, int64_t slot, int64_t length) {
   KVCache view;
   if (cache.k.empty()) throw std::invalid_argument("Transformer::slot_view: the cache holds no layer");
+  if (!cache.engram.empty())
+    throw std::logic_error("Transformer::slot_view: Engram memories keep a per-sequence state that slot views (the "
+                           "serving scheduler) do not carry yet");
   if (slot < 0 || slot >= cache.k[0].size(0))
     throw std::invalid_argument("Transformer::slot_view: slot " + std::to_string(slot) + " outside [0, " +
                                 std::to_string(cache.k[0].size(0)) + ")");

@@ -12,6 +12,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "ultramem/nn/engram.h"
 #include "ultramem/nn/model_config.h"
 
 namespace ultramem::nn {
@@ -21,6 +22,7 @@ struct KVCache {
   std::vector<torch::Tensor> k;  // per block [B, n_heads, max_len, head_dim]
   std::vector<torch::Tensor> v;  // per block [B, n_heads, max_len, head_dim]
   int64_t length = 0;            // positions filled
+  std::vector<EngramState> engram;  // per Engram memory: its last tokens and convolution inputs
 };
 
 // Parameters split by how the optimizer treats them.
