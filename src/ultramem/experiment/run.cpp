@@ -71,7 +71,17 @@ CaseResult run_case(const ExperimentSuite& suite, const ExperimentRun& run, uint
   const auto record_path = checkpoint::run_record_path(res.dir);
   if (fs::exists(record_path)) {
     const auto rec = io::read_json_file(record_path);
-    const auto diffs = checkpoint::config_differences(rec.value("identity", json::object()), identity);
+    json recorded = rec.value("identity", json::object());
+    // A train key the record lacks (written before the key existed) had its default: compare the recorded
+    // settings read back through the config, which fills them in.
+    if (recorded.contains("train") && recorded["train"].is_object()) {
+      try {
+        recorded["train"] = train::train_config_to_json(train::train_config_from_json(recorded["train"]));
+      } catch (const std::exception&) {
+        // An unreadable record is compared as it is (and differs).
+      }
+    }
+    const auto diffs = checkpoint::config_differences(recorded, identity);
     if (!diffs.empty()) {
       std::string list;
       for (const auto& d : diffs) list += "\n  " + d;
