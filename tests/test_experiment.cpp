@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -13,6 +14,7 @@
 #include "ultramem/experiment/suite.h"
 #include "ultramem/data/facts.h"
 #include "ultramem/nn/model_config.h"
+#include "ultramem/nn/model_info.h"
 
 namespace fs = std::filesystem;
 using namespace ultramem;
@@ -123,6 +125,38 @@ TEST(ExperimentSuite, ShippedSuitesResolveToValidConfigs) {
     }
   }
   EXPECT_EQ(found, expected);
+}
+
+// Issue 19's rule for the comparison suites: every row at the reference's forward FLOPs (within 1%) and the
+// sparse models at the reference memory model's total parameters (within 10%).
+TEST(ExperimentSuite, ComparisonRowsHaveEqualFlopsAndParameters) {
+  const fs::path dir = fs::path(ULTRAMEM_SOURCE_DIR) / "experiments";
+  struct Rule {
+    std::string suite, flops_ref, params_ref;
+    std::set<std::string> flops_rows, params_rows;
+  };
+  const std::vector<Rule> rules = {
+      {"compare", "dense", "ultramem", {"moe", "pkm", "ultramem", "ultramemv2", "engram"},
+       {"moe", "pkm", "ultramemv2", "engram"}},
+      {"capacity", "ultramem_n128", "ultramem_n128", {"ultramemv2", "engram"}, {"ultramemv2", "engram"}},
+  };
+  for (const auto& rule : rules) {
+    const auto s = experiment::load_suite((dir / (rule.suite + ".json")).string(), false);
+    std::map<std::string, nn::ModelInfo> info;
+    for (const auto& r : s.runs) {
+      auto m = r.model;
+      if (s.task == "facts") m["vocab_size"] = 86;
+      info[r.name] = nn::model_info(nn::model_config_from_json(m));
+    }
+    for (const auto& name : rule.flops_rows) {
+      ASSERT_TRUE(info.count(name)) << rule.suite << " lacks " << name;
+      EXPECT_NEAR(info[name].flops_per_token / info[rule.flops_ref].flops_per_token, 1.0, 0.01)
+          << rule.suite << "/" << name;
+    }
+    for (const auto& name : rule.params_rows)
+      EXPECT_NEAR(double(info[name].params_total) / double(info[rule.params_ref].params_total), 1.0, 0.10)
+          << rule.suite << "/" << name;
+  }
 }
 
 TEST(ExperimentReport, LogFitRecoversLine) {

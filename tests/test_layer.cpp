@@ -41,26 +41,33 @@ UltraMemConfig small_config() {
   return c;
 }
 
-// Checks d/dθ of (out · g).sum() + aux for the input and every parameter of `module`.
-template <typename Module>
-void check_all_gradients(Module& layer, int64_t D, bool with_aux) {
+// Checks d/dθ of loss(x) for the input x [3, 4, D] and every parameter of `layer`, in double precision.
+template <typename Module, typename Loss>
+void check_gradients_of(Module& layer, int64_t D, const Loss& loss /* (x) -> scalar */) {
   layer->to(torch::kDouble);
   torch::manual_seed(11);
   auto x = torch::randn({3, 4, D}, torch::kDouble).requires_grad_(true);
-  const auto g = torch::randn({3, 4, D}, torch::kDouble);
-  auto loss_fn = [&]() {
-    torch::Tensor l = (layer->forward(x) * g).sum();
-    if constexpr (std::is_same_v<Module, UltraMem>) {
-      if (with_aux) l = l + layer->aux_loss();
-    }
-    return l;
-  };
+  auto loss_fn = [&]() { return loss(x); };
   layer->zero_grad();
   loss_fn().backward();
   expect_grad_matches(loss_fn, x.detach(), x.grad(), "x");
   for (auto& p : layer->named_parameters()) {
     expect_grad_matches(loss_fn, p.value().detach(), p.value().grad(), p.key());
   }
+}
+
+// The same for (out · g).sum() + aux with out = layer(x).
+template <typename Module>
+void check_all_gradients(Module& layer, int64_t D, bool with_aux) {
+  torch::manual_seed(12);
+  const auto g = torch::randn({3, 4, D}, torch::kDouble);
+  check_gradients_of(layer, D, [&](const torch::Tensor& x) {
+    torch::Tensor l = (layer->forward(x) * g).sum();
+    if constexpr (std::is_same_v<Module, UltraMem>) {
+      if (with_aux) l = l + layer->aux_loss();
+    }
+    return l;
+  });
 }
 
 }  // namespace
@@ -607,16 +614,10 @@ ultramem::nn::EngramConfig engram_config() {
 
 TEST(EngramLayer, ExactGradientsOfEveryParameterDouble) {
   ultramem::nn::Engram layer(engram_config());
-  layer->to(torch::kDouble);
   torch::manual_seed(3);
-  const auto tokens = torch::randint(0, 20, {2, 6}, torch::kLong);
-  auto u = torch::randn({2, 6, 12}, torch::kDouble).requires_grad_(true);
-  const auto g = torch::randn({2, 6, 12}, torch::kDouble);
-  auto loss_fn = [&] { return (layer->forward(u, tokens) * g).sum(); };
-  layer->zero_grad();
-  loss_fn().backward();
-  expect_grad_matches(loss_fn, u.detach(), u.grad(), "u");
-  for (auto& p : layer->named_parameters()) expect_grad_matches(loss_fn, p.value().detach(), p.value().grad(), p.key());
+  const auto tokens = torch::randint(0, 20, {3, 4}, torch::kLong);
+  const auto g = torch::randn({3, 4, 12}, torch::kDouble);
+  check_gradients_of(layer, 12, [&](const torch::Tensor& u) { return (layer->forward(u, tokens) * g).sum(); });
 }
 
 TEST(EngramLayer, DecodingStepByStepEqualsTheWholeSequence) {
@@ -638,7 +639,7 @@ TEST(EngramLayer, RowsDependOnTheLastThreeTokensAndStayInTheirTables) {
   const auto& sizes = layer->table_sizes();
   ASSERT_EQ(sizes.size(), 4u);
   for (size_t j = 0; j < sizes.size(); ++j) {
-    EXPECT_EQ(ultramem::nn::next_prime(sizes[j]), sizes[j]);
+    EXPECT_EQ(ultramem::ops::next_prime(sizes[j]), sizes[j]);
     if (j) EXPECT_GT(sizes[j], sizes[j - 1]);  // distinct primes
   }
   EXPECT_EQ(layer->values.size(0), layer->table_offsets().back() + sizes.back());

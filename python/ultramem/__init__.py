@@ -1,4 +1,4 @@
-"""ultramem for PyTorch: the UltraMem and PKM memory layers as modules, the language model, checkpoints.
+"""ultramem for PyTorch: the UltraMem, PKM and Engram memory layers as modules, the language model, checkpoints.
 
     import torch, ultramem
     mem = ultramem.UltraMem(D=256, n=64, E=4, Dk=64, Dv=128, m=16, m_first=16)   # C++ config fields
@@ -13,7 +13,7 @@ from ._ops import OpsLibraryError, library_path, load as load_ops
 from .checkpoint import Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
 from .data import DataError
 from .hf import ExportFormatError
-from .layers import PKM, UltraMem
+from .layers import PKM, Engram, UltraMem
 from .model import TransformerLM
 from .safetensors import SafetensorsError
 from .training import cosine_lr, lr_scheduler, param_groups, value_lr_multiplier
@@ -21,7 +21,7 @@ from .training import cosine_lr, lr_scheduler, param_groups, value_lr_multiplier
 __version__ = "0.2.0"
 
 __all__ = [
-    "UltraMem", "PKM", "TransformerLM", "param_groups", "lr_scheduler", "cosine_lr", "value_lr_multiplier",
+    "UltraMem", "PKM", "Engram", "TransformerLM", "param_groups", "lr_scheduler", "cosine_lr", "value_lr_multiplier",
     "read_checkpoint", "save_checkpoint", "Checkpoint", "load_ops", "library_path",
     "OpsLibraryError", "CheckpointError", "SafetensorsError", "DataError", "ExportFormatError",
 ]

@@ -1,10 +1,12 @@
-"""The memory layers as torch.nn.Modules: UltraMem (spec sections 3-6) and the PKM baseline (section 7).
+"""The memory layers as torch.nn.Modules: UltraMem (spec sections 3-6, V2 in section 11), the PKM baseline
+(section 7) and Engram (section 12).
 
 Their keyword arguments are the C++ config fields (src/ultramem/nn/memory_config.h) and their
 parameters carry the C++ names and shapes, so a layer's state_dict is the checkpoint's
 `memories.<k>.*` tensors. Built with the same seed, a layer holds the same initial weights as the C++
 one. Forward and backward run the registered ops (torch.ops.ultramem.tdqkr, pooled_lookup); with grad
 mode off the UltraMem layer calls the fused no-grad op (ultramem_decode) the C++ inference path calls.
+Engram's rows come from the op engram_rows, the C++ layer's hash.
 """
 import math
 from collections import OrderedDict
@@ -35,6 +37,11 @@ ULTRAMEM_V2_DEFAULTS.update(query_per_rank=True, single_projection=True, Dp=128 
 PKM_DEFAULTS = OrderedDict([
     ("D", 256), ("n", 64), ("Dk", 64), ("Dv", 256), ("H", 4), ("m", 32), ("query_norm", "batch"),
     ("softmax", True), ("shared_query", False), ("value_std", 0.0), ("sparse_value_grad", False), ("seed", 0),
+])
+
+ENGRAM_DEFAULTS = OrderedDict([
+    ("D", 256), ("heads", 4), ("d_e", 256), ("rows", 65536), ("kernel", 4), ("value_std", 0.02), ("conv_std", 0.0),
+    ("sparse_value_grad", False), ("seed", 0),
 ])
 
 _CHOICES = {
@@ -173,6 +180,26 @@ def validate_pkm(c):
         _fail(w, "m", "must be <= n = %d (top-m per side), got %d" % (c["n"], c["m"]))
     if c["value_std"] < 0:
         _fail(w, "value_std", "must be >= 0 (0 means Dv^-0.5)")
+
+
+def validate_engram(c):
+    """The checks of EngramConfig::validate, same messages."""
+    w = "EngramConfig"
+    for f in ("D", "heads", "d_e", "rows", "kernel"):
+        if c[f] < 1:
+            _fail(w, f, "must be >= 1, got %d" % c[f])
+    for f, top in (("heads", 64), ("d_e", 1 << 16), ("rows", 1 << 31), ("kernel", 64)):
+        if c[f] > top:
+            _fail(w, f, "must be <= %d, got %d" % (top, c[f]))
+    if c["d_e"] % (2 * c["heads"]):
+        _fail(w, "d_e", "must be a multiple of 2 * heads = %d (one slice per table), got %d"
+              % (2 * c["heads"], c["d_e"]))
+    if not c["value_std"] > 0:
+        _fail(w, "value_std", "must be > 0")
+    if not c["conv_std"] >= 0:
+        _fail(w, "conv_std", "must be >= 0 (0: the taps start at zero)")
+    if not 0 <= c["seed"] < 1 << 64:
+        _fail(w, "seed", "must be in [0, 2^64)")
 
 
 def _check_input(who, x, D, weight):
@@ -586,6 +613,101 @@ class PKM(nn.Module):
 
     def reset_stats(self):
         self._output_std, self._tokens = 0.0, 0
+
+
+class Engram(nn.Module):
+    """Engram (spec section 12): a memory addressed by the token ids. forward(u, tokens) with u [B, T, D]
+    the layer's input and tokens [B, T] int64 -> [B, T, D].
+
+    For each n-gram order in {2, 3} and each of `heads` hash heads, the last n ids hash (the op
+    engram_rows, the C++ layer's hash) to a row of a prime-sized table; the 2*heads rows concatenate
+    to e [d_e]; k = e Wk, v = e Wv; alpha = sigmoid(<RMSNorm(u) gate_u, RMSNorm(k) gate_k> / sqrt(D));
+    x = alpha v; out = SiLU(causal depthwise conv(RMSNorm(x) conv_norm)) + x.
+
+    Parameters (C++ names): values [sum_j M_j, d_e / (2*heads)] (the stacked tables), wk, wv [d_e, D],
+    gate_u, gate_k, conv_norm [D], conv [D, kernel] (conv[:, 0] weighs the current position).
+    `init=False` allocates the tensors without drawing them.
+    """
+
+    _EPS = 1e-6
+
+    def __init__(self, init=True, **config):
+        super().__init__()
+        c = _config("EngramConfig", ENGRAM_DEFAULTS, config)
+        validate_engram(c)
+        self.config = c
+        D, d_e, kernel = c["D"], c["d_e"], c["kernel"]
+        self.table_sizes = [int(m) for m in ops().engram_table_sizes(c["heads"], c["rows"])]
+        total, width = sum(self.table_sizes), d_e // (2 * c["heads"])
+        gen = torch.Generator().manual_seed(c["seed"])
+        draw = (lambda shape, std: _normal(shape, std, gen)) if init else (lambda shape, std: torch.empty(*shape))
+        # The C++ constructor's draws, in its order (src/ultramem/nn/engram.cpp).
+        self.values = nn.Parameter(draw([total, width], c["value_std"]))
+        self.wk = nn.Parameter(draw([d_e, D], 1.0 / math.sqrt(d_e)))
+        self.wv = nn.Parameter(draw([d_e, D], 1.0 / math.sqrt(d_e)))
+        self.gate_u = nn.Parameter(torch.ones(D))
+        self.gate_k = nn.Parameter(torch.ones(D))
+        self.conv_norm = nn.Parameter(torch.ones(D))
+        self.conv = nn.Parameter(draw([D, kernel], c["conv_std"]) if c["conv_std"] > 0 else torch.zeros(D, kernel))
+
+    def rows(self, tokens, history=None):
+        """tokens [B, T] int64 (history [B, 2]: the two ids before them, None at a sequence start) ->
+        [B, T, 2*heads] rows of the stacked table."""
+        c = self.config
+        return ops().engram_rows(tokens, history, c["heads"], c["rows"], _as_int64(c["seed"]))
+
+    def make_state(self, batch):
+        """A decoding state: {"tokens": [B, 2] the latest ids (-1 before any), "conv_input": [B, kernel-1, D]}."""
+        c = self.config
+        return {"tokens": torch.full((batch, 2), -1, dtype=torch.int64),
+                "conv_input": torch.zeros(batch, c["kernel"] - 1, c["D"], dtype=self.wk.dtype)}
+
+    def _rms(self, x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self._EPS) * w
+
+    def forward(self, u, tokens, state=None):
+        """u [B, T, D], tokens [B, T] int64 -> [B, T, D]. With `state` (make_state) the tokens continue the
+        sequence it holds, and it is updated."""
+        c = self.config
+        _check_input("Engram", u, c["D"], self.wk)
+        if u.dim() != 3:
+            raise ValueError("Engram: u must be [B, T, D], got %s" % list(u.shape))
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int64 or tuple(tokens.shape) != tuple(
+                u.shape[:2]):
+            raise ValueError("Engram: tokens must be [B, T] = %s int64, got %s" % (
+                list(u.shape[:2]), "%s %s" % (tokens.dtype, list(tokens.shape)) if isinstance(tokens, torch.Tensor)
+                else type(tokens).__name__))
+        B, T, D = u.shape
+        idx = self.rows(tokens, None if state is None else state["tokens"])            # [B, T, 2*heads]
+        e = F.embedding(idx.reshape(-1), self.values, sparse=c["sparse_value_grad"]).view(B, T, c["d_e"])
+        k, v = e @ self.wk, e @ self.wv                                                 # [B, T, D]
+        gate = (self._rms(u, self.gate_u) * self._rms(k, self.gate_k)).sum(-1, keepdim=True)
+        x = torch.sigmoid(gate / math.sqrt(D)) * v                                      # [B, T, D]
+        y = self._rms(x, self.conv_norm)
+        P = c["kernel"] - 1
+        before = state["conv_input"].to(y.dtype) if state is not None else y.new_zeros(B, P, D)
+        padded = torch.cat([before, y], 1)                                              # [B, P + T, D]
+        acc = torch.zeros_like(y)
+        for i in range(c["kernel"]):
+            acc = acc + padded[:, P - i:P - i + T] * self.conv[:, i]
+        if state is not None:
+            state["tokens"] = torch.cat([state["tokens"], tokens], 1)[:, T:T + 2].contiguous()
+            state["conv_input"] = padded[:, T:T + P].detach().contiguous()
+        return F.silu(acc) + x
+
+    def aux_loss(self):
+        return torch.zeros((), dtype=self.wk.dtype)
+
+    def refresh_tucker_approx(self):
+        """Nothing to refresh; here so that models treat every memory kind alike."""
+
+    def stats(self):
+        return {}
+
+    def extra_repr(self):
+        c = self.config
+        return "D=%d, heads=%d, d_e=%d, rows=%d (tables %s), kernel=%d" % (
+            c["D"], c["heads"], c["d_e"], c["rows"], self.table_sizes, c["kernel"])
 
 
 def _as_int64(u):

@@ -23,7 +23,8 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from . import data as data_io
-from .layers import PKM, PKM_DEFAULTS, ULTRAMEM_DEFAULTS, ULTRAMEM_V2_DEFAULTS, UltraMem
+from .layers import (ENGRAM_DEFAULTS, PKM, PKM_DEFAULTS, ULTRAMEM_DEFAULTS, ULTRAMEM_V2_DEFAULTS, Engram,
+                     UltraMem)
 from .training import param_groups
 
 MODEL_DEFAULTS = OrderedDict([
@@ -87,24 +88,24 @@ def normalise_config(config):
         _fail("moe.top_k", "must be in [1, num_experts = %d], got %d" % (moe["num_experts"], moe["top_k"]))
     mem = c["memory"] or {}
     kind = mem.get("kind", "ultramem")
-    if kind == "engram":
-        raise ValueError("memory.kind: Engram memories are not in the Python package yet (the C++ model has them)")
-    if kind not in ("ultramem", "ultramem_v2", "pkm"):
-        raise ValueError('memory.kind: expected "ultramem", "ultramem_v2" or "pkm", got "%s"' % kind)
+    if kind not in ("ultramem", "ultramem_v2", "pkm", "engram"):
+        raise ValueError('memory.kind: expected "ultramem", "ultramem_v2", "pkm" or "engram", got "%s"' % kind)
     placement = parse_placement(mem.get("placement", ""), c["n_layers"])
-    for name, defaults in (("ultramem", ULTRAMEM_DEFAULTS), ("ultramem_v2", ULTRAMEM_DEFAULTS), ("pkm", PKM_DEFAULTS)):
+    for name, defaults in (("ultramem", ULTRAMEM_DEFAULTS), ("ultramem_v2", ULTRAMEM_DEFAULTS), ("pkm", PKM_DEFAULTS),
+                           ("engram", ENGRAM_DEFAULTS)):
         for k in mem.get(name, {}):
             if k in _SET_BY_MODEL or (k == "inner_ratio" and name != "pkm"):
                 raise ValueError("memory.%s.%s: set by the model" % (name, k))
             if k not in defaults:
                 raise ValueError("memory.%s.%s: unknown key" % (name, k))
     for k in mem:
-        if k not in ("kind", "placement", "ultramem", "ultramem_v2", "pkm"):
+        if k not in ("kind", "placement", "ultramem", "ultramem_v2", "pkm", "engram"):
             raise ValueError("memory.%s: unknown key" % k)
     c["memory"] = {"kind": kind, "placement": mem.get("placement", ""), "ultramem": dict(mem.get("ultramem", {})),
                    "pkm": dict(mem.get("pkm", {}))}
-    if kind == "ultramem_v2":  # written only for this kind, as the C++ writes it
-        c["memory"]["ultramem_v2"] = dict(mem.get("ultramem_v2", {}))
+    for only in ("ultramem_v2", "engram"):  # written only for their kind, as the C++ writes them
+        if kind == only:
+            c["memory"][only] = dict(mem.get(only, {}))
     c["_ffn_kinds"] = kinds
     c["_placement"] = placement
     return c
@@ -142,6 +143,8 @@ def memory_layer_config(c, k):
         full = dict(ULTRAMEM_DEFAULTS, **lc)
         rows = full["n"] * full["n"] // max(1, full["E"])
         lc.setdefault("sparse_value_grad", rows * (full["Dv"] + full["Dp"]) >= SPARSE_VALUE_GRAD_MIN_ENTRIES)
+    elif mem["kind"] == "engram":
+        lc = dict(mem["engram"], D=c["d_model"], seed=seed)
     else:
         lc = dict(mem["pkm"], D=c["d_model"], seed=seed)
         full = dict(PKM_DEFAULTS, **lc)
@@ -284,7 +287,7 @@ class Block(nn.Module):
 # ---- the model -------------------------------------------------------------------------------------
 
 class TransformerLM(nn.Module):
-    """Decoder-only LM with UltraMem / PKM memories (docs/model.md).
+    """Decoder-only LM with UltraMem / UltraMemV2 / PKM / Engram memories (docs/model.md).
 
     TransformerLM(config) builds a fresh model (a dict, a JSON path; the C++ draws: the same seed gives
     the same weights as `ultramem train`'s initialisation); `from_checkpoint(path)` loads any checkpoint
@@ -311,7 +314,7 @@ class TransformerLM(nn.Module):
         if not c["tie_embeddings"]:
             self.lm_head = nn.Parameter(torch.normal(0.0, c["init_std"], size=(V, D), generator=gen) if init
                                         else torch.empty(V, D))
-        layer = PKM if c["memory"]["kind"] == "pkm" else UltraMem
+        layer = {"pkm": PKM, "engram": Engram}.get(c["memory"]["kind"], UltraMem)
         self.memories = nn.ModuleList(layer(init=init, **memory_layer_config(c, k)) for k in range(len(placement)))
         self._aux = {}
         self.checkpoint = None      # the Checkpoint this model was loaded from (training state kept for save)
@@ -359,7 +362,11 @@ class TransformerLM(nn.Module):
             if blk.ffn_norm is not None:
                 u = blk.ffn_norm(h)                                          # the FFN input memories read
                 for k in self._reads_at[b]:
-                    pending[k] = self.memories[k](u)
+                    m = self.memories[k]
+                    if isinstance(m, Engram):
+                        pending[k] = m(u, tokens, None if cache is None else cache.memory_states[k])
+                    else:
+                        pending[k] = m(u)
                 if blk.kind == "dense":
                     h = h + branch(blk.ffn(u))
                 elif blk.kind == "moe":
@@ -558,13 +565,16 @@ class TransformerLM(nn.Module):
         return "data/prepared/sotu-v8192"
 
     def make_cache(self, batch, max_len=None):
-        """A KV cache: per block (k, v) [batch, n_heads, max_len, head_dim]."""
+        """A KV cache: per block (k, v) [batch, n_heads, max_len, head_dim]; .memory_states holds each Engram
+        memory's decoding state (None for the other kinds)."""
         c = self.cfg
         max_len = max_len or c["max_seq_len"]
         hd = c["d_model"] // c["n_heads"]
         dt = self.embedding.dtype
-        return [(torch.zeros(batch, c["n_heads"], max_len, hd, dtype=dt),
-                 torch.zeros(batch, c["n_heads"], max_len, hd, dtype=dt)) for _ in range(c["n_layers"])]
+        cache = KVCache((torch.zeros(batch, c["n_heads"], max_len, hd, dtype=dt),
+                         torch.zeros(batch, c["n_heads"], max_len, hd, dtype=dt)) for _ in range(c["n_layers"]))
+        cache.memory_states = [m.make_state(batch) if isinstance(m, Engram) else None for m in self.memories]
+        return cache
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens=200, temperature=0.8, top_k=0, top_p=1.0, seed=0, stop_at_eos=True):
@@ -613,6 +623,11 @@ class TransformerLM(nn.Module):
         if text:
             return self.tokenizer.decode([t for t in out if t != eos])
         return out
+
+
+class KVCache(list):
+    """Per block (k, v); memory_states: per memory, its decoding state or None."""
+    memory_states = ()
 
 
 def _sample(logits, temperature, top_k, top_p, gen):

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .layers import PKM, UltraMem
+from .layers import PKM, Engram, UltraMem
 
 # Parameters of a memory layer that sit in no_decay although they are matrices or tables.
 _MEMORY_NO_DECAY = ("q_scale", "k_scale", "cores")
@@ -31,14 +31,14 @@ def group_of(module_name, param_name, param, memory_module, moe_module=False):
 
 
 def param_groups(model, weight_decay=0.1, memory_weight_decay=0.0):
-    """AdamW parameter groups of any module holding UltraMem / PKM layers: a list of dicts
+    """AdamW parameter groups of any module holding UltraMem / PKM / Engram layers: a list of dicts
     {"name", "params", "weight_decay", "lr_mult"} with "name" in decay / no_decay / memory_values.
     `lr_scheduler` sets each group's lr to the schedule times its multiplier. Every trainable parameter
     is in exactly one group. A memory whose sparse_value_grad is on produces sparse value gradients,
     which torch.optim.AdamW refuses: train those with sparse_value_grad=False, or give the
     memory_values group to torch.optim.SparseAdam."""
     from .model import MoE
-    memories = {id(m) for m in model.modules() if isinstance(m, (UltraMem, PKM))}
+    memories = {id(m) for m in model.modules() if isinstance(m, (UltraMem, PKM, Engram))}
     moes = {id(m) for m in model.modules() if isinstance(m, MoE)}
     groups = {"decay": [], "no_decay": [], "memory_values": [], "experts": []}
     for mod_name, mod in model.named_modules():

@@ -152,6 +152,39 @@ class LayerTest(unittest.TestCase):
         self.assertTrue(torch.autograd.gradcheck(pkm, (torch.randn(4, 10, dtype=torch.float64, requires_grad=True),),
                                                  eps=1e-6, atol=1e-7))
 
+    def test_engram_layer_gradcheck_state_and_errors(self):
+        layer = ultramem.Engram(D=8, heads=2, d_e=8, rows=11, kernel=3, conv_std=0.3, seed=4).double()
+        self.assertEqual(layer.table_sizes, [11, 13, 17, 19])
+        self.assertEqual(tuple(layer.values.shape), (60, 2))
+        tokens = torch.randint(0, 9, (2, 5), generator=torch.Generator().manual_seed(1))
+        u = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+        self.assertTrue(torch.autograd.gradcheck(lambda u: layer(u, tokens), (u,), eps=1e-6, atol=1e-7))
+        for name, p in layer.named_parameters():
+            w = p.detach().clone().requires_grad_(True)
+            check = torch.autograd.gradcheck(
+                lambda w, name=name: functional_call(layer, {name: w}, (u.detach(), tokens)), (w,), eps=1e-6,
+                atol=1e-7)
+            self.assertTrue(check, name)
+        # Rows: the op's hash, inside each table; a prompt then single steps give the whole sequence.
+        rows = layer.rows(tokens)
+        starts = [0, 11, 24, 41]
+        for j, (lo, m) in enumerate(zip(starts, layer.table_sizes)):
+            self.assertTrue(bool(((rows[..., j] >= lo) & (rows[..., j] < lo + m)).all()), j)
+        with torch.no_grad():
+            whole = layer(u, tokens)
+            state = layer.make_state(2)
+            parts = [layer(u[:, :2], tokens[:, :2], state)] + [layer(u[:, t:t + 1], tokens[:, t:t + 1], state)
+                                                                  for t in range(2, 5)]
+        torch.testing.assert_close(torch.cat(parts, 1), whole)
+        # Zero taps by default (the branch starts as its gated value), as in C++.
+        self.assertEqual(float(ultramem.Engram(D=8, heads=2, d_e=8, rows=11).conv.abs().sum()), 0.0)
+        with self.assertRaisesRegex(ValueError, "EngramConfig.d_e: must be a multiple of 2 \\* heads = 4"):
+            ultramem.Engram(D=8, heads=2, d_e=6)
+        with self.assertRaisesRegex(ValueError, "EngramConfig.conv_std: must be >= 0"):
+            ultramem.Engram(D=8, heads=2, d_e=8, conv_std=-1.0)
+        with self.assertRaisesRegex(ValueError, "Engram: tokens must be \\[B, T\\]"):
+            layer(u, tokens[:, :3])
+
     def test_no_grad_path_equals_the_autograd_path_and_records_stats(self):
         for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
             for filt in ("rank1", "two_sign", "rank_r"):
@@ -484,6 +517,42 @@ class CommandTest(unittest.TestCase):
                              capture_output=True, text=True, timeout=120)
         self.assertNotEqual(res.returncode, 0)
         self.assertIn("UltraMemV2 changes", res.stderr)
+
+    def test_engram_checkpoint_loads_evaluates_and_generates_like_the_cli(self):
+        model_e = dict(MODEL, name="py-tiny-engram", ffn="dense",
+                       memory={"kind": "engram", "placement": "1:1/2:2",
+                               "engram": {"heads": 2, "d_e": 16, "rows": 97, "kernel": 3, "conv_std": 0.2}})
+        cfg = os.path.join(self.w, "engram.json")
+        with open(cfg, "w") as f:
+            json.dump({"model": model_e, "train": TRAIN}, f)
+        out = os.path.join(self.w, "run_engram")
+        run([ULTRAMEM, "--threads", "1", "train", cfg, "--data", self.data, "--out", out])
+        path = os.path.join(out, "checkpoint.safetensors")
+        model = ultramem.TransformerLM.from_checkpoint(path)
+        self.assertTrue(all(isinstance(m, ultramem.Engram) for m in model.memories))
+        self.assertEqual(len(model.memories), 2)
+        self.assertLess(abs(self.py_loss(model) - self.cli_loss(path)), 1e-5)
+        # A fresh Python Engram model is the C++ initialisation, bit for bit.
+        fresh = ultramem.TransformerLM(model_e)
+        dump = os.path.join(self.w, "engram_init.safetensors")
+        run([DUMP_MODEL, dump, "--config", cfg, "--dtype", "float"])
+        t, _ = st.load(dump)
+        for name, p in fresh.state_tensors().items():
+            self.assertTrue(torch.equal(p, t[name]), "%s differs from the C++ initialisation" % name)
+        # Greedy decoding through the KV cache (each Engram memory's state in it) gives the CLI's text.
+        prompts = os.path.join(self.w, "engram_prompts.txt")
+        with open(prompts, "w") as f:
+            f.write("The people of district\nmeasure 3 in\n")
+        gen = run([ULTRAMEM, "generate", path, "--prompts-file", prompts, "--temperature", "0", "--max-tokens", "12"])
+        lines = [json.loads(l) for l in gen.splitlines() if l.startswith("{")]
+        self.assertEqual(len(lines), 2)
+        for rec in lines:
+            self.assertEqual(model.generate(rec["prompt"], max_new_tokens=12, temperature=0), rec["completion"],
+                             rec["prompt"])
+        # A saved model reloads in the CLI with the same loss.
+        again = os.path.join(self.w, "engram_py.safetensors")
+        model.save(again)
+        self.assertLess(abs(self.cli_loss(again) - self.cli_loss(path)), 1e-6)
 
     def test_example_trains_and_its_loss_falls(self):
         out = run([sys.executable, os.path.join(ROOT, "examples", "train_memory_layer.py"), "--data", self.data,

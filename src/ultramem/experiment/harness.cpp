@@ -99,9 +99,12 @@ void run_harness(const HarnessOptions& a, std::ostream& out) {
     for (const auto& r : suite.runs)
       if (k < r.seeds.size()) order.emplace_back(&r, r.seeds[k]);
 
+  // The ETA counts the cases still to train (no run.json yet) at the mean time of those trained so far.
+  size_t pending = 0;
+  for (const auto& [run_ptr, seed] : order) pending += fs::exists(case_dir(dir, *run_ptr, seed) + "/run.json") ? 0 : 1;
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<CaseResult> cases;
-  size_t done = 0;
+  size_t done = 0, trained = 0;
   for (const auto& [run_ptr, seed] : order) {
     const ExperimentRun& run = *run_ptr;
     ++done;
@@ -110,12 +113,13 @@ void run_harness(const HarnessOptions& a, std::ostream& out) {
     } else {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       out << "\n== case " << done << "/" << total << ": " << run.label << ", seed " << seed;
-      if (done > 1 && elapsed > 0)
+      if (trained > 0 && elapsed > 0)
         out << " (" << std::fixed << std::setprecision(0) << elapsed << " s so far, about "
-            << elapsed / double(done - 1) * double(total - done + 1) << " s left)";
+            << elapsed / double(trained) * double(pending > trained ? pending - trained : 0) << " s left)";
       out << std::endl;
     }
     auto res = run_case(suite, run, seed, dir, out);
+    if (!a.report_only && !res.skipped) ++trained;
     if (!res.final.is_null()) cases.push_back(std::move(res));
   }
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -3,34 +3,25 @@
 #include <torch/torch.h>
 
 #include <cmath>
-#include <random>
 #include <stdexcept>
 #include <string>
+
+#include "ultramem/nn/rmsnorm.h"
 
 namespace ultramem::nn {
 
 namespace {
 
-constexpr int64_t kPad = -1;  // the id of positions before the sequence's start (hashes as 0)
-
-torch::Tensor rms(const torch::Tensor& x, const torch::Tensor& w) {
-  return x * torch::rsqrt(x.pow(2).mean(-1, true) + 1e-6) * w;
-}
+constexpr int64_t kPad = -1;  // the id of positions before the sequence's start (ops/engram_rows.h)
+constexpr double kEps = 1e-6;
 
 }  // namespace
 
 EngramImpl::EngramImpl(EngramConfig cfg) : cfg_(std::move(cfg)) {
   cfg_.validate();
   const auto& c = cfg_;
-  int64_t total = 0;
-  std::mt19937_64 rng(c.seed ^ 0x5851f42d4c957f2dULL);
-  sizes_ = c.table_sizes();  // distinct primes: each table starts above the previous one
-  for (const int64_t m : sizes_) {
-    offsets_.push_back(total);
-    total += m;
-    salt_.push_back(rng());
-    mul_.push_back(rng() | 1);
-  }
+  hash_ = ops::engram_hash(c.heads, c.rows, c.seed);  // distinct primes: each table starts above the previous one
+  const int64_t total = hash_.total_rows();
   torch::Generator gen = at::detail::createCPUGenerator(c.seed);
   values = register_parameter("values", at::normal(0.0, c.value_std, {total, c.row_width()}, gen));
   const double std = 1.0 / std::sqrt(double(c.d_e));
@@ -39,8 +30,10 @@ EngramImpl::EngramImpl(EngramConfig cfg) : cfg_(std::move(cfg)) {
   gate_u = register_parameter("gate_u", torch::ones({c.D}));
   gate_k = register_parameter("gate_k", torch::ones({c.D}));
   conv_norm = register_parameter("conv_norm", torch::ones({c.D}));
-  // Starts as a small smoothing of the current position (the residual carries the gated value itself).
-  conv = register_parameter("conv", at::normal(0.0, 1.0 / double(c.kernel), {c.D, c.kernel}, gen));
+  // Zero taps by default: the branch starts as the gated value x_t (its residual), since SiLU(conv(RMSNorm(x)))
+  // of random taps would add unit-scale noise to a residual stream of scale init_std (docs/memory_layer.md).
+  conv = register_parameter("conv", c.conv_std > 0 ? at::normal(0.0, c.conv_std, {c.D, c.kernel}, gen)
+                                                   : torch::zeros({c.D, c.kernel}));
 }
 
 EngramState EngramImpl::make_state(int64_t batch) const {
@@ -58,19 +51,7 @@ torch::Tensor EngramImpl::rows(const torch::Tensor& tokens, const torch::Tensor&
   TORCH_CHECK(hist.sizes() == torch::IntArrayRef({B, 2}), "Engram: the history must be [B, 2], got ", hist.sizes());
   const auto seq = torch::cat({hist, tokens.contiguous()}, 1).contiguous();  // [B, T + 2]
   auto out = torch::empty({B, T, J}, torch::kLong);
-  const int64_t* s = seq.data_ptr<int64_t>();
-  int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t* end = s + b * (T + 2) + t + 3;  // one past the current id (seq[b, t + 2])
-      for (int64_t j = 0; j < J; ++j) {
-        const int64_t n = j < cfg_.heads ? 2 : 3;      // tables 0..heads-1: 2-grams, then 3-grams
-        uint64_t h = salt_[size_t(j)];
-        for (int64_t i = n; i >= 1; --i) h = (h ^ uint64_t(end[-i] + 1)) * mul_[size_t(j)];
-        h ^= h >> 29;
-        o[(b * T + t) * J + j] = offsets_[size_t(j)] + int64_t(h % uint64_t(sizes_[size_t(j)]));
-      }
-    }
+  ops::engram_rows(hash_, seq.data_ptr<int64_t>(), B, T, out.data_ptr<int64_t>());
   return out;
 }
 
@@ -84,9 +65,10 @@ torch::Tensor EngramImpl::forward(const torch::Tensor& u, const torch::Tensor& t
   const auto e = torch::embedding(values, idx.reshape({-1}), -1, false, c.sparse_value_grad)
                      .view({B, T, c.d_e});                                                // [B, T, d_e]
   const auto k = e.matmul(wk), v = e.matmul(wv);                                         // [B, T, D]
-  const auto alpha = torch::sigmoid((rms(u, gate_u) * rms(k, gate_k)).sum(-1, true) / std::sqrt(double(c.D)));
+  const auto gate = (rms_norm(u, gate_u, kEps) * rms_norm(k, gate_k, kEps)).sum(-1, true);  // [B, T, 1]
+  const auto alpha = torch::sigmoid(gate / std::sqrt(double(c.D)));
   const auto x = alpha * v;                                                              // [B, T, D]
-  auto y = rms(x, conv_norm);                                                            // [B, T, D]
+  auto y = rms_norm(x, conv_norm, kEps);                                                 // [B, T, D]
   // Causal depthwise convolution: out_t = sum_i conv[:, i] * y_{t-i}, earlier inputs from the state.
   const int64_t P = c.kernel - 1;
   const auto before = state ? state->conv_input.to(y.scalar_type()) : torch::zeros({B, P, c.D}, y.options());

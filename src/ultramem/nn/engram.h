@@ -10,8 +10,8 @@
 //
 // Positions before the sequence's start hash a padding id. The hash of a window (t_1 .. t_n) for table j:
 // h = salt_j; for each id: h = (h ^ (id + 1)) * mul_j (64-bit, odd mul_j); h ^= h >> 29; row = h mod M_j.
-// Salts, multipliers and the prime sizes follow from the config (seed, rows). Not yet wired into the model
-// (issue 19): the layer, its decoding state and its tests.
+// Salts, multipliers and the prime sizes follow from the config (seed, rows): ops/engram_rows.h, which
+// Python calls too (torch.ops.ultramem.engram_rows).
 #pragma once
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "ultramem/nn/memory_config.h"
+#include "ultramem/ops/engram_rows.h"
 
 namespace ultramem::nn {
 
@@ -46,8 +47,8 @@ class EngramImpl : public torch::nn::Module {
   torch::Tensor rows(const torch::Tensor& tokens, const torch::Tensor& history = {}) const;
 
   const EngramConfig& config() const { return cfg_; }
-  const std::vector<int64_t>& table_sizes() const { return sizes_; }    // M_j, primes
-  const std::vector<int64_t>& table_offsets() const { return offsets_; }  // first row of table j
+  const std::vector<int64_t>& table_sizes() const { return hash_.sizes; }      // M_j, primes
+  const std::vector<int64_t>& table_offsets() const { return hash_.offsets; }  // first row of table j
 
   torch::Tensor values;     // [sum_j M_j, d_e / (2*heads)]  the stacked tables
   torch::Tensor wk, wv;     // [d_e, D]
@@ -56,8 +57,7 @@ class EngramImpl : public torch::nn::Module {
 
  private:
   EngramConfig cfg_;
-  std::vector<int64_t> sizes_, offsets_;
-  std::vector<uint64_t> salt_, mul_;
+  ops::EngramHash hash_;
 };
 TORCH_MODULE(Engram);
 

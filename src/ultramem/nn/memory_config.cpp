@@ -1,5 +1,7 @@
 #include "ultramem/nn/memory_config.h"
 
+#include "ultramem/ops/engram_rows.h"
+
 #include <stdexcept>
 #include <string>
 
@@ -191,27 +193,7 @@ void PKMConfig::validate() const {
   if (value_std < 0) fail(who, "value_std", "must be >= 0 (0 means Dv^-0.5)");
 }
 
-int64_t next_prime(int64_t n) {
-  auto prime = [](int64_t v) {
-    if (v < 2) return false;
-    for (int64_t d = 2; d * d <= v; ++d)
-      if (v % d == 0) return false;
-    return true;
-  };
-  int64_t v = n < 2 ? 2 : n;
-  while (!prime(v)) ++v;
-  return v;
-}
-
-std::vector<int64_t> EngramConfig::table_sizes() const {
-  std::vector<int64_t> out;
-  int64_t want = rows;
-  for (int64_t j = 0; j < tables(); ++j) {
-    out.push_back(next_prime(want));
-    want = out.back() + 1;
-  }
-  return out;
-}
+std::vector<int64_t> EngramConfig::table_sizes() const { return ops::engram_hash(heads, rows, seed).sizes; }
 
 void EngramConfig::validate() const {
   const std::string who = "EngramConfig";
@@ -228,6 +210,7 @@ void EngramConfig::validate() const {
     fail(who, "d_e", "must be a multiple of 2 * heads = " + std::to_string(2 * heads) + " (one slice per table), got " +
                          std::to_string(d_e));
   if (!(value_std > 0)) fail(who, "value_std", "must be > 0");
+  if (!(conv_std >= 0)) fail(who, "conv_std", "must be >= 0 (0: the taps start at zero)");
 }
 
 }  // namespace ultramem::nn

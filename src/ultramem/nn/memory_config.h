@@ -149,17 +149,16 @@ struct EngramConfig {
   int64_t rows = 65536;     // rows of each table: the smallest prime >= rows, the next ones for the other tables
   int64_t kernel = 4;       // causal convolution width (taps over the current and earlier positions)
   double value_std = 0.02;  // N(0, value_std^2) table rows
+  double conv_std = 0.0;    // N(0, conv_std^2) convolution taps; 0: zeros, so the branch starts as x_t alone
   bool sparse_value_grad = false;
   uint64_t seed = 0;        // weights and hash multipliers
 
   int64_t tables() const { return 2 * heads; }
   int64_t row_width() const { return tables() > 0 ? d_e / tables() : 0; }
-  // The tables' row counts M_j: the smallest prime >= rows, then each the smallest prime above the previous.
+  // The tables' row counts M_j: the smallest prime >= rows, then each the smallest prime above the previous
+  // (ops/engram_rows.h).
   std::vector<int64_t> table_sizes() const;
   void validate() const;    // std::invalid_argument("EngramConfig.<field>: ...")
 };
-
-// The smallest prime >= n (and >= 2).
-int64_t next_prime(int64_t n);
 
 }  // namespace ultramem::nn

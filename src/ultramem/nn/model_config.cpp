@@ -224,6 +224,7 @@ void read_engram(const json& j, const std::string& path, EngramConfig& c) {
   r.get("rows", c.rows);
   r.get("kernel", c.kernel);
   r.get("value_std", c.value_std);
+  r.get("conv_std", c.conv_std);
   r.get("sparse_value_grad", c.sparse_value_grad);
   r.finish();
 }
@@ -575,7 +576,8 @@ json model_config_to_json(const ModelConfig& c) {
   if (c.memory_kind == MemoryKind::Engram)  // likewise only for its kind
     j["memory"]["engram"] = {{"heads", c.engram.heads},         {"d_e", c.engram.d_e},
                              {"rows", c.engram.rows},           {"kernel", c.engram.kernel},
-                             {"value_std", c.engram.value_std}, {"sparse_value_grad", c.engram.sparse_value_grad}};
+                             {"value_std", c.engram.value_std}, {"conv_std", c.engram.conv_std},
+                             {"sparse_value_grad", c.engram.sparse_value_grad}};
   return j;
 }
 

@@ -9,6 +9,11 @@
 
 namespace ultramem::nn {
 
+// x: [..., dim], weight: [dim] -> [..., dim]; x * rsqrt(mean(x^2) + eps) * weight with autograd.
+inline torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight;
+}
+
 class RMSNormImpl : public torch::nn::Module {
  public:
   RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
@@ -19,7 +24,7 @@ class RMSNormImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x) {
     if (x.dim() >= 1 && ops::no_grad_op_applies(x, weight))
       return ops::rms_norm(x.reshape({-1, x.size(-1)}), weight, eps_).view(x.sizes());
-    return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps_) * weight;
+    return rms_norm(x, weight, eps_);
   }
 
   torch::Tensor weight;  // [dim], starts at 1

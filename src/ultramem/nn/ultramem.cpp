@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "ultramem/nn/dtype_guard.h"
+#include "ultramem/nn/rmsnorm.h"
 #include "ultramem/ops/huge_page_tensor.h"
 #include "ultramem/ops/ops.h"
 #include "ultramem/ops/tiered_values.h"
@@ -68,7 +69,7 @@ UltraMemImpl::UltraMemImpl(UltraMemConfig cfg) : cfg_(std::move(cfg)) {
 
 torch::Tensor UltraMemImpl::norm(const torch::Tensor& x, const torch::Tensor& scale) const {
   constexpr double eps = 1e-6;
-  if (cfg_.qk_norm == NormKind::RMS) return x * torch::rsqrt(x.pow(2).mean(-1, true) + eps) * scale;
+  if (cfg_.qk_norm == NormKind::RMS) return rms_norm(x, scale, eps);
   const auto mean = x.mean(-1, true);
   const auto var = (x - mean).pow(2).mean(-1, true);
   return (x - mean) * torch::rsqrt(var + eps) * scale;

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "ultramem/ops/block_decode.h"
+#include "ultramem/ops/engram_rows.h"
 #include "ultramem/ops/ops.h"
 #include "ultramem/ops/ultramem_decode.h"
 
@@ -27,6 +28,10 @@ TORCH_LIBRARY(ultramem, m) {
         &ultramem::ops::ultramem_decode_retrieval_op);
   // The layer's IVE permutation from its seed (or Feistel key), as nn::UltraMem builds it.
   m.def("ive_permutation(int slots, int seed, int key=0) -> Tensor", &ultramem::ops::ive_permutation_op);
+  // Engram's addressing (ops/engram_rows.h): the rows each position reads, and the tables' prime sizes.
+  m.def("engram_rows(Tensor tokens, Tensor? history, int heads, int rows, int seed) -> Tensor",
+        &ultramem::ops::engram_rows_op);
+  m.def("engram_table_sizes(int heads, int rows) -> Tensor", &ultramem::ops::engram_table_sizes_op);
   // The transformer block's no-grad ops (ops/block_decode.h).
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &ultramem::ops::rms_norm);
   // (the float-tensor overloads; compact matrices are the C++ API's ops::Matrix)
