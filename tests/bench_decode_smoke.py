@@ -87,6 +87,7 @@ def main():
         want |= {("pool", "pooled_lookup", d) for d in ["fp32", "bf16", "int8"]}
         want |= {("model", k, "fp32") for k in ["ultramem", "moe", "dense", "pkm"]}
         want |= {("model", "ultramem", d) for d in ["bf16", "int8"]}
+        want |= {("model", "ultramem_v2", "fp32")} | {("model", "engram", d) for d in ["fp32", "bf16", "int8"]}
         check(want <= have, "missing cases: %r" % sorted(want - have))
         batches = records[0]["batches"]
         sizes = [1 << l for l in records[0]["log2_sizes"]]
@@ -118,6 +119,10 @@ def main():
             check(abs(c["moe_cost"]["params"] / u["params"] - 1) < 0.05, "MoE model params: %r" % c)
             check(abs(c["moe_cost"]["flops_per_token"] / u["flops_per_token"] - 1) < 0.05, "MoE model FLOPs")
             check(abs(c["dense_cost"]["flops_per_token"] / u["flops_per_token"] - 1) < 0.02, "dense model FLOPs")
+            # UltraMemV2 and Engram (issue 19) at the UltraMem model's FLOPs; Engram's tables hold as many values.
+            for k in ("ultramem_v2", "engram"):
+                check(abs(c[k + "_cost"]["flops_per_token"] / u["flops_per_token"] - 1) < 0.02, "%s model FLOPs" % k)
+            check(abs(c["engram_cost"]["params"] / u["params"] - 1) < 0.10, "Engram model params: %r" % c)
 
         checks = [r for r in records if r.get("check") == "fused_vs_plain"]
         check(len(checks) == len(sizes), "one fused-vs-plain check per N")
@@ -128,7 +133,8 @@ def main():
         ratios = [r for r in records if "ratio" in r]
         names = {r["ratio"] for r in ratios}
         for n in ["layer:moe_over_ultramem", "layer:ultramem_over_dense", "layer:plain_over_fused",
-                  "layer:ultramem_large_over_small_N", "model:moe_over_ultramem", "model:prefetch_off_over_on"]:
+                  "layer:ultramem_large_over_small_N", "model:moe_over_ultramem", "model:prefetch_off_over_on",
+                  "model:ultramem_v2_over_ultramem", "model:engram_over_ultramem_int8"]:
             check(n in names, "missing ratio %s" % n)
         check(all(positive_number(r["value"]) for r in ratios), "ratio values positive")
         targets = [r for r in records if "target" in r]

@@ -620,6 +620,38 @@ TEST(EngramLayer, ExactGradientsOfEveryParameterDouble) {
   check_gradients_of(layer, 12, [&](const torch::Tensor& u) { return (layer->forward(u, tokens) * g).sum(); });
 }
 
+TEST(EngramLayer, CompactTablesServeNoGradForwardsWithinRounding) {
+  using ultramem::nn::ValueFormat;
+  torch::manual_seed(6);
+  const auto tokens = torch::randint(0, 30, {2, 5}, torch::kLong);
+  const auto u = torch::randn({2, 5, 12});
+  for (const ValueFormat f : {ValueFormat::kBFloat16, ValueFormat::kInt8}) {
+    ultramem::nn::Engram layer(engram_config());
+    torch::NoGradGuard ng;
+    const auto want = layer->forward(u, tokens);
+    const int64_t fp32_bytes = layer->value_bytes();
+    layer->set_value_format(f);
+    EXPECT_EQ(layer->value_format(), f);
+    const int64_t rows = layer->values.size(0), cells = layer->values.numel();
+    EXPECT_EQ(fp32_bytes, 4 * cells);
+    EXPECT_EQ(layer->value_bytes(), f == ValueFormat::kInt8 ? cells + 4 * rows : 2 * cells);  // + int8's row scales
+    EXPECT_FALSE(layer->values.requires_grad());
+    const auto got = layer->forward(u, tokens);
+    EXPECT_TRUE(torch::allclose(got, want, 2e-2, 2e-3)) << ultramem::nn::to_string(f) << ": "
+                                                         << (got - want).abs().max().item<float>();
+    EXPECT_FALSE(torch::equal(got, want));  // the rows were rounded
+    if (f == ValueFormat::kInt8) {
+      EXPECT_TRUE(layer->values_scale.defined());
+      EXPECT_THROW(layer->set_value_format(ValueFormat::kBFloat16), std::logic_error);  // needs the fp32 weights
+    }
+  }
+  ultramem::nn::Engram layer(engram_config());
+  layer->set_value_format(ValueFormat::kBFloat16);
+  expect_throw_with<c10::Error>([&] { layer->forward(u, tokens); }, "serves inference only");
+  expect_throw_with<std::invalid_argument>([&] { layer->set_value_table(torch::zeros({3, 4}), {}, false); },
+                                           "Engram::set_value_table: values must be a contiguous CPU tensor");
+}
+
 TEST(EngramLayer, DecodingStepByStepEqualsTheWholeSequence) {
   ultramem::nn::Engram layer(engram_config());
   torch::manual_seed(4);

@@ -217,7 +217,67 @@ def _normal(shape, std, gen):
     return torch.normal(0.0, std, size=tuple(shape), generator=gen)
 
 
-class UltraMem(nn.Module):
+class _ValueTable:
+    """The value-table storage of UltraMem and Engram: float32 (trainable), or bf16 / int8 with one float32
+    scale per row (`values_scale`) for no-grad forwards, as the C++ layers store them (nn/value_table.h)."""
+
+    @property
+    def value_format(self):
+        """"fp32" (trainable), "bf16" or "int8" (one float scale per row in `values_scale`; inference only)."""
+        return VALUE_FORMATS.get(self.values.dtype, str(self.values.dtype))
+
+    def _refuse_compact(self, who):
+        """Raises when the layer cannot serve a compact table (UltraMemV2 changes)."""
+
+    def set_value_table(self, values, scale=None):
+        """Installs a value table as stored: values [rows, width] float32 / float64, bfloat16, or int8 with
+        scale [rows] float32 (a row is q * scale). bf16 and int8 tables serve no-grad forwards only."""
+        who = "%s.set_value_table" % type(self).__name__
+        rows, width = self.values.shape
+        if not isinstance(values, torch.Tensor) or values.dim() != 2 or tuple(values.shape) != (rows, width):
+            raise ValueError("%s: values must be [%d, %d], got %s" % (who, rows, width,
+                                                                       list(getattr(values, "shape", []))))
+        if values.dtype not in VALUE_FORMATS:
+            raise TypeError("%s: values must be float32, float64, bfloat16 or int8, got %s" % (who, values.dtype))
+        if (values.dtype == torch.int8) != (scale is not None):
+            raise ValueError("%s: int8 values need their scale [%d], other formats none" % (who, rows))
+        if scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != (rows,)):
+            raise ValueError("%s: values_scale must be float32 [%d], got %s %s" % (who, rows, scale.dtype,
+                                                                                list(scale.shape)))
+        if values.dtype in (torch.bfloat16, torch.int8):
+            self._refuse_compact(who)
+        trainable = values.is_floating_point() and values.dtype != torch.bfloat16
+        del self.values
+        if trainable:
+            self.values = nn.Parameter(values)
+        else:
+            self.register_buffer("values", values)
+        if "values_scale" in self._buffers:
+            del self._buffers["values_scale"]
+        if scale is not None:
+            self.register_buffer("values_scale", scale)
+
+    def _apply(self, fn, *args, **kwargs):
+        # A bf16 / int8 table and its scales keep their storage through .double(), .float(), ...
+        if self.value_format == "fp32":
+            return super()._apply(fn, *args, **kwargs)
+        kept = {k: self._buffers.pop(k) for k in ("values", "values_scale") if k in self._buffers}
+        try:
+            return super()._apply(fn, *args, **kwargs)
+        finally:
+            self._buffers.update(kept)
+
+    def _value_rows(self, index, dtype):
+        """Rows `index` [K] of the table as `dtype` [K, width] (dequantised; no-grad only when compact)."""
+        if self.value_format == "fp32":
+            raise AssertionError("float tables are read by the autograd ops")
+        rows = self.values.index_select(0, index).to(dtype)
+        if self.value_format == "int8":
+            rows = rows * self.values_scale.index_select(0, index).to(dtype).unsqueeze(1)
+        return rows
+
+
+class UltraMem(_ValueTable, nn.Module):
     """UltraMem layer: x [..., D] -> [..., D].
 
     Parameters (C++ names): wq [D, 2*Dk], q_scale [2, Dk], keys [H, 2, n, Dk, r], k_scale [2, Dk],
@@ -282,49 +342,10 @@ class UltraMem(nn.Module):
             self.refresh_tucker_approx()
 
     # ---- value table storage ---------------------------------------------------------------------
-    @property
-    def value_format(self):
-        """"fp32" (trainable), "bf16" or "int8" (one float scale per row in `values_scale`; inference only)."""
-        return VALUE_FORMATS.get(self.values.dtype, str(self.values.dtype))
-
-    def set_value_table(self, values, scale=None):
-        """Installs a value table as stored: values [N, Dv] float32 / float64, bfloat16, or int8 with
-        scale [N] float32 (a row is q * scale). bf16 and int8 tables serve no-grad forwards only."""
-        N, Dv = self.values.shape
-        if not isinstance(values, torch.Tensor) or values.dim() != 2 or tuple(values.shape) != (N, Dv):
-            raise ValueError("UltraMem.set_value_table: values must be [N=%d, Dv=%d], got %s"
-                             % (N, Dv, list(getattr(values, "shape", []))))
-        if values.dtype not in VALUE_FORMATS:
-            raise TypeError("UltraMem.set_value_table: values must be float32, float64, bfloat16 or int8, got %s"
-                            % values.dtype)
-        if (values.dtype == torch.int8) != (scale is not None):
-            raise ValueError("UltraMem.set_value_table: int8 values need their scale [N], other formats none")
-        if scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != (N,)):
-            raise ValueError("UltraMem.set_value_table: values_scale must be float32 [%d], got %s %s"
-                             % (N, scale.dtype, list(scale.shape)))
-        if self.v2_forward and values.dtype in (torch.bfloat16, torch.int8):
-            raise ValueError("UltraMem.set_value_table: this layer has UltraMemV2 changes, which compact value "
-                             "tables do not serve yet (they feed the V1 fused op); keep its values float32")
-        trainable = values.is_floating_point() and values.dtype != torch.bfloat16
-        del self.values
-        if trainable:
-            self.values = nn.Parameter(values)
-        else:
-            self.register_buffer("values", values)
-        if "values_scale" in self._buffers:
-            del self._buffers["values_scale"]
-        if scale is not None:
-            self.register_buffer("values_scale", scale)
-
-    def _apply(self, fn, *args, **kwargs):
-        # A bf16 / int8 table and its scales keep their storage through .double(), .float(), ...
-        if self.value_format == "fp32":
-            return super()._apply(fn, *args, **kwargs)
-        kept = {k: self._buffers.pop(k) for k in ("values", "values_scale") if k in self._buffers}
-        try:
-            return super()._apply(fn, *args, **kwargs)
-        finally:
-            self._buffers.update(kept)
+    def _refuse_compact(self, who):
+        if self.v2_forward:
+            raise ValueError("%s: this layer has UltraMemV2 changes, which compact value tables do not serve yet "
+                             "(they feed the V1 fused op); keep its values float32" % who)
 
     # ---- forward -----------------------------------------------------------------------------------
     def _norm(self, x, scale):
@@ -615,7 +636,7 @@ class PKM(nn.Module):
         self._output_std, self._tokens = 0.0, 0
 
 
-class Engram(nn.Module):
+class Engram(_ValueTable, nn.Module):
     """Engram (spec section 12): a memory addressed by the token ids. forward(u, tokens) with u [B, T, D]
     the layer's input and tokens [B, T] int64 -> [B, T, D].
 
@@ -679,7 +700,13 @@ class Engram(nn.Module):
                 else type(tokens).__name__))
         B, T, D = u.shape
         idx = self.rows(tokens, None if state is None else state["tokens"])            # [B, T, 2*heads]
-        e = F.embedding(idx.reshape(-1), self.values, sparse=c["sparse_value_grad"]).view(B, T, c["d_e"])
+        if self.value_format == "fp32":
+            e = F.embedding(idx.reshape(-1), self.values, sparse=c["sparse_value_grad"]).view(B, T, c["d_e"])
+        elif torch.is_grad_enabled():
+            raise RuntimeError("Engram: a %s value table serves inference only (grad mode must be off)"
+                               % self.value_format)
+        else:
+            e = self._value_rows(idx.reshape(-1), self.wk.dtype).view(B, T, c["d_e"])
         k, v = e @ self.wk, e @ self.wv                                                 # [B, T, D]
         gate = (self._rms(u, self.gate_u) * self._rms(k, self.gate_k)).sum(-1, keepdim=True)
         x = torch.sigmoid(gate / math.sqrt(D)) * v                                      # [B, T, D]

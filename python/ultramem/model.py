@@ -419,8 +419,8 @@ class TransformerLM(nn.Module):
 
     @property
     def value_format(self):
-        """The memory value tables' storage: fp32, bf16 or int8 (fp32 without UltraMem layers)."""
-        fmts = {m.value_format for m in self.memories if isinstance(m, UltraMem)}
+        """The memory value tables' storage: fp32, bf16 or int8 (fp32 without UltraMem or Engram layers)."""
+        fmts = {m.value_format for m in self.memories if isinstance(m, (UltraMem, Engram))}
         return fmts.pop() if len(fmts) == 1 else ("fp32" if not fmts else "mixed")
 
     # ---- checkpoints -----------------------------------------------------------------------------------
@@ -464,7 +464,7 @@ class TransformerLM(nn.Module):
         own.update(self.named_buffers())
         tables = {}
         for k, m in enumerate(self.memories):
-            if isinstance(m, UltraMem):
+            if isinstance(m, (UltraMem, Engram)):
                 tables["memories.%d.values" % k] = m
         names = set(tensors)
         missing = [n for n in own if n not in names and n not in tables]
@@ -477,7 +477,8 @@ class TransformerLM(nn.Module):
             for name, t in tensors.items():
                 if name in tables:
                     layer = tables[name]
-                    if t.dtype in (torch.float32, torch.float64) and t.dtype == layer.wq.dtype:
+                    weight = layer.wq if isinstance(layer, UltraMem) else layer.wk
+                    if t.dtype in (torch.float32, torch.float64) and t.dtype == weight.dtype:
                         layer.set_value_table(t.clone() if not t.is_contiguous() else t)
                     else:
                         layer.set_value_table(t.contiguous(), tensors.get(name + "_scale"))

@@ -45,7 +45,9 @@ void add_bench_command(CLI::App& app) {
                   "ones are reported as kind <kind>_weights_<format>; model sweep only)")
       ->delimiter(',')
       ->capture_default_str();
-  cmd->add_option("--kinds", a.kinds, "What to time: pooled_lookup,ultramem,ultramem_plain,moe,dense,pkm")
+  cmd->add_option("--kinds", a.kinds,
+                  "What to time: pooled_lookup,ultramem,ultramem_plain,moe,dense,pkm,ultramem_v2,engram (the last two "
+                  "in the model sweep only, at the UltraMem model's FLOPs)")
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--value-prefetch", a.value_prefetch,

@@ -553,6 +553,15 @@ class CommandTest(unittest.TestCase):
         again = os.path.join(self.w, "engram_py.safetensors")
         model.save(again)
         self.assertLess(abs(self.cli_loss(again) - self.cli_loss(path)), 1e-6)
+        # quantize stores the Engram tables as bf16 / int8; eval and Python load them with the same loss.
+        for fmt in ("bf16", "int8"):
+            q = os.path.join(self.w, "engram.%s.safetensors" % fmt)
+            run([ULTRAMEM, "quantize", path, "--values", fmt, "--out", q, "--data", self.data])
+            cli = self.cli_loss(q)
+            self.assertLess(abs(cli - self.cli_loss(path)), 0.02, fmt)
+            loaded = ultramem.TransformerLM.from_checkpoint(q)
+            self.assertEqual(loaded.value_format, fmt)
+            self.assertLess(abs(self.py_loss(loaded) - cli), 1e-5, fmt)
 
     def test_example_trains_and_its_loss_falls(self):
         out = run([sys.executable, os.path.join(ROOT, "examples", "train_memory_layer.py"), "--data", self.data,

@@ -40,19 +40,37 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
   const auto is_copied = [&](const std::string& n) {
     return std::find(out.copied.begin(), out.copied.end(), n) != out.copied.end();
   };
-  for (auto& [name, layer] : ultramem_layers(*model)) {
+  // Installs a stored table (and its int8 scale) of the layer `name`: mapped as it is, or a compact one as a
+  // huge-page copy. Tensors that do not fit [rows, width] are left to load_model_state, which names them.
+  auto install = [&](const std::string& name, int64_t rows, int64_t width, const auto& set_table) {
     const auto v = ckpt.model.find(name + ".values");
-    if (v == ckpt.model.end()) continue;  // load_model_state reports it
+    if (v == ckpt.model.end()) return;
     const auto s = ckpt.model.find(name + ".values_scale");
     const torch::Tensor values = v->second, scale = s == ckpt.model.end() ? torch::Tensor() : s->second;
-    const auto& lc = layer->config();
     const bool int8 = values.scalar_type() == torch::kChar;
-    const bool fits = values.dim() == 2 && values.size(0) == lc.physical_rows() && values.size(1) == lc.Dv &&
+    const bool fits = values.dim() == 2 && values.size(0) == rows && values.size(1) == width &&
                       (values.scalar_type() == torch::kFloat || values.scalar_type() == torch::kBFloat16 || int8) &&
                       (int8 == scale.defined());
-    if (!fits) continue;  // load_model_state names the mismatch
+    if (!fits) return;
+    const bool mapped = map && !is_copied(name + ".values") && !(int8 && is_copied(name + ".values_scale"));
+    try {
+      if (mapped) {
+        set_table(values, scale, /*read_only=*/true);
+        io::advise_random_access(values);
+        ++out.mapped_tables;
+      } else if (values.scalar_type() != torch::kFloat) {
+        set_table(ops::detail::copy_to_huge_pages(values),
+                  int8 ? ops::detail::copy_to_huge_pages(scale) : torch::Tensor(), /*read_only=*/false);
+      }
+    } catch (const std::exception& e) {
+      fail(path, name + ": " + e.what());
+    }
+  };
+  for (auto& [name, layer] : ultramem_layers(*model)) {
+    const auto& lc = layer->config();
     // With table files the stored permutation stays in the mapping too: a layer with a permutation_key
-    // never reads it, one without reads 8 bytes of it per row looked up.
+    // never reads it, one without reads 8 bytes of it per row looked up. (A table that does not fit fails
+    // in load_model_state below.)
     const auto p = ckpt.model.find(name + ".perm");
     if (!options.value_tables.empty() && p != ckpt.model.end() && !is_copied(name + ".perm") &&
         p->second.dim() == 1 && p->second.size(0) == lc.n * lc.n && p->second.scalar_type() == torch::kLong) {
@@ -60,25 +78,23 @@ LoadedModel load_model(const std::string& path, const LoadOptions& options) {
       io::advise_random_access(p->second);
       ++out.mapped_permutations;
     }
-    const bool mapped = map && !is_copied(name + ".values") && !(int8 && is_copied(name + ".values_scale"));
-    try {
-      if (mapped) {
-        layer->set_value_table(values, scale, /*read_only=*/true);
-        io::advise_random_access(values);
-        ++out.mapped_tables;
-      } else if (values.scalar_type() != torch::kFloat) {
-        layer->set_value_table(ops::detail::copy_to_huge_pages(values),
-                               int8 ? ops::detail::copy_to_huge_pages(scale) : torch::Tensor(), /*read_only=*/false);
-      }
-    } catch (const std::exception& e) {
-      fail(path, name + ": " + e.what());
-    }
+    auto* l = layer;
+    install(name, lc.physical_rows(), lc.Dv,
+            [&](torch::Tensor v, torch::Tensor sc, bool ro) { l->set_value_table(std::move(v), std::move(sc), ro); });
+  }
+  for (auto& [name, layer] : engram_layers(*model)) {
+    auto* l = layer;
+    install(name, l->values.size(0), l->config().row_width(),
+            [&](torch::Tensor v, torch::Tensor sc, bool ro) { l->set_value_table(std::move(v), std::move(sc), ro); });
   }
   if (options.warn) {
     if (map)
       options.warn("memory-mapped " + std::to_string(out.mapped_tables) + " value table(s) of " + path +
                    " (checksum not verified)");
-    for (const auto& [name, layer] : ultramem_layers(*model))
+    std::vector<std::string> tables;
+    for (const auto& [name, layer] : ultramem_layers(*model)) tables.push_back(name);
+    for (const auto& [name, layer] : engram_layers(*model)) tables.push_back(name);
+    for (const auto& name : tables)
       for (const std::string& n : {name + ".values", name + ".values_scale"})
         if (is_copied(n))
           options.warn("tensor '" + n + "' is not 64-byte aligned in " + path + "; copied instead of mapped");

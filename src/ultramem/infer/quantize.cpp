@@ -61,8 +61,12 @@ nlohmann::json quantize_checkpoint(const QuantizeOptions& a) {
   auto loaded = load_model(a.checkpoint, lo);
   auto& model = loaded.model;
   const auto layers = ultramem_layers(*model);
-  if (layers.empty() && (convert_values || keys))
-    throw std::invalid_argument(a.checkpoint + ": the model has no UltraMem memory layers; nothing to quantise");
+  if (layers.empty() && engram_layers(*model).empty() && convert_values)
+    throw std::invalid_argument(a.checkpoint + ": the model has no memory value tables (UltraMem or Engram); nothing "
+                                "to quantise");
+  if (layers.empty() && keys)
+    throw std::invalid_argument(a.checkpoint + ": --keys: the model has no UltraMem memory layers (only they have "
+                                "keys)");
   if (convert_values && loaded.value_format != nn::ValueFormat::kFloat32)
     throw std::invalid_argument(a.checkpoint + ": the value tables are already " + nn::to_string(loaded.value_format) +
                                 "; quantise the float32 checkpoint");
@@ -93,7 +97,8 @@ nlohmann::json quantize_checkpoint(const QuantizeOptions& a) {
   if (!batches.empty()) before = evaluate("as loaded");
   const int64_t bytes_before = value_bytes(*model);
   if (convert_values) {
-    std::cerr << "quantising " << layers.size() << " value table(s) to " << nn::to_string(fmt) << std::endl;
+    std::cerr << "quantising " << layers.size() + engram_layers(*model).size() << " value table(s) to "
+              << nn::to_string(fmt) << std::endl;
     set_value_format(*model, fmt);
   }
   if (keys) set_key_format(*model, *keys);

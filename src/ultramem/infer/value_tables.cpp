@@ -16,16 +16,36 @@ std::vector<std::pair<std::string, nn::UltraMemImpl*>> ultramem_layers(torch::nn
   return out;
 }
 
+std::vector<std::pair<std::string, nn::EngramImpl*>> engram_layers(torch::nn::Module& model) {
+  std::vector<std::pair<std::string, nn::EngramImpl*>> out;
+  for (const auto& item : model.named_modules(/*name_prefix=*/"", /*include_self=*/true))
+    if (auto* layer = dynamic_cast<nn::EngramImpl*>(item.value().get())) out.emplace_back(item.key(), layer);
+  return out;
+}
+
+namespace {
+
+// Calls fn(name, format, bytes, set_format) for every layer with a value table, UltraMem first.
+template <typename Fn>
+void for_each_table(torch::nn::Module& model, Fn&& fn) {
+  for (auto& [name, layer] : ultramem_layers(model))
+    fn(name, layer->value_format(), layer->value_bytes(), [l = layer](nn::ValueFormat f) { l->set_value_format(f); });
+  for (auto& [name, layer] : engram_layers(model))
+    fn(name, layer->value_format(), layer->value_bytes(), [l = layer](nn::ValueFormat f) { l->set_value_format(f); });
+}
+
+}  // namespace
+
 void set_value_format(torch::nn::Module& model, nn::ValueFormat f) {
-  for (auto& [name, layer] : ultramem_layers(model)) {
+  for_each_table(model, [&](const std::string& name, nn::ValueFormat, int64_t, const auto& set) {
     try {
-      layer->set_value_format(f);
+      set(f);
     } catch (const std::invalid_argument& e) {
       throw std::invalid_argument(name + ": " + e.what());
     } catch (const std::logic_error& e) {
       throw std::logic_error(name + ": " + e.what());
     }
-  }
+  });
 }
 
 void set_key_format(torch::nn::Module& model, nn::ValueFormat f) {
@@ -38,19 +58,23 @@ nn::ValueFormat key_format(torch::nn::Module& model) {
 }
 
 nn::ValueFormat value_format(torch::nn::Module& model) {
-  const auto layers = ultramem_layers(model);
-  if (layers.empty()) return nn::ValueFormat::kFloat32;
-  const nn::ValueFormat f = layers.front().second->value_format();
-  for (const auto& [name, layer] : layers)
-    if (layer->value_format() != f)
-      throw std::logic_error("the memory layers store their values in different formats (" + layers.front().first +
-                             ": " + nn::to_string(f) + ", " + name + ": " + nn::to_string(layer->value_format()) + ")");
+  std::string first;
+  nn::ValueFormat f = nn::ValueFormat::kFloat32;
+  for_each_table(model, [&](const std::string& name, nn::ValueFormat g, int64_t, const auto&) {
+    if (first.empty()) {
+      first = name;
+      f = g;
+    } else if (g != f) {
+      throw std::logic_error("the memory layers store their values in different formats (" + first + ": " +
+                             nn::to_string(f) + ", " + name + ": " + nn::to_string(g) + ")");
+    }
+  });
   return f;
 }
 
 int64_t value_bytes(torch::nn::Module& model) {
   int64_t b = 0;
-  for (const auto& [name, layer] : ultramem_layers(model)) b += layer->value_bytes();
+  for_each_table(model, [&](const std::string&, nn::ValueFormat, int64_t bytes, const auto&) { b += bytes; });
   return b;
 }
 

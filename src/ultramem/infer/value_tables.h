@@ -1,6 +1,6 @@
-// A whole model's memory value tables for inference: finding the UltraMem layers, switching their
-// storage format (float32 / bf16 / int8, nn::UltraMemImpl::set_value_format) and writing the
-// result as a weights-only checkpoint that eval / generate load like any other.
+// A whole model's memory value tables for inference: finding the UltraMem and Engram layers, switching
+// their storage format (float32 / bf16 / int8, nn/value_table.h) and writing the result as a weights-only
+// checkpoint that eval / generate load like any other.
 #pragma once
 #include <torch/nn/module.h>
 
@@ -10,6 +10,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "ultramem/nn/engram.h"
 #include "ultramem/nn/memory_config.h"
 #include "ultramem/nn/transformer.h"
 #include "ultramem/nn/ultramem.h"
@@ -29,8 +30,11 @@ inline constexpr const char* kWeightFormatKey = "weight_format";
 // The UltraMem layers of `model` with their module names (e.g. "memories.0"), in module order.
 std::vector<std::pair<std::string, nn::UltraMemImpl*>> ultramem_layers(torch::nn::Module& model);
 
-// Converts every UltraMem layer's value table (see UltraMemImpl::set_value_format; its errors
-// propagate). A model without UltraMem layers is left as it is.
+// The Engram layers of `model` with their module names, in module order.
+std::vector<std::pair<std::string, nn::EngramImpl*>> engram_layers(torch::nn::Module& model);
+
+// Converts every UltraMem and Engram layer's value table (their set_value_format; errors propagate, named
+// by the layer). A model without memory tables is left as it is.
 void set_value_format(torch::nn::Module& model, nn::ValueFormat f);
 
 // Sets every UltraMem layer's key format for inference (UltraMemImpl::set_key_format).
@@ -38,11 +42,11 @@ void set_key_format(torch::nn::Module& model, nn::ValueFormat f);
 // The common key format of the UltraMem layers (kFloat32 when there are none).
 nn::ValueFormat key_format(torch::nn::Module& model);
 
-// The common value format of the UltraMem layers (kFloat32 when there are none). Throws
+// The common value format of the UltraMem and Engram layers (kFloat32 when there are none). Throws
 // std::logic_error when layers differ.
 nn::ValueFormat value_format(torch::nn::Module& model);
 
-// Bytes of all UltraMem value tables, per-row scales included.
+// Bytes of all UltraMem and Engram value tables, per-row scales included.
 int64_t value_bytes(torch::nn::Module& model);
 
 // Writes `model`'s weights (no optimizer state, no generator state) with `model_config` and the value,

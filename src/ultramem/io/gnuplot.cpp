@@ -11,13 +11,14 @@ namespace ultramem::io {
 namespace {
 
 // Okabe-Ito's colour-blind-safe palette plus black and two greys: ten colours no two of which are
-// close; each style also gets its own point type. Styles 11-20 repeat the colours dashed, with other
-// point types, so up to 20 series stay apart.
+// close; each style also gets its own point type. Styles 11-20 repeat the colours dashed and 21-30
+// dash-dotted (gnuplot dt 2 and 3), with other point types, so up to 30 series stay apart.
 constexpr const char* kColours[] = {"#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00",
                                     "#56B4E9", "#000000", "#F0E442", "#7F7F7F", "#8C564B"};
-constexpr int kPointTypes[] = {7, 5, 9, 11, 13, 4, 6, 8, 10, 12, 1, 2, 3, 14, 15, 65, 66, 67, 68, 69};
+constexpr int kPointTypes[] = {7,  5,  9,  11, 13, 4,  6,  8,  10, 12, 1,  2,  3,  14, 15,
+                               65, 66, 67, 68, 69, 16, 17, 18, 19, 20, 70, 71, 72, 73, 74};
 constexpr int kColourCount = 10;
-constexpr int kStyles = 20;
+constexpr int kStyles = 30;
 
 std::string quoted(const std::string& s) {
   std::string out = "'";
@@ -50,7 +51,7 @@ std::string chart_preamble(int width, int height) {
                   " font 'sans,10'\nset grid\nset key outside right top vertical Left reverse box opaque\n";
   for (int i = 0; i < kStyles; ++i)
     s += "set style line " + std::to_string(i + 1) + " lc rgb '" + kColours[i % kColourCount] + "' lw 2 dt " +
-         (i < kColourCount ? "1" : "2") + " pt " + std::to_string(kPointTypes[i]) + " ps 1.2\n";
+         std::to_string(1 + i / kColourCount) + " pt " + std::to_string(kPointTypes[i]) + " ps 1.2\n";
   return s;
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "ultramem/nn/rmsnorm.h"
+#include "ultramem/nn/value_table.h"
 
 namespace ultramem::nn {
 
@@ -36,6 +37,25 @@ EngramImpl::EngramImpl(EngramConfig cfg) : cfg_(std::move(cfg)) {
                                                    : torch::zeros({c.D, c.kernel}));
 }
 
+void EngramImpl::set_value_format(ValueFormat f) {
+  if (f == format_) return;
+  const auto [dst, scale] = convert_value_table("Engram::set_value_format: ", values, format_, f);
+  set_value_table(dst, scale, /*read_only=*/false);
+}
+
+void EngramImpl::set_value_table(torch::Tensor v, torch::Tensor scale, bool read_only) {
+  const std::string who = "Engram::set_value_table: ";
+  const ValueFormat f = check_value_table(who, "[rows, d_e / (2*heads)]", v, scale, hash_.total_rows(),
+                                          cfg_.row_width(), wk.scalar_type());
+  install_value_table(*this, values, values_scale, format_, who, v, scale, f, read_only);
+}
+
+int64_t EngramImpl::value_bytes() const {
+  int64_t b = values.numel() * int64_t(values.element_size());
+  if (format_ == ValueFormat::kInt8) b += values_scale.numel() * int64_t(values_scale.element_size());
+  return b;
+}
+
 EngramState EngramImpl::make_state(int64_t batch) const {
   EngramState s;
   s.tokens = torch::full({batch, 2}, kPad, torch::kLong);
@@ -62,8 +82,14 @@ torch::Tensor EngramImpl::forward(const torch::Tensor& u, const torch::Tensor& t
               "Engram: tokens must be [B, T] = ", u.sizes().slice(0, 2), ", got ", tokens.sizes());
   const int64_t B = u.size(0), T = u.size(1);
   const auto idx = rows(tokens, state ? state->tokens : torch::Tensor());                 // [B, T, 2*heads]
-  const auto e = torch::embedding(values, idx.reshape({-1}), -1, false, c.sparse_value_grad)
-                     .view({B, T, c.d_e});                                                // [B, T, d_e]
+  torch::Tensor e;                                                                       // [B, T, d_e]
+  if (format_ == ValueFormat::kFloat32) {
+    e = torch::embedding(values, idx.reshape({-1}), -1, false, c.sparse_value_grad).view({B, T, c.d_e});
+  } else {
+    TORCH_CHECK(!torch::GradMode::is_enabled(), "Engram: a ", to_string(format_),
+                " value table serves inference only (grad mode must be off)");
+    e = gather_value_rows(values, values_scale, format_, idx.reshape({-1}), wk.scalar_type()).view({B, T, c.d_e});
+  }
   const auto k = e.matmul(wk), v = e.matmul(wv);                                         // [B, T, D]
   const auto gate = (rms_norm(u, gate_u, kEps) * rms_norm(k, gate_k, kEps)).sum(-1, true);  // [B, T, 1]
   const auto alpha = torch::sigmoid(gate / std::sqrt(double(c.D)));

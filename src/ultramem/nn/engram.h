@@ -46,11 +46,20 @@ class EngramImpl : public torch::nn::Module {
   // the two ids before them, or undefined for a sequence start).
   torch::Tensor rows(const torch::Tensor& tokens, const torch::Tensor& history = {}) const;
 
+  // The table's storage (nn/value_table.h): float32 (trainable), or bf16 / int8 with a per-row scale for
+  // inference (forward then needs grad mode off). set_value_table installs a stored table as it is
+  // (read_only: a mapped file, never written).
+  void set_value_format(ValueFormat f);
+  void set_value_table(torch::Tensor values, torch::Tensor scale, bool read_only);
+  ValueFormat value_format() const { return format_; }
+  int64_t value_bytes() const;  // the table and its scales
+
   const EngramConfig& config() const { return cfg_; }
   const std::vector<int64_t>& table_sizes() const { return hash_.sizes; }      // M_j, primes
   const std::vector<int64_t>& table_offsets() const { return hash_.offsets; }  // first row of table j
 
-  torch::Tensor values;     // [sum_j M_j, d_e / (2*heads)]  the stacked tables
+  torch::Tensor values;     // [sum_j M_j, d_e / (2*heads)]  the stacked tables (float32, bf16 or int8)
+  torch::Tensor values_scale;  // [sum_j M_j] float32 per-row scale; a buffer once the table is int8
   torch::Tensor wk, wv;     // [d_e, D]
   torch::Tensor gate_u, gate_k, conv_norm;  // [D] RMSNorm scales
   torch::Tensor conv;       // [D, kernel] depthwise taps; conv[:, 0] weighs the current position
@@ -58,6 +67,7 @@ class EngramImpl : public torch::nn::Module {
  private:
   EngramConfig cfg_;
   ops::EngramHash hash_;
+  ValueFormat format_ = ValueFormat::kFloat32;
 };
 TORCH_MODULE(Engram);
 

@@ -12,8 +12,8 @@
 
 #include "ultramem/ops/huge_page_tensor.h"
 #include "ultramem/ops/ultramem_decode.h"
-#include "ultramem/ops/value_quant.h"
 #include "ultramem/nn/ultramem.h"
+#include "ultramem/nn/value_table.h"
 
 namespace ultramem::nn {
 
@@ -43,12 +43,6 @@ namespace {
 
 // Version counter of a tensor; inference tensors have none (then only the data pointer is compared).
 int64_t version_of(const torch::Tensor& t) { return t.is_inference() ? -1 : int64_t(t._version()); }
-
-std::string shape_str(const torch::Tensor& t) {
-  std::string s = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + "]";
-}
 
 }  // namespace
 
@@ -147,76 +141,18 @@ void UltraMemImpl::set_value_format(ValueFormat f) {
   if (value_lookup_)
     throw std::logic_error("UltraMem::set_value_format: a value lookup is installed (sharded table); only float32 "
                            "tables can be sharded");
-  if (format_ == ValueFormat::kInt8 || (format_ == ValueFormat::kBFloat16 && f == ValueFormat::kInt8))
-    throw std::logic_error(std::string("UltraMem::set_value_format: cannot convert a ") + to_string(format_) +
-                           " value table to " + to_string(f) + "; quantise from the float32 weights instead");
-  if (format_ == ValueFormat::kFloat32 && values.scalar_type() != torch::kFloat)
-    throw std::logic_error(std::string("UltraMem::set_value_format: quantising needs a float32 value table, the "
-                                       "layer's is ") +
-                           c10::toString(values.scalar_type()));
-  torch::NoGradGuard no_grad;
-  const torch::Tensor src = values.detach();
-  torch::Tensor dst, scale;
-  if (f == ValueFormat::kBFloat16) {
-    dst = ops::quantize_values_bf16(src);
-  } else if (f == ValueFormat::kInt8) {
-    try {
-      std::tie(dst, scale) = ops::quantize_values_int8(src);
-    } catch (const std::invalid_argument& e) {
-      throw std::invalid_argument(std::string("UltraMem::set_value_format: ") + e.what());
-    }
-  } else {  // bf16 -> float32, exact
-    dst = ops::dequantize_values_bf16(src);
-  }
+  const auto [dst, scale] = convert_value_table("UltraMem::set_value_format: ", values, format_, f);
   set_value_table(dst, scale, /*read_only=*/false);
 }
 
 void UltraMemImpl::set_value_table(torch::Tensor v, torch::Tensor scale, bool read_only) {
-  const int64_t N = cfg_.physical_rows(), Dv = cfg_.Dv;
   const std::string who = "UltraMem::set_value_table: ";
-  if (!v.defined() || v.dim() != 2 || v.size(0) != N || v.size(1) != Dv || !v.is_contiguous() || !v.device().is_cpu())
-    throw std::invalid_argument(who + "values must be a contiguous CPU tensor [N, Dv] = [" + std::to_string(N) + ", " +
-                                std::to_string(Dv) + "], got " + (v.defined() ? shape_str(v) : "undefined"));
-  if (v.scalar_type() != torch::kFloat && v.scalar_type() != torch::kDouble)
-    refuse_for_v2(cfg_, "UltraMem::set_value_table");
-  ValueFormat f;
-  if (v.scalar_type() == torch::kBFloat16) {
-    f = ValueFormat::kBFloat16;
-  } else if (v.scalar_type() == torch::kChar) {
-    f = ValueFormat::kInt8;
-  } else if (v.scalar_type() == wq.scalar_type()) {
-    f = ValueFormat::kFloat32;
-  } else {
-    throw std::invalid_argument(who + "values must be bfloat16, int8 or the layer's " +
-                                c10::toString(wq.scalar_type()) + ", got " + c10::toString(v.scalar_type()));
-  }
-  if (f == ValueFormat::kInt8) {
-    if (!scale.defined() || scale.dim() != 1 || scale.size(0) != N || scale.scalar_type() != torch::kFloat ||
-        !scale.is_contiguous() || !scale.device().is_cpu())
-      throw std::invalid_argument(who + "int8 values need a contiguous float32 CPU scale [N] = [" +
-                                  std::to_string(N) + "], got " +
-                                  (scale.defined() ? shape_str(scale) + " " + c10::toString(scale.scalar_type())
-                                                   : std::string("none")));
-  } else if (scale.defined()) {
-    throw std::invalid_argument(who + "a row scale belongs to int8 values only");
-  }
-  if (format_ == ValueFormat::kInt8 && f != ValueFormat::kInt8)
-    throw std::logic_error(who + "an int8 value table cannot be replaced by a " + to_string(f) +
-                           " one (its scale buffer is part of the module); build a new layer");
+  const ValueFormat f =
+      check_value_table(who, "[N, Dv]", v, scale, cfg_.physical_rows(), cfg_.Dv, wq.scalar_type());
+  if (f != ValueFormat::kFloat32) refuse_for_v2(cfg_, "UltraMem::set_value_table");
   if (value_lookup_ && f != ValueFormat::kFloat32)
     throw std::logic_error(who + "a value lookup is installed (sharded table); only float32 tables can be sharded");
-  torch::NoGradGuard no_grad;
-  values.mutable_grad() = torch::Tensor();
-  values.set_requires_grad(false);
-  values.set_data(v);
-  values.set_requires_grad(f == ValueFormat::kFloat32 && !read_only);
-  if (f == ValueFormat::kInt8) {
-    if (values_scale.defined())
-      values_scale.set_data(scale);
-    else
-      values_scale = register_buffer("values_scale", scale);
-  }
-  format_ = f;
+  install_value_table(*this, values, values_scale, format_, who, v, scale, f, read_only);
   values_read_only_ = read_only;
 }
 
@@ -225,7 +161,7 @@ void UltraMemImpl::set_permutation_table(torch::Tensor p) {
   if (!p.defined() || p.dim() != 1 || p.size(0) != slots || p.scalar_type() != torch::kLong || !p.is_contiguous() ||
       !p.device().is_cpu())
     throw std::invalid_argument("UltraMem::set_permutation_table: perm must be a contiguous int64 CPU tensor [n*n] = [" +
-                                std::to_string(slots) + "], got " + (p.defined() ? shape_str(p) : "undefined"));
+                                std::to_string(slots) + "], got " + (p.defined() ? shape_string(p) : "undefined"));
   torch::NoGradGuard no_grad;
   perm.set_data(p);
 }

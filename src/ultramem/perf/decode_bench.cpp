@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "ultramem/infer/value_tables.h"
 #include "ultramem/io/process_memory.h"
 #include "ultramem/kernels/cpu_features.h"
 #include "ultramem/nn/model_info.h"
@@ -144,9 +145,10 @@ class DecodeBench {
 void DecodeBench::finalize_args() {
   for (const auto& v : a_.values) check_format(v);
   for (const auto& k : a_.kinds)
-    if (k != "pooled_lookup" && k != "ultramem" && k != "ultramem_plain" && k != "moe" && k != "dense" && k != "pkm")
+    if (k != "pooled_lookup" && k != "ultramem" && k != "ultramem_plain" && k != "moe" && k != "dense" && k != "pkm" &&
+        k != "ultramem_v2" && k != "engram")
       throw std::invalid_argument("bench decode: --kinds: unknown kind \"" + k +
-                                  "\" (pooled_lookup, ultramem, ultramem_plain, moe, dense, pkm)");
+                                  "\" (pooled_lookup, ultramem, ultramem_plain, moe, dense, pkm, ultramem_v2, engram)");
   for (const char* f : {"fp32", "bf16", "int8"})
     if (std::find(a_.values.begin(), a_.values.end(), f) != a_.values.end()) formats_.push_back(f);
   for (const auto& k : a_.keys) check_format(k);
@@ -608,7 +610,11 @@ void DecodeBench::model_bench(int64_t log2_n) {
                    {"dense", nn::model_config_to_json(sizes.dense)},
                    {"dense_cost", perf::cost_to_json(sizes.dense_cost)},
                    {"pkm", nn::model_config_to_json(sizes.pkm)},
-                   {"pkm_cost", perf::cost_to_json(sizes.pkm_cost)}};
+                   {"pkm_cost", perf::cost_to_json(sizes.pkm_cost)},
+                   {"ultramem_v2", nn::model_config_to_json(sizes.ultramem_v2)},
+                   {"ultramem_v2_cost", perf::cost_to_json(sizes.ultramem_v2_cost)},
+                   {"engram", nn::model_config_to_json(sizes.engram)},
+                   {"engram_cost", perf::cost_to_json(sizes.engram_cost)}};
     emit_(j);
   }
   // Whether a step at batch B fits the memory budget (else a skip line).
@@ -718,6 +724,24 @@ void DecodeBench::model_bench(int64_t log2_n) {
     nn::Transformer model(sizes.pkm);
     run_model("pkm", "fp32", model, sizes.pkm, 4.0 * Dv);
   }
+  // UltraMemV2 (issue 19): its layer runs the autograd ops under no-grad (no fused op yet), float32 only.
+  if (want("ultramem_v2") && fits(double(sizes.ultramem_v2_cost.params) * 4 / kGiB + double(N) * 16 / kGiB + 0.3,
+                                  {{"case", "model"}, {"kind", "ultramem_v2"}, {"N", N}})) {
+    nn::Transformer model(sizes.ultramem_v2);
+    const auto& v2 = sizes.ultramem_v2.ultramem_v2;
+    run_model("ultramem_v2", "fp32", model, sizes.ultramem_v2, 4.0 * double(v2.Dv + v2.Dp));
+  }
+  // Engram: its tables in each value format (one concatenated row e [d_e] per token and memory).
+  for (const auto& dt : formats_) {
+    if (!want("engram")) break;
+    const auto& ec = sizes.engram.engram;
+    if (!fits(double(sizes.engram_cost.params) * 4 / kGiB + 0.3, {{"case", "model"}, {"kind", "engram"}, {"N", N},
+                                                                   {"dtype", dt}}))
+      continue;
+    nn::Transformer model(sizes.engram);
+    if (dt != "fp32") infer::set_value_format(*model, nn::parse_value_format(dt));
+    run_model("engram", dt, model, sizes.engram, row_bytes_of(dt, ec.row_width()) * double(ec.tables()));
+  }
   if (want("moe") &&
       fits(double(sizes.moe_cost.params) * 4 / kGiB + 0.3, {{"case", "model"}, {"kind", "moe"}, {"N", N}})) {
     nn::Transformer model(sizes.moe);
@@ -803,6 +827,9 @@ void DecodeBench::ratios_and_targets() {
       "layer:ultramem_over_dense", "layer", "ultramem", "fp32", "dense", "fp32", [](int64_t B) { return B == 1; }, &t3);
   ratio("model:ultramem_over_dense", "model", "ultramem", "fp32", "dense", "fp32", all, nullptr);
   ratio("layer:pkm_over_ultramem", "layer", "pkm", "fp32", "ultramem", "fp32", all, nullptr);
+  ratio("model:ultramem_v2_over_ultramem", "model", "ultramem_v2", "fp32", "ultramem", "fp32", all, nullptr);
+  for (const auto& dt : dts)
+    ratio("model:engram_over_ultramem_" + dt, "model", "engram", dt, "ultramem", dt, all, nullptr);
   // 4. Fused vs plain libtorch ops.
   std::vector<double> t4;
   ratio("layer:plain_over_fused", "layer", "ultramem_plain", "fp32", "ultramem", "fp32", upto64, &t4);

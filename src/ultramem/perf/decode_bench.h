@@ -38,7 +38,8 @@ struct DecodeBenchOptions {
   // Storage of the models' dense matrices (TransformerImpl::set_weight_format); compact ones are timed
   // as kind "<kind>_weights_<format>" (UltraMem with fp32 keys), in the model sweep only.
   std::vector<std::string> weights = {"fp32", "int8"};
-  std::vector<std::string> kinds = {"pooled_lookup", "ultramem", "ultramem_plain", "moe", "dense", "pkm"};
+  std::vector<std::string> kinds = {"pooled_lookup", "ultramem", "ultramem_plain", "moe",
+                                    "dense",         "pkm",      "ultramem_v2",    "engram"};
   // Skip-window prefetch (TransformerImpl::set_value_prefetch) compared with none: the UltraMem models
   // (fp32 keys and weights) are timed with this many bytes of prefetch and without, in alternation (kind
   // "ultramem_prefetch", ratio model:prefetch_off_over_on). 0: no comparison. The other model cases

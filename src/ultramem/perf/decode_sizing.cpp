@@ -163,6 +163,34 @@ ModelSizes derive_model_sizes(const nn::ModelConfig& backbone, const nn::UltraMe
   const double rest_flops = with_base.flops - ffn_flops;
   const int64_t rest_params = with_base.params - ffn_params;
 
+  // A model whose FFNs are resized so that its FLOPs equal the UltraMem model's.
+  auto match_flops = [&](nn::ModelConfig& c, Cost& cost) {
+    const double other = total_cost(nn::model_info(c, context)).flops - 6.0 * D * double(c.ffn_hidden) * L;
+    c.ffn_hidden = std::max<int64_t>(1, std::llround((s.ultramem_cost.flops - other) / (6.0 * D * L)));
+    c.validate();
+    cost = total_cost(nn::model_info(c, context));
+  };
+
+  s.ultramem_v2 = s.ultramem;
+  s.ultramem_v2.name = "bench-ultramem-v2";
+  s.ultramem_v2.memory_kind = nn::MemoryKind::UltraMemV2;
+  s.ultramem_v2.ultramem_v2 = mem;
+  s.ultramem_v2.ultramem_v2.query_per_rank = true;
+  s.ultramem_v2.ultramem_v2.single_projection = true;
+  s.ultramem_v2.ultramem_v2.Dp = std::max<int64_t>(1, mem.Dv / 3);
+  s.ultramem_v2.ultramem_v2.aux_loss = false;
+  match_flops(s.ultramem_v2, s.ultramem_v2_cost);
+
+  s.engram = base;
+  s.engram.name = "bench-engram";
+  s.engram.memory_kind = nn::MemoryKind::Engram;
+  s.engram.memory_placement = s.ultramem.memory_placement;
+  for (auto& p : s.engram.memory_placement) p.write_block = p.read_block;  // Engram adds its output where it reads
+  s.engram.engram.heads = 4;
+  s.engram.engram.d_e = std::max<int64_t>(8, mem.Dv / 8 * 8);
+  s.engram.engram.rows = mem.physical_rows();
+  match_flops(s.engram, s.engram_cost);
+
   s.dense = base;
   s.dense.name = "bench-dense";
   s.dense.ffn_hidden = std::max<int64_t>(1, std::llround((s.ultramem_cost.flops - rest_flops) / (6.0 * D * L)));
@@ -193,8 +221,10 @@ double expected_distinct_experts(int64_t K, int64_t k, int64_t B) {
 Traffic ultramem_traffic(const nn::UltraMemConfig& c, int64_t B, double value_row_bytes, double dense_elem_bytes,
                          double key_elem_bytes) {
   Traffic t;
-  const double dense = double(c.D) * 2 * c.Dk + 2.0 * c.Dk + 2.0 * c.Dk + double(c.C) * c.H * c.r * c.r +
-                       double(c.E) * c.Dv * c.D;
+  const double queries = c.query_per_rank ? double(c.r) : 1.0;   // query halves per side
+  const double outputs = c.single_projection ? 1.0 : double(c.E);  // wo: [outputs * Dv, D]
+  const double dense = double(c.D) * 2 * c.Dk * queries + 2.0 * c.Dk + 2.0 * c.Dk + double(c.C) * c.H * c.r * c.r +
+                       outputs * c.Dv * c.D + double(c.D) * c.Dp;
   const double keys = double(c.H) * 2 * c.n * c.Dk * c.r;
   t.dense_bytes = dense * dense_elem_bytes + keys * (key_elem_bytes < 0 ? dense_elem_bytes : key_elem_bytes);
   t.row_bytes = expected_distinct_rows(double(c.physical_rows()), double(c.H * c.m), B) * value_row_bytes;
@@ -208,6 +238,15 @@ Traffic pkm_traffic(const nn::PKMConfig& c, int64_t B, double value_row_bytes, d
   if (c.Dv != c.D) dense += double(c.Dv) * c.D;
   t.dense_bytes = dense * dense_elem_bytes;
   t.row_bytes = expected_distinct_rows(double(c.n) * c.n, double(c.H * c.m), B) * value_row_bytes;
+  return t;
+}
+
+Traffic engram_traffic(const nn::EngramConfig& c, int64_t B, double value_row_bytes, double dense_elem_bytes) {
+  Traffic t;
+  t.dense_bytes = (2.0 * c.d_e * c.D + 3.0 * c.D + double(c.D) * c.kernel) * dense_elem_bytes;
+  double rows = 0;  // distinct rows over the tables, each read once per token
+  for (const int64_t m : c.table_sizes()) rows += expected_distinct_rows(double(m), 1.0, B);
+  t.row_bytes = rows * value_row_bytes / double(c.tables());
   return t;
 }
 
@@ -242,9 +281,13 @@ Traffic model_traffic(const nn::ModelConfig& c, int64_t B, int64_t context, doub
   t.dense_bytes = elems * weight_elem_bytes + float_elems * 4.0 +
                   L * double(B) * 2.0 * double(context + 1) * D * 4.0;  // + KV cache
   for (size_t k = 0; k < c.memory_placement.size(); ++k) {
-    const Traffic m = c.memory_kind == nn::MemoryKind::UltraMem
-                          ? ultramem_traffic(c.ultramem_layer_config(int64_t(k)), B, value_row_bytes, 4.0, key_elem_bytes)
-                          : pkm_traffic(c.pkm_layer_config(int64_t(k)), B, value_row_bytes);
+    Traffic m;
+    if (c.memory_kind == nn::MemoryKind::PKM)
+      m = pkm_traffic(c.pkm_layer_config(int64_t(k)), B, value_row_bytes);
+    else if (c.memory_kind == nn::MemoryKind::Engram)
+      m = engram_traffic(c.engram_layer_config(int64_t(k)), B, value_row_bytes);
+    else
+      m = ultramem_traffic(c.ultramem_layer_config(int64_t(k)), B, value_row_bytes, 4.0, key_elem_bytes);
     t.dense_bytes += m.dense_bytes;
     t.row_bytes += m.row_bytes;
   }

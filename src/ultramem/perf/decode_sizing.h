@@ -43,13 +43,17 @@ struct LayerSizes {
 LayerSizes derive_layer_sizes(const nn::UltraMemConfig& um, int64_t moe_top_k = 2);
 
 // The models of one comparison point: identical backbones (embedding, attention, norms), and
-//   ultramem: dense FFN of base_hidden in every block + one UltraMem layer at `placement`;
-//   pkm:      the same with a PKM layer (LayerSizes::pkm) instead;
-//   dense:    every block's FFN widened to equal the UltraMem model's FLOPs;
-//   moe:      every block an MoE (top-k), equal FLOPs and equal total parameters.
+//   ultramem:    dense FFN of base_hidden in every block + one UltraMem layer at `placement`;
+//   pkm:         the same with a PKM layer (LayerSizes::pkm) instead;
+//   ultramem_v2: the same layer with UltraMemV2's changes (query per rank, one projection, pre-values
+//                of Dv / 3) at the same placement, the FFNs resized to the UltraMem model's FLOPs;
+//   engram:      an Engram memory at each read block of `placement` (4 heads, d_e = Dv, rows = N: its
+//                tables hold N * Dv values like the UltraMem table), the FFNs resized to equal FLOPs;
+//   dense:       every block's FFN widened to equal the UltraMem model's FLOPs;
+//   moe:         every block an MoE (top-k), equal FLOPs and equal total parameters.
 struct ModelSizes {
-  nn::ModelConfig ultramem, pkm, dense, moe;
-  Cost ultramem_cost, pkm_cost, dense_cost, moe_cost;  // nn::model_info at `context` keys per query
+  nn::ModelConfig ultramem, pkm, ultramem_v2, engram, dense, moe;
+  Cost ultramem_cost, pkm_cost, ultramem_v2_cost, engram_cost, dense_cost, moe_cost;  // nn::model_info at `context`
 };
 
 // backbone: vocab, d_model, n_layers, n_heads, max_seq_len, ffn_hidden (= base_hidden), seed;
@@ -82,10 +86,14 @@ struct Traffic {
 Traffic ultramem_traffic(const nn::UltraMemConfig& c, int64_t B, double value_row_bytes, double dense_elem_bytes = 4,
                          double key_elem_bytes = -1);
 Traffic pkm_traffic(const nn::PKMConfig& c, int64_t B, double value_row_bytes, double dense_elem_bytes = 4);
+// Engram: the projections, norms and taps once, and per token one row of each of the 2*heads tables
+// (distinct rows per table). value_row_bytes: bytes of one full concatenated row e [d_e].
+Traffic engram_traffic(const nn::EngramConfig& c, int64_t B, double value_row_bytes, double dense_elem_bytes = 4);
 Traffic moe_traffic(int64_t D, int64_t K, int64_t k, int64_t hidden, int64_t B, double elem_bytes = 4);
 Traffic dense_traffic(int64_t D, int64_t hidden, int64_t B, double elem_bytes = 4);
 // A whole model's decode step at `context` cached positions: every non-memory, non-expert parameter,
-// the touched experts, the memory layers' dense parts and rows, and the KV cache (fp32).
+// the touched experts, the memory layers' dense parts and rows (UltraMem and UltraMemV2: value_row_bytes
+// per row, pre-values included; PKM; Engram: value_row_bytes per concatenated row), and the KV cache (fp32).
 // weight_elem_bytes: bytes per element of the matrices set_weight_format compacts (LM head, attention,
 // dense FFN, experts): 4, 2 (bf16) or about 1 (int8 with a row scale).
 Traffic model_traffic(const nn::ModelConfig& c, int64_t B, int64_t context, double value_row_bytes,
