@@ -102,6 +102,7 @@ void run_harness(const HarnessOptions& a, std::ostream& out) {
   // The ETA counts the cases still to train (no run.json yet) at the mean time of those trained so far.
   size_t pending = 0;
   for (const auto& [run_ptr, seed] : order) pending += fs::exists(case_dir(dir, *run_ptr, seed) + "/run.json") ? 0 : 1;
+  const std::string revision = git_revision();  // before training: the checkout may change meanwhile
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<CaseResult> cases;
   size_t done = 0, trained = 0;
@@ -123,7 +124,7 @@ void run_harness(const HarnessOptions& a, std::ostream& out) {
     if (!res.final.is_null()) cases.push_back(std::move(res));
   }
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const auto md = write_report(suite, cases, dir, !a.no_plot, a.report_only ? 0.0 : wall, out);
+  const auto md = write_report(suite, cases, dir, !a.no_plot, a.report_only ? 0.0 : wall, out, revision);
   out << "\n" << md << "\nwrote " << dir << "/results.md and results.json" << std::endl;
 }
 

@@ -42,12 +42,6 @@ std::string shell_output(const std::string& cmd) {
   return out;
 }
 
-std::string git_revision() {
-  auto rev = shell_output("git rev-parse --short HEAD 2>/dev/null");
-  if (rev.empty()) return "unknown";
-  if (!shell_output("git status --porcelain --untracked-files=no 2>/dev/null").empty()) rev += " (with uncommitted changes)";
-  return rev;
-}
 
 
 // Validation-loss points (step, loss) of a case, from its metrics.jsonl eval events.
@@ -299,6 +293,13 @@ void scaling_section(const std::vector<RunSummary>& runs, const std::string& dir
 
 }  // namespace
 
+std::string git_revision() {
+  auto rev = shell_output("git rev-parse --short HEAD 2>/dev/null");
+  if (rev.empty()) return "unknown";
+  if (!shell_output("git status --porcelain --untracked-files=no 2>/dev/null").empty()) rev += " (with uncommitted changes)";
+  return rev;
+}
+
 bool seed_ranges_overlap(const RunSummary& a, const RunSummary& b) { return a.min <= b.max && b.min <= a.max; }
 
 LogFit fit_log(const std::vector<double>& x, const std::vector<double>& y) {
@@ -366,7 +367,8 @@ std::vector<RunSummary> summarize(const ExperimentSuite& suite, const std::vecto
 }
 
 std::string write_report(const ExperimentSuite& suite, const std::vector<CaseResult>& cases, const std::string& dir,
-                         bool plot, double wall_seconds, std::ostream& log) {
+                         bool plot, double wall_seconds, std::ostream& log, const std::string& revision) {
+  const std::string rev = revision.empty() ? git_revision() : revision;
   fs::create_directories(dir);
   const auto runs = summarize(suite, cases);
   if (runs.empty()) throw std::runtime_error("no finished runs to report in " + dir);
@@ -388,7 +390,7 @@ std::string write_report(const ExperimentSuite& suite, const std::vector<CaseRes
   std::ostringstream md;
   md << "## " << suite.title << (suite.quick ? " (quick)" : "") << "\n\n";
   md << "- Command: `ultramem experiment " << suite.name << (suite.quick ? " --quick" : "") << "` (suite file `"
-     << suite.source_path << "`), revision " << git_revision() << ", " << date << ".\n";
+     << suite.source_path << "`), revision " << rev << " (when this invocation started), " << date << ".\n";
   md << "- Task: " << (suite.task == "lm" ? "language modelling on `" + suite.data_dir + "`" : "synthetic fact recall "
                                                                                                   "(data/facts.h) " +
                                                                                                       suite.facts.dump())
@@ -411,7 +413,7 @@ std::string write_report(const ExperimentSuite& suite, const std::vector<CaseRes
   }
 
   json j = {{"suite", suite.name}, {"title", suite.title}, {"quick", suite.quick}, {"analysis", suite.analysis},
-            {"revision", git_revision()}, {"date", date}, {"wall_seconds", wall_seconds}};
+            {"revision", rev}, {"date", date}, {"wall_seconds", wall_seconds}};
   for (const auto& c : cases)
     j["cases"].push_back({{"run", c.run}, {"label", c.label}, {"seed", c.seed}, {"dir", c.dir}, {"tags", c.tags},
                           {"info", c.info}, {"final", c.final}, {"model", c.model}});

@@ -40,8 +40,14 @@ struct LogFit {
 LogFit fit_log(const std::vector<double>& x, const std::vector<double>& y);
 
 // results.md (returned as well), results.json and, when `plot`, PNG charts (skipped with a note when
-// gnuplot is missing). `wall_seconds`: wall time of this invocation.
+// gnuplot is missing). `wall_seconds`: wall time of this invocation. `revision`: the checkout's revision
+// when this invocation started (git_revision(); the checkout may change while a suite trains); empty:
+// read it now.
 std::string write_report(const ExperimentSuite& suite, const std::vector<CaseResult>& cases, const std::string& dir,
-                         bool plot, double wall_seconds, std::ostream& log);
+                         bool plot, double wall_seconds, std::ostream& log, const std::string& revision = "");
+
+// The checkout's short revision, with " (with uncommitted changes)" when tracked files differ; "unknown"
+// outside a git checkout.
+std::string git_revision();
 
 }  // namespace ultramem::experiment
