@@ -51,6 +51,13 @@ again=$("$um" --threads 1 experiment compare --quick --data "$work/data" --out "
 grep -q "done earlier" <<<"$again" || fail "rerun did not skip finished cases: $again"
 if grep -q "activated, .* MFLOP/token; " <<<"$again"; then fail "rerun trained again"; fi
 
+# A suite folder moved elsewhere still reports (where a case lives is not part of what it is), and the
+# report names the revision read when the invocation started.
+cp -r "$work/compare" "$work/compare_moved"
+moved=$("$um" experiment compare --quick --data "$work/data" --out "$work/compare_moved" --report-only 2>&1) ||
+  fail "report of a moved suite folder: $moved"
+grep -q "(when this invocation started)" "$work/compare_moved/results.md" || fail "results.md lacks the revision note"
+
 # Errors name the problem.
 if out=$("$um" experiment no_such_suite 2>&1); then fail "unknown suite accepted"; fi
 grep -q "known suites" <<<"$out" || fail "unknown suite error lacks the list: $out"

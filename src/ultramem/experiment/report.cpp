@@ -66,6 +66,25 @@ std::string quoted(std::string s) {
   return "\"" + s + "\"";
 }
 
+// A chart title broken into lines of at most `width` characters at spaces (gnuplot's "\n" in a
+// double-quoted string), so that a long suite title stays over the plot next to an outside legend.
+std::string wrapped_title(const std::string& text, size_t width = 64) {
+  std::string out, line;
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t end = text.find(' ', start);
+    if (end == std::string::npos) end = text.size();
+    const std::string word = text.substr(start, end - start);
+    if (!line.empty() && line.size() + 1 + word.size() > width) {
+      out += line + "\\n";
+      line.clear();
+    }
+    line += (line.empty() ? "" : " ") + word;
+    start = end + 1;
+  }
+  return out + line;
+}
+
 // Charts are best effort: a gnuplot failure is reported in the log, the report is still written.
 void run_gnuplot(const std::string& dir, const std::string& name, const std::string& script, std::ostream& log) {
   try {
@@ -116,7 +135,8 @@ void plot_curves(const std::vector<CaseResult>& cases, const std::string& dir, c
     ++idx;
   }
   run_gnuplot(dir, "curves",
-              io::chart_preamble() + "set output 'curves.png'\nset title " + quoted(title + ": validation loss") +
+              io::chart_preamble() + "set output 'curves.png'\nset title " +
+                  quoted(wrapped_title(title + ": validation loss")) +
                   "\nset xlabel 'step'\nset ylabel 'validation loss (nats/token)'\n" + plots + "\n",
               log);
 }
