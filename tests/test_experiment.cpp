@@ -110,7 +110,7 @@ TEST(ExperimentSuite, ErrorsNameTheProblem) {
 
 TEST(ExperimentSuite, ShippedSuitesResolveToValidConfigs) {
   const fs::path dir = fs::path(ULTRAMEM_SOURCE_DIR) / "experiments";
-  const std::set<std::string> expected = {"ablation", "capacity",       "compare", "lr_sweep",
+  const std::set<std::string> expected = {"ablation",  "capacity", "capacity_large", "compare", "lr_sweep",
                                           "retrieval", "retrieval_long", "scaling"};
   std::set<std::string> found;
   for (const auto& name : experiment::list_suites(dir.string())) {
