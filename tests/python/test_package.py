@@ -323,6 +323,16 @@ class CommandTest(unittest.TestCase):
         out = run([ULTRAMEM, "eval", ckpt, "--data", self.data, "--batch-size", "2", "--seq-len", "32"] + list(extra))
         return json.loads(out)["val_loss"]
 
+    def assert_cpp_initialisation(self, model_config, config_path, name):
+        """TransformerLM(model_config) holds the weights dump_model builds from config_path, bit for bit."""
+        fresh = ultramem.TransformerLM(model_config)
+        dump = os.path.join(self.w, name + ".safetensors")
+        run([DUMP_MODEL, dump, "--config", config_path, "--dtype", "float"])
+        t, _ = st.load(dump)
+        for tensor_name, p in fresh.state_tensors().items():
+            self.assertIn(tensor_name, t)
+            self.assertTrue(torch.equal(p, t[tensor_name]), "%s differs from the C++ initialisation" % tensor_name)
+
     def py_loss(self, model):
         return model.evaluate(self.data, batch_size=2, seq_len=32)["val_loss"]
 
@@ -417,12 +427,7 @@ class CommandTest(unittest.TestCase):
         self.assertEqual(set(ck.model), set(ultramem.read_checkpoint(self.ckpt).model))
         self.assertLess(abs(self.py_loss(model) - self.cli_loss(saved)), 1e-5)
         # The same seed gives the C++ initialisation, bit for bit (dump_model dumps the weights it built).
-        dump = os.path.join(self.w, "cpp_init.safetensors")
-        run([DUMP_MODEL, dump, "--config", path, "--dtype", "float"])
-        t, _ = st.load(dump)
-        for name, p in model.state_tensors().items():
-            self.assertIn(name, t)
-            self.assertTrue(torch.equal(p, t[name]), "%s differs from the C++ initialisation" % name)
+        self.assert_cpp_initialisation(MODEL, path, "cpp_init")
 
     def test_greedy_generation_equals_the_cli(self):
         model = ultramem.TransformerLM.from_checkpoint(self.ckpt)
@@ -500,12 +505,7 @@ class CommandTest(unittest.TestCase):
         self.assertTrue(all(m.v2_forward for m in model.memories))
         self.assertLess(abs(self.py_loss(model) - self.cli_loss(path)), 1e-5)
         # A fresh Python V2 model is the C++ initialisation too.
-        fresh = ultramem.TransformerLM(model_v2)
-        dump = os.path.join(self.w, "v2_init.safetensors")
-        run([DUMP_MODEL, dump, "--config", cfg, "--dtype", "float"])
-        t, _ = st.load(dump)
-        for name, p in fresh.state_tensors().items():
-            self.assertTrue(torch.equal(p, t[name]), "%s differs from the C++ initialisation" % name)
+        self.assert_cpp_initialisation(model_v2, cfg, "v2_init")
         folder = os.path.join(self.w, "hf_v2")
         run([ULTRAMEM, "export", path, folder, "--format", "hf"])
         b = ultramem.TransformerLM.from_pretrained(folder)
@@ -533,12 +533,7 @@ class CommandTest(unittest.TestCase):
         self.assertEqual(len(model.memories), 2)
         self.assertLess(abs(self.py_loss(model) - self.cli_loss(path)), 1e-5)
         # A fresh Python Engram model is the C++ initialisation, bit for bit.
-        fresh = ultramem.TransformerLM(model_e)
-        dump = os.path.join(self.w, "engram_init.safetensors")
-        run([DUMP_MODEL, dump, "--config", cfg, "--dtype", "float"])
-        t, _ = st.load(dump)
-        for name, p in fresh.state_tensors().items():
-            self.assertTrue(torch.equal(p, t[name]), "%s differs from the C++ initialisation" % name)
+        self.assert_cpp_initialisation(model_e, cfg, "engram_init")
         # Greedy decoding through the KV cache (each Engram memory's state in it) gives the CLI's text.
         prompts = os.path.join(self.w, "engram_prompts.txt")
         with open(prompts, "w") as f:
@@ -559,6 +554,7 @@ class CommandTest(unittest.TestCase):
             run([ULTRAMEM, "quantize", path, "--values", fmt, "--out", q, "--data", self.data])
             cli = self.cli_loss(q)
             self.assertLess(abs(cli - self.cli_loss(path)), 0.02, fmt)
+            self.assertEqual(self.cli_loss(q, "--mmap"), cli, fmt + ": a mapped table gives the copied one's loss")
             loaded = ultramem.TransformerLM.from_checkpoint(q)
             self.assertEqual(loaded.value_format, fmt)
             self.assertLess(abs(self.py_loss(loaded) - cli), 1e-5, fmt)
