@@ -107,13 +107,19 @@ struct ExchangeOutputs : public torch::autograd::Function<ExchangeOutputs> {
   }
 };
 
+// Every rank's token count, in rank order (equal in training, but nothing requires it).
+std::vector<int64_t> token_counts(Group& g, int64_t T) {
+  const at::Tensor counts_t = g.all_gather(at::full({1}, T, at::kLong), "memory.counts");  // [W]
+  return std::vector<int64_t>(counts_t.data_ptr<int64_t>(), counts_t.data_ptr<int64_t>() + g.size());
+}
+
 }  // namespace
 
 ColumnSlice value_columns(int64_t Dv, int64_t rank, int64_t world, const std::string& what) {
   if (world < 1 || rank < 0 || rank >= world)
     throw std::invalid_argument(what + ": rank " + std::to_string(rank) + " outside a group of " + std::to_string(world));
   if (Dv % world != 0)
-    throw std::invalid_argument(what + ": value width Dv = " + std::to_string(Dv) + " is not divisible by the " +
+    throw std::invalid_argument(what + ": value width " + std::to_string(Dv) + " (UltraMem: Dv; Engram: d_e / (2*heads)) is not divisible by the " +
                                 std::to_string(world) + " ranks of the memory group; dimension-wise sharding "
                                 "needs a number of ranks that divides Dv");
   const int64_t w = Dv / world;
@@ -145,15 +151,31 @@ torch::Tensor ShardedValueLookup::lookup(const torch::Tensor& values, const torc
   TORCH_CHECK(index.dim() == 2 && index.size(0) == scores.size(0) && index.size(1) == scores.size(1), name_,
               ": index must be [T, K] matching scores, got ", index.sizes());
   auto handle = c10::make_intrusive<GroupHandle>(group_);
-  // Token counts of all ranks (rank order); equal in training, but nothing requires it.
-  const at::Tensor counts_t = group_->all_gather(at::full({1}, scores.size(0), at::kLong), "memory.counts");  // [W]
-  const std::vector<int64_t> counts(counts_t.data_ptr<int64_t>(), counts_t.data_ptr<int64_t>() + group_->size());
+  const std::vector<int64_t> counts = token_counts(*group_, scores.size(0));
   const auto hits = GatherHits::apply(scores, index, handle, counts);
   const at::Tensor& scores_all = hits[0];  // [S, K, C]
   const at::Tensor& index_all = hits[1];   // [S, K]
   const at::Tensor scores_local = identity_pieces_ ? scores_all : scores_all.index_select(2, piece_core_);  // [S, K, P]
   const at::Tensor pooled = ops::pooled_lookup(values, index_all, scores_local, perm, E, sparse_grad);  // [S, E*w]
   return ExchangeOutputs::apply(pooled, handle, counts, E)[0];
+}
+
+torch::Tensor ShardedValueLookup::gather_rows(const torch::Tensor& values, const torch::Tensor& rows, bool sparse_grad) {
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == cols_.width(), name_, ": the sharded row read of ",
+              group_->describe(), " expects its table slice [rows, ", cols_.width(), "], got ", values.sizes());
+  TORCH_CHECK(C_ == 1, name_, ": a row read is built with C = 1, this lookup has C = ", C_);
+  TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kLong, name_, ": rows must be [T, J] int64, got ",
+              rows.sizes(), " ", rows.scalar_type());
+  const int64_t T = rows.size(0), J = rows.size(1);
+  const std::vector<int64_t> counts = token_counts(*group_, T);
+  const int64_t max_t = *std::max_element(counts.begin(), counts.end());
+  at::Tensor padded = at::zeros({max_t, J}, at::kLong);
+  padded.narrow(0, 0, T).copy_(rows);
+  const at::Tensor rows_all = unpad(group_->all_gather(padded, "memory.rows"), counts, max_t);  // [S, J]
+  const int64_t S = rows_all.size(0);
+  const at::Tensor read = torch::embedding(values, rows_all.reshape({-1}), -1, false, sparse_grad)
+                              .view({S, J * cols_.width()});  // [S, J*w/W]
+  return ExchangeOutputs::apply(read, c10::make_intrusive<GroupHandle>(group_), counts, J)[0];
 }
 
 }  // namespace ultramem::dist

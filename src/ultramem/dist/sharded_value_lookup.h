@@ -13,6 +13,11 @@
 //             rank, and score gradients for all tokens, which go back to their owners by all-to-all and
 //             are summed there (a reduce-scatter).
 //
+// A row read (Engram's gather_rows) is the same without scores: all-gather the row ids [T_r, J], read
+// this rank's column slice of each row for the tokens of all ranks ([sum T, J*w/W], embedding), and
+// exchange the slices as in step 3; backward returns each rank the output gradient of its slice, which
+// gives its value-slice gradient (row ids have none).
+//
 // Multi-core scoring weights column slice c of Dv (width Dv/C) by the core-c score. A rank's slice may
 // cover several cores' slices or part of one: it is cut into pieces of width gcd(Dv/W, Dv/C), each lying
 // in one core's slice, and piece p is pooled with the score of its core. So any W dividing Dv works;
@@ -40,7 +45,7 @@ ColumnSlice value_columns(int64_t Dv, int64_t rank, int64_t world, const std::st
 
 class ShardedValueLookup final : public nn::ValueLookup {
  public:
-  // Dv, C: the layer's value width and core count; `name` appears in messages and byte counters
+  // Dv, C: the layer's value width and core count (an Engram table: its row width and C = 1); `name` appears in messages and byte counters
   // ("memories.0"). Throws std::invalid_argument when Dv is not divisible by the group size or by C.
   ShardedValueLookup(std::shared_ptr<Group> group, int64_t Dv, int64_t C, std::string name);
 
@@ -48,6 +53,8 @@ class ShardedValueLookup final : public nn::ValueLookup {
   // Collective: every rank of the group must call it for the same layer, in the same order.
   torch::Tensor lookup(const torch::Tensor& values, const torch::Tensor& index, const torch::Tensor& scores,
                        const torch::Tensor& perm, int64_t E, bool sparse_grad) override;
+  // values: [rows, w/W] this rank's slice; rows [T, J] -> [T, J*w]. Built with C = 1. Collective, like lookup.
+  torch::Tensor gather_rows(const torch::Tensor& values, const torch::Tensor& rows, bool sparse_grad) override;
 
   const ColumnSlice& columns() const { return cols_; }
   Group& group() { return *group_; }

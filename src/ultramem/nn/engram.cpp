@@ -39,12 +39,17 @@ EngramImpl::EngramImpl(EngramConfig cfg) : cfg_(std::move(cfg)) {
 
 void EngramImpl::set_value_format(ValueFormat f) {
   if (f == format_) return;
+  if (value_lookup_)
+    throw std::logic_error("Engram::set_value_format: the table is sharded (set_value_lookup); consolidate the "
+                           "checkpoint first");
   const auto [dst, scale] = convert_value_table("Engram::set_value_format: ", values, format_, f);
   set_value_table(dst, scale, /*read_only=*/false);
 }
 
 void EngramImpl::set_value_table(torch::Tensor v, torch::Tensor scale, bool read_only) {
   const std::string who = "Engram::set_value_table: ";
+  if (value_lookup_)
+    throw std::logic_error(who + "the table is sharded (set_value_lookup); consolidate the checkpoint first");
   const ValueFormat f = check_value_table(who, "[rows, d_e / (2*heads)]", v, scale, hash_.total_rows(),
                                           cfg_.row_width(), wk.scalar_type());
   install_value_table(*this, values, values_scale, format_, who, v, scale, f, read_only);
@@ -63,16 +68,16 @@ EngramState EngramImpl::make_state(int64_t batch) const {
   return s;
 }
 
+void EngramImpl::prefetch_rows(const torch::Tensor& tokens, const EngramState& state, int64_t max_bytes) const {
+  if (max_bytes <= 0 || value_lookup_) return;
+  const auto idx = rows(tokens, state.tokens);  // [B, T, 2*heads]
+  ops::engram_prefetch_rows(values.data_ptr(), cfg_.row_width() * int64_t(values.element_size()),
+                            format_ == ValueFormat::kInt8 ? values_scale.data_ptr<float>() : nullptr,
+                            idx.data_ptr<int64_t>(), idx.numel(), max_bytes);
+}
+
 torch::Tensor EngramImpl::rows(const torch::Tensor& tokens, const torch::Tensor& history) const {
-  TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == torch::kLong, "Engram: tokens must be [B, T] int64, got ",
-              tokens.sizes());
-  const int64_t B = tokens.size(0), T = tokens.size(1), J = cfg_.tables();
-  const auto hist = history.defined() ? history.contiguous() : torch::full({B, 2}, kPad, torch::kLong);
-  TORCH_CHECK(hist.sizes() == torch::IntArrayRef({B, 2}), "Engram: the history must be [B, 2], got ", hist.sizes());
-  const auto seq = torch::cat({hist, tokens.contiguous()}, 1).contiguous();  // [B, T + 2]
-  auto out = torch::empty({B, T, J}, torch::kLong);
-  ops::engram_rows(hash_, seq.data_ptr<int64_t>(), B, T, out.data_ptr<int64_t>());
-  return out;
+  return ops::engram_rows(hash_, tokens, history);
 }
 
 torch::Tensor EngramImpl::forward(const torch::Tensor& u, const torch::Tensor& tokens, EngramState* state) {
@@ -83,7 +88,9 @@ torch::Tensor EngramImpl::forward(const torch::Tensor& u, const torch::Tensor& t
   const int64_t B = u.size(0), T = u.size(1);
   const auto idx = rows(tokens, state ? state->tokens : torch::Tensor());                 // [B, T, 2*heads]
   torch::Tensor e;                                                                       // [B, T, d_e]
-  if (format_ == ValueFormat::kFloat32) {
+  if (value_lookup_) {
+    e = value_lookup_->gather_rows(values, idx.view({B * T, c.tables()}), c.sparse_value_grad).view({B, T, c.d_e});
+  } else if (format_ == ValueFormat::kFloat32) {
     e = torch::embedding(values, idx.reshape({-1}), -1, false, c.sparse_value_grad).view({B, T, c.d_e});
   } else {
     TORCH_CHECK(!torch::GradMode::is_enabled(), "Engram: a ", to_string(format_),

@@ -18,9 +18,11 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "ultramem/nn/memory_config.h"
+#include "ultramem/nn/value_lookup.h"
 #include "ultramem/ops/engram_rows.h"
 
 namespace ultramem::nn {
@@ -42,6 +44,12 @@ class EngramImpl : public torch::nn::Module {
   // A fresh decoding state for `batch` sequences.
   EngramState make_state(int64_t batch) const;
 
+  // Reads ahead: requests into cache up to max_bytes of the table rows that forward(u, tokens, &state)
+  // will read (tokens [B, T] continuing `state`), which are known from the token ids alone. A decoder
+  // calls it when the step's tokens are sampled, before the blocks below the memory run. Local tables
+  // only (a no-op with a value lookup installed).
+  void prefetch_rows(const torch::Tensor& tokens, const EngramState& state, int64_t max_bytes) const;
+
   // Rows of the stacked table each position reads: [B, T, 2*heads] int64 (tokens [B, T]; `history` [B, 2]
   // the two ids before them, or undefined for a sequence start).
   torch::Tensor rows(const torch::Tensor& tokens, const torch::Tensor& history = {}) const;
@@ -52,6 +60,11 @@ class EngramImpl : public torch::nn::Module {
   void set_value_format(ValueFormat f);
   void set_value_table(torch::Tensor values, torch::Tensor scale, bool read_only);
   ValueFormat value_format() const { return format_; }
+
+  // Replaces the table read (torch::embedding) by `lookup`'s gather_rows, e.g. dist::ShardedValueLookup,
+  // for which `values` holds only this process's column slice [rows, row_width/W] (float32, trainable).
+  void set_value_lookup(std::shared_ptr<ValueLookup> lookup) { value_lookup_ = std::move(lookup); }
+  const std::shared_ptr<ValueLookup>& value_lookup() const { return value_lookup_; }
   int64_t value_bytes() const;  // the table and its scales
 
   const EngramConfig& config() const { return cfg_; }
@@ -68,6 +81,7 @@ class EngramImpl : public torch::nn::Module {
   EngramConfig cfg_;
   ops::EngramHash hash_;
   ValueFormat format_ = ValueFormat::kFloat32;
+  std::shared_ptr<ValueLookup> value_lookup_;  // replaces torch::embedding when set
 };
 TORCH_MODULE(Engram);
 
