@@ -544,23 +544,56 @@ TEST(UltraMemV2Layer, EachSwitchEqualsTheV1LayerItGeneralises) {
   }
 }
 
-TEST(UltraMemV2Layer, NoGradForwardEqualsTheAutogradOneAndCompactTablesAreRefused) {
-  UltraMem layer(v2_config());
+// The no-grad forward runs the fused op (ops::ultramem_decode with the V2 switches): for each switch alone,
+// all three, and with the other filters and LayerNorm, it equals the autograd forward; its two phases
+// equal it bit for bit; bf16 and int8 tables equal the autograd forward over the rounded table.
+TEST(UltraMemV2Layer, FusedNoGradForwardEqualsTheAutogradOneForEverySwitchAndTableFormat) {
+  using ultramem::nn::ValueFormat;
+  std::vector<std::pair<std::string, UltraMemConfig>> cases;
+  auto add = [&](const std::string& name, bool qpr, bool single, int64_t Dp) {
+    auto c = small_config();
+    c.query_per_rank = qpr;
+    c.single_projection = single;
+    c.Dp = Dp;
+    cases.push_back({name, c});
+  };
+  add("query per rank", true, false, 0);
+  add("one projection", false, true, 0);
+  add("pre-values", false, false, 5);
+  add("all three", true, true, 6);
+  auto c = v2_config();
+  c.filter = ultramem::nn::RetrievalFilter::kRankR;
+  cases.push_back({"all three, rank-2 filter", c});
+  c = v2_config();
+  c.filter = ultramem::nn::RetrievalFilter::kTwoSign;
+  c.qk_norm = ultramem::nn::NormKind::Layer;
+  cases.push_back({"all three, two-sign filter, LayerNorm", c});
   torch::manual_seed(2);
   const auto x = torch::randn({2, 5, 24});
-  const auto want = layer->forward(x).detach();
-  torch::Tensor got;
-  {
+  for (const auto& [name, cfg] : cases) {
+    SCOPED_TRACE(name);
+    UltraMem layer(cfg);
+    const auto want = layer->forward(x).detach();  // autograd ops
     torch::NoGradGuard ng;
-    got = layer->forward(x);
-    EXPECT_FALSE(layer->two_phase_applies());
-  }
-  EXPECT_TRUE(torch::equal(got, want));
-  try {
-    layer->set_value_format(ultramem::nn::ValueFormat::kInt8);
-    FAIL() << "an int8 table for a V2 layer should be refused";
-  } catch (const std::logic_error& e) {
-    EXPECT_NE(std::string(e.what()).find("UltraMemV2 changes"), std::string::npos) << e.what();
+    ASSERT_TRUE(layer->two_phase_applies());
+    const auto got = layer->forward(x);
+    EXPECT_TRUE(torch::allclose(got, want, 1e-5, 1e-6)) << (got - want).abs().max().item<double>();
+    EXPECT_TRUE(torch::equal(layer->lookup(layer->retrieve(x, /*prefetch_bytes=*/1 << 20)), got));
+    for (ValueFormat f : {ValueFormat::kBFloat16, ValueFormat::kInt8}) {
+      UltraMem compact(cfg), rounded(cfg);  // same seed: the same weights
+      compact->set_value_format(f);
+      const auto table = f == ValueFormat::kInt8 ? compact->values.to(torch::kFloat) * compact->values_scale.unsqueeze(1)
+                                                 : compact->values.to(torch::kFloat);
+      rounded->values.copy_(table);
+      const auto ref = [&] {
+        torch::AutoGradMode on(true);
+        return rounded->forward(x).detach();
+      }();
+      const auto out = compact->forward(x);
+      EXPECT_TRUE(torch::allclose(out, ref, 1e-5, 1e-6))
+          << ultramem::nn::to_string(f) << ": " << (out - ref).abs().max().item<double>();
+      EXPECT_FALSE(torch::allclose(out, want, 1e-7, 1e-9)) << "the table was not rounded";
+    }
   }
 }
 

@@ -213,6 +213,12 @@ def _check_input(who, x, D, weight):
         raise TypeError("%s: input dtype %s differs from the layer's %s" % (who, x.dtype, weight.dtype))
 
 
+def rms_norm(x, scale, eps):
+    """x * rsqrt(mean(x^2) + eps) * scale over the last dim (nn::rms_norm): the model's RMSNorm, UltraMem's
+    query/key norm and Engram's three norms."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+
+
 def _normal(shape, std, gen):
     return torch.normal(0.0, std, size=tuple(shape), generator=gen)
 
@@ -225,9 +231,6 @@ class _ValueTable:
     def value_format(self):
         """"fp32" (trainable), "bf16" or "int8" (one float scale per row in `values_scale`; inference only)."""
         return VALUE_FORMATS.get(self.values.dtype, str(self.values.dtype))
-
-    def _refuse_compact(self, who):
-        """Raises when the layer cannot serve a compact table (UltraMemV2 changes)."""
 
     def set_value_table(self, values, scale=None):
         """Installs a value table as stored: values [rows, width] float32 / float64, bfloat16, or int8 with
@@ -244,8 +247,6 @@ class _ValueTable:
         if scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != (rows,)):
             raise ValueError("%s: values_scale must be float32 [%d], got %s %s" % (who, rows, scale.dtype,
                                                                                 list(scale.shape)))
-        if values.dtype in (torch.bfloat16, torch.int8):
-            self._refuse_compact(who)
         trainable = values.is_floating_point() and values.dtype != torch.bfloat16
         del self.values
         if trainable:
@@ -342,15 +343,10 @@ class UltraMem(_ValueTable, nn.Module):
             self.refresh_tucker_approx()
 
     # ---- value table storage ---------------------------------------------------------------------
-    def _refuse_compact(self, who):
-        if self.v2_forward:
-            raise ValueError("%s: this layer has UltraMemV2 changes, which compact value tables do not serve yet "
-                             "(they feed the V1 fused op); keep its values float32" % who)
-
     # ---- forward -----------------------------------------------------------------------------------
     def _norm(self, x, scale):
         if self.config["qk_norm"] == "rms":
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * scale
+            return rms_norm(x, scale, 1e-6)
         mean = x.mean(-1, keepdim=True)
         var = (x - mean).pow(2).mean(-1, keepdim=True)
         return (x - mean) * torch.rsqrt(var + 1e-6) * scale
@@ -398,7 +394,7 @@ class UltraMem(_ValueTable, nn.Module):
         _check_input("UltraMem", x, c["D"], self.wq)
         lead = x.shape[:-1]
         u = x.reshape(-1, c["D"])
-        if not torch.is_grad_enabled() and not self.v2_forward:
+        if not torch.is_grad_enabled():
             out = self._forward_inference(u.contiguous())
             return out.view(*lead, c["D"])
         if self.value_format != "fp32":
@@ -420,7 +416,8 @@ class UltraMem(_ValueTable, nn.Module):
 
     @property
     def v2_forward(self):
-        """Any UltraMemV2 change of the forward: the layer then runs the autograd ops under no_grad too."""
+        """Any UltraMemV2 change of the forward (query per rank, one projection, pre-values); the fused
+        no-grad op serves them too."""
         c = self.config
         return c["query_per_rank"] or c["single_projection"] or c["Dp"] > 0
 
@@ -444,7 +441,7 @@ class UltraMem(_ValueTable, nn.Module):
                 kn_row, kn_col = self._normalised_keys(detach=True)
                 fu, fv = self.filter_vectors()
                 kn, kf = ops().fold_filter_keys(kn_row.contiguous(), kn_col.contiguous(), fu.to(kn_row.dtype),
-                                                fv.to(kn_row.dtype))
+                                                fv.to(kn_row.dtype), self.config["query_per_rank"])
             self._keys_cache = (stamp, kn, kf)
         return self._keys_cache[1], self._keys_cache[2]
 
@@ -458,6 +455,8 @@ class UltraMem(_ValueTable, nn.Module):
         args = (u, self.wq.detach(), self.q_scale.detach(), self.cores.detach(), kn, kf, self.values.detach(),
                 scale, self.perm, self.wo.detach(), c["m"], first_stage_m(c), filter_negatives(c),
                 c["qk_norm"] == "rms", None, None, filter_vector_count(c))
+        if c["Dp"] > 0:                                                      # V2 pre-values
+            args += (self.wp.detach(), self.pre_values.detach())
         if not c["track_stats"]:
             return ops().ultramem_decode(*args)
         out, scores, index = ops().ultramem_decode_retrieval(*args)
@@ -683,9 +682,6 @@ class Engram(_ValueTable, nn.Module):
         return {"tokens": torch.full((batch, 2), -1, dtype=torch.int64),
                 "conv_input": torch.zeros(batch, c["kernel"] - 1, c["D"], dtype=self.wk.dtype)}
 
-    def _rms(self, x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self._EPS) * w
-
     def forward(self, u, tokens, state=None):
         """u [B, T, D], tokens [B, T] int64 -> [B, T, D]. With `state` (make_state) the tokens continue the
         sequence it holds, and it is updated."""
@@ -708,9 +704,9 @@ class Engram(_ValueTable, nn.Module):
         else:
             e = self._value_rows(idx.reshape(-1), self.wk.dtype).view(B, T, c["d_e"])
         k, v = e @ self.wk, e @ self.wv                                                 # [B, T, D]
-        gate = (self._rms(u, self.gate_u) * self._rms(k, self.gate_k)).sum(-1, keepdim=True)
+        gate = (rms_norm(u, self.gate_u, self._EPS) * rms_norm(k, self.gate_k, self._EPS)).sum(-1, keepdim=True)
         x = torch.sigmoid(gate / math.sqrt(D)) * v                                      # [B, T, D]
-        y = self._rms(x, self.conv_norm)
+        y = rms_norm(x, self.conv_norm, self._EPS)
         P = c["kernel"] - 1
         before = state["conv_input"].to(y.dtype) if state is not None else y.new_zeros(B, P, D)
         padded = torch.cat([before, y], 1)                                              # [B, P + T, D]

@@ -24,7 +24,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from . import data as data_io
 from .layers import (ENGRAM_DEFAULTS, PKM, PKM_DEFAULTS, ULTRAMEM_DEFAULTS, ULTRAMEM_V2_DEFAULTS, Engram,
-                     UltraMem)
+                     UltraMem, rms_norm)
 from .training import param_groups
 
 MODEL_DEFAULTS = OrderedDict([
@@ -163,7 +163,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):

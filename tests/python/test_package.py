@@ -512,11 +512,20 @@ class CommandTest(unittest.TestCase):
         tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             self.assertTrue(torch.equal(model(tokens), b(tokens)))
-        # Compact tables do not serve V2 layers yet: a clear error, not a crash.
-        res = subprocess.run([ULTRAMEM, "quantize", path, "--values", "int8", "--data", self.data],
-                             capture_output=True, text=True, timeout=120)
-        self.assertNotEqual(res.returncode, 0)
-        self.assertIn("UltraMemV2 changes", res.stderr)
+        # The no-grad forward is the fused op with the V2 switches: the autograd forward's logits.
+        with torch.no_grad():
+            fused = model(tokens)
+        self.assertTrue(torch.allclose(fused, model(tokens).detach(), rtol=1e-5, atol=1e-5))
+        # quantize stores the V2 values as bf16 / int8; eval and Python load them with the same loss.
+        for fmt in ("bf16", "int8"):
+            q = os.path.join(self.w, "v2.%s.safetensors" % fmt)
+            run([ULTRAMEM, "quantize", path, "--values", fmt, "--out", q, "--data", self.data])
+            cli = self.cli_loss(q)
+            self.assertLess(abs(cli - self.cli_loss(path)), 0.02, fmt)
+            self.assertEqual(self.cli_loss(q, "--mmap"), cli, fmt + ": a mapped table gives the copied one's loss")
+            loaded = ultramem.TransformerLM.from_checkpoint(q)
+            self.assertEqual(loaded.value_format, fmt)
+            self.assertLess(abs(self.py_loss(loaded) - cli), 1e-5, fmt)
 
     def test_engram_checkpoint_loads_evaluates_and_generates_like_the_cli(self):
         model_e = dict(MODEL, name="py-tiny-engram", ffn="dense",

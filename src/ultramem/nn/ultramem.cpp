@@ -85,7 +85,7 @@ torch::Tensor UltraMemImpl::forward(const torch::Tensor& x) {
   lead.pop_back();
   lead.push_back(c.D);
   // No grad and the local table: the inference fast path (ultramem_values.cpp).
-  if (!at::GradMode::is_enabled() && !value_lookup_ && !c.v2_forward())
+  if (!at::GradMode::is_enabled() && !value_lookup_)
     return forward_inference(x.reshape({-1, c.D}).contiguous()).view(lead);
   if (at::GradMode::is_enabled() || value_lookup_) check_trainable();
   const auto u = x.reshape({-1, c.D});  // [T, D]

@@ -137,6 +137,7 @@ class UltraMemImpl : public torch::nn::Module {
   struct PendingLookup {
     torch::Tensor scores;       // [T, H*m, C] kept candidates' per-core scores
     torch::Tensor index;        // [T, H*m] int64 their grid addresses
+    torch::Tensor pre;          // [T, H*m] their pre-value weights (UltraMemV2), else undefined
     torch::Tensor u;            // [T, D] the input, kept for the telemetry (track_stats) only
     std::vector<int64_t> lead;  // the output's shape: x's leading dims, then D
   };

@@ -56,13 +56,13 @@ int64_t UltraMemImpl::value_bytes() const {
 
 namespace {
 
-// Compact (bf16 / int8) and file-served tables feed the V1 fused op; a layer with UltraMemV2 changes keeps
-// float32 values in memory.
+// File-served tables (ops/tiered_values.h) serve V1 layers only; a layer with UltraMemV2 changes keeps its
+// values in memory (float32, bf16 or int8).
 void refuse_for_v2(const UltraMemConfig& c, const char* who) {
   if (c.v2_forward())
     throw std::logic_error(std::string(who) + ": this layer has UltraMemV2 changes (query_per_rank, "
-                           "single_projection or pre-values), which compact and file-served value tables do not "
-                           "serve yet (they feed the V1 fused op); keep its values float32 in memory");
+                           "single_projection or pre-values), which file-served value tables do not serve yet; "
+                           "keep its values in memory (float32, bf16 or int8)");
 }
 
 }  // namespace
@@ -137,7 +137,6 @@ void UltraMemImpl::train(bool on) {
 
 void UltraMemImpl::set_value_format(ValueFormat f) {
   if (f == format_) return;
-  if (f != ValueFormat::kFloat32) refuse_for_v2(cfg_, "UltraMem::set_value_format");
   if (value_lookup_)
     throw std::logic_error("UltraMem::set_value_format: a value lookup is installed (sharded table); only float32 "
                            "tables can be sharded");
@@ -149,7 +148,6 @@ void UltraMemImpl::set_value_table(torch::Tensor v, torch::Tensor scale, bool re
   const std::string who = "UltraMem::set_value_table: ";
   const ValueFormat f =
       check_value_table(who, "[N, Dv]", v, scale, cfg_.physical_rows(), cfg_.Dv, wq.scalar_type());
-  if (f != ValueFormat::kFloat32) refuse_for_v2(cfg_, "UltraMem::set_value_table");
   if (value_lookup_ && f != ValueFormat::kFloat32)
     throw std::logic_error(who + "a value lookup is installed (sharded table); only float32 tables can be sharded");
   install_value_table(*this, values, values_scale, format_, who, v, scale, f, read_only);
@@ -196,7 +194,7 @@ UltraMemImpl::DecodeArgs UltraMemImpl::decode_args(torch::ScalarType st) {
       const auto ks = k_scale.detach();
       const auto [fu, fv] = filter_vectors();
       ic.keys = ops::compact_keys(
-          ops::fold_filter_keys(norm(kt.select(1, 0), ks[0]), norm(kt.select(1, 1), ks[1]), fu, fv),
+          ops::fold_filter_keys(norm(kt.select(1, 0), ks[0]), norm(kt.select(1, 1), ks[1]), fu, fv, c.query_per_rank),
           to_string(key_format_));
       ic.cores_ptr = cores.data_ptr();
       ic.cores_version = version_of(cores);
@@ -236,6 +234,10 @@ UltraMemImpl::DecodeArgs UltraMemImpl::decode_args(torch::ScalarType st) {
   }
   w.perm = perm;
   w.wo = wo.detach();
+  if (c.Dp > 0) {
+    w.wp = wp.detach();
+    w.pre_values = pre_values.detach();
+  }
   auto& d = a.d;
   d.D = c.D;
   d.Dk = c.Dk;
@@ -250,6 +252,9 @@ UltraMemImpl::DecodeArgs UltraMemImpl::decode_args(torch::ScalarType st) {
   d.m_neg = c.filter_negatives();
   d.filter_rank = c.filter_vectors();
   d.rms_norm = c.qk_norm == NormKind::RMS;
+  d.query_per_rank = c.query_per_rank;
+  d.single_projection = c.single_projection;
+  d.Dp = c.Dp;
   return a;
 }
 
@@ -263,7 +268,7 @@ torch::Tensor UltraMemImpl::forward_inference(const torch::Tensor& u) {
 }
 
 bool UltraMemImpl::two_phase_applies() const {
-  return !at::GradMode::is_enabled() && !value_lookup_ && !cfg_.v2_forward();
+  return !at::GradMode::is_enabled() && !value_lookup_;
 }
 
 UltraMemImpl::PendingLookup UltraMemImpl::retrieve(const torch::Tensor& x, int64_t prefetch_bytes) {
@@ -282,6 +287,7 @@ UltraMemImpl::PendingLookup UltraMemImpl::retrieve(const torch::Tensor& x, int64
   if (prefetch_bytes > 0) ops::ultramem_prefetch_values(r, a.w, a.d, prefetch_bytes);
   p.scores = std::move(r.scores);
   p.index = std::move(r.index);
+  p.pre = std::move(r.pre);
   if (cfg_.track_stats) p.u = u;
   return p;
 }
@@ -291,7 +297,7 @@ torch::Tensor UltraMemImpl::lookup(const PendingLookup& p) {
     throw std::logic_error("UltraMem::lookup: the two-phase forward needs grad mode off and the local value table");
   TORCH_CHECK(p.index.defined() && p.scores.defined(), "UltraMem::lookup: no retrieval pending (call retrieve first)");
   const auto a = decode_args(p.scores.scalar_type());
-  auto out = ops::ultramem_lookup({p.scores, p.index}, a.w, a.d);
+  auto out = ops::ultramem_lookup({p.scores, p.index, p.pre}, a.w, a.d);
   if (cfg_.track_stats && p.u.defined()) record_stats(p.u, p.scores, p.index, out);
   return out.view(p.lead);
 }

@@ -14,17 +14,17 @@ TORCH_LIBRARY(ultramem, m) {
   m.def("tdqkr_exact(Tensor s_row, Tensor s_col, Tensor cores, int m) -> (Tensor scores, Tensor index)",
         &ultramem::ops::tdqkr_exact);
   // The layer's fused no-grad forward (ops/ultramem_decode.h) and the key preparation it needs.
-  m.def("fold_filter_keys(Tensor kn_row, Tensor kn_col, Tensor u, Tensor v) -> (Tensor kn, Tensor kf)",
+  m.def("fold_filter_keys(Tensor kn_row, Tensor kn_col, Tensor u, Tensor v, bool per_rank=False) -> (Tensor kn, Tensor kf)",
         &ultramem::ops::fold_filter_keys_op);
   m.def("ultramem_decode(Tensor x, Tensor wq, Tensor q_scale, Tensor cores, Tensor kn, Tensor kf, Tensor values,"
         " Tensor? values_scale, Tensor perm, Tensor wo, int m, int m_first, int m_neg=0, bool rms_norm=True,"
-        " Tensor? kn_scale=None, Tensor? kf_scale=None, int filter_rank=0)"
+        " Tensor? kn_scale=None, Tensor? kf_scale=None, int filter_rank=0, Tensor? wp=None, Tensor? pre_values=None)"
         " -> Tensor",
         &ultramem::ops::ultramem_decode_op);
   m.def("ultramem_decode_retrieval(Tensor x, Tensor wq, Tensor q_scale, Tensor cores, Tensor kn, Tensor kf,"
         " Tensor values, Tensor? values_scale, Tensor perm, Tensor wo, int m, int m_first, int m_neg=0,"
-        " bool rms_norm=True, Tensor? kn_scale=None, Tensor? kf_scale=None, int filter_rank=0)"
-        " -> (Tensor out, Tensor scores, Tensor index)",
+        " bool rms_norm=True, Tensor? kn_scale=None, Tensor? kf_scale=None, int filter_rank=0, Tensor? wp=None,"
+        " Tensor? pre_values=None) -> (Tensor out, Tensor scores, Tensor index)",
         &ultramem::ops::ultramem_decode_retrieval_op);
   // The layer's IVE permutation from its seed (or Feistel key), as nn::UltraMem builds it.
   m.def("ive_permutation(int slots, int seed, int key=0) -> Tensor", &ultramem::ops::ive_permutation_op);

@@ -28,6 +28,7 @@ using detail::project;
 template <typename S>
 struct Scratch {
   std::vector<S> q, qr, qc, f_row, f_col, s_row, s_col, pooled, dots, eye;  // eye: filter weights
+  std::vector<S> p, weights, summed;  // V2: pre-value query, weighted scores, the E pools summed
   std::vector<int32_t> irow, icol, rows;
 };
 template <typename S>
@@ -83,39 +84,42 @@ void retrieve_impl(const S* u, int64_t T, const UltraMemDecodeWeights& w, const 
                    S* scores,        // [T, H*m, C] out
                    int64_t* index) {  // [T, H*m] out
   const int64_t Dk = c.Dk, HRn = c.H * c.r * c.n;
+  const int64_t qw = c.query_width(), QR = qw / Dk;  // query values per side, queries per side (r with V2)
 
   const torch::Tensor kn = w.keys.kn, kf = w.keys.kf;
   const torch::Tensor wq_c = w.wq.contiguous();
   const torch::Tensor qs = w.q_scale.contiguous(), cores_c = w.cores.contiguous();
 
   auto& sc = scratch<S>();
-  S* q = sized(sc.q, T * 2 * Dk);
-  S* qr = sized(sc.qr, T * Dk);
-  S* qc = sized(sc.qc, T * Dk);
+  S* q = sized(sc.q, T * 2 * qw);   // [T, 2, QR, Dk]
+  S* qr = sized(sc.qr, T * qw);     // [T, QR, Dk]
+  S* qc = sized(sc.qc, T * qw);     // [T, QR, Dk]
   S* s_row = sized(sc.s_row, T * HRn);
   S* s_col = sized(sc.s_col, T * HRn);
 
-  // Query and its two normalised halves.
+  // Query and its two halves, each of its QR queries normalised.
   project<S>(u, T, c.D, wq_c, q);
   const S* qscale = qs.data_ptr<S>();
   for (int64_t t = 0; t < T; ++t) {
-    std::copy(q + t * 2 * Dk, q + t * 2 * Dk + Dk, qr + t * Dk);
-    std::copy(q + t * 2 * Dk + Dk, q + (t + 1) * 2 * Dk, qc + t * Dk);
-    normalise(qr + t * Dk, Dk, qscale, c.rms_norm);
-    normalise(qc + t * Dk, Dk, qscale + Dk, c.rms_norm);
+    std::copy(q + t * 2 * qw, q + t * 2 * qw + qw, qr + t * qw);
+    std::copy(q + t * 2 * qw + qw, q + (t + 1) * 2 * qw, qc + t * qw);
+    for (int64_t a = 0; a < QR; ++a) {
+      normalise(qr + t * qw + a * Dk, Dk, qscale, c.rms_norm);
+      normalise(qc + t * qw + a * Dk, Dk, qscale + Dk, c.rms_norm);
+    }
   }
   // TDQKR, stage 1: filter scores against the folded keys, f_side[t, h, k, i] (k < R, R = 1 for the
   // signed rank-1 filter), and the top m_first.
   const int64_t R = c.filter_vectors(), Hn = c.H * R * c.n, m1 = (c.m_first > 0 ? c.m_first : c.m);
   S* f_row = sized(sc.f_row, T * Hn);
   S* f_col = sized(sc.f_col, T * Hn);
-  // [T, Dk] @ kf[side]^T (float or compact key rows): the few-row kernel or BLAS, as project().
+  // [T, qw] @ kf[side]^T (float or compact key rows): the few-row kernel or BLAS, as project().
   // Compact keys with more than the few rows: their widened copy, one BLAS product per side.
   const bool wide = std::is_same_v<S, float> && w.keys.kf_wide.defined() && T > detail::kSmallRows &&
                     !ultramem::batch_invariant();
   for (int side = 0; side < 2; ++side) {
     const auto [rows, scale] = wide ? key_side(w.keys.kf_wide, at::Tensor(), side) : key_side(kf, w.keys.kf_scale, side);
-    detail::project_nt<S>(side == 0 ? qr : qc, T, Dk, rows, scale, side == 0 ? f_row : f_col);
+    detail::project_nt<S>(side == 0 ? qr : qc, T, qw, rows, scale, side == 0 ? f_row : f_col);
   }
   kernels::TdqkrShape ts;
   ts.T = T;
@@ -152,7 +156,7 @@ void retrieve_impl(const S* u, int64_t T, const UltraMemDecodeWeights& w, const 
         for (int64_t a = 0; a < c.r; ++a) {
           const int32_t base = int32_t((h * c.r + a) * c.n);
           for (int64_t x = 0; x < m1; ++x) rows[x] = base + k[x];
-          kernels::gathered_dots_q<S>(Dk, qs + t * Dk, table, rows, m1, dots);
+          kernels::gathered_dots_q<S>(Dk, qs + t * qw + (QR > 1 ? a * Dk : 0), table, rows, m1, dots);
           S* dst = S_side + ((t * c.H + h) * c.r + a) * c.n;
           for (int64_t x = 0; x < m1; ++x) dst[k[x]] = dots[x];
         }
@@ -161,6 +165,26 @@ void retrieve_impl(const S* u, int64_t T, const UltraMemDecodeWeights& w, const 
   exact(qr, kn_row, irow, s_row);
   exact(qc, kn_col, icol, s_col);
   kernels::tdqkr_rescore<S>(ts, s_row, s_col, cores_c.data_ptr<S>(), irow, icol, scores, index);
+}
+
+// V2's pre-value weights: pre[t, k] = <u_t Wp, pre_values[perm[index[t, k]] mod N]>.
+template <typename S>
+void pre_value_impl(const S* u, int64_t T, const int64_t* index, const UltraMemDecodeWeights& w,
+                    const UltraMemDims& c,
+                    S* pre) {  // [T, H*m] out
+  const int64_t K = c.H * c.m, Dp = c.Dp, N = c.N();
+  S* p = sized(scratch<S>().p, T * Dp);  // [T, Dp]
+  project<S>(u, T, c.D, w.wp.contiguous(), p);
+  const S* table = w.pre_values.data_ptr<S>();
+  const int64_t* perm = w.perm.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) {
+      const S* row = table + (perm[index[t * K + k]] % N) * Dp;
+      const S* pt = p + t * Dp;
+      S acc = 0;
+      for (int64_t j = 0; j < Dp; ++j) acc += pt[j] * row[j];
+      pre[t * K + k] = acc;
+    }
 }
 
 // The pooled lookup's shape for T tokens of a layer with dims d.
@@ -175,13 +199,38 @@ kernels::PoolShape pool_shape(int64_t T, const UltraMemDims& d) {
   return ps;
 }
 
-// The pooled lookup of the kept candidates over the stored table (fp32, bf16 or int8), then out = pooled Wo.
+// out = pooled Wo, or with one projection (V2) the E pools summed first: [T, E*Dv] -> [T, D].
+template <typename S>
+void project_pooled(const S* pooled, int64_t T, const UltraMemDecodeWeights& w, const UltraMemDims& c, S* out) {
+  if (!c.single_projection) return project<S>(pooled, T, c.E * c.Dv, w.wo.contiguous(), out);
+  S* summed = sized(scratch<S>().summed, T * c.Dv);  // [T, Dv]
+  for (int64_t t = 0; t < T; ++t) {
+    S* dst = summed + t * c.Dv;
+    std::copy(pooled + t * c.E * c.Dv, pooled + t * c.E * c.Dv + c.Dv, dst);
+    for (int64_t e = 1; e < c.E; ++e) {
+      const S* src = pooled + (t * c.E + e) * c.Dv;
+      for (int64_t j = 0; j < c.Dv; ++j) dst[j] += src[j];
+    }
+  }
+  project<S>(summed, T, c.Dv, w.wo.contiguous(), out);
+}
+
+// The pooled lookup of the kept candidates over the stored table (fp32, bf16 or int8), then the output
+// projection.
 template <typename S>
 void lookup_impl(const S* scores,        // [T, H*m, C]
+                 const S* pre,           // [T, H*m] pre-value weights (V2), or nullptr
                  const int64_t* index,   // [T, H*m]
                  int64_t T, const UltraMemDecodeWeights& w, const UltraMemDims& c,
                  S* out) {               // [T, D] out
   const auto st = dtype_of<S>();
+  if (pre) {  // each slot's C scores times its pre-value weight
+    const int64_t K = c.H * c.m;
+    S* weighted = sized(scratch<S>().weights, T * K * c.C);
+    for (int64_t s = 0; s < T * K; ++s)
+      for (int64_t k = 0; k < c.C; ++k) weighted[s * c.C + k] = scores[s * c.C + k] * pre[s];
+    scores = weighted;
+  }
   S* pooled = sized(scratch<S>().pooled, T * c.E * c.Dv);
   const kernels::PoolShape ps = pool_shape(T, c);
   const int64_t* pp = w.perm.data_ptr<int64_t>();
@@ -194,8 +243,7 @@ void lookup_impl(const S* scores,        // [T, H*m, C]
     kernels::pooled_lookup_forward_int8<S>(ps, w.values.data_ptr<int8_t>(), w.values_scale.data_ptr<float>(), index,
                                            scores, pp, pooled);
   }
-  // Output projection.
-  project<S>(pooled, T, c.E * c.Dv, w.wo.contiguous(), out);
+  project_pooled<S>(pooled, T, w, c, out);
 }
 
 }  // namespace
@@ -232,7 +280,7 @@ std::string permutation_error(const at::Tensor& perm, int64_t slots) {
 }
 
 UltraMemDecodeKeys fold_filter_keys(const at::Tensor& kn_row, const at::Tensor& kn_col, const at::Tensor& u,
-                                    const at::Tensor& v) {
+                                    const at::Tensor& v, bool per_rank) {
   const int64_t H = kn_row.size(0), n = kn_row.size(1), r = kn_row.size(2), Dk = kn_row.size(3);
   UltraMemDecodeKeys k;
   const auto row = kn_row.permute({0, 2, 1, 3});  // [H, r, n, Dk]
@@ -240,7 +288,9 @@ UltraMemDecodeKeys fold_filter_keys(const at::Tensor& kn_row, const at::Tensor& 
   k.kn = torch::stack({row, col}).reshape({2, H * r * n, Dk}).contiguous();
   const int64_t R = u.dim() == 3 ? u.size(1) : 1;
   const auto w = torch::stack({u, v}).to(kn_row.scalar_type()).view({2, H, R, r, 1, 1});
-  k.kf = (k.kn.view({2, H, 1, r, n, Dk}) * w).sum(3).reshape({2, H * R * n, Dk}).contiguous();
+  const auto terms = k.kn.view({2, H, 1, r, n, Dk}) * w;  // [2, H, R, r, n, Dk]
+  k.kf = per_rank ? terms.permute({0, 1, 2, 4, 3, 5}).reshape({2, H * R * n, r * Dk}).contiguous()
+                  : terms.sum(3).reshape({2, H * R * n, Dk}).contiguous();
   return k;
 }
 
@@ -268,19 +318,21 @@ namespace {
 
 // The weights against the dims and the compute dtype st; c10::Error naming the argument.
 void check_weights(const UltraMemDecodeWeights& w, const UltraMemDims& d, at::ScalarType st) {
-  const int64_t N = d.N();
-  check_arg(w.wq, "ultramem_decode: wq", {d.D, 2 * d.Dk}, {st});
+  const int64_t N = d.N(), qw = d.query_width();
+  check_arg(w.wq, "ultramem_decode: wq", {d.D, 2 * qw}, {st});
   check_arg(w.q_scale, "ultramem_decode: q_scale", {2, d.Dk}, {st});
   check_arg(w.cores, "ultramem_decode: cores", {d.C, d.H, d.r, d.r}, {st});
   check_arg(w.keys.kn, "ultramem_decode: keys.kn", {2, d.H * d.r * d.n, d.Dk}, {st, at::kBFloat16, at::kChar});
   TORCH_CHECK(d.filter_rank >= 0 && d.filter_rank <= d.r, "ultramem_decode: filter_rank must be in [0, r = ", d.r,
               "] (0: the signed rank-1 filter), got ", d.filter_rank);
   const int64_t HRf = d.H * d.filter_vectors() * d.n;  // filter key rows
-  check_arg(w.keys.kf, "ultramem_decode: keys.kf", {2, HRf, d.Dk}, {st, at::kBFloat16, at::kChar});
+  check_arg(w.keys.kf, "ultramem_decode: keys.kf", {2, HRf, qw}, {st, at::kBFloat16, at::kChar});
   if (w.keys.kn.scalar_type() == at::kChar)
     check_arg(w.keys.kn_scale, "ultramem_decode: keys.kn_scale", {2, d.H * d.r * d.n}, {at::kFloat});
   if (w.keys.kf.scalar_type() == at::kChar)
     check_arg(w.keys.kf_scale, "ultramem_decode: keys.kf_scale", {2, HRf}, {at::kFloat});
+  TORCH_CHECK(!w.tiered || !d.v2(), "ultramem_decode: a file-served value table serves V1 layers only (this one "
+              "has UltraMemV2 switches: query per rank, pre-values or one projection)");
   if (w.tiered) {
     TORCH_CHECK(w.tiered->rows() == N && w.tiered->dv() == d.Dv && w.tiered->E() == d.E, "ultramem_decode: the value "
                 "table file ", w.tiered->path(), " holds ", w.tiered->rows(), " rows of ", w.tiered->dv(), " values for E = ",
@@ -291,7 +343,11 @@ void check_weights(const UltraMemDecodeWeights& w, const UltraMemDims& d, at::Sc
     check_arg(w.perm, "ultramem_decode: perm", {d.E * N}, {at::kLong});
     if (w.values.scalar_type() == at::kChar) check_arg(w.values_scale, "ultramem_decode: values_scale", {N}, {at::kFloat});
   }
-  check_arg(w.wo, "ultramem_decode: wo", {d.E * d.Dv, d.D}, {st});
+  check_arg(w.wo, "ultramem_decode: wo", {d.wo_rows(), d.D}, {st});
+  if (d.Dp > 0) {
+    check_arg(w.wp, "ultramem_decode: wp", {d.D, d.Dp}, {st});
+    check_arg(w.pre_values, "ultramem_decode: pre_values", {N, d.Dp}, {st});
+  }
   kernels::TdqkrShape ts;
   ts.H = d.H;
   ts.r = d.r;
@@ -313,10 +369,15 @@ UltraMemRetrieval retrieve_unchecked(const at::Tensor& x, const UltraMemDecodeWe
   r.scores = torch::empty({T, K, d.C}, x.options());
   r.index = torch::empty({T, K}, x.options().dtype(torch::kLong));
   if (T == 0) return r;
-  if (x.scalar_type() == at::kFloat)
+  if (d.Dp > 0) r.pre = torch::empty({T, K}, x.options());
+  if (x.scalar_type() == at::kFloat) {
     retrieve_impl<float>(x.data_ptr<float>(), T, w, d, r.scores.data_ptr<float>(), r.index.data_ptr<int64_t>());
-  else
+    if (d.Dp > 0) pre_value_impl<float>(x.data_ptr<float>(), T, r.index.data_ptr<int64_t>(), w, d, r.pre.data_ptr<float>());
+  } else {
     retrieve_impl<double>(x.data_ptr<double>(), T, w, d, r.scores.data_ptr<double>(), r.index.data_ptr<int64_t>());
+    if (d.Dp > 0)
+      pre_value_impl<double>(x.data_ptr<double>(), T, r.index.data_ptr<int64_t>(), w, d, r.pre.data_ptr<double>());
+  }
   if (w.tiered) w.tiered->submit(r.index, w.perm);  // the rows' reads start now, the lookup waits for them
   return r;
 }
@@ -334,10 +395,13 @@ at::Tensor lookup_unchecked(const UltraMemRetrieval& r, const UltraMemDecodeWeig
       project<double>(pooled.data_ptr<double>(), T, d.E * d.Dv, w.wo.contiguous(), out.data_ptr<double>());
     return out;
   }
+  const bool pre = r.pre.defined();
   if (r.scores.scalar_type() == at::kFloat)
-    lookup_impl<float>(r.scores.data_ptr<float>(), r.index.data_ptr<int64_t>(), T, w, d, out.data_ptr<float>());
+    lookup_impl<float>(r.scores.data_ptr<float>(), pre ? r.pre.data_ptr<float>() : nullptr, r.index.data_ptr<int64_t>(),
+                       T, w, d, out.data_ptr<float>());
   else
-    lookup_impl<double>(r.scores.data_ptr<double>(), r.index.data_ptr<int64_t>(), T, w, d, out.data_ptr<double>());
+    lookup_impl<double>(r.scores.data_ptr<double>(), pre ? r.pre.data_ptr<double>() : nullptr,
+                        r.index.data_ptr<int64_t>(), T, w, d, out.data_ptr<double>());
   return out;
 }
 
@@ -352,6 +416,10 @@ void check_retrieval(const UltraMemRetrieval& r, const UltraMemDims& d) {
               "ultramem_lookup: scores must be float32 or float64");
   check_arg(r.index, "ultramem_lookup: index", {r.index.dim() == 2 ? r.index.size(0) : -1, d.H * d.m}, {at::kLong});
   check_arg(r.scores, "ultramem_lookup: scores", {r.index.size(0), d.H * d.m, d.C}, {r.scores.scalar_type()});
+  if (d.Dp > 0)
+    check_arg(r.pre, "ultramem_lookup: pre (the pre-value weights)", {r.index.size(0), d.H * d.m}, {r.scores.scalar_type()});
+  else
+    TORCH_CHECK(!r.pre.defined(), "ultramem_lookup: pre-value weights given to a layer without pre-values (Dp = 0)");
   const int64_t* g = r.index.data_ptr<int64_t>();
   const int64_t slots = d.E * d.N();
   for (int64_t e = 0; e < r.index.numel(); ++e)
@@ -404,25 +472,38 @@ std::pair<UltraMemDecodeWeights, UltraMemDims> decode_op_args(
     const at::Tensor& wq, const at::Tensor& q_scale, const at::Tensor& cores, const at::Tensor& kn,
     const at::Tensor& kf, const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
     const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first, int64_t m_neg, bool rms_norm,
-    const c10::optional<at::Tensor>& kn_scale, const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank) {
-  TORCH_CHECK(wq.dim() == 2 && wq.size(1) % 2 == 0, "ultramem_decode: wq must be [D, 2*Dk], got shape ", wq.sizes());
+    const c10::optional<at::Tensor>& kn_scale, const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank,
+    const c10::optional<at::Tensor>& wp, const c10::optional<at::Tensor>& pre_values) {
   TORCH_CHECK(cores.dim() == 4, "ultramem_decode: cores must be [C, H, r, r], got shape ", cores.sizes());
-  TORCH_CHECK(values.dim() == 2 && values.size(1) > 0, "ultramem_decode: values must be [N, Dv], got shape ",
-              values.sizes());
-  TORCH_CHECK(kn.dim() == 3 && cores.size(1) > 0 && cores.size(2) > 0 && kn.size(1) % (cores.size(1) * cores.size(2)) == 0,
+  TORCH_CHECK(values.dim() == 2 && values.size(0) > 0 && values.size(1) > 0,
+              "ultramem_decode: values must be [N, Dv], got shape ", values.sizes());
+  TORCH_CHECK(kn.dim() == 3 && kn.size(2) > 0 && cores.size(1) > 0 && cores.size(2) > 0 &&
+                  kn.size(1) % (cores.size(1) * cores.size(2)) == 0,
               "ultramem_decode: kn must be [2, H*r*n, Dk] with H, r from cores [C, H, r, r], got shape ", kn.sizes());
-  TORCH_CHECK(wo.dim() == 2 && wo.size(0) % values.size(1) == 0,
-              "ultramem_decode: wo must be [E*Dv, D] with Dv = values.size(1), got shape ", wo.sizes());
   UltraMemDims d;
-  d.D = wq.size(0);
-  d.Dk = wq.size(1) / 2;
+  d.Dk = kn.size(2);
   d.Dv = values.size(1);
   d.C = cores.size(0);
   d.H = cores.size(1);
   d.r = cores.size(2);
   d.n = kn.size(1) / (d.H * d.r);
-  d.E = wo.size(0) / d.Dv;
-  TORCH_CHECK(d.E >= 1 && d.n * d.n % d.E == 0, "ultramem_decode: E = ", d.E, " does not divide n*n = ", d.n * d.n);
+  TORCH_CHECK(d.n * d.n % values.size(0) == 0, "ultramem_decode: values has ", values.size(0),
+              " rows, which do not divide the n*n = ", d.n * d.n, " slots (N = n*n/E)");
+  d.E = d.n * d.n / values.size(0);
+  TORCH_CHECK(wq.dim() == 2 && (wq.size(1) == 2 * d.Dk || wq.size(1) == 2 * d.r * d.Dk), "ultramem_decode: wq must be "
+              "[D, 2*Dk] = [D, ", 2 * d.Dk, "], or with one query per rank [D, 2*r*Dk] = [D, ", 2 * d.r * d.Dk,
+              "], got shape ", wq.sizes());
+  d.D = wq.size(0);
+  d.query_per_rank = d.r > 1 && wq.size(1) == 2 * d.r * d.Dk;
+  TORCH_CHECK(wo.dim() == 2 && (wo.size(0) == d.E * d.Dv || wo.size(0) == d.Dv), "ultramem_decode: wo must be "
+              "[E*Dv, D] = [", d.E * d.Dv, ", D], or with one projection [Dv, D] = [", d.Dv, ", D], got shape ", wo.sizes());
+  d.single_projection = d.E > 1 && wo.size(0) == d.Dv;
+  TORCH_CHECK(wp.has_value() == pre_values.has_value(), "ultramem_decode: wp and pre_values come together (pre-values)");
+  if (pre_values) {
+    TORCH_CHECK(pre_values->dim() == 2 && pre_values->size(1) > 0, "ultramem_decode: pre_values must be [N, Dp], got "
+                "shape ", pre_values->sizes());
+    d.Dp = pre_values->size(1);
+  }
   d.m = m;
   d.m_first = m_first;
   d.m_neg = m_neg;
@@ -440,6 +521,10 @@ std::pair<UltraMemDecodeWeights, UltraMemDims> decode_op_args(
   if (values_scale) w.values_scale = *values_scale;
   w.perm = perm;
   w.wo = wo;
+  if (pre_values) {
+    w.wp = *wp;
+    w.pre_values = *pre_values;
+  }
   // The shape and dtype are checked (with the argument's name) by ultramem_decode; the range here.
   if (perm.defined() && perm.scalar_type() == at::kLong && perm.is_contiguous() && perm.numel() == d.n * d.n) {
     const std::string bad = permutation_error(perm, d.n * d.n);
@@ -455,9 +540,10 @@ at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const a
                               const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
                               const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first,
                               int64_t m_neg, bool rms_norm, const c10::optional<at::Tensor>& kn_scale,
-                              const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank) {
+                              const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank,
+                              const c10::optional<at::Tensor>& wp, const c10::optional<at::Tensor>& pre_values) {
   const auto [w, d] = decode_op_args(wq, q_scale, cores, kn, kf, values, values_scale, perm, wo, m, m_first, m_neg,
-                                     rms_norm, kn_scale, kf_scale, filter_rank);
+                                     rms_norm, kn_scale, kf_scale, filter_rank, wp, pre_values);
   return ultramem_decode(x, w, d);
 }
 
@@ -465,16 +551,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ultramem_decode_retrieval_op(
     const at::Tensor& x, const at::Tensor& wq, const at::Tensor& q_scale, const at::Tensor& cores,
     const at::Tensor& kn, const at::Tensor& kf, const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
     const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first, int64_t m_neg, bool rms_norm,
-    const c10::optional<at::Tensor>& kn_scale, const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank) {
+    const c10::optional<at::Tensor>& kn_scale, const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank,
+    const c10::optional<at::Tensor>& wp, const c10::optional<at::Tensor>& pre_values) {
   const auto [w, d] = decode_op_args(wq, q_scale, cores, kn, kf, values, values_scale, perm, wo, m, m_first, m_neg,
-                                     rms_norm, kn_scale, kf_scale, filter_rank);
+                                     rms_norm, kn_scale, kf_scale, filter_rank, wp, pre_values);
   at::Tensor scores, index;
   auto out = ultramem_decode(x, w, d, &scores, &index);
   return {out, scores, index};
 }
 
 std::tuple<at::Tensor, at::Tensor> fold_filter_keys_op(const at::Tensor& kn_row, const at::Tensor& kn_col,
-                                                       const at::Tensor& u, const at::Tensor& v) {
+                                                       const at::Tensor& u, const at::Tensor& v, bool per_rank) {
   TORCH_CHECK(kn_row.dim() == 4 && kn_col.sizes() == kn_row.sizes(),
               "fold_filter_keys: kn_row and kn_col must both be [H, n, r, Dk], got ", kn_row.sizes(), " and ",
               kn_col.sizes());
@@ -484,7 +571,7 @@ std::tuple<at::Tensor, at::Tensor> fold_filter_keys_op(const at::Tensor& kn_row,
                   (!rank_r || (u.size(1) >= 1 && u.size(1) <= r)),
               "fold_filter_keys: u and v must be [H, r] = [", H, ", ", r, "] (rank-1 filter) or [H, R, r] with 1 <= R <= r",
               " (rank-R filter), got ", u.sizes(), " and ", v.sizes());
-  auto k = fold_filter_keys(kn_row, kn_col, u, v);
+  auto k = fold_filter_keys(kn_row, kn_col, u, v, per_rank);
   return {k.kn, k.kf};
 }
 

@@ -7,6 +7,10 @@
 //     (the rank-R filter: R folded key sets, H*R*n rows);
 //   the exact S_side[t, h, a, i] only at the m_first kept rows, the exact rescoring with every core,
 //   the pooled lookup over the stored value table (fp32, bf16 or int8), out = pooled @ Wo.
+// UltraMemV2's switches (spec section 11) run in the same op: one query per Tucker rank (the filter then
+// scans folded keys of width r*Dk against the concatenated rank queries, the same bytes as V1's rows of
+// Dk), pre-values (each kept slot's scores weighted by <x Wp, pre_values[row]>) and one projection (the E
+// pools summed before Wo).
 // Larger batches use BLAS (libtorch's mm) for the three products. The result equals the autograd
 // path's up to float rounding; where two filter scores tie to within rounding the kept candidate may
 // differ.
@@ -33,8 +37,14 @@ struct UltraMemDims {
   int64_t m_neg = 0;              // two-sign filter: candidates per side from the negative end (0: rank-1)
   int64_t filter_rank = 0;        // rank-R filter: R folded key sets (0: the signed rank-1 filter)
   bool rms_norm = true;           // query normalisation: RMS (else LayerNorm), eps 1e-6
+  bool query_per_rank = false;    // V2: one Dk query per Tucker rank and side (wq [D, 2*r*Dk])
+  bool single_projection = false; // V2: the E pools summed, one projection (wo [Dv, D])
+  int64_t Dp = 0;                 // V2: pre-value width (0: no pre-values)
   int64_t N() const { return n * n / E; }
   int64_t filter_vectors() const { return filter_rank > 0 ? filter_rank : 1; }  // key sets in kf
+  int64_t query_width() const { return query_per_rank ? r * Dk : Dk; }          // query values per side
+  int64_t wo_rows() const { return single_projection ? Dv : E * Dv; }
+  bool v2() const { return query_per_rank || single_projection || Dp > 0; }
 };
 
 // Keys prepared for the fused forward, once per change of the keys, their scales or the filter.
@@ -43,7 +53,9 @@ struct UltraMemDims {
 struct UltraMemDecodeKeys {
   at::Tensor kn;        // [2, H*r*n, Dk] normalised keys (row side, col side), rows ordered (h, a, i)
   at::Tensor kf;        // [2, H*R*n, Dk] filter keys: sum_a u[h, k, a] kn_row[h, a, i], rows ordered (h, k, i);
-                        //                v for the col side; R = 1 for the signed rank-1 filter
+                        //                v for the col side; R = 1 for the signed rank-1 filter.
+                        // [2, H*R*n, r*Dk] with one query per rank: the r terms side by side,
+                        //                (u[h, k, a] kn_row[h, a, i])_a, scored against the r queries
   at::Tensor kn_scale;  // [2, H*r*n] float32 row scales of int8 kn; undefined otherwise
   at::Tensor kf_scale;  // [2, H*R*n] float32 row scales of int8 kf; undefined otherwise
   at::Tensor kf_wide;   // [2, H*R*n, Dk] float32: compact kf widened (q * scale, or the bf16 values), the
@@ -57,19 +69,21 @@ struct UltraMemDecodeKeys {
 UltraMemDecodeKeys compact_keys(const UltraMemDecodeKeys& keys, const std::string& format);
 
 // kn_row, kn_col: [H, n, r, Dk] normalised keys; u, v: [H, r] rank-1 filter vectors, or [H, R, r] the
-// rank-R filter's.
+// rank-R filter's. per_rank: fold for one query per rank (kf rows of r*Dk, not summed over a).
 UltraMemDecodeKeys fold_filter_keys(const at::Tensor& kn_row, const at::Tensor& kn_col, const at::Tensor& u,
-                                    const at::Tensor& v);
+                                    const at::Tensor& v, bool per_rank = false);
 
 struct UltraMemDecodeWeights {
-  at::Tensor wq;            // [D, 2*Dk]        query projection
+  at::Tensor wq;            // [D, 2*Dk]        query projection ([D, 2*r*Dk] with query_per_rank)
   at::Tensor q_scale;       // [2, Dk]          query norm scales
   at::Tensor cores;         // [C, H, r, r]     Tucker cores
   UltraMemDecodeKeys keys;  // prepared keys (fold_filter_keys)
   at::Tensor values;        // [N, Dv]          float32/float64 (the compute dtype), bfloat16 or int8
   at::Tensor values_scale;  // [N] float32      per-row scale of int8 values; undefined otherwise
   at::Tensor perm;          // [E*N] int64      IVE permutation, entries in [0, E*N) (checked by the caller)
-  at::Tensor wo;            // [E*Dv, D]        output projection
+  at::Tensor wo;            // [E*Dv, D]        output projection ([Dv, D] with single_projection)
+  at::Tensor wp;            // [D, Dp]          pre-value query projection (Dp > 0), compute dtype
+  at::Tensor pre_values;    // [N, Dp]          pre-values (Dp > 0), compute dtype
   // A table in a file behind a row cache (tiered_values.h), in place of values / values_scale (then
   // undefined). The retrieval submits its rows' reads, the lookup waits for them; with the table's Feistel
   // key perm may be undefined too.
@@ -90,7 +104,8 @@ at::Tensor ive_permutation_op(int64_t slots, int64_t seed, int64_t key);
 
 // x: [T, D] contiguous float32 or float64 -> [T, D]. When given, *scores_out receives the kept
 // candidates' per-core scores [T, H*m, C] and *index_out their grid addresses [T, H*m] (int64), as
-// ops::tdqkr returns them (for telemetry). A dtype, shape or layout mismatch is a c10::Error naming
+// ops::tdqkr returns them (for telemetry; before any pre-value weight). A file-served table (tiered)
+// serves V1 layers only. A dtype, shape or layout mismatch is a c10::Error naming
 // the argument, like the other ops'.
 at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d,
                            at::Tensor* scores_out = nullptr, at::Tensor* index_out = nullptr);
@@ -101,6 +116,7 @@ at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, 
 struct UltraMemRetrieval {
   at::Tensor scores;  // [T, H*m, C] compute dtype: the kept candidates' per-core scores
   at::Tensor index;   // [T, H*m] int64: their grid addresses, in [0, E*N)
+  at::Tensor pre;     // [T, H*m] compute dtype: the pre-value weight of each (Dp > 0), else undefined
 };
 UltraMemRetrieval ultramem_retrieve(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d);
 // Prefetches (into the cache, nothing is computed) the value rows and row scales the lookup of `r` reads,
@@ -112,23 +128,28 @@ at::Tensor ultramem_lookup(const UltraMemRetrieval& r, const UltraMemDecodeWeigh
 
 // The same op with the weights as separate tensors, as registered for Python
 // (torch.ops.ultramem.ultramem_decode): D, Dk, Dv, H, r, C, n and E are read from the shapes
-// (wq [D, 2*Dk], cores [C, H, r, r], kn [2, H*r*n, Dk], values [N, Dv], wo [E*Dv, D]); kf is
+// (cores [C, H, r, r], kn [2, H*r*n, Dk], values [N, Dv] with N = n*n/E, wq [D, 2*Dk], wo [E*Dv, D]); kf is
 // [2, H*n, Dk], or [2, H*R*n, Dk] with filter_rank = R > 0. Compact keys: kn / kf in bfloat16, or int8
-// with kn_scale [2, H*r*n] / kf_scale [2, H*R*n] float32 row scales.
+// with kn_scale [2, H*r*n] / kf_scale [2, H*R*n] float32 row scales. UltraMemV2's switches follow from the
+// shapes too: wq [D, 2*r*Dk] (one query per rank; kf of width r*Dk, fold_filter_keys_op with per_rank),
+// wo [Dv, D] (one projection), and wp [D, Dp] with pre_values [N, Dp] (pre-values).
 at::Tensor ultramem_decode_op(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& q_scale,
                               const at::Tensor& cores, const at::Tensor& kn, const at::Tensor& kf,
                               const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
                               const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first,
                               int64_t m_neg, bool rms_norm, const c10::optional<at::Tensor>& kn_scale,
-                              const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank = 0);
+                              const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank = 0,
+                              const c10::optional<at::Tensor>& wp = {},
+                              const c10::optional<at::Tensor>& pre_values = {});
 // The same returning also the kept candidates' per-core scores [T, H*m, C] and grid addresses [T, H*m]
 // (for the telemetry of a Python layer).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ultramem_decode_retrieval_op(
     const at::Tensor& x, const at::Tensor& wq, const at::Tensor& q_scale, const at::Tensor& cores,
     const at::Tensor& kn, const at::Tensor& kf, const at::Tensor& values, const c10::optional<at::Tensor>& values_scale,
     const at::Tensor& perm, const at::Tensor& wo, int64_t m, int64_t m_first, int64_t m_neg, bool rms_norm,
-    const c10::optional<at::Tensor>& kn_scale, const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank = 0);
+    const c10::optional<at::Tensor>& kn_scale, const c10::optional<at::Tensor>& kf_scale, int64_t filter_rank = 0,
+    const c10::optional<at::Tensor>& wp = {}, const c10::optional<at::Tensor>& pre_values = {});
 std::tuple<at::Tensor, at::Tensor> fold_filter_keys_op(const at::Tensor& kn_row, const at::Tensor& kn_col,
-                                                       const at::Tensor& u, const at::Tensor& v);
+                                                       const at::Tensor& u, const at::Tensor& v, bool per_rank = false);
 
 }  // namespace ultramem::ops

@@ -641,12 +641,13 @@ void DecodeBench::model_bench(int64_t log2_n) {
   // timed in alternation so that the machine's drift falls on both. Records kind ultramem_prefetch (the
   // prefetching steps) and the ratio model:prefetch_off_over_on (median over pairs of off / on; > 1: the
   // prefetch helps).
-  auto run_prefetch_pair = [&](const std::string& dt, nn::Transformer& model, const nn::ModelConfig& mc,
-                               double row_bytes) {
+  // kind "ultramem" (ratio model:prefetch_off_over_on) or "engram" (model:engram_prefetch_off_over_on).
+  auto run_prefetch_pair = [&](const std::string& kind, const std::string& dt, nn::Transformer& model,
+                               const nn::ModelConfig& mc, double row_bytes) {
     const int64_t on = a_.value_prefetch, keep = model->value_prefetch();
     model->eval();
     for (int64_t B : a_.model_batches) {
-      if (!batch_fits("ultramem_prefetch", dt, mc, B)) continue;
+      if (!batch_fits(kind + "_prefetch", dt, mc, B)) continue;
       auto step = decode_step(model, mc, B);
       const auto p = time_calls_paired(
           [&](int64_t i) {
@@ -659,10 +660,10 @@ void DecodeBench::model_bench(int64_t log2_n) {
           },
           a_.repeats, 2 * a_.case_seconds, 2 * a_.min_case_seconds);
       model->set_value_prefetch(keep);
-      record("model", "ultramem_prefetch", dt, B, N, Dv, p.b, perf::model_traffic(mc, B, a_.context, row_bytes),
+      record("model", kind + "_prefetch", dt, B, N, Dv, p.b, perf::model_traffic(mc, B, a_.context, row_bytes),
              json{{"prefetch_bytes", on}, {"paired_off_us", p.a.median * 1e6}},
              double(B) * nn::model_info(mc).flops_per_token);
-      emit_({{"ratio", "model:prefetch_off_over_on"},
+      emit_({{"ratio", kind == "ultramem" ? "model:prefetch_off_over_on" : "model:" + kind + "_prefetch_off_over_on"},
              {"case", "model"},
              {"N", N},
              {"batch", B},
@@ -716,7 +717,7 @@ void DecodeBench::model_bench(int64_t log2_n) {
     for (const auto& m : model->modules(/*include_self=*/false))
       if (auto u = std::dynamic_pointer_cast<nn::UltraMemImpl>(m)) u->set_key_format(nn::ValueFormat::kFloat32);
     // The same model with the skip-window prefetch off, timed in alternation with it on.
-    if (a_.value_prefetch > 0) run_prefetch_pair(dt, model, sizes.ultramem, row);
+    if (a_.value_prefetch > 0) run_prefetch_pair("ultramem", dt, model, sizes.ultramem, row);
     run_compact_weights("ultramem", dt, model, sizes.ultramem, row);
   }
   const double pkm_gib = backbone_gib + double(N) * Dv * 4 / kGiB + double(N) * 8 / kGiB + 0.3;
@@ -724,12 +725,16 @@ void DecodeBench::model_bench(int64_t log2_n) {
     nn::Transformer model(sizes.pkm);
     run_model("pkm", "fp32", model, sizes.pkm, 4.0 * Dv);
   }
-  // UltraMemV2 (issue 19): its layer runs the autograd ops under no-grad (no fused op yet), float32 only.
-  if (want("ultramem_v2") && fits(double(sizes.ultramem_v2_cost.params) * 4 / kGiB + double(N) * 16 / kGiB + 0.3,
-                                  {{"case", "model"}, {"kind", "ultramem_v2"}, {"N", N}})) {
+  // UltraMemV2 (issue 19): the fused op with its switches, the values in each format (pre-values float32).
+  for (const auto& dt : formats_) {
+    if (!want("ultramem_v2")) break;
+    if (!fits(double(sizes.ultramem_v2_cost.params) * 4 / kGiB + double(N) * 16 / kGiB + 0.3,
+              {{"case", "model"}, {"kind", "ultramem_v2"}, {"N", N}, {"dtype", dt}}))
+      continue;
     nn::Transformer model(sizes.ultramem_v2);
+    if (dt != "fp32") infer::set_value_format(*model, nn::parse_value_format(dt));
     const auto& v2 = sizes.ultramem_v2.ultramem_v2;
-    run_model("ultramem_v2", "fp32", model, sizes.ultramem_v2, 4.0 * double(v2.Dv + v2.Dp));
+    run_model("ultramem_v2", dt, model, sizes.ultramem_v2, row_bytes_of(dt, v2.Dv) + 4.0 * double(v2.Dp));
   }
   // Engram: its tables in each value format (one concatenated row e [d_e] per token and memory).
   for (const auto& dt : formats_) {
@@ -740,7 +745,10 @@ void DecodeBench::model_bench(int64_t log2_n) {
       continue;
     nn::Transformer model(sizes.engram);
     if (dt != "fp32") infer::set_value_format(*model, nn::parse_value_format(dt));
-    run_model("engram", dt, model, sizes.engram, row_bytes_of(dt, ec.row_width()) * double(ec.tables()));
+    const double erow = row_bytes_of(dt, ec.row_width()) * double(ec.tables());
+    run_model("engram", dt, model, sizes.engram, erow);
+    // Its rows read ahead at the step's start (they follow from the tokens), timed in alternation with off.
+    if (a_.value_prefetch > 0) run_prefetch_pair("engram", dt, model, sizes.engram, erow);
   }
   if (want("moe") &&
       fits(double(sizes.moe_cost.params) * 4 / kGiB + 0.3, {{"case", "model"}, {"kind", "moe"}, {"N", N}})) {
@@ -827,9 +835,10 @@ void DecodeBench::ratios_and_targets() {
       "layer:ultramem_over_dense", "layer", "ultramem", "fp32", "dense", "fp32", [](int64_t B) { return B == 1; }, &t3);
   ratio("model:ultramem_over_dense", "model", "ultramem", "fp32", "dense", "fp32", all, nullptr);
   ratio("layer:pkm_over_ultramem", "layer", "pkm", "fp32", "ultramem", "fp32", all, nullptr);
-  ratio("model:ultramem_v2_over_ultramem", "model", "ultramem_v2", "fp32", "ultramem", "fp32", all, nullptr);
-  for (const auto& dt : dts)
+  for (const auto& dt : dts) {
+    ratio("model:ultramem_v2_over_ultramem_" + dt, "model", "ultramem_v2", dt, "ultramem", dt, all, nullptr);
     ratio("model:engram_over_ultramem_" + dt, "model", "engram", dt, "ultramem", dt, all, nullptr);
+  }
   // 4. Fused vs plain libtorch ops.
   std::vector<double> t4;
   ratio("layer:plain_over_fused", "layer", "ultramem_plain", "fp32", "ultramem", "fp32", upto64, &t4);
