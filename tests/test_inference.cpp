@@ -543,6 +543,38 @@ TEST(Decode, SkipWindowPrefetchLeavesLogitsUnchanged) {
   }
 }
 
+// Engram's rows read ahead (they follow from the tokens): each cached decode step first requests its
+// tables' rows; the steps' logits are those without, bit for bit, for float32 and int8 tables.
+TEST(Decode, EngramRowsReadAheadLeaveLogitsUnchanged) {
+  auto c = ultramem::nn::load_model_config(std::string(ULTRAMEM_CONFIG_DIR) + "/tiny-engram.json");
+  c.vocab_size = 64;
+  c.max_seq_len = 32;
+  c.engram.conv_std = 0.2;
+  for (ValueFormat fmt : {ValueFormat::kFloat32, ValueFormat::kInt8}) {
+    SCOPED_TRACE(ultramem::nn::to_string(fmt));
+    ultramem::nn::Transformer model(c);
+    ultramem::infer::set_value_format(*model, fmt);
+    model->eval();
+    const auto tokens = some_tokens();
+    auto run = [&](int64_t bytes) {
+      model->set_value_prefetch(bytes);
+      torch::NoGradGuard no_grad;
+      auto cache = model->make_cache(2, 32);
+      std::vector<torch::Tensor> out{model->forward_cached(tokens.narrow(1, 0, 4), cache)};
+      for (int64_t t = 4; t < 10; ++t) out.push_back(model->forward_cached(tokens.narrow(1, t, 1), cache));
+      return out;
+    };
+    const auto off = run(0);
+    for (int64_t bytes : {int64_t(8), int64_t(1) << 20}) {  // a part of one step's rows, and all of them
+      const auto on = run(bytes);
+      ASSERT_EQ(on.size(), off.size());
+      for (size_t i = 0; i < on.size(); ++i) EXPECT_TRUE(torch::equal(on[i], off[i])) << "step " << i;
+    }
+    // The cached steps are the full forward's logits (the read-ahead hashed the right history).
+    EXPECT_LE(max_diff(torch::cat(off, 1), logits_of(model, tokens.narrow(1, 0, 10))), 1e-4);
+  }
+}
+
 // =================================================================================================
 // Compact dense matrices (bf16 / int8 weights for the decode ops)
 // =================================================================================================

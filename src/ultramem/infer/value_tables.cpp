@@ -9,29 +9,20 @@
 
 namespace ultramem::infer {
 
-std::vector<std::pair<std::string, nn::UltraMemImpl*>> ultramem_layers(torch::nn::Module& model) {
-  std::vector<std::pair<std::string, nn::UltraMemImpl*>> out;
-  for (const auto& item : model.named_modules(/*name_prefix=*/"", /*include_self=*/true))
-    if (auto* layer = dynamic_cast<nn::UltraMemImpl*>(item.value().get())) out.emplace_back(item.key(), layer);
-  return out;
-}
-
-std::vector<std::pair<std::string, nn::EngramImpl*>> engram_layers(torch::nn::Module& model) {
-  std::vector<std::pair<std::string, nn::EngramImpl*>> out;
-  for (const auto& item : model.named_modules(/*name_prefix=*/"", /*include_self=*/true))
-    if (auto* layer = dynamic_cast<nn::EngramImpl*>(item.value().get())) out.emplace_back(item.key(), layer);
-  return out;
-}
-
 namespace {
 
-// Calls fn(name, format, bytes, set_format) for every layer with a value table, UltraMem first.
+// Calls fn(name, format, bytes, set_format) for every layer of type Layer with a value table.
+template <typename Layer, typename Fn>
+void for_each_table_of(torch::nn::Module& model, Fn& fn) {
+  for (auto& [name, layer] : layers_of<Layer>(model))
+    fn(name, layer->value_format(), layer->value_bytes(), [l = layer](nn::ValueFormat f) { l->set_value_format(f); });
+}
+
+// The same for every layer with a value table, UltraMem first.
 template <typename Fn>
 void for_each_table(torch::nn::Module& model, Fn&& fn) {
-  for (auto& [name, layer] : ultramem_layers(model))
-    fn(name, layer->value_format(), layer->value_bytes(), [l = layer](nn::ValueFormat f) { l->set_value_format(f); });
-  for (auto& [name, layer] : engram_layers(model))
-    fn(name, layer->value_format(), layer->value_bytes(), [l = layer](nn::ValueFormat f) { l->set_value_format(f); });
+  for_each_table_of<nn::UltraMemImpl>(model, fn);
+  for_each_table_of<nn::EngramImpl>(model, fn);
 }
 
 }  // namespace

@@ -27,11 +27,21 @@ inline constexpr const char* kKeyFormatKey = "key_format";
 // already rounded to the recorded format.
 inline constexpr const char* kWeightFormatKey = "weight_format";
 
-// The UltraMem layers of `model` with their module names (e.g. "memories.0"), in module order.
-std::vector<std::pair<std::string, nn::UltraMemImpl*>> ultramem_layers(torch::nn::Module& model);
-
-// The Engram layers of `model` with their module names, in module order.
-std::vector<std::pair<std::string, nn::EngramImpl*>> engram_layers(torch::nn::Module& model);
+// The layers of type Layer (nn::UltraMemImpl, nn::EngramImpl) inside `model` with their module names
+// (e.g. "memories.0"), in module order.
+template <typename Layer>
+std::vector<std::pair<std::string, Layer*>> layers_of(torch::nn::Module& model) {
+  std::vector<std::pair<std::string, Layer*>> out;
+  for (const auto& item : model.named_modules(/*name_prefix=*/"", /*include_self=*/true))
+    if (auto* layer = dynamic_cast<Layer*>(item.value().get())) out.emplace_back(item.key(), layer);
+  return out;
+}
+inline std::vector<std::pair<std::string, nn::UltraMemImpl*>> ultramem_layers(torch::nn::Module& model) {
+  return layers_of<nn::UltraMemImpl>(model);
+}
+inline std::vector<std::pair<std::string, nn::EngramImpl*>> engram_layers(torch::nn::Module& model) {
+  return layers_of<nn::EngramImpl>(model);
+}
 
 // Converts every UltraMem and Engram layer's value table (their set_value_format; errors propagate, named
 // by the layer). A model without memory tables is left as it is.

@@ -121,6 +121,9 @@ struct TransformerImpl::Impl {
                     bool last_only = false) {
     const double p = training ? c.dropout : 0.0;
     auto branch = [&](const torch::Tensor& x) { return p > 0 ? torch::dropout(x, p, true) : x; };
+    // Engram's rows follow from the token ids: their reads start before the blocks below the memory run.
+    if (cache && prefetch_bytes > 0 && !at::GradMode::is_enabled())
+      for (size_t k = 0; k < engram.size(); ++k) engram[k]->prefetch_rows(tokens, cache->engram[k], prefetch_bytes);
     torch::Tensor h = torch::embedding(embedding, tokens);  // [B, T, D]
     if (residuals) residuals->push_back(h);
     std::vector<torch::Tensor> mem_out(ultramem.size() + pkm.size() + engram.size());  // pending memory outputs

@@ -98,7 +98,8 @@ class TransformerImpl : public torch::nn::Module {
   // bit. 0 turns it off: the memory then runs whole at block i. Throws std::invalid_argument for < 0.
   // Off by default: with the tables in RAM it measured 0.96-1.03x of off on this project's CPU (the
   // lookup is 1-6% of a step; docs/performance.md, D.15); it is there for tables whose rows come from
-  // slower storage.
+  // slower storage. Engram memories use the same setting: with a KV cache, a no-grad step requests up to
+  // `bytes` of each Engram table's rows for the step's tokens before block 0 runs (EngramImpl::prefetch_rows).
   static constexpr int64_t kDefaultValuePrefetchBytes = 0;
   void set_value_prefetch(int64_t bytes);
   int64_t value_prefetch() const;

@@ -40,7 +40,17 @@ EngramHash engram_hash(int64_t heads, int64_t rows, uint64_t seed);
 // out: [B, T, 2*heads] rows of the stacked table.
 void engram_rows(const EngramHash& hash, const int64_t* seq, int64_t B, int64_t T, int64_t* out);
 
-// The op: tokens [B, T] int64, history [B, 2] int64 (the two ids before them; None = a sequence start)
+// Requests into cache (nothing is computed) the table rows a forward will read: for each of the `count`
+// row ids `rows` [count], its `row_bytes` at table + row * row_bytes and, when `scale` is given (int8),
+// its float scale; in order, until max_bytes of rows were requested. Row ids are trusted (engram_rows').
+void engram_prefetch_rows(const void* table, int64_t row_bytes, const float* scale, const int64_t* rows,
+                          int64_t count, int64_t max_bytes);
+
+// The same on tensors, checked: tokens [B, T] int64, history [B, 2] int64 (the two ids before them;
+// undefined = a sequence start) -> [B, T, 2*heads] int64. c10::Error naming the bad argument.
+at::Tensor engram_rows(const EngramHash& hash, const at::Tensor& tokens, const at::Tensor& history);
+
+// The op: the same with the hash built from (heads, rows, seed), once per distinct triple (cached)
 // -> [B, T, 2*heads] int64.
 at::Tensor engram_rows_op(const at::Tensor& tokens, const c10::optional<at::Tensor>& history, int64_t heads,
                           int64_t rows, int64_t seed);
