@@ -136,7 +136,8 @@ def main():
                   "layer:ultramem_large_over_small_N", "model:moe_over_ultramem", "model:prefetch_off_over_on",
                   "model:engram_prefetch_off_over_on",
                   "model:ultramem_v2_over_ultramem_fp32", "model:ultramem_v2_over_ultramem_int8",
-                  "model:engram_over_ultramem_int8"]:
+                  "model:engram_over_ultramem_int8", "model:ultramem_v2_over_ultramem_paired",
+                  "model:engram_over_ultramem_paired"]:
             check(n in names, "missing ratio %s" % n)
         check(all(positive_number(r["value"]) for r in ratios), "ratio values positive")
         targets = [r for r in records if "target" in r]

@@ -750,6 +750,37 @@ void DecodeBench::model_bench(int64_t log2_n) {
     // Its rows read ahead at the step's start (they follow from the tokens), timed in alternation with off.
     if (a_.value_prefetch > 0) run_prefetch_pair("engram", dt, model, sizes.engram, erow);
   }
+  // UltraMemV2 and Engram against UltraMem timed in alternation, step by step (fp32): a load that changes
+  // during the run (a shared machine) moves both sides of each pair alike, unlike the sequential cases.
+  for (const std::string other : {"ultramem_v2", "engram"}) {
+    if (!want("ultramem") || !want(other)) continue;
+    const auto& mc = other == "engram" ? sizes.engram : sizes.ultramem_v2;
+    const auto& cost = other == "engram" ? sizes.engram_cost : sizes.ultramem_v2_cost;
+    if (!fits(backbone_gib + mems * double(N) * (row_bytes_of("fp32", Dv) + 16) / kGiB +
+                  double(cost.params) * 4 / kGiB + 0.3,
+              {{"case", "model"}, {"kind", other + "_paired"}, {"N", N}, {"dtype", "fp32"}}))
+      continue;
+    nn::Transformer base(um_model), model(mc);
+    for (const auto& m : base->modules(/*include_self=*/false))
+      if (auto u = std::dynamic_pointer_cast<nn::UltraMemImpl>(m)) prepare_ultramem(*u, "fp32");
+    base->eval();
+    model->eval();
+    for (int64_t B : a_.model_batches) {
+      if (!batch_fits(other + "_paired", "fp32", mc, B)) continue;
+      auto step_base = decode_step(base, um_model, B);
+      auto step_other = decode_step(model, mc, B);
+      const auto p = time_calls_paired(step_other, step_base, a_.repeats, 2 * a_.case_seconds, 2 * a_.min_case_seconds);
+      emit_({{"ratio", "model:" + other + "_over_ultramem_paired"},
+             {"case", "model"},
+             {"N", N},
+             {"batch", B},
+             {"dtype", "fp32"},
+             {"value", p.ratio},
+             {"other_us", p.a.median * 1e6},
+             {"ultramem_us", p.b.median * 1e6},
+             {"pairs", p.a.repeats}});
+    }
+  }
   if (want("moe") &&
       fits(double(sizes.moe_cost.params) * 4 / kGiB + 0.3, {{"case", "model"}, {"kind", "moe"}, {"N", N}})) {
     nn::Transformer model(sizes.moe);
