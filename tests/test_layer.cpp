@@ -13,6 +13,7 @@
 #include "ultramem/nn/engram.h"
 #include "ultramem/nn/pkm.h"
 #include "ultramem/nn/ultramem.h"
+#include "ultramem/ops/engram_decode.h"
 #include "ultramem/ops/runtime.h"
 
 using ultramem::nn::NormKind;
@@ -697,6 +698,58 @@ TEST(EngramLayer, DecodingStepByStepEqualsTheWholeSequence) {
   parts.push_back(layer->forward(u.narrow(1, 0, 3), tokens.narrow(1, 0, 3), &state));  // a prompt, then steps
   for (int64_t t = 3; t < 7; ++t) parts.push_back(layer->forward(u.narrow(1, t, 1), tokens.narrow(1, t, 1), &state));
   EXPECT_TRUE(torch::allclose(torch::cat(parts, 1), whole, 1e-5, 1e-6));
+}
+
+// The no-grad forward is the fused op (ops/engram_decode.h): it equals the autograd forward for whole
+// sequences and for one token at a time through the state (fewer tokens than the kernel's history), in
+// float32 and float64; the autograd path's state steps agree with it.
+TEST(EngramLayer, FusedNoGradForwardEqualsTheAutogradOne) {
+  auto cfg = engram_config();
+  cfg.kernel = 4;
+  cfg.conv_std = 0.3;  // taps that matter
+  for (auto dt : {torch::kFloat, torch::kDouble}) {
+    SCOPED_TRACE(c10::toString(dt));
+    ultramem::nn::Engram layer(cfg);
+    layer->to(dt);
+    torch::manual_seed(6);
+    const auto tokens = torch::randint(0, 30, {3, 7}, torch::kLong);
+    const auto u = torch::randn({3, 7, 12}, dt);
+    const auto want = layer->forward(u, tokens).detach();  // autograd ops
+    auto steps = [&](bool grad) {
+      torch::AutoGradMode mode(grad);
+      auto state = layer->make_state(3);
+      std::vector<torch::Tensor> parts{layer->forward(u.narrow(1, 0, 1), tokens.narrow(1, 0, 1), &state)};
+      for (int64_t t = 1; t < 7; ++t) parts.push_back(layer->forward(u.narrow(1, t, 1), tokens.narrow(1, t, 1), &state));
+      return torch::cat(parts, 1).detach();
+    };
+    const double tol = dt == torch::kFloat ? 1e-5 : 1e-12;
+    torch::Tensor whole;
+    {
+      torch::NoGradGuard ng;
+      whole = layer->forward(u, tokens);
+    }
+    EXPECT_TRUE(torch::allclose(whole, want, tol, tol)) << (whole - want).abs().max().item<double>();
+    EXPECT_TRUE(torch::allclose(steps(false), want, tol, tol));
+    EXPECT_TRUE(torch::allclose(steps(true), want, tol, tol));
+    EXPECT_GT((want - layer->forward(u, torch::zeros_like(tokens)).detach()).abs().max().item<double>(), 1e-3)
+        << "the rows matter";
+  }
+  // The op's own checks name the argument.
+  ultramem::nn::Engram layer(cfg);
+  ultramem::ops::EngramDecodeWeights w{layer->values.detach(), {}, layer->wk.detach(), layer->wv.detach(),
+                                       layer->gate_u.detach(), layer->gate_k.detach(), layer->conv_norm.detach(),
+                                       layer->conv.detach()};
+  auto state = torch::zeros({1, cfg.kernel - 1, cfg.D});
+  auto rows = layer->rows(torch::zeros({1, 2}, torch::kLong));
+  EXPECT_EQ(ultramem::ops::engram_decode(torch::randn({1, 2, cfg.D}), rows, w, state).sizes(),
+            (std::vector<int64_t>{1, 2, cfg.D}));
+  rows[0][1][0] = layer->values.size(0);
+  expect_throw_with<c10::Error>([&] { ultramem::ops::engram_decode(torch::randn({1, 2, cfg.D}), rows, w, state); },
+                                "outside the table");
+  auto bad_state = torch::zeros({1, cfg.kernel, cfg.D});
+  expect_throw_with<c10::Error>(
+      [&] { ultramem::ops::engram_decode(torch::randn({1, 2, cfg.D}), layer->rows(torch::zeros({1, 2}, torch::kLong)), w, bad_state); },
+      "engram_decode: conv_state must have shape");
 }
 
 TEST(EngramLayer, RowsDependOnTheLastThreeTokensAndStayInTheirTables) {

@@ -8,6 +8,8 @@
 
 #include "ultramem/nn/rmsnorm.h"
 #include "ultramem/nn/value_table.h"
+#include "ultramem/ops/block_decode.h"
+#include "ultramem/ops/engram_decode.h"
 
 namespace ultramem::nn {
 
@@ -64,7 +66,7 @@ int64_t EngramImpl::value_bytes() const {
 EngramState EngramImpl::make_state(int64_t batch) const {
   EngramState s;
   s.tokens = torch::full({batch, 2}, kPad, torch::kLong);
-  s.conv_input = torch::zeros({batch, cfg_.kernel - 1, cfg_.D}, values.options().requires_grad(false));
+  s.conv_input = torch::zeros({batch, cfg_.kernel - 1, cfg_.D}, wk.options().requires_grad(false));
   return s;
 }
 
@@ -85,34 +87,51 @@ torch::Tensor EngramImpl::forward(const torch::Tensor& u, const torch::Tensor& t
   TORCH_CHECK(u.dim() == 3 && u.size(2) == c.D, "Engram: u must be [B, T, D=", c.D, "], got ", u.sizes());
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == u.size(0) && tokens.size(1) == u.size(1),
               "Engram: tokens must be [B, T] = ", u.sizes().slice(0, 2), ", got ", tokens.sizes());
-  const int64_t B = u.size(0), T = u.size(1);
+  const int64_t B = u.size(0), T = u.size(1), P = c.kernel - 1;
   const auto idx = rows(tokens, state ? state->tokens : torch::Tensor());                 // [B, T, 2*heads]
-  torch::Tensor e;                                                                       // [B, T, d_e]
-  if (value_lookup_) {
-    e = value_lookup_->gather_rows(values, idx.view({B * T, c.tables()}), c.sparse_value_grad).view({B, T, c.d_e});
-  } else if (format_ == ValueFormat::kFloat32) {
-    e = torch::embedding(values, idx.reshape({-1}), -1, false, c.sparse_value_grad).view({B, T, c.d_e});
+  torch::Tensor out;
+  if (!value_lookup_ && ops::no_grad_op_applies(u, wk)) {
+    // Inference: the fused op (ops/engram_decode.h) on the local table in its stored format.
+    ops::EngramDecodeWeights w;
+    w.values = values.detach();
+    if (format_ == ValueFormat::kInt8) w.values_scale = values_scale;
+    w.wk = wk.detach();
+    w.wv = wv.detach();
+    w.gate_u = gate_u.detach();
+    w.gate_k = gate_k.detach();
+    w.conv_norm = conv_norm.detach();
+    w.conv = conv.detach().contiguous();
+    torch::Tensor cs = state ? state->conv_input.to(u.scalar_type()).contiguous()
+                             : torch::zeros({B, P, c.D}, u.options());
+    out = ops::engram_decode(u.contiguous(), idx, w, cs);
+    if (state) state->conv_input.copy_(cs);
   } else {
-    TORCH_CHECK(!torch::GradMode::is_enabled(), "Engram: a ", to_string(format_),
-                " value table serves inference only (grad mode must be off)");
-    e = gather_value_rows(values, values_scale, format_, idx.reshape({-1}), wk.scalar_type()).view({B, T, c.d_e});
+    torch::Tensor e;                                                                       // [B, T, d_e]
+    if (value_lookup_) {
+      e = value_lookup_->gather_rows(values, idx.view({B * T, c.tables()}), c.sparse_value_grad).view({B, T, c.d_e});
+    } else if (format_ == ValueFormat::kFloat32) {
+      e = torch::embedding(values, idx.reshape({-1}), -1, false, c.sparse_value_grad).view({B, T, c.d_e});
+    } else {
+      TORCH_CHECK(!torch::GradMode::is_enabled(), "Engram: a ", to_string(format_),
+                  " value table serves inference only (grad mode must be off)");
+      e = gather_value_rows(values, values_scale, format_, idx.reshape({-1}), wk.scalar_type()).view({B, T, c.d_e});
+    }
+    const auto k = e.matmul(wk), v = e.matmul(wv);                                         // [B, T, D]
+    const auto gate = (rms_norm(u, gate_u, kEps) * rms_norm(k, gate_k, kEps)).sum(-1, true);  // [B, T, 1]
+    const auto alpha = torch::sigmoid(gate / std::sqrt(double(c.D)));
+    const auto x = alpha * v;                                                              // [B, T, D]
+    auto y = rms_norm(x, conv_norm, kEps);                                                 // [B, T, D]
+    // Causal depthwise convolution: out_t = sum_i conv[:, i] * y_{t-i}, earlier inputs from the state.
+    const auto before = state ? state->conv_input.to(y.scalar_type()) : torch::zeros({B, P, c.D}, y.options());
+    const auto padded = torch::cat({before, y}, 1);                                        // [B, P + T, D]
+    torch::Tensor acc = torch::zeros_like(y);
+    for (int64_t i = 0; i < c.kernel; ++i) acc = acc + padded.narrow(1, P - i, T) * conv.select(1, i);
+    if (state) state->conv_input.copy_(padded.narrow(1, T, P).detach());
+    out = torch::silu(acc) + x;
   }
-  const auto k = e.matmul(wk), v = e.matmul(wv);                                         // [B, T, D]
-  const auto gate = (rms_norm(u, gate_u, kEps) * rms_norm(k, gate_k, kEps)).sum(-1, true);  // [B, T, 1]
-  const auto alpha = torch::sigmoid(gate / std::sqrt(double(c.D)));
-  const auto x = alpha * v;                                                              // [B, T, D]
-  auto y = rms_norm(x, conv_norm, kEps);                                                 // [B, T, D]
-  // Causal depthwise convolution: out_t = sum_i conv[:, i] * y_{t-i}, earlier inputs from the state.
-  const int64_t P = c.kernel - 1;
-  const auto before = state ? state->conv_input.to(y.scalar_type()) : torch::zeros({B, P, c.D}, y.options());
-  const auto padded = torch::cat({before, y}, 1);                                        // [B, P + T, D]
-  torch::Tensor acc = torch::zeros_like(y);
-  for (int64_t i = 0; i < c.kernel; ++i) acc = acc + padded.narrow(1, P - i, T) * conv.select(1, i);
-  if (state) {
-    state->tokens = torch::cat({state->tokens, tokens}, 1).narrow(1, T, 2).contiguous();
-    state->conv_input = padded.narrow(1, T, P).detach().contiguous();
-  }
-  return torch::silu(acc) + x;
+  // The state is updated in place: a slot view of a serving cache shares its rows.
+  if (state) state->tokens.copy_(torch::cat({state->tokens, tokens}, 1).narrow(1, T, 2));
+  return out;
 }
 
 }  // namespace ultramem::nn
