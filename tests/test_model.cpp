@@ -994,10 +994,12 @@ TEST(EngramConfig, KindJsonAndErrorsNameTheField) {
   bad = j;
   bad["memory"]["engram"]["d_e"] = 30;
   expect_throw_with<std::invalid_argument>([&] { model_config_from_json(bad); }, "EngramConfig.d_e");
-  // The model's KV cache carries the Engram state; slot decoding (serving) refuses it for now.
+  // The model's KV cache carries the Engram state (slot decoding too); a cache without it is refused.
   Transformer model(tiny("tiny-engram"));
   auto cache = model->make_cache(2, 8);
   EXPECT_EQ(cache.engram.size(), 1u);
-  expect_throw_with<std::logic_error>([&] { model->decode_slots(torch::zeros({2}, torch::kLong), cache, {0, 1}, {0, 0}); },
-                                      "Engram");
+  EXPECT_EQ(model->decode_slots(torch::zeros({2}, torch::kLong), cache, {0, 1}, {0, 0}).size(0), 2);
+  cache.engram.clear();
+  expect_throw_with<std::invalid_argument>(
+      [&] { model->decode_slots(torch::zeros({2}, torch::kLong), cache, {0, 1}, {0, 0}); }, "Engram states");
 }

@@ -67,10 +67,10 @@ std::vector<int64_t> prompt_of(int64_t b, int64_t len, int64_t vocab) {
 // decode_slots
 
 // 16 sequences of different lengths in shuffled cache slots: one batched step gives each row the bits
-// a step of that sequence alone gives (dense, MoE, UltraMem, PKM; fp32 and int8 weights).
+// a step of that sequence alone gives (dense, MoE, UltraMem, PKM, Engram; fp32 and int8 weights).
 TEST(DecodeSlots, EachRowEqualsTheSequenceAloneBitForBit) {
   InvariantScope inv(true);
-  for (const char* name : {"tiny-dense", "tiny-moe", "tiny-ultramem", "tiny-pkm"})
+  for (const char* name : {"tiny-dense", "tiny-moe", "tiny-ultramem", "tiny-pkm", "tiny-engram"})
     for (auto wf : {ultramem::nn::ValueFormat::kFloat32, ultramem::nn::ValueFormat::kInt8}) {
       SCOPED_TRACE(std::string(name) + " " + ultramem::nn::to_string(wf));
       auto model = eval_model(config(name));
@@ -95,6 +95,7 @@ TEST(DecodeSlots, EachRowEqualsTheSequenceAloneBitForBit) {
           copy.k.push_back(cache.k[l].clone());
           copy.v.push_back(cache.v[l].clone());
         }
+        for (const auto& s : cache.engram) copy.engram.push_back({s.tokens.clone(), s.conv_input.clone()});
         alone.push_back(model->decode_slots(torch::tensor({tokens[b]}), copy, {slots[b]}, {positions[b]})[0]);
       }
       const auto all = model->decode_slots(torch::tensor(tokens), cache, slots, positions);  // [B, V]
@@ -178,7 +179,7 @@ ultramem::infer::SamplingOptions sampling(uint64_t seed, double temperature, int
 // The promise: the same seed gives the same tokens alone and among 15 others, and these are
 // the tokens `generate` gives; for every model kind.
 TEST(Scheduler, SequenceAloneEqualsAmongFifteenOthersAndGenerate) {
-  for (const char* name : {"tiny-ultramem", "tiny-moe", "tiny-pkm"}) {
+  for (const char* name : {"tiny-ultramem", "tiny-moe", "tiny-pkm", "tiny-engram"}) {
     SCOPED_TRACE(name);
     const auto cfg = config(name);
     auto model = eval_model(cfg);

@@ -42,9 +42,6 @@ void Scheduler::Options::validate() const {
 }
 
 Scheduler::Scheduler(nn::Transformer model, int64_t eos_id, Options o) : model_(std::move(model)), eos_id_(eos_id), opt_(o) {
-  if (model_->config().has_memory() && model_->config().memory_kind == nn::MemoryKind::Engram)
-    throw std::invalid_argument("Scheduler: serving models with Engram memories is not supported yet (their "
-                                "per-sequence state is not kept per slot); use `ultramem generate`");
   opt_.validate();
   const int64_t max_len = model_->config().max_seq_len;
   if (opt_.ctx > max_len)

@@ -98,10 +98,10 @@ struct TransformerImpl::Impl {
   int64_t prefetch_bytes = TransformerImpl::kDefaultValuePrefetchBytes;  // set_value_prefetch
   bool tiered_ahead = true;                                                // set_tiered_reads_ahead
 
-  // u: [B, T, D] -> [B, T, D]; tokens [B, T] and the cache's state for Engram memories.
-  torch::Tensor memory_forward(int64_t k, const torch::Tensor& u, const torch::Tensor& tokens, KVCache* cache) {
+  // u: [B, T, D] -> [B, T, D]; tokens [B, T] and the decoding state for Engram memories (or nullptr).
+  torch::Tensor memory_forward(int64_t k, const torch::Tensor& u, const torch::Tensor& tokens, EngramState* state) {
     if (!ultramem.empty()) return ultramem[k]->forward(u);
-    if (!engram.empty()) return engram[k]->forward(u, tokens, cache ? &cache->engram[size_t(k)] : nullptr);
+    if (!engram.empty()) return engram[k]->forward(u, tokens, state);
     auto out = pkm[k]->forward(u);
     torch::NoGradGuard ng;
     const auto o = out.detach().to(torch::kDouble);
@@ -121,9 +121,21 @@ struct TransformerImpl::Impl {
                     bool last_only = false) {
     const double p = training ? c.dropout : 0.0;
     auto branch = [&](const torch::Tensor& x) { return p > 0 ? torch::dropout(x, p, true) : x; };
+    // Engram states: the cache's, or with slots the rows of the B slots, gathered here and written back
+    // after the blocks.
+    std::vector<EngramState> slot_states;
+    torch::Tensor slot_index;  // [B] int64
+    if (cache && slots && !engram.empty()) {
+      slot_index = torch::tensor(*slots, torch::kLong);
+      for (const auto& s : cache->engram)
+        slot_states.push_back({s.tokens.index_select(0, slot_index), s.conv_input.index_select(0, slot_index)});
+    }
+    auto engram_state = [&](size_t k) -> EngramState* {
+      return !cache ? nullptr : slots ? &slot_states[k] : &cache->engram[k];
+    };
     // Engram's rows follow from the token ids: their reads start before the blocks below the memory run.
     if (cache && prefetch_bytes > 0 && !at::GradMode::is_enabled())
-      for (size_t k = 0; k < engram.size(); ++k) engram[k]->prefetch_rows(tokens, cache->engram[k], prefetch_bytes);
+      for (size_t k = 0; k < engram.size(); ++k) engram[k]->prefetch_rows(tokens, *engram_state(k), prefetch_bytes);
     torch::Tensor h = torch::embedding(embedding, tokens);  // [B, T, D]
     if (residuals) residuals->push_back(h);
     std::vector<torch::Tensor> mem_out(ultramem.size() + pkm.size() + engram.size());  // pending memory outputs
@@ -151,7 +163,7 @@ struct TransformerImpl::Impl {
           if (split[k])
             pending[k] = ultramem[k]->retrieve(u, prefetch_bytes);
           else
-            mem_out[k] = memory_forward(k, u, tokens, cache);
+            mem_out[k] = memory_forward(k, u, tokens, engram.empty() ? nullptr : engram_state(size_t(k)));
         }
         if (blk->dense) {
           h = h + branch(blk->dense->forward(u));
@@ -169,6 +181,10 @@ struct TransformerImpl::Impl {
         mem_out[k] = torch::Tensor();
       }
       if (residuals) residuals->push_back(h);
+    }
+    for (size_t k = 0; k < slot_states.size(); ++k) {
+      cache->engram[k].tokens.index_copy_(0, slot_index, slot_states[k].tokens);
+      cache->engram[k].conv_input.index_copy_(0, slot_index, slot_states[k].conv_input);
     }
     if (last_only) h = h.narrow(1, h.size(1) - 1, 1);  // [B, 1, D]
     h = final_norm->forward(h);
@@ -292,9 +308,6 @@ torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCac
 torch::Tensor TransformerImpl::decode_slots(const torch::Tensor& tokens, KVCache& cache, const std::vector<int64_t>& slots,
                                             const std::vector<int64_t>& positions) {
   const std::string who = "Transformer::decode_slots";
-  if (!impl_->engram.empty())
-    throw std::logic_error(who + ": Engram memories keep a per-sequence state that slot decoding (the serving "
-                                 "scheduler) does not carry yet; decode them with forward_cached");
   if (int64_t(cache.k.size()) != cfg_.n_layers || int64_t(cache.v.size()) != cfg_.n_layers)
     throw std::invalid_argument(who + ": cache has " + std::to_string(cache.k.size()) + " layers, the model " +
                                 std::to_string(cfg_.n_layers) + " (use make_cache)");
@@ -316,6 +329,10 @@ torch::Tensor TransformerImpl::decode_slots(const torch::Tensor& tokens, KVCache
                                   std::to_string(b) + " is outside the cache's " + std::to_string(capacity) +
                                   " positions (the sequence is full)");
   }
+  if (cache.engram.size() != impl_->engram.size())
+    throw std::invalid_argument(who + ": the cache holds " + std::to_string(cache.engram.size()) +
+                                " Engram states, the model has " + std::to_string(impl_->engram.size()) +
+                                " Engram memories (use make_cache)");
   const auto tok = tokens.view({B, 1});
   check_tokens(tok, cfg_.vocab_size, 1, who, "one token per sequence");
   torch::NoGradGuard no_grad;
@@ -326,9 +343,6 @@ torch::Tensor TransformerImpl::decode_slots(const torch::Tensor& tokens, KVCache
 KVCache TransformerImpl::slot_view(KVCache& cache, int64_t slot, int64_t length) {
   KVCache view;
   if (cache.k.empty()) throw std::invalid_argument("Transformer::slot_view: the cache holds no layer");
-  if (!cache.engram.empty())
-    throw std::logic_error("Transformer::slot_view: Engram memories keep a per-sequence state that slot views (the "
-                           "serving scheduler) do not carry yet");
   if (slot < 0 || slot >= cache.k[0].size(0))
     throw std::invalid_argument("Transformer::slot_view: slot " + std::to_string(slot) + " outside [0, " +
                                 std::to_string(cache.k[0].size(0)) + ")");
@@ -338,6 +352,16 @@ KVCache TransformerImpl::slot_view(KVCache& cache, int64_t slot, int64_t length)
   for (size_t l = 0; l < cache.k.size(); ++l) {
     view.k.push_back(cache.k[l].narrow(0, slot, 1));
     view.v.push_back(cache.v[l].narrow(0, slot, 1));
+  }
+  // Engram states: the slot's rows, shared (the layer updates its state in place). A view of length 0
+  // starts a new sequence in the slot, so its Engram history is reset to a sequence start.
+  for (auto& s : cache.engram) {
+    EngramState v{s.tokens.narrow(0, slot, 1), s.conv_input.narrow(0, slot, 1)};
+    if (length == 0) {
+      v.tokens.fill_(-1);
+      v.conv_input.zero_();
+    }
+    view.engram.push_back(v);
   }
   view.length = length;
   return view;
