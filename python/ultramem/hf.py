@@ -15,7 +15,9 @@ memories.k.query_proj.weight, memories.k.out_proj.weight, memories.k.keys, memor
 (+ values_scale for int8), and for UltraMem memories.k.{query_norm,key_norm}.weight,
 memories.k.tucker_cores, memories.k.ive_permutation, memories.k.filter_{u,v} (UltraMemV2 also
 memories.k.prevalue_proj.weight and memories.k.pre_values); for PKM
-memories.k.query_batchnorm.* or memories.k.query_layernorm.*.
+memories.k.query_batchnorm.* or memories.k.query_layernorm.*. An Engram memory k has
+memories.k.values (+ values_scale), memories.k.{key,value}_proj.weight,
+memories.k.{gate_input,gate_key,conv}_norm.weight and memories.k.short_conv.weight.
 """
 import json
 import os
@@ -74,6 +76,17 @@ def to_checkpoint_names(tensors, cfg):
     ultramem = cfg["memory"]["kind"] != "pkm"
     for k in range(len(cfg["_placement"])):
         src = dst = "memories.%d." % k
+        if cfg["memory"]["kind"] == "engram":
+            out[dst + "values"] = take(src + "values")
+            if src + "values_scale" in tensors:
+                out[dst + "values_scale"] = take(src + "values_scale")
+            out[dst + "wk"] = _t(take(src + "key_proj.weight"))
+            out[dst + "wv"] = _t(take(src + "value_proj.weight"))
+            out[dst + "gate_u"] = take(src + "gate_input_norm.weight")
+            out[dst + "gate_k"] = take(src + "gate_key_norm.weight")
+            out[dst + "conv_norm"] = take(src + "conv_norm.weight")
+            out[dst + "conv"] = take(src + "short_conv.weight")
+            continue
         out[dst + "wq"] = _t(take(src + "query_proj.weight"))
         out[dst + "keys"] = take(src + "keys")
         out[dst + "values"] = take(src + "values")

@@ -557,6 +557,13 @@ class CommandTest(unittest.TestCase):
         again = os.path.join(self.w, "engram_py.safetensors")
         model.save(again)
         self.assertLess(abs(self.cli_loss(again) - self.cli_loss(path)), 1e-6)
+        # export --format hf writes the Engram memories; the folder loads with the same logits.
+        folder = os.path.join(self.w, "hf_engram")
+        run([ULTRAMEM, "export", path, folder, "--format", "hf"])
+        b = ultramem.TransformerLM.from_pretrained(folder)
+        tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            self.assertTrue(torch.equal(model(tokens), b(tokens)))
         # quantize stores the Engram tables as bf16 / int8; eval and Python load them with the same loss.
         for fmt in ("bf16", "int8"):
             q = os.path.join(self.w, "engram.%s.safetensors" % fmt)

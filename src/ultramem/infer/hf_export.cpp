@@ -27,8 +27,6 @@ torch::Tensor out_in(const torch::Tensor& t) { return t.t().contiguous(); }
 
 NamedTensors hf_tensors(const checkpoint::Checkpoint& ckpt) {
   const nn::ModelConfig c = nn::model_config_from_json(ckpt.model_config);
-  if (c.has_memory() && c.memory_kind == nn::MemoryKind::Engram)
-    throw std::invalid_argument(ckpt.path + ": export --format hf does not write Engram memories yet");
   auto take = [&](const std::string& name) -> const torch::Tensor& {
     const auto it = ckpt.model.find(name);
     if (it == ckpt.model.end())
@@ -73,6 +71,17 @@ NamedTensors hf_tensors(const checkpoint::Checkpoint& ckpt) {
   const bool ultramem = nn::is_ultramem(c.memory_kind);
   for (size_t k = 0; k < c.memory_placement.size(); ++k) {
     const std::string src = "memories." + std::to_string(k) + ".", dst = src;
+    if (c.memory_kind == nn::MemoryKind::Engram) {
+      out.emplace_back(dst + "values", take(src + "values"));                       // [rows, d_e/(2*heads)] as stored
+      if (ckpt.model.count(src + "values_scale")) out.emplace_back(dst + "values_scale", take(src + "values_scale"));
+      out.emplace_back(dst + "key_proj.weight", out_in(take(src + "wk")));         // [D, d_e]
+      out.emplace_back(dst + "value_proj.weight", out_in(take(src + "wv")));       // [D, d_e]
+      out.emplace_back(dst + "gate_input_norm.weight", take(src + "gate_u"));      // [D]
+      out.emplace_back(dst + "gate_key_norm.weight", take(src + "gate_k"));        // [D]
+      out.emplace_back(dst + "conv_norm.weight", take(src + "conv_norm"));         // [D]
+      out.emplace_back(dst + "short_conv.weight", take(src + "conv"));             // [D, kernel]
+      continue;
+    }
     out.emplace_back(dst + "query_proj.weight", out_in(take(src + "wq")));           // [2Dk or H*2Dk, D]
     if (ultramem) {
       out.emplace_back(dst + "query_norm.weight", take(src + "q_scale"));           // [2, Dk]
