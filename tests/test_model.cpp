@@ -963,6 +963,11 @@ TEST(UltraMemV2Config, TemplateJsonAndErrorsNameTheField) {
   EXPECT_EQ(model_config_to_json(model_config_from_json(j)), j);
   EXPECT_FALSE(model_config_to_json(shipped("tiny-ultramem"))["memory"].contains("ultramem_v2"));
   EXPECT_FALSE(model_config_to_json(shipped("tiny-ultramem"))["memory"]["ultramem"].contains("Dp"));
+  // Without Dp the pre-values follow the template's Dv (1 : 3), not the default Dv's.
+  json no_dp = j;
+  no_dp["memory"]["ultramem_v2"].erase("Dp");
+  no_dp["memory"]["ultramem_v2"]["Dv"] = 96;
+  EXPECT_EQ(model_config_from_json(no_dp).ultramem_layer_config(0).Dp, 32);
   json bad = j;
   bad["memory"]["ultramem_v2"]["inner_ratio"] = 2.0;
   expect_throw_with<std::invalid_argument>([&] { model_config_from_json(bad); },

@@ -140,6 +140,8 @@ def memory_layer_config(c, k):
         lc.update(mem[mem["kind"]], D=c["d_model"], num_layers=c["n_layers"], seed=seed)
         if v2:
             lc["inner_ratio"] = c["ffn_hidden"] / c["d_model"]   # k_inner of the V2 init
+            if "Dp" not in mem["ultramem_v2"]:                     # Dp : Dv = 1 : 3 for the given Dv
+                lc["Dp"] = max(1, lc["Dv"] // 3)
         full = dict(ULTRAMEM_DEFAULTS, **lc)
         rows = full["n"] * full["n"] // max(1, full["E"])
         lc.setdefault("sparse_value_grad", rows * (full["Dv"] + full["Dp"]) >= SPARSE_VALUE_GRAD_MIN_ENTRIES)

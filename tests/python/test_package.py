@@ -506,6 +506,10 @@ class CommandTest(unittest.TestCase):
         self.assertLess(abs(self.py_loss(model) - self.cli_loss(path)), 1e-5)
         # A fresh Python V2 model is the C++ initialisation too.
         self.assert_cpp_initialisation(model_v2, cfg, "v2_init")
+        # Without Dp the pre-values follow the given Dv (1 : 3), as in C++ (UltraMemV2Config test).
+        no_dp = json.loads(json.dumps(model_v2))
+        del no_dp["memory"]["ultramem_v2"]["Dp"]
+        self.assertEqual(ultramem.TransformerLM(no_dp).memories[0].config["Dp"], 12 // 3)
         folder = os.path.join(self.w, "hf_v2")
         run([ULTRAMEM, "export", path, folder, "--format", "hf"])
         b = ultramem.TransformerLM.from_pretrained(folder)

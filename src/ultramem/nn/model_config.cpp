@@ -470,8 +470,11 @@ ModelConfig model_config_from_json(const json& j) {
     std::string placement;
     mr.get("placement", placement);
     if (const json* u = mr.find("ultramem")) read_ultramem(*u, "memory.ultramem", c.ultramem, c.ultramem_sparse_value_grad);
-    if (const json* u = mr.find("ultramem_v2"))
+    if (const json* u = mr.find("ultramem_v2")) {
       read_ultramem(*u, "memory.ultramem_v2", c.ultramem_v2, c.ultramem_v2_sparse_value_grad);
+      // The pre-values keep the paper's Dp : Dv = 1 : 3 for the template's Dv unless Dp is given.
+      if (!u->contains("Dp")) c.ultramem_v2.Dp = std::max<int64_t>(1, c.ultramem_v2.Dv / 3);
+    }
     if (const json* p = mr.find("pkm")) read_pkm(*p, "memory.pkm", c.pkm, c.pkm_sparse_value_grad);
     if (const json* e = mr.find("engram")) read_engram(*e, "memory.engram", c.engram);
     mr.finish();
