@@ -110,9 +110,9 @@ TEST(ExperimentSuite, ErrorsNameTheProblem) {
 
 TEST(ExperimentSuite, ShippedSuitesResolveToValidConfigs) {
   const fs::path dir = fs::path(ULTRAMEM_SOURCE_DIR) / "experiments";
-  const std::set<std::string> expected = {"ablation", "capacity",       "capacity_large", "capacity_names",
-                                          "compare",  "lr_sweep",       "retrieval",      "retrieval_long",
-                                          "scaling",  "v2_switches"};
+  const std::set<std::string> expected = {"ablation", "capacity",  "capacity_large", "capacity_names",
+                                          "capacity_names8", "compare", "lr_sweep", "retrieval",
+                                          "retrieval_long", "scaling", "v2_switches"};
   std::set<std::string> found;
   for (const auto& name : experiment::list_suites(dir.string())) {
     found.insert(name);
@@ -141,6 +141,7 @@ TEST(ExperimentSuite, ComparisonRowsHaveEqualFlopsAndParameters) {
        {"moe", "pkm", "ultramemv2", "engram"}},
       {"capacity", "ultramem_n128", "ultramem_n128", {"ultramemv2", "engram"}, {"ultramemv2", "engram"}},
       {"capacity_names", "ultramem_n128", "ultramem_n128", {"ultramemv2", "engram"}, {"ultramemv2", "engram"}},
+      {"capacity_names8", "ultramem_n128", "ultramem_n128", {"engram"}, {"engram"}},
       // One V2 change per row at V1's FLOPs; pre-values add N * Dp parameters by design.
       {"v2_switches", "v1", "v1",
        {"query_per_rank", "single_projection", "pre_values", "v2_init", "no_aux", "every_block", "v2"},
