@@ -1009,6 +1009,45 @@ TEST(TieredValues, ALayerServedFromAFileEqualsItsInMemoryTable) {
   layer->set_tiered_values(open(fits, std::nullopt));  // the stored permutation, no key: fine
 }
 
+// An UltraMemV2 layer (query per rank, one projection, pre-values kept in memory) served from a table file
+// equals the same layer with its table quantised in memory, bit for bit, in one call and in two phases. A V2
+// layer with external values (no stored permutation to read its pre-values through) is refused.
+TEST(TieredValues, AV2LayerServedFromAFileEqualsItsInMemoryTable) {
+  namespace uk = ultramem::kernels;
+  TempDir dir;
+  UltraMemConfig cfg = layer_config(5);
+  cfg.n = 128;  // N = 4096 rows; the cache holds about 1100
+  cfg.query_per_rank = true;
+  cfg.single_projection = true;
+  cfg.Dp = 6;
+  const int64_t N = cfg.physical_rows();
+  torch::manual_seed(2);
+  const auto x = torch::randn({9, cfg.D});
+  UltraMem mem(cfg), file(cfg);  // the same seed: the same weights
+  const auto values = mem->values.detach().clone();
+  const std::string path = dir / "v2.int8";
+  uk::write_table_file(path, uk::TableFormat::kInt8, N, cfg.Dv, [&](int64_t first, int64_t count, float* out) {
+    std::memcpy(out, values.data_ptr<float>() + first * cfg.Dv, sizeof(float) * count * cfg.Dv);
+  });
+  mem->set_value_format(ValueFormat::kInt8);
+  auto tiered = std::make_shared<ultramem::ops::TieredValues>(path, 1100 * (cfg.Dv * 2 + 64), cfg.E, std::nullopt);
+  EXPECT_LT(tiered->cache_rows(), N);
+  file->set_tiered_values(tiered);
+  torch::NoGradGuard no_grad;
+  for (int rep = 0; rep < 2; ++rep) {
+    const auto want = mem->forward(x);
+    ASSERT_TRUE(torch::equal(file->forward(x), want)) << "rep " << rep;
+    ASSERT_TRUE(torch::equal(file->lookup(file->retrieve(x, 0)), want)) << "two phases, rep " << rep;
+  }
+  EXPECT_GT(tiered->stats().misses, 0);
+  UltraMemConfig ext = cfg;
+  ext.external_values = true;
+  UltraMem ext_layer(ext);
+  expect_throw_with<std::logic_error>(
+      [&] { ext_layer->set_tiered_values(std::make_shared<ultramem::ops::TieredValues>(path, 1 << 20, cfg.E, 7)); },
+      "pre-values");
+}
+
 // A model served from table files (export-tables, then load_model with value_tables and caches smaller than
 // the tables) gives the logits of its checkpoint with the tables quantised in memory, bit for bit: the
 // whole-sequence forward and cached decode steps, with the reads issued a block ahead (the tiny model's

@@ -56,19 +56,18 @@ int64_t UltraMemImpl::value_bytes() const {
 
 namespace {
 
-// File-served tables (ops/tiered_values.h) serve V1 layers only; a layer with UltraMemV2 changes keeps its
-// values in memory (float32, bf16 or int8).
-void refuse_for_v2(const UltraMemConfig& c, const char* who) {
-  if (c.v2_forward())
-    throw std::logic_error(std::string(who) + ": this layer has UltraMemV2 changes (query_per_rank, "
-                           "single_projection or pre-values), which file-served value tables do not serve yet; "
-                           "keep its values in memory (float32, bf16 or int8)");
+// UltraMemV2's pre-values stay in memory and are read through the stored permutation, which a layer with
+// external values does not hold.
+void refuse_pre_values_without_permutation(const UltraMemConfig& c, const char* who) {
+  if (c.Dp > 0 && c.external_values)
+    throw std::logic_error(std::string(who) + ": this layer has UltraMemV2 pre-values, which are read through the "
+                           "stored permutation; a layer with external values holds none (keep its permutation)");
 }
 
 }  // namespace
 
 void UltraMemImpl::set_tiered_values(std::shared_ptr<ops::TieredValues> tiered) {
-  if (tiered) refuse_for_v2(cfg_, "UltraMem::set_tiered_values");
+  if (tiered) refuse_pre_values_without_permutation(cfg_, "UltraMem::set_tiered_values");
   if (tiered && value_lookup_)
     throw std::logic_error("UltraMem::set_tiered_values: a value lookup is installed (sharded table)");
   if (tiered) {

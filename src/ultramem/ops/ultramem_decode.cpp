@@ -331,8 +331,8 @@ void check_weights(const UltraMemDecodeWeights& w, const UltraMemDims& d, at::Sc
     check_arg(w.keys.kn_scale, "ultramem_decode: keys.kn_scale", {2, d.H * d.r * d.n}, {at::kFloat});
   if (w.keys.kf.scalar_type() == at::kChar)
     check_arg(w.keys.kf_scale, "ultramem_decode: keys.kf_scale", {2, HRf}, {at::kFloat});
-  TORCH_CHECK(!w.tiered || !d.v2(), "ultramem_decode: a file-served value table serves V1 layers only (this one "
-              "has UltraMemV2 switches: query per rank, pre-values or one projection)");
+  if (d.Dp > 0)  // the pre-values are read through the stored permutation, file-served table or not
+    check_arg(w.perm, "ultramem_decode: perm (the pre-values' rows)", {d.E * N}, {at::kLong});
   if (w.tiered) {
     TORCH_CHECK(w.tiered->rows() == N && w.tiered->dv() == d.Dv && w.tiered->E() == d.E, "ultramem_decode: the value "
                 "table file ", w.tiered->path(), " holds ", w.tiered->rows(), " rows of ", w.tiered->dv(), " values for E = ",
@@ -388,11 +388,12 @@ at::Tensor lookup_unchecked(const UltraMemRetrieval& r, const UltraMemDecodeWeig
   if (T == 0) return out;
   if (w.tiered) {  // the rows from the file's cache, then the same output projection
     at::Tensor pooled = torch::empty({T, d.E * d.Dv}, r.scores.options());
-    w.tiered->pool(r.index, w.perm, r.scores, d.C, pooled.data_ptr());
+    const at::Tensor weights = r.pre.defined() ? (r.scores * r.pre.unsqueeze(-1)).contiguous() : r.scores;
+    w.tiered->pool(r.index, w.perm, weights, d.C, pooled.data_ptr());
     if (r.scores.scalar_type() == at::kFloat)
-      project<float>(pooled.data_ptr<float>(), T, d.E * d.Dv, w.wo.contiguous(), out.data_ptr<float>());
+      project_pooled<float>(pooled.data_ptr<float>(), T, w, d, out.data_ptr<float>());
     else
-      project<double>(pooled.data_ptr<double>(), T, d.E * d.Dv, w.wo.contiguous(), out.data_ptr<double>());
+      project_pooled<double>(pooled.data_ptr<double>(), T, w, d, out.data_ptr<double>());
     return out;
   }
   const bool pre = r.pre.defined();

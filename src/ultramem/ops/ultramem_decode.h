@@ -104,8 +104,8 @@ at::Tensor ive_permutation_op(int64_t slots, int64_t seed, int64_t key);
 
 // x: [T, D] contiguous float32 or float64 -> [T, D]. When given, *scores_out receives the kept
 // candidates' per-core scores [T, H*m, C] and *index_out their grid addresses [T, H*m] (int64), as
-// ops::tdqkr returns them (for telemetry; before any pre-value weight). A file-served table (tiered)
-// serves V1 layers only. A dtype, shape or layout mismatch is a c10::Error naming
+// ops::tdqkr returns them (for telemetry; before any pre-value weight). With pre-values (Dp > 0) perm is
+// needed even for a file-served table with a Feistel key: the pre-values' rows are read through it. A dtype, shape or layout mismatch is a c10::Error naming
 // the argument, like the other ops'.
 at::Tensor ultramem_decode(const at::Tensor& x, const UltraMemDecodeWeights& w, const UltraMemDims& d,
                            at::Tensor* scores_out = nullptr, at::Tensor* index_out = nullptr);
