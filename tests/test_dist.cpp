@@ -364,6 +364,22 @@ void expect_close(const at::Tensor& a, const at::Tensor& b, double tol, const st
   EXPECT_LE(err, tol * scale) << what << ": max abs difference " << err;
 }
 
+// Rank r's file against the one-process reference: rows [row, row + n) of the output and of the input
+// gradient (saved as `in_name`), column slice [r*w, (r+1)*w) of the table and of its gradient. Returns
+// the file's tensors.
+std::map<std::string, at::Tensor> expect_rank_matches(const TempDir& dir, int64_t r, int64_t row, int64_t n,
+                                                      const at::Tensor& out, const std::string& in_name,
+                                                      const at::Tensor& in_grad, const at::Tensor& values,
+                                                      const at::Tensor& vgrad, int64_t w) {
+  auto t = read_tensors(dir.file("rank" + std::to_string(r) + ".safetensors"));
+  const std::string of = " of rank " + std::to_string(r);
+  expect_close(t["out"], out.narrow(0, row, n), 1e-5, "output" + of);
+  expect_close(t[in_name], in_grad.narrow(0, row, n), 1e-5, "input gradient" + of);
+  EXPECT_TRUE(t["values"].equal(values.narrow(1, r * w, w))) << "table slice" << of;
+  expect_close(t["values.grad"], vgrad.narrow(1, r * w, w), 1e-5, "table gradient slice" + of);
+  return t;
+}
+
 // The sharded layer on `world` ranks against the unsharded layer on all their tokens.
 void check_sharded_layer(int64_t world, int64_t Dv, int64_t C, bool sparse) {
   SCOPED_TRACE("world " + std::to_string(world) + ", Dv " + std::to_string(Dv) + ", C " + std::to_string(C) +
@@ -388,12 +404,8 @@ void check_sharded_layer(int64_t world, int64_t Dv, int64_t C, bool sparse) {
   int64_t row = 0;
   const int64_t w = Dv / world;
   for (int64_t r = 0; r < world; ++r) {
-    auto t = read_tensors(dir.file("rank" + std::to_string(r) + ".safetensors"));
     const int64_t T = xs[static_cast<size_t>(r)].size(0);
-    expect_close(t["out"], out.detach().narrow(0, row, T), 1e-5, "output of rank " + std::to_string(r));
-    expect_close(t["dx"], x.grad().narrow(0, row, T), 1e-5, "input gradient of rank " + std::to_string(r));
-    EXPECT_TRUE(t["values"].equal(ref->values.detach().narrow(1, r * w, w))) << "value slice of rank " << r;
-    expect_close(t["values.grad"], vgrad.narrow(1, r * w, w), 1e-5, "value gradient slice of rank " + std::to_string(r));
+    auto t = expect_rank_matches(dir, r, row, T, out.detach(), "dx", x.grad(), ref->values.detach(), vgrad, w);
     for (const char* n : {"wq.grad", "keys.grad", "cores.grad", "wo.grad", "q_scale.grad", "k_scale.grad"})
       summed[n] = summed.count(n) ? summed[n] + t[n] : t[n];
     row += T;
@@ -432,12 +444,8 @@ void check_sharded_engram(int64_t world, bool sparse) {
   int64_t row = 0;
   const int64_t w = cfg.row_width() / world;
   for (int64_t r = 0; r < world; ++r) {
-    auto t = read_tensors(dir.file("rank" + std::to_string(r) + ".safetensors"));
     const int64_t B = us[static_cast<size_t>(r)].size(0);
-    expect_close(t["out"], out.detach().narrow(0, row, B), 1e-5, "output of rank " + std::to_string(r));
-    expect_close(t["du"], u.grad().narrow(0, row, B), 1e-5, "input gradient of rank " + std::to_string(r));
-    EXPECT_TRUE(t["values"].equal(ref->values.detach().narrow(1, r * w, w))) << "table slice of rank " << r;
-    expect_close(t["values.grad"], vgrad.narrow(1, r * w, w), 1e-5, "table gradient slice of rank " + std::to_string(r));
+    auto t = expect_rank_matches(dir, r, row, B, out.detach(), "du", u.grad(), ref->values.detach(), vgrad, w);
     for (const auto& [n, g] : t)
       if (n != "values.grad" && n.size() > 5 && n.substr(n.size() - 5) == ".grad") summed[n] = summed.count(n) ? summed[n] + g : g;
     row += B;

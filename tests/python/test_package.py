@@ -333,6 +333,30 @@ class CommandTest(unittest.TestCase):
             self.assertIn(tensor_name, t)
             self.assertTrue(torch.equal(p, t[tensor_name]), "%s differs from the C++ initialisation" % tensor_name)
 
+    def assert_hf_export_loads(self, path, model, folder_name):
+        """export --format hf of the checkpoint `path`: from_pretrained gives `model`'s logits, bit for bit.
+        Returns the tokens it compared on."""
+        folder = os.path.join(self.w, folder_name)
+        run([ULTRAMEM, "export", path, folder, "--format", "hf"])
+        b = ultramem.TransformerLM.from_pretrained(folder)
+        tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            self.assertTrue(torch.equal(model(tokens), b(tokens)))
+        return tokens
+
+    def assert_quantized_tables_load(self, path, tag):
+        """quantize --values bf16 / int8 of the checkpoint `path`: the CLI's loss stays within 0.02, a mapped
+        table gives the copied one's loss, and Python loads the file with the CLI's loss."""
+        for fmt in ("bf16", "int8"):
+            q = os.path.join(self.w, "%s.%s.safetensors" % (tag, fmt))
+            run([ULTRAMEM, "quantize", path, "--values", fmt, "--out", q, "--data", self.data])
+            cli = self.cli_loss(q)
+            self.assertLess(abs(cli - self.cli_loss(path)), 0.02, fmt)
+            self.assertEqual(self.cli_loss(q, "--mmap"), cli, fmt + ": a mapped table gives the copied one's loss")
+            loaded = ultramem.TransformerLM.from_checkpoint(q)
+            self.assertEqual(loaded.value_format, fmt)
+            self.assertLess(abs(self.py_loss(loaded) - cli), 1e-5, fmt)
+
     def py_loss(self, model):
         return model.evaluate(self.data, batch_size=2, seq_len=32)["val_loss"]
 
@@ -510,26 +534,13 @@ class CommandTest(unittest.TestCase):
         no_dp = json.loads(json.dumps(model_v2))
         del no_dp["memory"]["ultramem_v2"]["Dp"]
         self.assertEqual(ultramem.TransformerLM(no_dp).memories[0].config["Dp"], 12 // 3)
-        folder = os.path.join(self.w, "hf_v2")
-        run([ULTRAMEM, "export", path, folder, "--format", "hf"])
-        b = ultramem.TransformerLM.from_pretrained(folder)
-        tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
-        with torch.no_grad():
-            self.assertTrue(torch.equal(model(tokens), b(tokens)))
+        tokens = self.assert_hf_export_loads(path, model, "hf_v2")
         # The no-grad forward is the fused op with the V2 switches: the autograd forward's logits.
         with torch.no_grad():
             fused = model(tokens)
         self.assertTrue(torch.allclose(fused, model(tokens).detach(), rtol=1e-5, atol=1e-5))
         # quantize stores the V2 values as bf16 / int8; eval and Python load them with the same loss.
-        for fmt in ("bf16", "int8"):
-            q = os.path.join(self.w, "v2.%s.safetensors" % fmt)
-            run([ULTRAMEM, "quantize", path, "--values", fmt, "--out", q, "--data", self.data])
-            cli = self.cli_loss(q)
-            self.assertLess(abs(cli - self.cli_loss(path)), 0.02, fmt)
-            self.assertEqual(self.cli_loss(q, "--mmap"), cli, fmt + ": a mapped table gives the copied one's loss")
-            loaded = ultramem.TransformerLM.from_checkpoint(q)
-            self.assertEqual(loaded.value_format, fmt)
-            self.assertLess(abs(self.py_loss(loaded) - cli), 1e-5, fmt)
+        self.assert_quantized_tables_load(path, "v2")
 
     def test_engram_checkpoint_loads_evaluates_and_generates_like_the_cli(self):
         model_e = dict(MODEL, name="py-tiny-engram", ffn="dense",
@@ -562,22 +573,9 @@ class CommandTest(unittest.TestCase):
         model.save(again)
         self.assertLess(abs(self.cli_loss(again) - self.cli_loss(path)), 1e-6)
         # export --format hf writes the Engram memories; the folder loads with the same logits.
-        folder = os.path.join(self.w, "hf_engram")
-        run([ULTRAMEM, "export", path, folder, "--format", "hf"])
-        b = ultramem.TransformerLM.from_pretrained(folder)
-        tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            self.assertTrue(torch.equal(model(tokens), b(tokens)))
+        self.assert_hf_export_loads(path, model, "hf_engram")
         # quantize stores the Engram tables as bf16 / int8; eval and Python load them with the same loss.
-        for fmt in ("bf16", "int8"):
-            q = os.path.join(self.w, "engram.%s.safetensors" % fmt)
-            run([ULTRAMEM, "quantize", path, "--values", fmt, "--out", q, "--data", self.data])
-            cli = self.cli_loss(q)
-            self.assertLess(abs(cli - self.cli_loss(path)), 0.02, fmt)
-            self.assertEqual(self.cli_loss(q, "--mmap"), cli, fmt + ": a mapped table gives the copied one's loss")
-            loaded = ultramem.TransformerLM.from_checkpoint(q)
-            self.assertEqual(loaded.value_format, fmt)
-            self.assertLess(abs(self.py_loss(loaded) - cli), 1e-5, fmt)
+        self.assert_quantized_tables_load(path, "engram")
 
     def test_example_trains_and_its_loss_falls(self):
         out = run([sys.executable, os.path.join(ROOT, "examples", "train_memory_layer.py"), "--data", self.data,

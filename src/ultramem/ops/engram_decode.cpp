@@ -24,11 +24,6 @@ EngramScratch<S>& engram_scratch() {
   thread_local EngramScratch<S> s;
   return s;
 }
-template <typename S>
-S* grown(std::vector<S>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
-  return v.data();
-}
 
 // e[t, j*w .. (j+1)*w) = row rows[t, j] of the table, widened to S.
 template <typename S>
@@ -62,13 +57,13 @@ void engram_impl(const S* u, const int64_t* rows, int64_t B, int64_t T, int64_t 
                  S* out) {  // [B, T, D]
   const int64_t D = w.wk.size(1), d_e = w.wk.size(0), width = d_e / J, K = w.conv.size(1), P = K - 1, n = B * T;
   auto& sc = engram_scratch<S>();
-  S* e = grown(sc.e, n * d_e);
-  S* k = grown(sc.k, n * D);
-  S* v = grown(sc.v, n * D);
-  S* x = grown(sc.x, n * D);
-  S* y = grown(sc.y, n * D);
-  S* un = grown(sc.un, D);
-  S* kn = grown(sc.kn, D);
+  S* e = detail::sized(sc.e, n * d_e);
+  S* k = detail::sized(sc.k, n * D);
+  S* v = detail::sized(sc.v, n * D);
+  S* x = detail::sized(sc.x, n * D);
+  S* y = detail::sized(sc.y, n * D);
+  S* un = detail::sized(sc.un, D);
+  S* kn = detail::sized(sc.kn, D);
   gather_rows<S>(w, rows, n, J, width, e);
   detail::project<S>(e, n, d_e, w.wk, k);  // [n, D]
   detail::project<S>(e, n, d_e, w.wv, v);  // [n, D]
@@ -88,7 +83,7 @@ void engram_impl(const S* u, const int64_t* rows, int64_t B, int64_t T, int64_t 
   // The causal depthwise convolution per sequence: input i steps back is y[t - i], or the state's row
   // P + t - i before the first position.
   const S* taps = w.conv.data_ptr<S>();  // [D, K]
-  S* before = grown(sc.before, P * D);
+  S* before = detail::sized(sc.before, P * D);
   for (int64_t b = 0; b < B; ++b) {
     S* st = state + b * P * D;
     std::copy(st, st + P * D, before);

@@ -23,6 +23,13 @@ constexpr int64_t kSmallRows = 15;
 // int8 weights 1.15-1.3x faster at batch 16 with the integer dots, 0.83-0.9x at batch 64.
 constexpr int64_t kQ8Rows = 16;
 
+// v's storage, grown to at least n elements (scratch buffers reused across calls).
+template <typename V>
+V* sized(std::vector<V>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
 template <typename S>
 constexpr torch::Dtype dtype_of() {
   return std::is_same_v<S, float> ? torch::kFloat : torch::kDouble;

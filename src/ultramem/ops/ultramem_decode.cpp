@@ -21,6 +21,7 @@ namespace {
 
 using detail::dtype_of;
 using detail::project;
+using detail::sized;
 
 
 
@@ -35,11 +36,6 @@ template <typename S>
 Scratch<S>& scratch() {
   thread_local Scratch<S> s;
   return s;
-}
-template <typename V>
-V* sized(std::vector<V>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
 }
 
 
