@@ -696,6 +696,19 @@ class Engram(_ValueTable, nn.Module):
                 else type(tokens).__name__))
         B, T, D = u.shape
         idx = self.rows(tokens, None if state is None else state["tokens"])            # [B, T, 2*heads]
+        if not torch.is_grad_enabled() and u.dtype == self.wk.dtype and u.dtype in (torch.float32, torch.float64):
+            # The fused no-grad op (ops/engram_decode.h), as the C++ layer's inference path calls it.
+            P = c["kernel"] - 1
+            conv_state = (state["conv_input"].to(u.dtype).contiguous().clone() if state is not None
+                          else u.new_zeros(B, P, D))
+            out = ops().engram_decode(u.contiguous(), idx.contiguous(), self.values.detach(),
+                                      self._buffers.get("values_scale"), self.wk.detach(), self.wv.detach(),
+                                      self.gate_u.detach(), self.gate_k.detach(), self.conv_norm.detach(),
+                                      self.conv.detach().contiguous(), conv_state)
+            if state is not None:
+                state["tokens"] = torch.cat([state["tokens"], tokens], 1)[:, T:T + 2].contiguous()
+                state["conv_input"] = conv_state
+            return out
         if self.value_format == "fp32":
             e = F.embedding(idx.reshape(-1), self.values, sparse=c["sparse_value_grad"]).view(B, T, c["d_e"])
         elif torch.is_grad_enabled():

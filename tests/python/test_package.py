@@ -176,6 +176,8 @@ class LayerTest(unittest.TestCase):
             parts = [layer(u[:, :2], tokens[:, :2], state)] + [layer(u[:, t:t + 1], tokens[:, t:t + 1], state)
                                                                   for t in range(2, 5)]
         torch.testing.assert_close(torch.cat(parts, 1), whole)
+        # Under no_grad the layer runs the fused op (torch.ops.ultramem.engram_decode): the autograd logits.
+        torch.testing.assert_close(whole, layer(u, tokens).detach(), rtol=1e-12, atol=1e-12)
         # Zero taps by default (the branch starts as its gated value), as in C++.
         self.assertEqual(float(ultramem.Engram(D=8, heads=2, d_e=8, rows=11).conv.abs().sum()), 0.0)
         with self.assertRaisesRegex(ValueError, "EngramConfig.d_e: must be a multiple of 2 \\* heads = 4"):

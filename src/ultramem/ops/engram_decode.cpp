@@ -158,4 +158,12 @@ at::Tensor engram_decode(const at::Tensor& u, const at::Tensor& rows, const Engr
   return out;
 }
 
+at::Tensor engram_decode_op(const at::Tensor& u, const at::Tensor& rows, const at::Tensor& values,
+                            const c10::optional<at::Tensor>& values_scale, const at::Tensor& wk, const at::Tensor& wv,
+                            const at::Tensor& gate_u, const at::Tensor& gate_k, const at::Tensor& conv_norm,
+                            const at::Tensor& conv, at::Tensor& conv_state) {
+  EngramDecodeWeights w{values, values_scale ? *values_scale : at::Tensor(), wk, wv, gate_u, gate_k, conv_norm, conv};
+  return engram_decode(u, rows, w, conv_state);
+}
+
 }  // namespace ultramem::ops

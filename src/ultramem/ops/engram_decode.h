@@ -13,6 +13,7 @@
 // float rounding. A dtype, shape or layout mismatch is a c10::Error naming the argument.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include <cstdint>
 
@@ -31,5 +32,12 @@ struct EngramDecodeWeights {
 // dtype, read and then overwritten with the last kernel-1 convolution inputs. -> [B, T, D].
 at::Tensor engram_decode(const at::Tensor& u, const at::Tensor& rows, const EngramDecodeWeights& w,
                          at::Tensor& conv_state);
+
+// The same with the weights as separate tensors, as registered for Python (torch.ops.ultramem.engram_decode;
+// conv_state is written in place).
+at::Tensor engram_decode_op(const at::Tensor& u, const at::Tensor& rows, const at::Tensor& values,
+                            const c10::optional<at::Tensor>& values_scale, const at::Tensor& wk, const at::Tensor& wv,
+                            const at::Tensor& gate_u, const at::Tensor& gate_k, const at::Tensor& conv_norm,
+                            const at::Tensor& conv, at::Tensor& conv_state);
 
 }  // namespace ultramem::ops

@@ -5,6 +5,7 @@
 #include "ultramem/ops/block_decode.h"
 #include "ultramem/ops/engram_rows.h"
 #include "ultramem/ops/ops.h"
+#include "ultramem/ops/engram_decode.h"
 #include "ultramem/ops/ultramem_decode.h"
 
 TORCH_LIBRARY(ultramem, m) {
@@ -26,6 +27,10 @@ TORCH_LIBRARY(ultramem, m) {
         " bool rms_norm=True, Tensor? kn_scale=None, Tensor? kf_scale=None, int filter_rank=0, Tensor? wp=None,"
         " Tensor? pre_values=None) -> (Tensor out, Tensor scores, Tensor index)",
         &ultramem::ops::ultramem_decode_retrieval_op);
+  // Engram's fused no-grad forward (ops/engram_decode.h); conv_state is updated in place.
+  m.def("engram_decode(Tensor u, Tensor rows, Tensor values, Tensor? values_scale, Tensor wk, Tensor wv,"
+        " Tensor gate_u, Tensor gate_k, Tensor conv_norm, Tensor conv, Tensor(a!) conv_state) -> Tensor",
+        &ultramem::ops::engram_decode_op);
   // The layer's IVE permutation from its seed (or Feistel key), as nn::UltraMem builds it.
   m.def("ive_permutation(int slots, int seed, int key=0) -> Tensor", &ultramem::ops::ive_permutation_op);
   // Engram's addressing (ops/engram_rows.h): the rows each position reads, and the tables' prime sizes.
